@@ -1,0 +1,149 @@
+// CPU implementation of fastkd::kd_forward: checks, allocation, the instruction-set choice and
+// the row-parallel loop around the row kernel (kd_kernel.h, one build per instruction set).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <string>
+
+#include "kd_args.h"
+
+namespace fastkd {
+namespace avx512 {
+void kd_rows(const KdArgs& a, int64_t begin, int64_t end);
+}
+namespace avx2 {
+void kd_rows(const KdArgs& a, int64_t begin, int64_t end);
+}
+namespace scalar {
+void kd_rows(const KdArgs& a, int64_t begin, int64_t end);
+void kd_rows_double(const KdArgs& a, int64_t begin, int64_t end);
+}  // namespace scalar
+
+namespace {
+
+enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+const char* const kIsaNames[] = {"scalar", "avx2", "avx512"};
+
+Isa best_isa() {
+  static const Isa best = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      return Isa::Avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+      return Isa::Avx2;
+    return Isa::Scalar;
+  }();
+  return best;
+}
+
+// FASTKD_CPU_ISA=avx512|avx2|scalar forces a narrower instruction set (tests run every build of
+// the kernel on one machine this way); asking for one the CPU lacks is an error.
+Isa selected_isa() {
+  const char* env = std::getenv("FASTKD_CPU_ISA");
+  if (env == nullptr || *env == '\0') return best_isa();
+  const std::string want(env);
+  for (int i = 0; i < 3; ++i) {
+    if (want == kIsaNames[i]) {
+      TORCH_CHECK(i <= int(best_isa()), "FASTKD_CPU_ISA=", want, " but this CPU supports at most ",
+                  kIsaNames[int(best_isa())]);
+      return Isa(i);
+    }
+  }
+  TORCH_CHECK(false, "FASTKD_CPU_ISA=", want, " is not one of avx512, avx2, scalar");
+}
+
+DType to_dtype(const at::Tensor& x, const char* name) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return DType::Float32;
+    case at::kBFloat16: return DType::BFloat16;
+    case at::kHalf: return DType::Float16;
+    case at::kDouble: return DType::Float64;
+    default: TORCH_CHECK(false, "fastkd::kd_forward: ", name, " must be float32, bfloat16, float16 or float64, got ", x.scalar_type());
+  }
+}
+
+}  // namespace
+
+std::string cpu_isa() { return kIsaNames[int(selected_isa())]; }
+
+std::tuple<at::Tensor, at::Tensor> kd_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                  const std::optional<at::Tensor>& labels, c10::string_view divergence,
+                                                  double temperature, double hard_weight, int64_t ignore_index,
+                                                  c10::string_view reduction, bool t2_scale, bool compute_grad) {
+  TORCH_CHECK(divergence == "kl", "fastkd::kd_forward: divergence must be \"kl\", got \"", divergence, "\"");
+  TORCH_CHECK(reduction == "none" || reduction == "sum" || reduction == "batchmean",
+              "fastkd::kd_forward: reduction must be none, sum or batchmean, got \"", reduction, "\"");
+  TORCH_CHECK(student.dim() == 2 && student.is_contiguous(), "fastkd::kd_forward: student must be contiguous [N, V]");
+  TORCH_CHECK(teacher.sizes() == student.sizes() && teacher.is_contiguous(),
+              "fastkd::kd_forward: teacher must be contiguous and shaped like student ", student.sizes());
+  TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu(), "fastkd::kd_forward (cpu): tensors must be on the CPU");
+  TORCH_CHECK(temperature > 0, "fastkd::kd_forward: temperature must be > 0, got ", temperature);
+  TORCH_CHECK(hard_weight >= 0 && hard_weight <= 1, "fastkd::kd_forward: hard_weight must be in [0, 1], got ", hard_weight);
+  const int64_t n_rows = student.size(0), vocab = student.size(1);
+  const int64_t* label_ptr = nullptr;
+  int64_t n_valid = n_rows;
+  if (labels.has_value()) {
+    const at::Tensor& y = *labels;
+    TORCH_CHECK(y.dim() == 1 && y.size(0) == n_rows && y.scalar_type() == at::kLong && y.is_contiguous() && y.device().is_cpu(),
+                "fastkd::kd_forward: labels must be a contiguous int64 CPU tensor of shape [", n_rows, "]");
+    label_ptr = y.data_ptr<int64_t>();
+    n_valid = 0;
+    for (int64_t i = 0; i < n_rows; ++i) n_valid += label_ptr[i] != ignore_index;
+  }
+  TORCH_CHECK(hard_weight == 0 || label_ptr != nullptr, "fastkd::kd_forward: hard_weight > 0 needs labels");
+
+  const bool batchmean = reduction == "batchmean";
+  const double scale = batchmean ? (n_valid > 0 ? 1.0 / double(n_valid) : 0.0) : 1.0;
+  const double alpha = hard_weight;
+  at::Tensor row_loss = at::empty({n_rows}, student.options().dtype(at::kFloat));
+  at::Tensor grad = compute_grad ? at::empty_like(student) : at::empty({0}, student.options());
+
+  KdArgs a;
+  a.student = student.data_ptr();
+  a.teacher = teacher.data_ptr();
+  a.labels = label_ptr;
+  a.grad = compute_grad ? grad.data_ptr() : nullptr;
+  a.row_loss = row_loss.data_ptr<float>();
+  a.student_dtype = to_dtype(student, "student");
+  a.teacher_dtype = to_dtype(teacher, "teacher");
+  a.n_rows = n_rows;
+  a.vocab = vocab;
+  a.ignore_index = ignore_index;
+  a.inv_temperature = float(1.0 / temperature);
+  a.soft_loss_coef = float((1 - alpha) * (t2_scale ? temperature * temperature : 1.0));
+  a.soft_grad_coef = float((1 - alpha) * (t2_scale ? temperature : 1.0 / temperature) * scale);
+  a.hard_weight = float(alpha);
+  a.hard_grad_coef = float(alpha * scale);
+
+  void (*rows)(const KdArgs&, int64_t, int64_t) = scalar::kd_rows;
+  if (a.student_dtype == DType::Float64 || a.teacher_dtype == DType::Float64) {
+    rows = scalar::kd_rows_double;
+  } else {
+    switch (selected_isa()) {
+      case Isa::Avx512: rows = avx512::kd_rows; break;
+      case Isa::Avx2: rows = avx2::kd_rows; break;
+      case Isa::Scalar: break;
+    }
+  }
+  // A row of a few thousand entries is already a worthwhile task for a thread.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(vocab, 1));
+  at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) { rows(a, begin, end); });
+
+  if (reduction == "none") return {row_loss, grad};
+  // Summed in double, in row order: deterministic whatever the thread count.
+  double total = 0;
+  for (int64_t i = 0; i < n_rows; ++i) total += a.row_loss[i];
+  if (batchmean) total = n_valid > 0 ? total / double(n_valid) : 0.0;
+  at::Tensor loss = at::empty({}, student.options().dtype(at::kFloat));
+  *loss.data_ptr<float>() = float(total);
+  return {loss, grad};
+}
+
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) { m.impl("kd_forward", &kd_forward_cpu); }
+
+}  // namespace fastkd

@@ -1,0 +1,79 @@
+// 8 float lanes in an AVX2 register (with FMA and F16C, present on every AVX2 CPU in practice);
+// compiled only into kd_cpu_avx2.cpp.
+#pragma once
+
+struct VecAvx2 {
+  using scalar = float;
+  static constexpr int L = 8;
+  __m256 v;
+
+  static VecAvx2 set1(float x) { return {_mm256_set1_ps(x)}; }
+  static VecAvx2 load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static VecAvx2 load(const bf16_t* p) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
+  }
+  static VecAvx2 load(const f16_t* p) { return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))}; }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+  void store(bf16_t* p) const {
+    __m256i u = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
+    r = _mm256_srli_epi32(r, 16);
+    // Pack the eight 32-bit halves to 16 bits; packus works per 128-bit lane, hence the permute.
+    __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
+  void store(f16_t* p) const {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+
+  static VecAvx2 fma(VecAvx2 a, VecAvx2 b, VecAvx2 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+  static VecAvx2 max(VecAvx2 a, VecAvx2 x) { return {_mm256_max_ps(a.v, x.v)}; }
+  static VecAvx2 zero_where_zero(VecAvx2 w, VecAvx2 value) {
+    __m256 nz = _mm256_cmp_ps(w.v, _mm256_setzero_ps(), _CMP_NEQ_UQ);
+    return {_mm256_and_ps(nz, value.v)};
+  }
+  float sum() const {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  float max() const {
+    alignas(32) float buf[8];
+    _mm256_store_ps(buf, v);
+    float m = buf[0];
+    for (int i = 1; i < 8; ++i) m = buf[i] > m || buf[i] != buf[i] ? buf[i] : m;
+    return m;
+  }
+
+  // As VecAvx512::exp; without vscalefps, 2^n is built in the exponent field, valid for
+  // n >= -126, so inputs below -87.3 are set to exactly 0 by a mask (NaN fails the compare).
+  static VecAvx2 exp(VecAvx2 x) {
+    __m256 a = _mm256_min_ps(_mm256_set1_ps(88.f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x.v));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(a, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), a);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+    __m256 p = _mm256_set1_ps(1.f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    __m256 under = _mm256_cmp_ps(x.v, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
+    return {_mm256_andnot_ps(under, y)};
+  }
+};
+
+// Free functions, not in-class friends: GCC 12 does not apply #pragma GCC target to friends
+// defined inside the class, and their intrinsics then fail to inline.
+static inline VecAvx2 operator+(VecAvx2 a, VecAvx2 b) { return {_mm256_add_ps(a.v, b.v)}; }
+static inline VecAvx2 operator-(VecAvx2 a, VecAvx2 b) { return {_mm256_sub_ps(a.v, b.v)}; }
+static inline VecAvx2 operator*(VecAvx2 a, VecAvx2 b) { return {_mm256_mul_ps(a.v, b.v)}; }

@@ -1,0 +1,29 @@
+// One lane of plain C++: the portable path, and the float64 path (C = double).
+#pragma once
+
+template <class C>
+struct VecScalar {
+  using scalar = C;
+  static constexpr int L = 1;
+  C v;
+
+  static VecScalar set1(C x) { return {x}; }
+  template <class T>
+  static VecScalar load(const T* p) { return {to_compute<C>(*p)}; }
+  template <class T>
+  void store(T* p) const { *p = from_compute<T>(v); }
+
+  static VecScalar fma(VecScalar a, VecScalar b, VecScalar c) { return {a.v * b.v + c.v}; }
+  static VecScalar max(VecScalar a, VecScalar x) { return {(x.v != x.v || x.v > a.v) ? x.v : a.v}; }
+  static VecScalar zero_where_zero(VecScalar w, VecScalar value) { return {w.v == C(0) ? C(0) : value.v}; }
+  C sum() const { return v; }
+  C max() const { return v; }
+  static VecScalar exp(VecScalar x) { return {std::exp(x.v)}; }
+};
+
+template <class C>
+static inline VecScalar<C> operator+(VecScalar<C> a, VecScalar<C> b) { return {a.v + b.v}; }
+template <class C>
+static inline VecScalar<C> operator-(VecScalar<C> a, VecScalar<C> b) { return {a.v - b.v}; }
+template <class C>
+static inline VecScalar<C> operator*(VecScalar<C> a, VecScalar<C> b) { return {a.v * b.v}; }

@@ -1,0 +1,35 @@
+// The fastkd op schemas, defined once. Each device registers its kernels with
+// TORCH_LIBRARY_IMPL beside the kernel (csrc/cpu, csrc/cuda); the fake (meta) kernels and the
+// autograd formulas are registered from Python, beside the public wrapper (fastkd/ops/).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+namespace fastkd {
+std::string cpu_isa();  // csrc/cpu/kd_cpu.cpp
+}
+
+extern "C" {
+// `import fastkd._C` loads this library, which runs the registrations below.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+}
+
+TORCH_LIBRARY(fastkd, m) {
+  // Fused temperature KD: per-row loss and the gradient w.r.t. the student in one pass.
+  //   student, teacher: [N, V] contiguous; labels: [N] int64 or None.
+  //   divergence: "kl" (forward KL(p_teacher || q_student)).
+  //   reduction: "none" | "sum" | "batchmean"; the returned gradient already carries the
+  //   reduction's scale, so the backward multiplies it by grad_output and nothing else.
+  //   Returns (loss, grad): loss float32, [N] for "none" else a scalar; grad [N, V] in the
+  //   student's dtype, or an empty [0] tensor when compute_grad is false.
+  m.def(
+      "kd_forward(Tensor student, Tensor teacher, Tensor? labels, str divergence, "
+      "float temperature, float hard_weight, int ignore_index, str reduction, bool t2_scale, "
+      "bool compute_grad) -> (Tensor, Tensor)");
+  // The instruction set the CPU kernels use here: "avx512", "avx2" or "scalar".
+  m.def("cpu_isa() -> str", &fastkd::cpu_isa);
+}

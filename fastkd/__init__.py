@@ -1,0 +1,14 @@
+"""fastkd: knowledge-distillation losses as fused kernels, and an engine to run distillation.
+
+Import one loss as a drop-in replacement::
+
+    import fastkd
+    loss = fastkd.kd_loss(student_logits, teacher_logits, temperature=2.0)
+    criterion = fastkd.nn.KDLoss(temperature=2.0)
+"""
+
+from fastkd import nn
+from fastkd.functional import kd_loss, kd_loss_reference
+
+__version__ = "0.1.0"
+__all__ = ["kd_loss", "kd_loss_reference", "nn", "__version__"]

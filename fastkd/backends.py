@@ -1,0 +1,66 @@
+"""Backend choice, shared by every op family.
+
+A backend states whether it can run a given call and, when it cannot, why (in the manner of
+xformers' operator dispatch). The choice comes from, in order: the ``backend=`` argument, the
+``FASTKD_BACKEND`` environment variable, then the tensors' device. A backend that was asked for
+explicitly and cannot run raises an error giving its reason; an automatic choice falls back to
+the next candidate and logs why the better one was passed over.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Mapping, Optional, Sequence
+
+import torch
+
+log = logging.getLogger("fastkd")
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+
+# Fastest first. On CUDA tensors the CUDA C++ kernel comes before Triton only because it needs
+# no JIT compilation on first use; the two have not been compared on a GPU yet.
+AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+# A backend's check returns None when it can run the call, else the reason it cannot.
+Check = Callable[..., Optional[str]]
+
+_logged: set = set()
+
+
+def requested_backend(backend: Optional[str]) -> Optional[str]:
+    """The backend named by the argument or, failing that, by ``FASTKD_BACKEND``."""
+    name = backend if backend is not None else (os.environ.get("FASTKD_BACKEND") or None)
+    if name is None:
+        return None
+    if not isinstance(name, str) or name not in BACKENDS:
+        source = "backend" if backend is not None else "FASTKD_BACKEND"
+        raise ValueError(f"{source}={name!r} is not a backend; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def choose(op: str, checks: Mapping[str, Check], device: torch.device, backend: Optional[str], *args) -> str:
+    """Pick the backend that runs ``op`` on ``device``.
+
+    ``checks`` maps each backend name to its check, called with ``*args``.
+    """
+    name = requested_backend(backend)
+    if name is not None:
+        reason = checks[name](*args)
+        if reason is not None:
+            raise RuntimeError(f"fastkd.{op}: backend {name!r} cannot run this call: {reason}")
+        return name
+    candidates: Sequence[str] = AUTO_ORDER.get(device.type, ("reference",))
+    reasons = []
+    for cand in candidates:
+        reason = checks[cand](*args)
+        if reason is None:
+            if reasons:
+                key = (op, device.type, tuple(reasons))
+                if key not in _logged:
+                    _logged.add(key)
+                    log.warning("fastkd.%s: using backend %r (%s)", op, cand, "; ".join(reasons))
+            return cand
+        reasons.append(f"{cand}: {reason}")
+    raise RuntimeError(f"fastkd.{op}: no backend can run this call: " + "; ".join(reasons))

@@ -1,0 +1,5 @@
+"""The functional API: every fastkd loss as a function of tensors."""
+
+from fastkd.ops.kd import kd_loss, kd_loss_reference
+
+__all__ = ["kd_loss", "kd_loss_reference"]

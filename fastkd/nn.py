@@ -1,0 +1,58 @@
+"""Drop-in ``torch.nn`` modules around the functional API."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastkd.functional import kd_loss
+
+
+class KDLoss(torch.nn.Module):
+    """Module form of :func:`fastkd.kd_loss`; the constructor takes its keyword options.
+
+    ``forward(student_logits, teacher_logits, labels=None)`` returns the loss.
+
+    Example::
+
+        criterion = fastkd.nn.KDLoss(temperature=4.0, hard_weight=0.1)
+        loss = criterion(student(x), teacher_logits, labels)
+    """
+
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        *,
+        hard_weight: float = 0.0,
+        ignore_index: int = -100,
+        reduction: str = "batchmean",
+        t2_scale: bool = True,
+        backend: Optional[str] = None,
+    ):
+        super().__init__()
+        self.temperature = temperature
+        self.hard_weight = hard_weight
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.t2_scale = t2_scale
+        self.backend = backend
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return kd_loss(
+            student_logits,
+            teacher_logits,
+            self.temperature,
+            labels=labels,
+            hard_weight=self.hard_weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            t2_scale=self.t2_scale,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, hard_weight={self.hard_weight}, ignore_index={self.ignore_index}, "
+            f"reduction={self.reduction!r}, t2_scale={self.t2_scale}, backend={self.backend!r}"
+        )

@@ -27,6 +27,7 @@ struct KdArgs {
   float soft_grad_coef = 1.f;   // (1 - hard_weight) * (T or 1/T) * reduction scale
   float hard_weight = 0.f;      // CE weight in the loss
   float hard_grad_coef = 0.f;   // hard_weight * reduction scale
+  bool stream_grad = false;     // write grad with non-temporal stores (it outgrows the caches)
 };
 
 }  // namespace fastkd

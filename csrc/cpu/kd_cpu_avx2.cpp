@@ -2,6 +2,7 @@
 // after checking at run time that the CPU has the instructions.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -21,7 +22,7 @@ namespace avx2 {
 #include "cpu/kd_kernel.h"
 #include "cpu/kd_dispatch_dtypes.h"
 
-void kd_rows(const KdArgs& a, int64_t begin, int64_t end) { dispatch_dtypes<VecAvx2, false>(a, begin, end); }
+void kd_rows(const KdArgs& a, int64_t begin, int64_t end, void* scratch) { dispatch_dtypes<VecAvx2, false>(a, begin, end, scratch); }
 
 }  // namespace avx2
 }  // namespace fastkd

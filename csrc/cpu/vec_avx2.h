@@ -14,8 +14,7 @@ struct VecAvx2 {
     return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
   }
   static VecAvx2 load(const f16_t* p) { return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))}; }
-  void store(float* p) const { _mm256_storeu_ps(p, v); }
-  void store(bf16_t* p) const {
+  __m128i to_bf16() const {
     __m256i u = _mm256_castps_si256(v);
     __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
     __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
@@ -23,12 +22,18 @@ struct VecAvx2 {
     r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
     r = _mm256_srli_epi32(r, 16);
     // Pack the eight 32-bit halves to 16 bits; packus works per 128-bit lane, hence the permute.
-    __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
   }
-  void store(f16_t* p) const {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-  }
+  __m128i to_f16() const { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT); }
+
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+  void store(bf16_t* p) const { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16()); }
+  void store(f16_t* p) const { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_f16()); }
+  void stream(float* p) const { _mm256_stream_ps(p, v); }
+  void stream(bf16_t* p) const { _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_bf16()); }
+  void stream(f16_t* p) const { _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_f16()); }
+  // Orders the stream()s before later stores.
+  static void fence() { _mm_sfence(); }
 
   static VecAvx2 fma(VecAvx2 a, VecAvx2 b, VecAvx2 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
   static VecAvx2 max(VecAvx2 a, VecAvx2 x) { return {_mm256_max_ps(a.v, x.v)}; }

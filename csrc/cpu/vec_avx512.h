@@ -16,21 +16,28 @@ struct VecAvx512 {
   static VecAvx512 load(const f16_t* p) {
     return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
   }
-  void store(float* p) const { _mm512_storeu_ps(p, v); }
-  void store(bf16_t* p) const {
-    // Round to nearest even; NaN stays (quiet) NaN.
+  // Round to nearest even; NaN stays (quiet) NaN.
+  __m256i to_bf16() const {
     __m512i u = _mm512_castps_si512(v);
     __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
     __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x400000));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
   }
-  void store(f16_t* p) const {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-  }
+  __m256i to_f16() const { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT); }
 
-  // a * b + c
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+  void store(bf16_t* p) const { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16()); }
+  void store(f16_t* p) const { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_f16()); }
+  // Non-temporal stores (p aligned to L * sizeof(T)): written data bypasses the caches, which
+  // saves the read-for-ownership of every output line when the output outgrows them.
+  void stream(float* p) const { _mm512_stream_ps(p, v); }
+  void stream(bf16_t* p) const { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bf16()); }
+  void stream(f16_t* p) const { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_f16()); }
+  // Orders the stream()s before later stores.
+  static void fence() { _mm_sfence(); }
+
   static VecAvx512 fma(VecAvx512 a, VecAvx512 b, VecAvx512 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
   // max(a, x), returning x where x is NaN (vmaxps returns its second operand then).
   static VecAvx512 max(VecAvx512 a, VecAvx512 x) { return {_mm512_max_ps(a.v, x.v)}; }

@@ -12,6 +12,10 @@ struct VecScalar {
   static VecScalar load(const T* p) { return {to_compute<C>(*p)}; }
   template <class T>
   void store(T* p) const { *p = from_compute<T>(v); }
+  template <class T>
+  void stream(T* p) const { store(p); }
+  // Orders the stream()s before later stores.
+  static void fence() {}
 
   static VecScalar fma(VecScalar a, VecScalar b, VecScalar c) { return {a.v * b.v + c.v}; }
   static VecScalar max(VecScalar a, VecScalar x) { return {(x.v != x.v || x.v > a.v) ? x.v : a.v}; }

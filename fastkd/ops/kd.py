@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils import _python_dispatch
 
 from fastkd import _ext, backends
 
@@ -83,6 +84,16 @@ def _kd_forward_fake(student, teacher, labels, divergence, temperature, hard_wei
     return loss, grad
 
 
+def _plain_eager(*tensors) -> bool:
+    """True outside any tracing (dynamo, AOT autograd, fake or functional tensors): only then may
+    the backward read values or mutate the saved gradient."""
+    return (
+        not torch.compiler.is_compiling()
+        and _python_dispatch._get_current_dispatch_mode() is None
+        and all(type(t) is torch.Tensor for t in tensors)
+    )
+
+
 def _kd_setup_context(ctx, inputs, output):
     ctx.per_row = inputs[7] == "none"
     ctx.save_for_backward(output[1])
@@ -95,7 +106,14 @@ def _kd_backward(ctx, grad_loss, _grad_of_grad_output):
     # saved-tensor version check rather than silently scaling twice.
     (grad,) = ctx.saved_tensors
     scale = grad_loss.unsqueeze(-1) if ctx.per_row else grad_loss
-    grad_student = grad * scale if torch.compiler.is_compiling() else grad.mul_(scale)
+    if not _plain_eager(grad, grad_loss):
+        grad_student = grad * scale
+    elif not ctx.per_row and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:
+        # The common `loss.backward()`: nothing to scale. Reading a CPU scalar is no device
+        # synchronisation, and it saves a read and write of the whole [N, V] gradient.
+        grad_student = grad
+    else:
+        grad_student = grad.mul_(scale)
     return grad_student, None, None, None, None, None, None, None, None, None
 
 

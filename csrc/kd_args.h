@@ -16,7 +16,7 @@ struct KdArgs {
   const void* teacher = nullptr;  // [N, V] contiguous, dtype teacher_dtype
   const int64_t* labels = nullptr;  // [N] or null
   void* grad = nullptr;           // [N, V] in student_dtype, or null when no gradient is wanted
-  float* row_loss = nullptr;      // [N] per-row loss, before the reduction
+  double* row_loss = nullptr;     // [N] per-row loss, before the reduction
   DType student_dtype = DType::Float32;
   DType teacher_dtype = DType::Float32;
   int64_t n_rows = 0;

@@ -24,7 +24,7 @@ TORCH_LIBRARY(fastkd, m) {
   //   divergence: "kl" (forward KL(p_teacher || q_student)).
   //   reduction: "none" | "sum" | "batchmean"; the returned gradient already carries the
   //   reduction's scale, so the backward multiplies it by grad_output and nothing else.
-  //   Returns (loss, grad): loss float32, [N] for "none" else a scalar; grad [N, V] in the
+  //   Returns (loss, grad): loss float32 (float64 for float64 student), [N] for "none" else a scalar; grad [N, V] in the
   //   student's dtype, or an empty [0] tensor when compute_grad is false.
   m.def(
       "kd_forward(Tensor student, Tensor teacher, Tensor? labels, str divergence, "
@@ -32,4 +32,13 @@ TORCH_LIBRARY(fastkd, m) {
       "bool compute_grad) -> (Tensor, Tensor)");
   // The instruction set the CPU kernels use here: "avx512", "avx2" or "scalar".
   m.def("cpu_isa() -> str", &fastkd::cpu_isa);
+  // Whether the CUDA sources were compiled into this build (tests check that their kernels
+  // registered: a silently skipped CUDA build must not pass for a working one).
+  m.def("built_with_cuda() -> bool", [] {
+#ifdef FASTKD_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
 }

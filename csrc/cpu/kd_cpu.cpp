@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/to.h>
 #include <torch/library.h>
 
 #include <sys/mman.h>
@@ -117,7 +118,9 @@ std::tuple<at::Tensor, at::Tensor> kd_forward_cpu(const at::Tensor& student, con
   const bool batchmean = reduction == "batchmean";
   const double scale = batchmean ? (n_valid > 0 ? 1.0 / double(n_valid) : 0.0) : 1.0;
   const double alpha = hard_weight;
-  at::Tensor row_loss = at::empty({n_rows}, student.options().dtype(at::kFloat));
+  // The loss is float32, or float64 for float64 input (a float64 gradcheck differentiates it).
+  const at::ScalarType loss_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor row_loss = at::empty({n_rows}, student.options().dtype(at::kDouble));
   at::Tensor grad = compute_grad ? at::empty_like(student) : at::empty({0}, student.options());
   const size_t grad_bytes = compute_grad ? grad.nbytes() : 0;
   if (compute_grad) advise_huge_pages(grad.data_ptr(), grad_bytes);
@@ -127,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor> kd_forward_cpu(const at::Tensor& student, con
   a.teacher = teacher.data_ptr();
   a.labels = label_ptr;
   a.grad = compute_grad ? grad.data_ptr() : nullptr;
-  a.row_loss = row_loss.data_ptr<float>();
+  a.row_loss = row_loss.data_ptr<double>();
   a.student_dtype = to_dtype(student, "student");
   a.teacher_dtype = to_dtype(teacher, "teacher");
   a.n_rows = n_rows;
@@ -161,14 +164,14 @@ std::tuple<at::Tensor, at::Tensor> kd_forward_cpu(const at::Tensor& student, con
     rows(a, begin, end, scratch.get());
   });
 
-  if (reduction == "none") return {row_loss, grad};
+  if (reduction == "none") return {row_loss.to(loss_dtype), grad};
   // Summed in double, in row order: deterministic whatever the thread count.
   double total = 0;
   for (int64_t i = 0; i < n_rows; ++i) total += a.row_loss[i];
   if (batchmean) total = n_valid > 0 ? total / double(n_valid) : 0.0;
-  at::Tensor loss = at::empty({}, student.options().dtype(at::kFloat));
-  *loss.data_ptr<float>() = float(total);
-  return {loss, grad};
+  at::Tensor loss = at::empty({}, student.options().dtype(at::kDouble));
+  *loss.data_ptr<double>() = total;
+  return {loss.to(loss_dtype), grad};
 }
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) { m.impl("kd_forward", &kd_forward_cpu); }

@@ -65,13 +65,13 @@ static void kd_rows(const KdArgs& a, int64_t row_begin, int64_t row_end, void* s
     TS* g = a.grad ? static_cast<TS*>(a.grad) + row * n : nullptr;
     const int64_t label = a.labels ? a.labels[row] : -1;
     if (a.labels && label == a.ignore_index) {
-      a.row_loss[row] = 0.f;
+      a.row_loss[row] = 0;
       if (g) fill_row(g, n, 0.f);
       continue;
     }
     if (a.labels && (label < 0 || label >= n)) {
       // No exception can leave a parallel region: the row reports NaN instead.
-      a.row_loss[row] = std::numeric_limits<float>::quiet_NaN();
+      a.row_loss[row] = std::numeric_limits<double>::quiet_NaN();
       if (g) fill_row(g, n, std::numeric_limits<float>::quiet_NaN());
       continue;
     }
@@ -130,7 +130,7 @@ static void kd_rows(const KdArgs& a, int64_t row_begin, int64_t row_end, void* s
       loss += C(a.soft_loss_coef) * kl;
     }
     if (hard) loss += C(a.hard_weight) * (ms + std::log(sce) - to_compute<C>(s[label]));
-    a.row_loss[row] = float(loss);
+    a.row_loss[row] = double(loss);
     if (!g) continue;
 
     // Sweep 3: the gradient. With T == 1 the CE softmax is q itself, so its weight joins q's.

@@ -53,8 +53,9 @@ def kd_loss_reference(
     log_q = F.log_softmax(s / temperature, dim=-1)
     log_p = F.log_softmax(t / temperature, dim=-1)
     p = log_p.exp()
-    # Where the teacher gives an entry no mass (a -inf logit) the term is 0, not 0 * inf.
-    kl = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+    # Where the teacher gives an entry no mass (a -inf logit) the term is 0, not 0 * inf; a NaN
+    # probability fails the comparison and stays NaN.
+    kl = torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q)).sum(-1)
     rows = (1.0 - hard_weight) * (temperature**2 if t2_scale else 1.0) * kl
     if labels is None:
         valid = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
@@ -79,7 +80,7 @@ def kd_loss_reference(
 
 def _kd_forward_fake(student, teacher, labels, divergence, temperature, hard_weight, ignore_index, reduction, t2_scale, compute_grad):
     loss_shape = (student.shape[0],) if reduction == "none" else ()
-    loss = student.new_empty(loss_shape, dtype=torch.float32)
+    loss = student.new_empty(loss_shape, dtype=torch.float64 if student.dtype == torch.float64 else torch.float32)
     grad = torch.empty_like(student) if compute_grad else student.new_empty((0,))
     return loss, grad
 
@@ -292,7 +293,7 @@ def kd_loss(
             A backend asked for explicitly that cannot run this call raises ``RuntimeError``.
 
     Returns:
-        float32 loss: a scalar, or the per-row losses for ``reduction="none"``. The gradient
+        float32 loss (float64 for float64 input): a scalar, or the per-row losses for ``reduction="none"``. The gradient
         w.r.t. ``student_logits`` comes back in its dtype. ``-inf`` logits (masked vocabulary)
         are allowed and get zero gradient where teacher and student are both ``-inf``; a NaN in
         a row gives a NaN loss. An out-of-range label raises on CPU and gives a NaN row on GPU.

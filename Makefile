@@ -1,0 +1,47 @@
+# The README's commands. Each target bootstraps what it needs (.venv, the compiled extension)
+# and redoes a step only when its inputs changed (stamps in .stamps/).
+#
+#   make run     the main job: a distillation run on the embedded default
+#   make test    the whole test suite
+#   make bench   kernel microbenchmarks; BENCHMARKS.md regenerated from a measured run
+#
+# FASTKD_NO_CUDA=1 skips the CUDA sources in the build (fast local iteration).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMPS := .stamps
+NATIVE_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
+
+.PHONY: run test bench build venv clean
+
+run: build
+	$(PY) -m fastkd distill $(ARGS)
+
+test: build
+	$(PY) -m pytest tests -q $(ARGS)
+
+bench: build
+	$(PY) -m bench.report $(ARGS)
+
+venv: $(STAMPS)/venv
+build: $(STAMPS)/build
+
+$(STAMPS)/venv: requirements-dev.txt
+	@mkdir -p $(STAMPS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements-dev.txt
+	@touch $@
+
+# The stamp also records whether CUDA was compiled in, so that changing FASTKD_NO_CUDA rebuilds.
+$(STAMPS)/build: $(STAMPS)/venv $(NATIVE_SOURCES) $(STAMPS)/cuda-$(if $(filter-out 0,$(FASTKD_NO_CUDA)),off,on)
+	$(PY) -m pip install --disable-pip-version-check -q --no-build-isolation --no-deps -e .
+	@touch $@
+
+$(STAMPS)/cuda-%:
+	@mkdir -p $(STAMPS)
+	@rm -f $(STAMPS)/cuda-*
+	@touch $@
+
+clean:
+	rm -rf $(STAMPS) build *.egg-info fastkd/_C*.so

@@ -1,0 +1,517 @@
+"""kd_loss: the reference against float64 math, the cpu backend against the reference, PyTorch
+integration (opcheck, torch.compile, gradcheck), backend choice and bad input.
+
+Triton (interpreter) and GPU tests of the same op: test_kd_triton.py, test_kd_gpu.py.
+"""
+
+import math
+import os
+import re
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastkd
+from fastkd import _ext, backends
+from fastkd.functional import kd_loss_reference
+from fastkd.ops import kd as kd_ops
+from kd_helpers import check_against_reference, make_labels, make_logits
+
+needs_ext = pytest.mark.skipif(_ext.LOAD_ERROR is not None, reason=str(_ext.LOAD_ERROR))
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+LABEL_MODES = ["none", "labels", "hard"]
+
+
+def label_kwargs(mode, rows_shape, vocab, ignored=(0,)):
+    if mode == "none":
+        return {}
+    labels = make_labels(rows_shape, vocab, ignored=ignored)
+    return {"labels": labels, "hard_weight": 0.0 if mode == "labels" else 0.3}
+
+
+# ------------------------------------------------------------------------------------------
+# The reference itself, against the formula written out in float64.
+# ------------------------------------------------------------------------------------------
+
+
+def test_reference_matches_hinton_formula():
+    s, t = make_logits((7, 11), torch.float64)
+    T = 2.0
+    p = F.softmax(t / T, -1)
+    expected = (p * (p.log() - F.log_softmax(s / T, -1))).sum(-1).mean() * T * T
+    torch.testing.assert_close(kd_loss_reference(s, t, T), expected)
+    # hard term, ignored rows and the batchmean over valid rows only
+    y = torch.tensor([1, -100, 3, 4, -100, 0, 2])
+    rows = 0.6 * T * T * (p * (p.log() - F.log_softmax(s / T, -1))).sum(-1) + 0.4 * F.cross_entropy(s, y, reduction="none", ignore_index=-100)
+    valid = y != -100
+    torch.testing.assert_close(kd_loss_reference(s, t, T, labels=y, hard_weight=0.4), rows[valid].sum() / valid.sum())
+
+
+def test_reference_equals_pytorch_kl_div_composite():
+    s, t = make_logits((5, 13), torch.float64)
+    composite = F.kl_div(F.log_softmax(s / 3, -1), F.log_softmax(t / 3, -1), log_target=True, reduction="batchmean") * 9
+    torch.testing.assert_close(kd_loss_reference(s, t, 3.0), composite)
+
+
+# ------------------------------------------------------------------------------------------
+# cpu backend against the reference
+# ------------------------------------------------------------------------------------------
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", [(41, 1271), (3, 131073), (2, 3, 257), (1, 1), (5, 17)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", LABEL_MODES)
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+def test_cpu_matches_reference(shape, dtype, mode, reduction):
+    s, t = make_logits(shape, dtype)
+    kwargs = label_kwargs(mode, shape[:-1], shape[-1], ignored=(0,) if math.prod(shape[:-1]) > 1 else ())
+    for T in (1.0, 2.5):
+        check_against_reference("cpu", s, t, T, reduction=reduction, **kwargs)
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_every_instruction_set(isa, dtype, monkeypatch):
+    order = ["scalar", "avx2", "avx512"]
+    monkeypatch.delenv("FASTKD_CPU_ISA", raising=False)
+    if order.index(isa) > order.index(torch.ops.fastkd.cpu_isa()):
+        pytest.skip(f"this CPU has no {isa}")
+    monkeypatch.setenv("FASTKD_CPU_ISA", isa)
+    assert torch.ops.fastkd.cpu_isa() == isa
+    for shape in [(41, 1271), (3, 70001), (4, 5)]:
+        s, t = make_logits(shape, dtype, seed=shape[1])
+        kwargs = label_kwargs("hard", shape[:-1], shape[-1], ignored=(1,))
+        check_against_reference("cpu", s, t, 2.0, **kwargs)
+        check_against_reference("cpu", s, t, 1.0, t2_scale=False, reduction="none", **kwargs)
+
+
+@needs_ext
+def test_cpu_uses_avx512_where_the_cpu_has_it(monkeypatch):
+    monkeypatch.delenv("FASTKD_CPU_ISA", raising=False)
+    try:
+        flags = set(re.search(r"^flags\s*:(.*)$", open("/proc/cpuinfo").read(), re.M).group(1).split())
+    except (OSError, AttributeError):
+        pytest.skip("no /proc/cpuinfo")
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        assert torch.ops.fastkd.cpu_isa() == "avx512"
+    elif {"avx2", "fma", "f16c"} <= flags:
+        assert torch.ops.fastkd.cpu_isa() == "avx2"
+    else:
+        assert torch.ops.fastkd.cpu_isa() == "scalar"
+
+
+@needs_ext
+def test_cpu_rejects_an_instruction_set_it_does_not_know(monkeypatch):
+    monkeypatch.setenv("FASTKD_CPU_ISA", "sse9")
+    s, t = make_logits((2, 8))
+    with pytest.raises(RuntimeError, match="FASTKD_CPU_ISA=sse9"):
+        fastkd.kd_loss(s, t, backend="cpu")
+
+
+@needs_ext
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_cpu_mixed_student_and_teacher_dtypes(teacher_dtype):
+    s, _ = make_logits((9, 300), torch.bfloat16)
+    _, t = make_logits((9, 300), teacher_dtype)
+    check_against_reference("cpu", s, t, 2.0)
+
+
+@needs_ext
+def test_cpu_float64_is_computed_in_float64():
+    s, t = make_logits((6, 1000), torch.float64)
+    loss = fastkd.kd_loss(s, t, 2.0, backend="cpu")
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, kd_loss_reference(s, t, 2.0), rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------
+# Ignored rows, awkward inputs, numerics
+# ------------------------------------------------------------------------------------------
+
+FUSED = ["cpu"]
+
+
+@needs_ext
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+def test_all_rows_ignored_gives_zero_loss_and_gradient(backend, reduction):
+    s, t = make_logits((4, 33))
+    s.requires_grad_(True)
+    y = torch.full((4,), -100)
+    loss = fastkd.kd_loss(s, t, 2.0, labels=y, hard_weight=0.5, reduction=reduction, backend=backend)
+    assert torch.equal(loss, torch.zeros_like(loss))
+    loss.sum().backward()
+    assert torch.equal(s.grad, torch.zeros_like(s))
+
+
+@needs_ext
+def test_ignored_rows_get_zero_gradient_and_do_not_count_in_the_mean():
+    s, t = make_logits((6, 50))
+    s.requires_grad_(True)
+    y = make_labels((6,), 50, ignored=(1, 4))
+    loss = fastkd.kd_loss(s, t, 2.0, labels=y, backend="cpu")
+    loss.backward()
+    assert torch.equal(s.grad[[1, 4]], torch.zeros(2, 50))
+    keep = [0, 2, 3, 5]
+    torch.testing.assert_close(loss, fastkd.kd_loss(s.detach()[keep], t[keep], 2.0, backend="cpu"))
+
+
+@needs_ext
+def test_ignore_index_can_be_any_value():
+    s, t = make_logits((5, 20))
+    y = torch.tensor([3, 7, 7, 1, 0])
+    check_against_reference("cpu", s, t, 2.0, labels=y, hard_weight=0.2, ignore_index=7)
+
+
+@needs_ext
+@pytest.mark.parametrize("backend", FUSED)
+def test_non_contiguous_inputs(backend):
+    base_s, base_t = make_logits((64, 90))
+    s = base_s.t()[::2]  # [45, 64], strided
+    t = base_t.t()[1::2]
+    assert not s.is_contiguous() and not t.is_contiguous()
+    y = make_labels((90,), 64, ignored=(5,))[::2]
+    check_against_reference(backend, s, t, 2.0, labels=y, hard_weight=0.25)
+
+
+@needs_ext
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("std", [30.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wide_logits(backend, std, dtype):
+    s, t = make_logits((17, 3001), dtype, std=std)
+    check_against_reference(backend, s, t, 1.0)
+    check_against_reference(backend, s, t, 4.0, labels=make_labels((17,), 3001), hard_weight=0.1)
+
+
+@needs_ext
+@pytest.mark.parametrize("backend", FUSED)
+def test_logits_of_magnitude_1e4(backend):
+    s, t = make_logits((8, 1000), std=1.0)
+    s = s * 1e4
+    t = t.sign() * 1e4 + t
+    check_against_reference(backend, s, t, 1.0)
+    check_against_reference(backend, s, t, 7.0, labels=make_labels((8,), 1000), hard_weight=0.5)
+
+
+@needs_ext
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_vocabulary_entries(backend, dtype):
+    s, t = make_logits((6, 257), dtype)
+    mask = torch.zeros(6, 257, dtype=torch.bool)
+    mask[:, 200:] = True
+    mask[2, :100] = True
+    s = s.masked_fill(mask, -math.inf).requires_grad_(True)
+    t = t.masked_fill(mask, -math.inf)
+    labels = make_labels((6,), 100) + 100  # never a masked entry
+    loss = fastkd.kd_loss(s, t, 2.0, labels=labels, hard_weight=0.2, backend=backend)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(s.grad).all()
+    assert torch.equal(s.grad[mask], torch.zeros_like(s.grad[mask]))
+    # and the same loss as on the unmasked entries alone, row by row
+    rows = [fastkd.kd_loss(s.detach()[i : i + 1, ~mask[i]], t[i : i + 1, ~mask[i]], 2.0, backend="reference") for i in (0, 2)]
+    ref_rows = fastkd.kd_loss(s.detach(), t, 2.0, reduction="none", backend=backend)
+    torch.testing.assert_close(ref_rows[[0, 2]], torch.stack(rows), rtol=1e-4, atol=1e-5)
+
+
+@needs_ext
+@pytest.mark.parametrize("backend", ["reference"] + FUSED)
+@pytest.mark.parametrize("where", ["student", "teacher"])
+def test_nan_input_gives_nan_loss(backend, where):
+    s, t = make_logits((3, 40))
+    (s if where == "student" else t)[1, 7] = math.nan
+    rows = fastkd.kd_loss(s, t, 2.0, reduction="none", backend=backend)
+    assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
+    assert torch.isnan(fastkd.kd_loss(s, t, 2.0, backend=backend))
+
+
+@needs_ext
+def test_gradient_is_written_in_the_student_dtype_and_shape():
+    s, t = make_logits((2, 3, 50), torch.bfloat16)
+    s.requires_grad_(True)
+    fastkd.kd_loss(s, t.float(), 2.0, backend="cpu").backward()
+    assert s.grad.dtype == torch.bfloat16 and s.grad.shape == (2, 3, 50)
+
+
+@needs_ext
+def test_teacher_gets_no_gradient():
+    s, t = make_logits((4, 30))
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    fastkd.kd_loss(s, t, 2.0, backend="cpu").backward()
+    assert t.grad is None and s.grad is not None
+
+
+@needs_ext
+def test_no_gradient_wanted_skips_the_gradient():
+    s, t = make_logits((4, 30))
+    with torch.no_grad():
+        loss = fastkd.kd_loss(s, t, 2.0, backend="cpu")
+    torch.testing.assert_close(loss, kd_loss_reference(s, t, 2.0))
+    out = torch.ops.fastkd.kd_forward(s, t, None, "kl", 2.0, 0.0, -100, "sum", True, False)
+    assert out[1].numel() == 0
+
+
+@needs_ext
+def test_second_backward_through_the_same_loss_is_refused_not_wrong():
+    s, t = make_logits((4, 30))
+    s.requires_grad_(True)
+    loss = fastkd.kd_loss(s, t, 2.0, backend="cpu") * 2
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
+
+
+@needs_ext
+def test_backward_with_grad_output_one_twice_accumulates_correctly():
+    s, t = make_logits((4, 30))
+    s.requires_grad_(True)
+    loss = fastkd.kd_loss(s, t, 2.0, backend="cpu")
+    loss.backward(retain_graph=True)
+    first = s.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(s.grad, 2 * first)
+
+
+@needs_ext
+def test_out_of_range_label_is_an_error_on_cpu():
+    s, t = make_logits((3, 10))
+    with pytest.raises(ValueError, match=r"labels holds 10, outside \[0, 10\)"):
+        fastkd.kd_loss(s, t, labels=torch.tensor([1, 10, 2]), backend="cpu")
+
+
+@needs_ext
+def test_out_of_range_label_reaching_the_kernel_gives_nan_not_a_number():
+    s, t = make_logits((3, 10))
+    loss, grad = torch.ops.fastkd.kd_forward(s, t, torch.tensor([1, 10, 2]), "kl", 1.0, 0.5, -100, "none", True, True)
+    assert torch.isnan(loss[1]) and torch.isnan(grad[1]).all()
+    assert torch.isfinite(loss[[0, 2]]).all()
+
+
+@needs_ext
+def test_module_matches_function():
+    s, t = make_logits((5, 40))
+    y = make_labels((5,), 40, ignored=(2,))
+    module = fastkd.nn.KDLoss(temperature=3.0, hard_weight=0.2, backend="cpu")
+    torch.testing.assert_close(module(s, t, y), fastkd.kd_loss(s, t, 3.0, labels=y, hard_weight=0.2, backend="cpu"))
+    assert "temperature=3.0" in repr(module)
+
+
+# ------------------------------------------------------------------------------------------
+# Properties (hypothesis)
+# ------------------------------------------------------------------------------------------
+
+shapes = st.tuples(st.integers(1, 6), st.integers(1, 300))
+
+
+@needs_ext
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes, temperature=st.floats(0.25, 8.0), std=st.floats(0.0, 20.0), seed=st.integers(0, 2**16))
+def test_property_loss_nonnegative_and_gradient_rows_sum_to_zero(shape, temperature, std, seed):
+    s, t = make_logits(shape, std=std, seed=seed)
+    y = make_labels(shape[:1], shape[1], seed=seed)
+    s.requires_grad_(True)
+    rows = fastkd.kd_loss(s, t, temperature, labels=y, hard_weight=0.3, reduction="none", backend="cpu")
+    assert (rows >= 0).all()
+    rows.sum().backward()
+    # softmax(s) - p and softmax(s) - onehot both sum to zero over the vocabulary
+    assert torch.allclose(s.grad.sum(-1), torch.zeros(shape[0]), atol=1e-5 * max(1.0, temperature))
+
+
+@needs_ext
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes, temperature=st.floats(0.25, 8.0), std=st.floats(0.0, 20.0), seed=st.integers(0, 2**16))
+def test_property_zero_when_student_equals_teacher(shape, temperature, std, seed):
+    s, _ = make_logits(shape, std=std, seed=seed)
+    s.requires_grad_(True)
+    loss = fastkd.kd_loss(s, s.detach(), temperature, backend="cpu")
+    assert abs(loss.item()) <= 1e-5 * temperature**2
+    loss.backward()
+    assert s.grad.abs().max() <= 1e-6 * temperature
+
+
+@needs_ext
+@settings(max_examples=30, deadline=None)
+@given(shape=shapes, temperature=st.floats(0.5, 5.0), seed=st.integers(0, 2**16))
+def test_property_cpu_agrees_with_reference(shape, temperature, seed):
+    s, t = make_logits(shape, seed=seed)
+    check_against_reference("cpu", s, t, temperature)
+
+
+# ------------------------------------------------------------------------------------------
+# PyTorch integration: gradcheck, opcheck, torch.compile
+# ------------------------------------------------------------------------------------------
+
+
+@needs_ext
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum"])
+def test_gradcheck_float64(backend, reduction):
+    s, t = make_logits((4, 9), torch.float64)
+    y = torch.tensor([2, -100, 0, 8])
+
+    def f(x):
+        return fastkd.kd_loss(x, t, 1.7, labels=y, hard_weight=0.3, reduction=reduction, backend=backend)
+
+    assert torch.autograd.gradcheck(f, (s.requires_grad_(True),))
+
+
+def test_gradcheck_float64_per_row_reference():
+    s, t = make_logits((3, 7), torch.float64)
+    assert torch.autograd.gradcheck(lambda x: kd_loss_reference(x, t, 2.0, reduction="none"), (s.requires_grad_(True),))
+
+
+@needs_ext
+@pytest.mark.parametrize(
+    "labels,hard_weight,reduction,compute_grad",
+    [(None, 0.0, "batchmean", True), ("y", 0.4, "none", True), ("y", 0.0, "sum", False), ("y", 1.0, "batchmean", True)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(labels, hard_weight, reduction, compute_grad, dtype):
+    s, t = make_logits((5, 33), dtype)
+    y = make_labels((5,), 33, ignored=(3,)) if labels else None
+    args = (s.requires_grad_(compute_grad), t, y, "kl", 2.0, hard_weight, -100, reduction, True, compute_grad)
+    torch.library.opcheck(torch.ops.fastkd.kd_forward.default, args)
+
+
+@needs_ext
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_torch_compile_fullgraph_matches_eager(reduction):
+    torch._dynamo.reset()
+    s, t = make_logits((2, 6, 77))
+    y = make_labels((2, 6), 77, ignored=(3,))
+
+    def step(student, teacher, labels):
+        loss = fastkd.kd_loss(student, teacher, 2.0, labels=labels, hard_weight=0.25, reduction=reduction)
+        return (loss * 1.5).sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    a = s.clone().requires_grad_(True)
+    b = s.clone().requires_grad_(True)
+    eager_loss = step(a, t, y)
+    eager_loss.backward()
+    compiled_loss = compiled(b, t, y)
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    torch.testing.assert_close(b.grad, a.grad)
+
+
+# ------------------------------------------------------------------------------------------
+# Backends: choice, refusal with reasons, build
+# ------------------------------------------------------------------------------------------
+
+
+@needs_ext
+def test_auto_backend_on_cpu_is_the_cpu_kernel():
+    s, _ = make_logits((2, 5))
+    assert backends.choose("kd_loss", kd_ops._CHECKS, s.device, None, s) == "cpu"
+
+
+def test_environment_variable_picks_the_backend(monkeypatch):
+    s, _ = make_logits((2, 5))
+    monkeypatch.setenv("FASTKD_BACKEND", "reference")
+    assert backends.choose("kd_loss", kd_ops._CHECKS, s.device, None, s) == "reference"
+    # the argument wins over the environment
+    if _ext.LOAD_ERROR is None:
+        assert backends.choose("kd_loss", kd_ops._CHECKS, s.device, "cpu", s) == "cpu"
+
+
+def test_unknown_backend_names_the_choices(monkeypatch):
+    s, t = make_logits((2, 5))
+    with pytest.raises(ValueError, match=r"backend='fast' is not a backend; choose one of reference, cpu, triton, cuda"):
+        fastkd.kd_loss(s, t, backend="fast")
+    monkeypatch.setenv("FASTKD_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="FASTKD_BACKEND='gpu'"):
+        fastkd.kd_loss(s, t)
+
+
+def test_explicit_backend_that_cannot_run_says_why():
+    s, t = make_logits((2, 5))
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' cannot run this call: .*CUDA tensors, got a cpu tensor"):
+        fastkd.kd_loss(s, t, backend="cuda")
+
+
+def test_automatic_fallback_is_logged(caplog):
+    s, t = make_logits((2, 5))
+    checks = dict(kd_ops._CHECKS, cpu=lambda x: "pretend the extension is missing")
+    with caplog.at_level("WARNING", logger="fastkd"):
+        assert backends.choose("kd_test_fallback", checks, s.device, None, s) == "reference"
+    assert "pretend the extension is missing" in caplog.text
+
+
+def test_no_backend_fits_lists_every_reason():
+    s, _ = make_logits((2, 5))
+    checks = {name: (lambda x, n=name: f"{n} refuses") for name in backends.BACKENDS}
+    with pytest.raises(RuntimeError, match="cpu: cpu refuses; reference: reference refuses"):
+        backends.choose("kd_loss", checks, s.device, None, s)
+
+
+def test_extension_is_built():
+    assert _ext.LOAD_ERROR is None, _ext.LOAD_ERROR
+
+
+@needs_ext
+def test_cuda_kernels_are_registered_when_built_with_cuda():
+    if torch.ops.fastkd.built_with_cuda():
+        assert _ext.has_kernel("kd_forward", "CUDA")
+    else:
+        assert not _ext.has_kernel("kd_forward", "CUDA")
+
+
+@needs_ext
+def test_cuda_is_compiled_wherever_nvcc_is_present():
+    if os.environ.get("FASTKD_NO_CUDA", "0") not in ("", "0"):
+        pytest.skip("FASTKD_NO_CUDA is set: the CUDA build was skipped on purpose")
+    if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+        pytest.skip("no nvcc here")
+    assert torch.ops.fastkd.built_with_cuda(), "nvcc is present but the CUDA sources were not compiled (was it built with FASTKD_NO_CUDA=1?)"
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the argument
+# ------------------------------------------------------------------------------------------
+
+S, T_ = make_logits((4, 10))
+BAD = [
+    (dict(student_logits=[[1.0]]), TypeError, "student_logits must be a torch.Tensor"),
+    (dict(student_logits=torch.ones(4, 10, dtype=torch.int64)), TypeError, "student_logits must be a floating-point tensor"),
+    (dict(teacher_logits=torch.ones(4, 10, dtype=torch.int32)), TypeError, "teacher_logits must be a floating-point tensor"),
+    (dict(teacher_logits=torch.ones(4, 11)), ValueError, "teacher_logits has vocabulary size 11 but student_logits has 10"),
+    (dict(teacher_logits=torch.ones(5, 10)), ValueError, r"teacher_logits shape \(5, 10\) must equal student_logits shape \(4, 10\)"),
+    (dict(student_logits=torch.tensor(1.0), teacher_logits=torch.tensor(1.0)), ValueError, "student_logits must have at least one dimension"),
+    (dict(student_logits=torch.ones(0, 10), teacher_logits=torch.ones(0, 10)), ValueError, "empty batch"),
+    (dict(student_logits=torch.ones(4, 0), teacher_logits=torch.ones(4, 0)), ValueError, "empty vocabulary"),
+    (dict(temperature=0.0), ValueError, "temperature must be a finite number > 0, got 0.0"),
+    (dict(temperature=-2), ValueError, "temperature must be a finite number > 0, got -2"),
+    (dict(temperature=math.inf), ValueError, "temperature must be a finite number > 0"),
+    (dict(temperature="2"), TypeError, "temperature must be a real number"),
+    (dict(hard_weight=1.5, labels=torch.zeros(4, dtype=torch.int64)), ValueError, r"hard_weight must be in \[0, 1\], got 1.5"),
+    (dict(hard_weight=-0.1, labels=torch.zeros(4, dtype=torch.int64)), ValueError, r"hard_weight must be in \[0, 1\]"),
+    (dict(hard_weight=0.5), ValueError, "hard_weight=0.5 > 0 needs labels"),
+    (dict(labels=torch.zeros(4, dtype=torch.int32)), TypeError, "labels must be an int64 tensor, got torch.int32"),
+    (dict(labels=torch.zeros(5, dtype=torch.int64)), ValueError, r"labels shape \(5,\) must equal student_logits' leading shape \(4,\)"),
+    (dict(labels=[0, 1, 2, 3]), TypeError, "labels must be a torch.Tensor or None"),
+    (dict(labels=torch.tensor([0, 1, -1, 3])), ValueError, r"labels holds -1, outside \[0, 10\)"),
+    (dict(reduction="mean"), ValueError, "reduction must be one of 'none', 'sum', 'batchmean', got 'mean'"),
+    (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
+    (dict(t2_scale="yes"), TypeError, "t2_scale must be a bool"),
+    (dict(teacher_logits=T_.to("meta")), ValueError, "teacher_logits is on meta but student_logits is on cpu"),
+    (dict(labels=torch.zeros(4, dtype=torch.int64, device="meta")), ValueError, "labels is on meta but student_logits is on cpu"),
+]
+
+
+@pytest.mark.parametrize("override,exc,message", BAD, ids=[b[2][:40] for b in BAD])
+def test_bad_input_is_a_clear_error(override, exc, message):
+    kwargs = dict(student_logits=S, teacher_logits=T_, temperature=2.0)
+    kwargs.update(override)
+    student, teacher = kwargs.pop("student_logits"), kwargs.pop("teacher_logits")
+    with pytest.raises(exc, match=message):
+        fastkd.kd_loss(student, teacher, **kwargs)

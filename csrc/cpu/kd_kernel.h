@@ -14,12 +14,13 @@
 //   loss = soft_loss_coef * KL + hard_weight * CE
 //   grad = soft_grad_coef * (q - p) + hard_grad_coef * (softmax(s) - onehot(label))
 //
-// Three sweeps over the row: (1) maxima, reading s and t from memory; (2) the exponentials,
-// re-reading s and t from cache and keeping e_s and e_t in a per-thread scratch row, with their
-// sums; (3) the gradient from the scratch row. Memory traffic: read 2·N·V, write N·V; for V =
-// 32000 in fp32 a row's s, t, e_s, e_t fill 512 KB, inside a core's L2. Two exp evaluations per
-// entry (three with labels and T != 1). The gradient goes out with non-temporal stores when it
-// is larger than the caches, saving the read-for-ownership of each of its lines.
+// Three sweeps over the row: (1) maxima, reading s and t (prefetched while the previous row was
+// computed); (2) the exponentials, re-reading s and t from cache and keeping e_s and e_t in a
+// per-thread scratch row, with their sums; (3) the gradient from the scratch row. Memory traffic:
+// read 2·N·V, write N·V; for V = 32000 in fp32 a row's s, t, e_s, e_t fill 512 KB, inside a
+// core's L2. Two exp evaluations per entry (three with labels and T != 1). The gradient goes out
+// with non-temporal stores when it is larger than the caches, saving the read-for-ownership of
+// each of its lines.
 #pragma once
 
 template <class V, class T>
@@ -111,9 +112,18 @@ static void kd_rows(const KdArgs& a, int64_t row_begin, int64_t row_end, void* s
       if (ce_needs_own_sum) tot_ce += double(sum_ce.sum()), sum_ce = V::set1(0);
     };
     constexpr int64_t kBlock = 1024;
+    // While this row is computed from cache, the next row is fetched from memory, so that
+    // sweep 1 of the next row finds it in L2 and memory and arithmetic overlap.
+    const bool prefetch = row + 1 < row_end;
     for (int64_t b = 0; b < n_full; b += kBlock) {
       const int64_t e = std::min(b + kBlock, n_full);
-      for (int64_t i = b; i < e; i += L) sweep2(V::load(s + i), V::load(t + i), i);
+      for (int64_t i = b; i < e; i += L) {
+        if (prefetch) {
+          __builtin_prefetch(s + n + i, 0, 2);
+          __builtin_prefetch(t + n + i, 0, 2);
+        }
+        sweep2(V::load(s + i), V::load(t + i), i);
+      }
       flush();
     }
     if (n_tail) {

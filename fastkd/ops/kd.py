@@ -98,6 +98,10 @@ def _plain_eager(*tensors) -> bool:
 def _kd_setup_context(ctx, inputs, output):
     ctx.per_row = inputs[7] == "none"
     ctx.save_for_backward(output[1])
+    # The second output (the gradient itself) is never differentiated; without this, autograd
+    # would hand the backward an [N, V] tensor of zeros for it on every call.
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _kd_backward(ctx, grad_loss, _grad_of_grad_output):
@@ -105,6 +109,8 @@ def _kd_backward(ctx, grad_loss, _grad_of_grad_output):
     # rule only multiplies by grad_output. In place, so that backward allocates no second
     # [N, V] tensor; a second backward through the same graph is refused by autograd's
     # saved-tensor version check rather than silently scaling twice.
+    if grad_loss is None:  # nothing flowed back into the loss
+        return (None,) * 10
     (grad,) = ctx.saved_tensors
     scale = grad_loss.unsqueeze(-1) if ctx.per_row else grad_loss
     if not _plain_eager(grad, grad_loss):

@@ -7,7 +7,8 @@
 #include <string>
 
 namespace fastkd {
-std::string cpu_isa();  // csrc/cpu/kd_cpu.cpp
+std::string cpu_isa();      // csrc/cpu/kd_cpu.cpp
+int64_t cpu_empty_cache();  // csrc/cpu/kd_cpu.cpp
 }
 
 extern "C" {
@@ -24,14 +25,17 @@ TORCH_LIBRARY(fastkd, m) {
   //   divergence: "kl" (forward KL(p_teacher || q_student)).
   //   reduction: "none" | "sum" | "batchmean"; the returned gradient already carries the
   //   reduction's scale, so the backward multiplies it by grad_output and nothing else.
-  //   Returns (loss, grad): loss float32 (float64 for float64 student), [N] for "none" else a scalar; grad [N, V] in the
-  //   student's dtype, or an empty [0] tensor when compute_grad is false.
+  //   Returns (loss, grad): loss float32 (float64 for a float64 student), [N] for "none" else
+  //   a scalar; grad [N, V] in the student's dtype, or an empty [0] tensor when compute_grad
+  //   is false.
   m.def(
       "kd_forward(Tensor student, Tensor teacher, Tensor? labels, str divergence, "
       "float temperature, float hard_weight, int ignore_index, str reduction, bool t2_scale, "
       "bool compute_grad) -> (Tensor, Tensor)");
   // The instruction set the CPU kernels use here: "avx512", "avx2" or "scalar".
   m.def("cpu_isa() -> str", &fastkd::cpu_isa);
+  // Drops the CPU kernels' cached gradient buffer; returns the bytes it held.
+  m.def("cpu_empty_cache() -> int", &fastkd::cpu_empty_cache);
   // Whether the CUDA sources were compiled into this build (tests check that their kernels
   // registered: a silently skipped CUDA build must not pass for a working one).
   m.def("built_with_cuda() -> bool", [] {

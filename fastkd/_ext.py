@@ -14,3 +14,10 @@ except ImportError as exc:  # the package also works, more slowly, without it
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether ``fastkd::<op>`` has a kernel registered for ``dispatch_key`` ("CPU", "CUDA")."""
     return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastkd::{op}", dispatch_key)
+
+
+def empty_cache() -> int:
+    """Frees the gradient buffer the CPU kernels keep for reuse between calls (see
+    ``csrc/cpu/kd_cpu.cpp``); returns the bytes it held. It is kept because a fresh buffer of that
+    size costs as much to fault in as the kernel's own work; this gives the memory back."""
+    return torch.ops.fastkd.cpu_empty_cache() if _C is not None else 0

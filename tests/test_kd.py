@@ -282,6 +282,42 @@ def test_backward_with_grad_output_one_twice_accumulates_correctly():
 
 
 @needs_ext
+def test_cpu_gradient_buffer_is_reused_only_when_nobody_holds_it():
+    shape = (64, 32768)  # 8 MiB of fp32: large enough for the CPU kernels' buffer cache
+    (s1, t1), (s2, t2) = make_logits(shape, seed=1), make_logits(shape, seed=2)
+    expected = {}
+    for name, (s, t) in {"1": (s1, t1), "2": (s2, t2)}.items():
+        x = s.clone().requires_grad_(True)
+        kd_loss_reference(x, t, 2.0).backward()
+        expected[name] = x.grad
+    fastkd.empty_cache()
+    a, b = s1.clone().requires_grad_(True), s2.clone().requires_grad_(True)
+    loss_a, loss_b = fastkd.kd_loss(a, t1, 2.0), fastkd.kd_loss(b, t2, 2.0)  # both alive at once
+    loss_a.backward()
+    loss_b.backward()
+    torch.testing.assert_close(a.grad, expected["1"], rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(b.grad, expected["2"], rtol=1e-4, atol=1e-9)
+    # A gradient still referenced (here through a view) is never handed out again.
+    kept_view = a.grad[3]
+    kept = kept_view.clone()
+    a.grad = None
+    b.grad = None
+    fastkd.kd_loss(b, t2, 2.0).backward()
+    assert torch.equal(kept_view, kept)
+    torch.testing.assert_close(b.grad, expected["2"], rtol=1e-4, atol=1e-9)
+    # Once nobody holds it, the next call of the same shape gets the same memory back.
+    del kept_view
+    b.grad = None
+    fastkd.kd_loss(b, t2, 2.0).backward()
+    first = b.grad.data_ptr()
+    b.grad = None
+    fastkd.kd_loss(b, t2, 2.0).backward()
+    assert b.grad.data_ptr() == first
+    torch.testing.assert_close(b.grad, expected["2"], rtol=1e-4, atol=1e-9)
+    assert fastkd.empty_cache() == 64 * 32768 * 4
+
+
+@needs_ext
 def test_out_of_range_label_is_an_error_on_cpu():
     s, t = make_logits((3, 10))
     with pytest.raises(ValueError, match=r"labels holds 10, outside \[0, 10\)"):

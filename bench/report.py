@@ -1,0 +1,522 @@
+"""Run the benchmarks and write BENCHMARKS.md from what they measured.
+
+    python -m bench.report                      # full run (~10 min on 2 cores), writes BENCHMARKS.md
+    python -m bench.report --quick --out /tmp/x.md    # tiny shapes, seconds: a smoke test
+    python -m bench.report --from-json run.json       # re-render a saved run, no measuring
+
+The measurements are the pytest-benchmark suite in ``bench/test_bench_kd.py`` (run in a
+subprocess with ``--benchmark-json``); this module only reads that JSON and does arithmetic on
+it. Nothing in BENCHMARKS.md is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The issue's targets for the fused CPU backend, on the headline case (forward+backward).
+TARGETS = [
+    # (provider, metric, comparison, threshold, label)
+    ("fastkd-cpu", "speedup_compile", ">=", 3.0, "≥ 3× faster than torch.compile"),
+    ("fastkd-cpu", "speedup_eager", ">=", 10.0, "≥ 10× faster than eager"),
+    ("fastkd-cpu", "pct_bound", ">=", 50.0, "≥ 50 % of the memory-traffic bound"),
+    ("fastkd-cpu", "peak_units", "<=", 1.1, "≤ 1.1 × one N×V tensor of extra memory"),
+]
+METRIC_FMT = {
+    "speedup_compile": lambda x: f"{x:.2f}×",
+    "speedup_eager": lambda x: f"{x:.2f}×",
+    "pct_bound": lambda x: f"{x:.1f} %",
+    "peak_units": lambda x: f"{x:.2f} × N·V",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------------------------
+
+
+def run_suite(json_path: Path, quick: bool, extra: List[str]) -> int:
+    cmd = [
+        sys.executable, "-m", "pytest", "bench/", "--benchmark-only", f"--benchmark-json={json_path}",
+        "-p", "no:cacheprovider", "-q", "-rs",
+    ]
+    cmd += ["--bench-quick"] if quick else []
+    cmd += extra
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env).returncode
+
+
+# ----------------------------------------------------------------------------------------------
+# Arithmetic on the JSON
+# ----------------------------------------------------------------------------------------------
+
+
+def _ms(seconds: Optional[float]) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1e3:.3g}" if seconds < 1e-3 else f"{seconds * 1e3:.1f}"
+
+
+def _gbs(bytes_per_s: Optional[float]) -> str:
+    return "n/a" if bytes_per_s is None else f"{bytes_per_s / 1e9:.1f} GB/s"
+
+
+def _ratio(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x:.2f}×"
+
+
+def _pct(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x:.1f} %"
+
+
+def _units(x: Optional[float]) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def analyse(data: Dict) -> Dict:
+    benches = data["benchmarks"]
+    notes = data.get("fastkd", {})
+
+    # Memory system: best copy bandwidth of the run (highest = smallest, i.e. strictest, bound).
+    memsys = defaultdict(dict)
+    calibration = []
+    for b in benches:
+        ei = b.get("extra_info", {})
+        if ei.get("kind") in ("copy", "write_warm", "write_fresh"):
+            key = ei["kind"] + (f"_{ei['when']}" if ei["kind"] == "copy" else "")
+            memsys[ei["device"]][key] = {
+                "bytes": ei["bytes_moved"],
+                "min": b["stats"]["min"],
+                "median": b["stats"]["median"],
+                "rounds": b["stats"]["rounds"],
+                "bw": ei["bytes_moved"] / b["stats"]["min"],
+                "bw_median": ei["bytes_moved"] / b["stats"]["median"],
+                "buffer_bytes": ei.get("buffer_bytes", ei["bytes_moved"]),
+            }
+            calibration += ei.get("memory_calibration", [])
+            thp = ei.get("fresh_write_thp")
+            if thp and "min" in thp:
+                memsys[ei["device"]]["write_fresh_thp"] = {
+                    "bytes": thp["bytes"], "buffer_bytes": thp["bytes"], "min": thp["min"],
+                    "median": thp["median"], "rounds": thp["rounds"],
+                    "bw": thp["bytes"] / thp["min"], "bw_median": thp["bytes"] / thp["median"],
+                }
+    bandwidth = {}
+    first_touch = {}  # device -> extra seconds per byte to write fresh pages
+    for dev, probes in memsys.items():
+        copies = [p["bw"] for k, p in probes.items() if k.startswith("copy")]
+        bandwidth[dev] = max(copies) if copies else None
+        warm, fresh = probes.get("write_warm"), probes.get("write_fresh")
+        if warm and fresh:
+            first_touch[dev] = max(0.0, fresh["min"] / fresh["bytes"] - warm["min"] / warm["bytes"])
+
+    # Op results: case -> provider -> pass -> record
+    cases: Dict[str, Dict] = {}
+    for b in benches:
+        ei = b.get("extra_info", {})
+        if ei.get("kind") != "op":
+            continue
+        c = cases.setdefault(ei["case"], {"info": ei, "providers": {}})
+        c["providers"].setdefault(ei["provider"], {"title": ei["provider_title"]})[ei["pass_"]] = {
+            "stats": b["stats"],
+            "extra": ei,
+        }
+
+    for name, c in cases.items():
+        info = c["info"]
+        bw = bandwidth.get(info["device"])
+        c["bound_s"] = {}
+        for rec in c["providers"].values():
+            for pass_ in ("fwd", "bwd", "fwdbwd"):
+                r = rec.get(pass_)
+                if r is None:
+                    continue
+                bound = r["extra"]["bound_bytes"] / bw if bw else None
+                c["bound_s"][pass_] = bound
+                r["median"] = r["stats"]["median"]
+                r["min"] = r["stats"]["min"]
+                r["half_iqr"] = r["stats"]["iqr"] / 2
+                r["pct_bound"] = None if bound is None else 100.0 * bound / r["median"]
+                r["pct_bound_min"] = None if bound is None else 100.0 * bound / r["min"]
+        for prov, rec in c["providers"].items():
+            for pass_ in ("fwd", "bwd", "fwdbwd"):
+                r = rec.get(pass_)
+                if r is None:
+                    continue
+                for base in ("eager", "compile"):
+                    b = c["providers"].get(base, {}).get(pass_)
+                    r[f"speedup_{base}"] = b["median"] / r["median"] if b else None
+                    r[f"speedup_{base}_min"] = b["min"] / r["min"] if b else None
+    # Unavailable: case|provider|pass -> reason; fold passes that share a reason.
+    unavailable: Dict[str, Dict[str, str]] = defaultdict(dict)
+    for key, reason in notes.get("unavailable", {}).items():
+        case, prov, pass_ = key.split("|")
+        unavailable[case].setdefault(prov, reason)
+    return {
+        "memsys": dict(memsys),
+        "bandwidth": bandwidth,
+        "first_touch": first_touch,
+        "calibration": calibration,
+        "cases": cases,
+        "unavailable": dict(unavailable),
+        "notes": notes,
+    }
+
+
+def _case_order(data: Dict, analysed: Dict) -> List[str]:
+    order = list(data.get("fastkd", {}).get("cases", []))
+    return [c for c in order if c in analysed["cases"] or c in analysed["unavailable"]] + [
+        c for c in analysed["cases"] if c not in order
+    ]
+
+
+def headline_case(analysed: Dict) -> Optional[str]:
+    for name, c in analysed["cases"].items():
+        if c["info"].get("headline"):
+            return name
+    return None
+
+
+def evaluate_targets(analysed: Dict) -> List[Dict]:
+    name = headline_case(analysed)
+    rows = []
+    for prov, metric, cmp, threshold, label in TARGETS:
+        value, value_min, why = None, None, None
+        if name is None:
+            why = "the headline case was not measured"
+        else:
+            rec = analysed["cases"][name]["providers"].get(prov)
+            r = (rec or {}).get("fwdbwd")
+            if r is None:
+                why = analysed["unavailable"].get(name, {}).get(prov, f"{prov} was not measured")
+            elif metric == "peak_units":
+                value = r["extra"].get("peak_alloc_units")
+                rss = r["extra"].get("peak_rss_units")
+                if value is not None and rss is not None:
+                    value = max(value, rss)  # both probes must agree that it is met
+            else:
+                value = r.get(metric)
+                value_min = r.get(metric + "_min")
+                if value is None:
+                    why = f"{metric} could not be computed (a baseline or the bandwidth probe is missing)"
+        if value is None:
+            status = "not measured"
+        else:
+            met = value >= threshold if cmp == ">=" else value <= threshold
+            status = "**met**" if met else "**not met**"
+        rows.append({
+            "provider": prov, "label": label, "value": value, "value_min": value_min, "metric": metric,
+            "status": status, "why": why,
+        })
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------------
+
+
+def render(data: Dict, command: str, elapsed_s: Optional[float]) -> str:
+    a = analyse(data)
+    notes = a["notes"]
+    m = notes.get("machine", {})
+    L: List[str] = []
+    w = L.append
+    w("# fastkd benchmarks")
+    w("")
+    w(
+        f"Generated by `{command}` on {m.get('date_utc', '?')}"
+        + (f" in {elapsed_s / 60:.1f} min" if elapsed_s else "")
+        + ". Do not edit by hand: every number below comes from that run."
+    )
+    if notes.get("quick"):
+        w("")
+        w("> **Quick run** (`--quick`): tiny shapes and few rounds, a smoke test of the harness. "
+          "The numbers say nothing about performance, and the RSS memory probe is not meaningful "
+          "at these sizes.")
+    w("")
+
+    # Machine
+    w("## Machine")
+    w("")
+    fk = m.get("fastkd") or {}
+    mem = m.get("mem_total_bytes")
+    la0, la1 = m.get("loadavg"), notes.get("loadavg_end")
+    rows = [
+        ("CPU", f"{m.get('cpu_model', '?')} ({', '.join(m.get('cpu_flags') or []) or 'no AVX2/AVX-512 flags'})"),
+        ("cores", f"{m.get('logical_cpus')} logical, {m.get('cpus_usable')} usable by this process"),
+        ("memory", f"{mem / 2**30:.1f} GiB" if mem else "?"),
+        ("torch", f"{m.get('torch')}, {m.get('torch_threads')} intra-op threads ({m.get('torch_parallel')})"),
+        ("python / OS", f"{m.get('python')} / {m.get('platform')}"),
+        ("transparent huge pages", m.get("thp") or "?"),
+        ("GPU", m.get("cuda") or "none"),
+        ("fastkd", f"{fk.get('version')} from `{fk.get('path')}`; extension: {fk.get('extension')}"
+                   + (f"; CPU kernels use {fk['cpu_isa']}" if fk.get("cpu_isa") else "")),
+        ("git", f"{m.get('git_commit') or 'no commit'}{' (+ uncommitted changes)' if m.get('git_dirty') else ''}"),
+        ("environment", ", ".join(f"{k}={v}" for k, v in (m.get("env") or {}).items()) or "no OMP/MKL/FASTKD overrides"),
+        ("load average (1/5/15 min)",
+         f"start {', '.join(f'{x:.2f}' for x in la0) if la0 else '?'}; end {', '.join(f'{x:.2f}' for x in la1) if la1 else '?'}"),
+    ]
+    w("| | |")
+    w("|---|---|")
+    for k, v in rows:
+        w(f"| {k} | {v} |")
+    w("")
+    w("A load average above the core count means other processes competed for the cores during "
+      "the run; all comparisons below are ratios between providers timed back to back in this run.")
+    w("")
+
+    # Memory system
+    w("## Memory system (measured in this run)")
+    w("")
+    for dev, probes in sorted(a["memsys"].items()):
+        w(f"| probe ({dev}) | buffer | best time | best bandwidth | median bandwidth | rounds |")
+        w("|---|---|---|---|---|---|")
+        labels = {
+            "copy_start": "copy `dst.copy_(src)`, before the ops (read + write)",
+            "copy_end": "copy `dst.copy_(src)`, after the ops (read + write)",
+            "write_warm": "write `buf.fill_(1)` into an existing buffer",
+            "write_fresh": "write `torch.empty(n).fill_(1)` (fresh pages)",
+            "write_fresh_thp": "the same in a subprocess with `THP_MEM_ALLOC_ENABLE=1`",
+        }
+        for key in ("copy_start", "copy_end", "write_warm", "write_fresh", "write_fresh_thp"):
+            p = probes.get(key)
+            if p:
+                w(f"| {labels[key]} | {p['buffer_bytes'] / 2**20:.0f} MiB | {_ms(p['min'])} ms | "
+                  f"{_gbs(p['bw'])} | {_gbs(p['bw_median'])} | {p['rounds']} |")
+        w("")
+        bw = a["bandwidth"].get(dev)
+        w(f"**Copy bandwidth used for the traffic bound ({dev}): {_gbs(bw)}** (the best copy of the run: "
+          "the highest bandwidth gives the smallest bound, so the % of bound below is not flattered).")
+        ft = a["first_touch"].get(dev)
+        if ft:
+            thp = probes.get("write_fresh_thp")
+            w("")
+            w(f"Writing fresh memory costs {ft * 2**30 * 1e3:.1f} ms per GiB more than writing memory "
+              "already faulted in: page faults, which the copy probe and the traffic bound do not "
+              "include and which every provider pays for each N×V tensor it allocates (the per-case "
+              "figure is given below)."
+              + (f" With `THP_MEM_ALLOC_ENABLE=1` (torch then asks for 2 MiB pages for large "
+                 f"allocations) a fresh write runs at {_gbs(thp['bw'])}." if thp else ""))
+        w("")
+    if a["calibration"]:
+        w("Memory-probe calibration (an op that allocates and keeps exactly one N×V tensor must read "
+          "1.00; one with one N×V temporary besides its kept result, `(x.exp() + 1).sum()`, 2.00):")
+        w("")
+        w("| N×V, dtype | one kept: allocator | one kept: RSS | exp+1 temporaries: allocator | exp+1: RSS |")
+        w("|---|---|---|---|---|")
+        for c in a["calibration"]:
+            w(f"| {c['n']}×{c['v']}, {c['dtype']} | {_units(c['one_kept_alloc'])} | {_units(c['one_kept_rss'])} | "
+              f"{_units(c['two_temp_alloc'])} | {_units(c['two_temp_rss'])} |")
+        w("")
+
+    # Targets
+    head = headline_case(a)
+    w("## Targets (issue #2)")
+    w("")
+    if head:
+        w(f"On the headline case, {a['cases'][head]['info']['title']}, forward+backward:")
+    w("")
+    w("| provider | target | measured (medians) | status | from best times instead |")
+    w("|---|---|---|---|---|")
+    whys: List[str] = []
+    for t in evaluate_targets(a):
+        fmt = METRIC_FMT[t["metric"]]
+        val = fmt(t["value"]) if t["value"] is not None else "n/a"
+        if t["value"] is None and t["why"] and f"{t['provider']}: {t['why']}" not in whys:
+            whys.append(f"{t['provider']}: {t['why']}")
+        alt = fmt(t["value_min"]) if t.get("value_min") is not None else "same" if t["metric"] == "peak_units" and t["value"] is not None else "n/a"
+        w(f"| {t['provider']} | {t['label']} | {val} | {t['status']} | {alt} |")
+    w("")
+    for why in whys:
+        w(f"Not measured: {why}")
+        w("")
+    w("Status is judged on medians. The last column uses each provider's fastest round instead "
+      "(other processes on a shared machine only ever add time, so it shows the spread the load "
+      "can cause). Memory target: the larger of the two probes (allocator, RSS) is compared with 1.1.")
+    w("")
+
+    # Per case
+    w("## Results")
+    w("")
+    w("Times are medians in ms, ± half the interquartile range. `fwd` is the loss alone under "
+      "`torch.no_grad()`; `bwd` is `loss.backward()` alone (fresh forward in untimed setup each "
+      "round); `fwd+bwd` is both. Speedups are the baseline's median over the provider's, same pass.")
+    w("")
+    for name in _case_order(data, a):
+        c = a["cases"].get(name)
+        if c is None:
+            w(f"### {name}")
+            w("")
+            for prov, reason in a["unavailable"].get(name, {}).items():
+                w(f"- {prov}: not measured ({reason})")
+            w("")
+            continue
+        info = c["info"]
+        unit = info["unit_bytes"]
+        w(f"### {info['title']}{' (headline)' if info.get('headline') else ''}")
+        w("")
+        bounds = c["bound_s"]
+        w(f"One N×V tensor = {unit / 2**20:.1f} MiB. Traffic bound at {_gbs(a['bandwidth'].get(info['device']))}: "
+          + ", ".join(
+              f"{p} {_ms(bounds.get(p))} ms ({c['providers'][next(iter(c['providers']))].get(p, {}).get('extra', {}).get('bound_units', '?')} N·V)"
+              for p in ("fwd", "bwd", "fwdbwd") if p in bounds
+          ) + ".")
+        ft = a["first_touch"].get(info["device"])
+        if ft:
+            w(f"Faulting in one fresh N×V tensor costs about {_ms(ft * unit)} ms on top of writing it "
+              "(from the write probes; included in every provider's times, in none of the bounds).")
+        w("")
+        w("| provider | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd vs eager | fwd+bwd vs compile | fwd vs eager | fwd vs compile |")
+        w("|---|---|---|---|---|---|---|---|")
+        provs = list(c["providers"].items())
+        for prov, rec in provs:
+            cells = []
+            for p in ("fwd", "bwd", "fwdbwd"):
+                r = rec.get(p)
+                cells.append("n/a" if r is None else f"{_ms(r['median'])} ± {_ms(r['half_iqr'])}")
+            fb, f = rec.get("fwdbwd") or {}, rec.get("fwd") or {}
+            w(f"| {prov} | {' | '.join(cells)} | {_ratio(fb.get('speedup_eager'))} | {_ratio(fb.get('speedup_compile'))} | "
+              f"{_ratio(f.get('speedup_eager'))} | {_ratio(f.get('speedup_compile'))} |")
+        for prov, reason in a["unavailable"].get(name, {}).items():
+            if prov not in c["providers"]:
+                w(f"| {prov} | not measured: {reason} | | | | | | |")
+        w("")
+        w("| provider | % of bound fwd | % of bound bwd | % of bound fwd+bwd | peak extra memory, allocator (N·V) | peak extra memory, RSS (N·V) | loss rel. err | grad rel. err |")
+        w("|---|---|---|---|---|---|---|---|")
+        for prov, rec in provs:
+            fb = rec.get("fwdbwd") or {}
+            ex = fb.get("extra", {})
+            chk = ex.get("check") or {}
+            flag = "" if chk.get("ok", True) else " ⚠"
+            err = lambda k: "n/a" if chk.get(k) is None else f"{chk[k]:.1e}"
+            w(f"| {prov} | {_pct((rec.get('fwd') or {}).get('pct_bound'))} | {_pct((rec.get('bwd') or {}).get('pct_bound'))} | "
+              f"{_pct(fb.get('pct_bound'))} | {_units(ex.get('peak_alloc_units'))} | {_units(ex.get('peak_rss_units'))} | "
+              f"{err('loss_rel_err')}{flag} | {err('grad_rel_err')}{flag} |")
+        w("")
+        bad = [p for p, rec in provs if not ((rec.get("fwdbwd") or {}).get("extra", {}).get("check") or {}).get("ok", True)]
+        if bad:
+            tol = c["providers"][bad[0]]["fwdbwd"]["extra"]["check"]["tol"]
+            w(f"⚠ {', '.join(bad)}: loss or gradient differs from the float32 composite by more than {tol:g} "
+              "(relative; gradient error is max |Δ| / max |ref|). Check `tests/` before trusting these times.")
+            w("")
+
+    # Method
+    w("## How this is measured")
+    w("")
+    op_notes = {}
+    for c in a["cases"].values():
+        op_notes[c["info"]["op"]] = True
+    w("- **Providers.** `eager`: the composite users write today, "
+      "`F.kl_div(F.log_softmax(s/T, -1), F.log_softmax(t/T, -1), log_target=True, reduction=\"batchmean\") * T*T`. "
+      "`compile`: `torch.compile(composite, dynamic=False)`, compiled afresh per case (after "
+      "`torch._dynamo.reset()`), warm-up calls excluded. `fastkd-<backend>`: `fastkd.kd_loss(s, t, T, backend=...)`. "
+      "A provider that cannot run a case is listed as not measured, with its reason.")
+    w("- **Timing.** pytest-benchmark, pedantic mode, one call per round, one warm-up round after two "
+      "untimed warm-up calls; rounds = clamp(budget / one call, min, max) so slow providers get fewer "
+      "rounds. Student `.grad` is reset to None in the untimed setup of every round. Inputs: "
+      "student and teacher logits ~ N(0, 2²), contiguous, in the case's dtype.")
+    w("- **Traffic bound.** bytes a fused pass must move ÷ the best copy bandwidth of the run. "
+      + " ".join(f"`{k}`: {OP_TRAFFIC_NOTES.get(k, '')}" for k in op_notes if k in OP_TRAFFIC_NOTES)
+      + " The same bound is applied to every provider; the composites move far more bytes, which "
+      "is the point. Copy bandwidth counts bytes read + written (as the bound does); write-allocate "
+      "traffic is not counted on either side.")
+    w("- **Peak extra memory** (fwd+bwd, inputs already allocated, no old `.grad`; the new gradient "
+      "counts), in units of one N×V tensor of the student dtype, two independent ways: "
+      "*allocator*: `torch.profiler.profile(profile_memory=True)` and the running sum of the raw "
+      "`[memory]` allocation/free events in time order (torch's CPU allocator has no peak counter); "
+      "*RSS*: reset the kernel's peak-RSS mark (`/proc/self/clear_refs`), run, read `VmHWM` minus the "
+      "RSS before: this also sees memory a kernel takes outside torch's allocator. The calibration "
+      "table above checks both on ops whose answer is known.")
+    w("- **Sanity check.** After timing, each provider's loss and gradient are compared with the "
+      "composite computed in float32 on the same inputs; beyond tolerance it is flagged ⚠ here. "
+      "Correctness is asserted in `tests/`, not here.")
+    w("")
+
+    # Raw stats
+    w("## Raw statistics")
+    w("")
+    w("<details><summary>every benchmark of the run (seconds)</summary>")
+    w("")
+    w("| benchmark | rounds | min | median | max | IQR |")
+    w("|---|---|---|---|---|---|")
+    for b in data["benchmarks"]:
+        s = b["stats"]
+        w(f"| `{b['name']}` | {s['rounds']} | {s['min']:.6f} | {s['median']:.6f} | {s['max']:.6f} | {s['iqr']:.6f} |")
+    w("")
+    w("</details>")
+    w("")
+    return "\n".join(L)
+
+
+def _op_traffic_notes() -> Dict[str, str]:
+    try:
+        from bench.common import OPS
+
+        return {k: op.traffic_note + "." for k, op in OPS.items()}
+    except Exception:  # noqa: BLE001 - rendering a saved JSON must not need torch
+        return {}
+
+
+OP_TRAFFIC_NOTES: Dict[str, str] = {}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, few rounds (smoke test, seconds)")
+    ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown file to write (default: BENCHMARKS.md)")
+    ap.add_argument("--json", default=None, help="also keep the pytest-benchmark JSON here")
+    ap.add_argument("--from-json", default=None, help="render this saved JSON instead of running")
+    ap.add_argument("--cases", default="", help="passed to --bench-cases")
+    ap.add_argument("--providers", default="", help="passed to --bench-providers")
+    args = ap.parse_args(argv)
+
+    OP_TRAFFIC_NOTES.update(_op_traffic_notes())
+    shown = "python -m bench.report" + (" --quick" if args.quick else "")
+    elapsed = None
+    rc = 0
+    if args.from_json:
+        json_path = Path(args.from_json)
+        shown = f"python -m bench.report --from-json {json_path.name}"
+    else:
+        tmpdir = tempfile.mkdtemp(prefix="fastkd-bench-")
+        json_path = Path(args.json) if args.json else Path(tmpdir) / "bench.json"
+        extra = []
+        if args.cases:
+            extra.append(f"--bench-cases={args.cases}")
+            shown += f" --cases {args.cases}"
+        if args.providers:
+            extra.append(f"--bench-providers={args.providers}")
+            shown += f" --providers {args.providers}"
+        t0 = time.time()
+        rc = run_suite(json_path, args.quick, extra)
+        elapsed = time.time() - t0
+        if not json_path.exists():
+            print(f"bench.report: the benchmark run wrote no JSON (pytest exit code {rc})", file=sys.stderr)
+            return rc or 1
+        if rc not in (0,):
+            print(f"bench.report: pytest exit code {rc}; writing the report from what was measured", file=sys.stderr)
+    data = json.loads(json_path.read_text())
+    text = render(data, shown, elapsed)
+    out = Path(args.out)
+    out.write_text(text + "\n")
+    print(f"bench.report: wrote {out}")
+    for t in evaluate_targets(analyse(data)):
+        val = METRIC_FMT[t["metric"]](t["value"]) if t["value"] is not None else "n/a"
+        print(f"  {t['provider']}: {t['label']}: {val} -> {t['status'].strip('*')}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

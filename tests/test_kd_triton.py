@@ -1,0 +1,81 @@
+"""kd_loss's Triton kernel against the reference. Without a GPU it runs in Triton's interpreter
+on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1), which is slow: shapes stay small,
+but long enough (V > 256, the interpreter's block) that the blocked path runs."""
+
+import math
+import os
+
+import pytest
+import torch
+
+import fastkd
+from fastkd.ops import kd as kd_ops
+from kd_helpers import check_against_reference, make_labels, make_logits
+
+if kd_ops.TRITON_ERROR is not None:
+    pytest.skip(kd_ops.TRITON_ERROR, allow_module_level=True)
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CASES = [
+    # shape, dtype, labels mode, reduction, temperature
+    ((3, 7), torch.float32, "none", "batchmean", 1.0),
+    ((5, 300), torch.float32, "hard", "none", 2.5),
+    ((2, 1100), torch.float32, "labels", "sum", 2.0),
+    ((2, 3, 257), torch.bfloat16, "hard", "batchmean", 1.0),
+    ((4, 600), torch.bfloat16, "none", "none", 4.0),
+    ((3, 513), torch.float16, "hard", "sum", 2.0),
+    ((1, 1), torch.float32, "none", "batchmean", 1.0),
+]
+
+
+@pytest.mark.parametrize("shape,dtype,mode,reduction,temperature", CASES)
+def test_triton_matches_reference(shape, dtype, mode, reduction, temperature):
+    s, t = make_logits(shape, dtype, device=DEVICE)
+    kwargs = {}
+    if mode != "none":
+        rows = shape[:-1]
+        kwargs = dict(labels=make_labels(rows, shape[-1], ignored=(0,) if math.prod(rows) > 1 else (), device=DEVICE))
+        kwargs["hard_weight"] = 0.3 if mode == "hard" else 0.0
+    check_against_reference("triton", s, t, temperature, reduction=reduction, **kwargs)
+
+
+def test_triton_t2_scale_off_and_wide_logits():
+    s, t = make_logits((3, 400), std=30.0, device=DEVICE)
+    check_against_reference("triton", s, t, 3.0, t2_scale=False, labels=make_labels((3,), 400, device=DEVICE), hard_weight=0.5)
+
+
+def test_triton_all_rows_ignored():
+    s, t = make_logits((3, 300), device=DEVICE)
+    s.requires_grad_(True)
+    loss = fastkd.kd_loss(s, t, 2.0, labels=torch.full((3,), -100, device=DEVICE), backend="triton")
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(s.grad, torch.zeros_like(s))
+
+
+def test_triton_masked_vocabulary_and_nan():
+    s, t = make_logits((3, 300), device=DEVICE)
+    s[:, 250:] = -math.inf
+    t[:, 250:] = -math.inf
+    s.requires_grad_(True)
+    loss = fastkd.kd_loss(s, t, 2.0, backend="triton")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.equal(s.grad[:, 250:], torch.zeros(3, 50, device=DEVICE))
+    t2 = t.clone()
+    t2[1, 3] = math.nan
+    rows = fastkd.kd_loss(s.detach(), t2, 2.0, reduction="none", backend="triton")
+    assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
+
+
+def test_triton_out_of_range_label_gives_nan():
+    s, t = make_logits((3, 20), device=DEVICE)
+    loss, grad = torch.ops.fastkd.kd_forward_triton(s, t, torch.tensor([1, 20, 2], device=DEVICE), "kl", 1.0, 0.5, -100, "none", True, True)
+    assert torch.isnan(loss[1]) and torch.isnan(grad[1]).all() and torch.isfinite(loss[[0, 2]]).all()
+
+
+def test_triton_opcheck():
+    s, t = make_logits((3, 300), device=DEVICE)
+    y = make_labels((3,), 300, ignored=(1,), device=DEVICE)
+    args = (s.requires_grad_(True), t, y, "kl", 2.0, 0.25, -100, "batchmean", True, True)
+    torch.library.opcheck(torch.ops.fastkd.kd_forward_triton.default, args)

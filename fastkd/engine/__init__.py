@@ -1,0 +1,17 @@
+"""The fastkd training engine: distillation jobs described by a TOML config.
+
+Modules: :mod:`~fastkd.engine.config` (schema, loading, :class:`ConfigError`),
+:mod:`~fastkd.engine.models` (small classifiers, modules by path),
+:mod:`~fastkd.engine.losses` (loss terms and their registry),
+:mod:`~fastkd.engine.compress` (pruning, quantization-aware training),
+:mod:`~fastkd.engine.trainer` (the phase loop), :mod:`~fastkd.engine.plans` (methods as phases),
+:mod:`~fastkd.engine.checkpoint` (atomic files, RNG state),
+:mod:`~fastkd.engine.distributed` (DDP helpers), :mod:`~fastkd.engine.report` (log, table, plot)
+and :mod:`~fastkd.engine.runner` (a whole job).
+"""
+
+from fastkd.engine.config import ConfigError, default_config, load_config
+from fastkd.engine.losses import LOSS_TERMS, LossTerm, register_loss_term
+from fastkd.engine.runner import run_job
+
+__all__ = ["ConfigError", "default_config", "load_config", "run_job", "LOSS_TERMS", "LossTerm", "register_loss_term"]

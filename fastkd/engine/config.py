@@ -1,0 +1,296 @@
+"""Job configuration: the schema, its defaults, TOML loading, overrides and validation.
+
+A config is a TOML file whose tables mirror :data:`SCHEMA`; every key is optional and falls
+back to the default below (``fastkd distill`` with no config runs exactly the defaults: the
+ensemble-distillation experiment on digits). Loss terms form an array of tables ``[[loss]]``
+whose keys depend on ``kind`` (see :mod:`fastkd.engine.losses`); their weighted sum is the
+training loss of the distilled student(s).
+
+Validation is strict, because a typo that silently falls back to a default wastes a run: an
+unknown key, a value of the wrong type or outside its range raises :class:`ConfigError` with a
+message naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import tomllib
+from typing import Any, Dict, List, Optional, Tuple
+
+
+class ConfigError(Exception):
+    """A configuration problem, reported by the CLI as one line and exit status 2."""
+
+
+METHODS = ("distill", "self_distill", "mutual", "stagewise")
+
+
+class Field:
+    """One config key: its type, default and constraints.
+
+    ``kind`` is one of ``int``, ``float`` (ints accepted), ``bool``, ``str``, ``list_int``,
+    ``list_str``, ``list_float``. ``choices`` restricts strings; ``lo``/``hi`` bound numbers
+    (inclusive unless ``lo_open``).
+    """
+
+    def __init__(self, kind: str, default: Any, *, choices=None, lo=None, hi=None, lo_open=False, doc=""):
+        self.kind, self.default, self.choices = kind, default, choices
+        self.lo, self.hi, self.lo_open, self.doc = lo, hi, lo_open, doc
+
+    def check(self, key: str, value: Any) -> Any:
+        names = {"int": "an integer", "float": "a number", "bool": "a boolean (true/false)", "str": "a string",
+                 "list_int": "a list of integers", "list_str": "a list of strings", "list_float": "a list of numbers"}
+        ok = {
+            "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+            "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+            "bool": lambda v: isinstance(v, bool),
+            "str": lambda v: isinstance(v, str),
+            "list_int": lambda v: isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v),
+            "list_str": lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
+            "list_float": lambda v: isinstance(v, list)
+            and all(isinstance(i, (int, float)) and not isinstance(i, bool) for i in v),
+        }[self.kind]
+        if not ok(value):
+            raise ConfigError(f"{key} must be {names[self.kind]}, got {type(value).__name__} {value!r}")
+        if self.kind == "float":
+            value = float(value)
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(f"{key} must be one of {', '.join(map(repr, self.choices))}, got {value!r}")
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+                    raise ConfigError(f"{key} must be {'>' if self.lo_open else '>='} {self.lo}, got {v!r}")
+                if self.hi is not None and v > self.hi:
+                    raise ConfigError(f"{key} must be <= {self.hi}, got {v!r}")
+        if self.kind.startswith("list") and not value and self.lo is not None:
+            raise ConfigError(f"{key} must not be empty")
+        return value
+
+
+def _model_table(arch, hidden, channels, dropout, count=None):
+    t = {
+        "arch": Field("str", arch, choices=("mlp", "cnn"), doc="model family"),
+        "hidden": Field("list_int", hidden, lo=1, doc="mlp: hidden widths (stem, then one block each)"),
+        "channels": Field("list_int", channels, lo=1, doc="cnn: channels (stem, then one block each)"),
+        "dropout": Field("float", dropout, lo=0.0, hi=0.9),
+    }
+    if count is not None:
+        t["count"] = Field("int", count, lo=1, doc="ensemble size (teachers trained from seeds seed+1000+i)")
+        t["independent_batches"] = Field("bool", False, doc="each teacher its own batch order (default: only the init differs)")
+    return t
+
+
+SCHEMA: Dict[str, Any] = {
+    "name": Field("str", "default", doc="run name (default run directory runs/<name>-<time>)"),
+    "method": Field("str", "distill", choices=METHODS),
+    "seed": Field("int", 0, lo=0),
+    "out": Field("str", "", doc="run directory; empty: runs/<name>-<timestamp>"),
+    "data": {
+        "name": Field("str", "digits", doc="digits, multiview, or a path to an .npz with x and y"),
+        "val_fraction": Field("float", 0.2, lo=0.0, hi=0.5, lo_open=True),
+        "test_fraction": Field("float", 0.3, lo=0.0, hi=0.5, lo_open=True),
+        "fraction": Field("float", 1.0, lo=0.0, hi=1.0, lo_open=True, doc="fraction of the training split used"),
+        "label_noise": Field("float", 0.0, lo=0.0, hi=0.95, doc="fraction of training labels flipped"),
+        "imbalance": Field("float", 1.0, lo=0.0, hi=1.0, lo_open=True, doc="smallest/largest training class size"),
+        "multiview": {
+            "classes": Field("int", 10, lo=2),
+            "dim": Field("int", 32, lo=4),
+            "patches": Field("int", 8, lo=2),
+            "samples": Field("int", 3000, lo=20),
+            "single_view_fraction": Field("float", 0.2, lo=0.0, hi=1.0),
+            "noise": Field("float", 0.15, lo=0.0),
+            "weak_view": Field("float", 0.1, lo=0.0),
+            "off_class": Field("float", 0.3, lo=0.0),
+        },
+    },
+    "teacher": _model_table("mlp", [256, 256], [16, 32, 32], 0.0, count=3),
+    "student": {
+        **_model_table("mlp", [256, 256], [16, 32, 32], 0.0),
+        "prune_amount": Field("float", 0.0, lo=0.0, hi=0.99, doc="final weight sparsity (l1, unstructured)"),
+        "prune_epochs": Field("int", 0, lo=0, doc="epochs over which sparsity ramps up (0: half the epochs)"),
+        "quant_bits": Field("int", 0, lo=0, hi=16, doc="quantization-aware training bits (0: off)"),
+    },
+    "train": {
+        "epochs": Field("int", 60, lo=1),
+        "batch_size": Field("int", 32, lo=1, doc="global batch (split across ranks)"),
+        "optimizer": Field("str", "adamw", choices=("adamw", "sgd")),
+        "lr": Field("float", 3e-3, lo=0.0, lo_open=True),
+        "weight_decay": Field("float", 0.01, lo=0.0),
+        "momentum": Field("float", 0.9, lo=0.0, hi=1.0),
+        "schedule": Field("str", "cosine", choices=("constant", "cosine", "linear")),
+        "warmup_steps": Field("int", 0, lo=0),
+        "augment": Field("str", "none", choices=("none", "shift", "noise"),
+                         doc="training-batch augmentation, the same batch for teachers and students"),
+        "augment_strength": Field("float", 1.0, lo=0.0, doc="shift: max pixels; noise: std"),
+        "grad_accum": Field("int", 1, lo=1, doc="micro-batches per optimizer step"),
+        "grad_clip": Field("float", 0.0, lo=0.0, doc="max gradient norm (0: off)"),
+        "bf16": Field("bool", False, doc="bf16 autocast for forward passes"),
+        "device": Field("str", "cpu", choices=("cpu", "cuda", "auto")),
+        "checkpoint_every": Field("int", 100, lo=0, doc="optimizer steps between checkpoints (0: phase ends only)"),
+        "progress": Field("bool", True),
+        "deterministic": Field("bool", True, doc="torch.use_deterministic_algorithms"),
+        "threads": Field("int", 1, lo=0, doc="torch.set_num_threads (0: leave as is; tiny models run fastest on one thread)"),
+        "plot": Field("bool", True),
+    },
+    "self_distill": {"generations": Field("int", 2, lo=1, doc="distilled generations after generation 0")},
+    "mutual": {"peers": Field("int", 2, lo=2)},
+    "stagewise": {
+        "student_stages": Field("list_str", ["stem", "blocks.0"], lo=0, doc="student module per stage"),
+        "teacher_stages": Field("list_str", ["stem", "blocks.0"], lo=0, doc="teacher module per stage"),
+        "fraction": Field("float", 1.0, lo=0.0, hi=1.0, lo_open=True, doc="fraction of training data for student phases"),
+        "stage_epochs": Field("int", 0, lo=0, doc="epochs per stage and for the head (0: train.epochs)"),
+    },
+}
+
+# The loss terms' own schemas live with the terms (fastkd.engine.losses) and are looked up there.
+DEFAULT_LOSS = {
+    "distill": [{"kind": "kd", "temperature": 4.0}],
+    "self_distill": [{"kind": "kd", "temperature": 4.0}],
+    "mutual": [{"kind": "ce"}, {"kind": "kd", "temperature": 1.0}],
+    "stagewise": [],
+}
+
+
+def _defaults(schema: dict) -> dict:
+    return {k: (_defaults(v) if isinstance(v, dict) else copy.deepcopy(v.default)) for k, v in schema.items()}
+
+
+def default_config() -> dict:
+    """The embedded default job (the ensemble-distillation experiment on digits)."""
+    cfg = _defaults(SCHEMA)
+    cfg["loss"] = copy.deepcopy(DEFAULT_LOSS["distill"])
+    return validate(cfg)
+
+
+def _merge(schema: dict, base: dict, user: dict, where: str) -> None:
+    for key, value in user.items():
+        path = f"{where}{key}"
+        if key not in schema:
+            known = ", ".join(sorted(schema))
+            table = f"[{where[:-1]}]" if where else "the top level"
+            raise ConfigError(f"unknown key {path!r} (keys allowed in {table}: {known})")
+        spec = schema[key]
+        if isinstance(spec, dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path} must be a table, got {type(value).__name__} {value!r}")
+            _merge(spec, base[key], value, path + ".")
+        else:
+            base[key] = spec.check(path, value)
+
+
+def _check_losses(losses: Any) -> List[dict]:
+    from fastkd.engine.losses import LOSS_TERMS
+
+    if not isinstance(losses, list) or not all(isinstance(t, dict) for t in losses):
+        raise ConfigError("loss must be an array of tables ([[loss]] entries)")
+    out = []
+    for i, term in enumerate(losses):
+        where = f"loss[{i}]"
+        kind = term.get("kind")
+        if kind not in LOSS_TERMS:
+            raise ConfigError(f"{where}.kind must be one of {', '.join(map(repr, sorted(LOSS_TERMS)))}, got {kind!r}")
+        schema = {"kind": Field("str", kind), **LOSS_TERMS[kind].SCHEMA}
+        full = {k: copy.deepcopy(f.default) for k, f in schema.items()}
+        _merge(schema, full, term, where + ".")
+        for k, f in schema.items():
+            if full[k] is None and f.default is None and getattr(f, "required", False):
+                raise ConfigError(f"{where}.{k} is required for kind {kind!r}")
+        LOSS_TERMS[kind].validate(full, where)
+        out.append(full)
+    return out
+
+
+def validate(cfg: dict) -> dict:
+    """Cross-field checks on a merged config; returns it (loss terms filled with defaults)."""
+    cfg["loss"] = _check_losses(cfg["loss"])
+    method = cfg["method"]
+    for role in ("teacher", "student"):
+        key = "hidden" if cfg[role]["arch"] == "mlp" else "channels"
+        if not cfg[role][key]:
+            raise ConfigError(f"{role}.{key} must not be empty for arch {cfg[role]['arch']!r}")
+    if cfg["data"]["val_fraction"] + cfg["data"]["test_fraction"] >= 0.9:
+        raise ConfigError("data.val_fraction + data.test_fraction must leave at least 10% for training")
+    kinds = [t["kind"] for t in cfg["loss"]]
+    if method in ("distill", "self_distill", "mutual") and not cfg["loss"]:
+        raise ConfigError(f"method {method!r} needs at least one [[loss]] term")
+    if method == "mutual" and "feature" in kinds:
+        raise ConfigError("method 'mutual' supports logit terms only (kind 'kd' and 'ce'), not 'feature'")
+    if method == "stagewise":
+        st = cfg["stagewise"]
+        if len(st["student_stages"]) != len(st["teacher_stages"]) or not st["student_stages"]:
+            raise ConfigError(
+                "stagewise.student_stages and stagewise.teacher_stages must be non-empty lists of the same length, "
+                f"got {len(st['student_stages'])} and {len(st['teacher_stages'])}"
+            )
+    if cfg["student"]["prune_amount"] > 0 and cfg["student"]["quant_bits"] > 0:
+        raise ConfigError("student.prune_amount and student.quant_bits cannot be combined (choose one)")
+    if cfg["student"]["quant_bits"] == 1:
+        raise ConfigError("student.quant_bits must be 0 (off) or at least 2")
+    return cfg
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set key=value`` value: TOML syntax (``3``, ``0.5``, ``true``, ``[1, 2]``, ``"x"``),
+    falling back to a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_config(
+    path: Optional[str] = None, overrides: Optional[List[Tuple[str, Any]]] = None, base: Optional[dict] = None
+) -> dict:
+    """Defaults, then ``base`` (a config dict, e.g. a run's saved ``config.json``) or the TOML
+    file at ``path``, then ``overrides`` (dotted key, value) on top.
+
+    Raises :class:`ConfigError` for a missing or unreadable file, invalid TOML, unknown keys and
+    wrong types.
+    """
+    user: dict = copy.deepcopy(base) if base is not None else {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            with open(path, "rb") as f:
+                user = tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the config ({exc.strerror})") from None
+    for key, value in overrides or []:
+        parts = key.split(".")
+        node = user
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"cannot set {key}: {p} is not a table")
+        node[parts[-1]] = value
+    cfg = _defaults(SCHEMA)
+    losses = user.pop("loss", None)
+    _merge(SCHEMA, cfg, user, "")
+    cfg["loss"] = copy.deepcopy(DEFAULT_LOSS[cfg["method"]]) if losses is None else losses
+    return validate(cfg)
+
+
+def fingerprint(cfg: dict) -> str:
+    """A hash of everything that determines a run's results (not where it is written)."""
+    relevant = {k: v for k, v in cfg.items() if k not in ("out",)}
+    relevant["train"] = {k: v for k, v in cfg["train"].items() if k not in ("progress", "threads", "plot")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def describe_difference(a: dict, b: dict, prefix: str = "") -> Optional[str]:
+    """The first dotted key whose value differs between two configs (for error messages)."""
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            d = describe_difference(va, vb, f"{prefix}{key}.")
+            if d:
+                return d
+        elif va != vb:
+            return f"{prefix}{key} ({va!r} there, {vb!r} here)"
+    return None

@@ -1,0 +1,251 @@
+"""Loss terms: the pieces whose weighted sum trains a student.
+
+A term is a class registered with :func:`register_loss_term` under the ``kind`` a config names
+(``[[loss]] kind = "kd"``). It declares its config keys (``SCHEMA``, checked by
+:mod:`fastkd.engine.config`), the modules whose outputs it needs (``student_paths`` /
+``teacher_paths``, captured by forward hooks, so models are used unchanged), may create a
+learnable regressor, and computes its value from a :class:`StepOutputs`. A fused loss that lands
+in fastkd later plugs in as one more registered term.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastkd
+from fastkd.engine.config import ConfigError, Field
+
+LOSS_TERMS: Dict[str, type] = {}
+
+
+def register_loss_term(kind: str) -> Callable[[type], type]:
+    """Class decorator: make a :class:`LossTerm` subclass available as ``[[loss]] kind = ...``."""
+
+    def deco(cls: type) -> type:
+        cls.KIND = kind
+        LOSS_TERMS[kind] = cls
+        return cls
+
+    return deco
+
+
+# ----------------------------------------------------------------------------------------------
+# What a term sees
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TeacherOutputs:
+    """The frozen teachers' outputs on one batch, computed once and shared by every student.
+
+    ``logits``: one ``[B, V]`` float32 tensor per ensemble member (no grad); ``features``: per
+    member, module path -> captured output.
+    """
+
+    logits: List[torch.Tensor]
+    features: List[Dict[str, torch.Tensor]] = field(default_factory=list)
+    _combined: Dict[float, torch.Tensor] = field(default_factory=dict)
+
+    def combined(self, temperature: float) -> torch.Tensor:
+        """Logits whose softmax at ``temperature`` is the members' *averaged probabilities*:
+        ``T * log(mean_m softmax(t_m / T))`` (a single member's logits are returned as is).
+        Cached per temperature, so several students and terms share it."""
+        if len(self.logits) == 1:
+            return self.logits[0]
+        if temperature not in self._combined:
+            logp = torch.stack([F.log_softmax(t.float() / temperature, dim=-1) for t in self.logits])
+            self._combined[temperature] = temperature * (torch.logsumexp(logp, dim=0) - math.log(len(self.logits)))
+        return self._combined[temperature]
+
+
+@dataclass
+class StepOutputs:
+    """One student's view of a batch: its logits ``[B, V]`` (with grad), its captured
+    features, the labels ``[B]``, the teacher outputs (or None) and its regressors."""
+
+    logits: torch.Tensor
+    features: Dict[str, torch.Tensor]
+    labels: torch.Tensor
+    teacher: Optional[TeacherOutputs]
+    regressors: nn.ModuleDict
+
+
+class LossTerm:
+    """Base class. ``spec`` is the validated ``[[loss]]`` table (``weight`` always present)."""
+
+    KIND = ""
+    SCHEMA: Dict[str, Field] = {}
+    needs_teacher = False
+
+    def __init__(self, spec: dict, index: int):
+        self.spec, self.index, self.weight = spec, index, spec["weight"]
+
+    @classmethod
+    def validate(cls, spec: dict, where: str) -> None:
+        """Cross-key checks of one table; raise :class:`ConfigError`."""
+
+    def student_paths(self) -> List[str]:
+        return []
+
+    def teacher_paths(self) -> List[str]:
+        return []
+
+    def make_regressor(self, student_feats: Dict[str, torch.Tensor], teacher_feats: Dict[str, torch.Tensor]) -> Optional[nn.Module]:
+        """A learnable module mapping the student's feature to the teacher's shape, or None."""
+        return None
+
+    def __call__(self, out: StepOutputs) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _kd_accepts(name: str) -> bool:
+    return name in inspect.signature(fastkd.kd_loss).parameters
+
+
+@register_loss_term("kd")
+class KDTerm(LossTerm):
+    """Hinton KD with fastkd's fused :func:`fastkd.kd_loss` against the teacher (ensemble)
+    output; every option of ``kd_loss`` is a key. ``hard_weight > 0`` fuses the cross-entropy
+    with the labels into the same pass."""
+
+    SCHEMA = {
+        "weight": Field("float", 1.0, lo=0.0),
+        "temperature": Field("float", 4.0, lo=0.0, lo_open=True),
+        "hard_weight": Field("float", 0.0, lo=0.0, hi=1.0),
+        "t2_scale": Field("bool", True),
+        "divergence": Field("str", "kl", doc="forward 'kl'; others once fastkd.kd_loss has them"),
+    }
+    needs_teacher = True
+
+    @classmethod
+    def validate(cls, spec: dict, where: str) -> None:
+        if spec["divergence"] != "kl" and not _kd_accepts("divergence"):
+            raise ConfigError(f"{where}.divergence {spec['divergence']!r} is not available yet (only 'kl')")
+
+    def __call__(self, out: StepOutputs) -> torch.Tensor:
+        t = self.spec["temperature"]
+        kwargs = dict(hard_weight=self.spec["hard_weight"], t2_scale=self.spec["t2_scale"])
+        if self.spec["hard_weight"] > 0:
+            kwargs["labels"] = out.labels
+        if self.spec["divergence"] != "kl":
+            kwargs["divergence"] = self.spec["divergence"]
+        return fastkd.kd_loss(out.logits, out.teacher.combined(t).to(out.logits.dtype), t, **kwargs)
+
+
+@register_loss_term("ce")
+class CETerm(LossTerm):
+    """Cross-entropy with the (possibly noisy) training labels."""
+
+    SCHEMA = {"weight": Field("float", 1.0, lo=0.0), "label_smoothing": Field("float", 0.0, lo=0.0, hi=0.99)}
+
+    def __call__(self, out: StepOutputs) -> torch.Tensor:
+        return F.cross_entropy(out.logits.float(), out.labels, label_smoothing=self.spec["label_smoothing"])
+
+
+FEATURE_METRICS = ("mse", "l1", "cosine", "normalized_mse")
+
+
+def feature_distance(s: torch.Tensor, t: torch.Tensor, metric: str) -> torch.Tensor:
+    """Distance between equal-shape features ``[B, ...]`` (FitNet hint losses): ``mse`` and
+    ``l1`` are means over all entries; ``cosine`` is ``mean_b (1 - cos(s_b, t_b))`` on
+    flattened rows; ``normalized_mse`` is the MSE of L2-normalised flattened rows."""
+    s, t = s.float().flatten(1), t.float().flatten(1)
+    if metric == "mse":
+        return F.mse_loss(s, t)
+    if metric == "l1":
+        return F.l1_loss(s, t)
+    if metric == "cosine":
+        return (1.0 - F.cosine_similarity(s, t, dim=1, eps=1e-8)).mean()
+    return F.mse_loss(F.normalize(s, dim=1), F.normalize(t, dim=1))
+
+
+@register_loss_term("feature")
+class FeatureTerm(LossTerm):
+    """A hint loss between the output of module ``student`` in the student and module
+    ``teacher`` in teacher number ``teacher_index``. When the shapes differ a learnable
+    regressor maps the student's feature to the teacher's shape (a 1x1 convolution when both are
+    ``[B, C, H, W]`` with equal H, W; otherwise a linear map of the flattened feature)."""
+
+    SCHEMA = {
+        "weight": Field("float", 1.0, lo=0.0),
+        "student": Field("str", ""),
+        "teacher": Field("str", ""),
+        "metric": Field("str", "mse", choices=FEATURE_METRICS),
+        "teacher_index": Field("int", 0, lo=0),
+    }
+    needs_teacher = True
+
+    @classmethod
+    def validate(cls, spec: dict, where: str) -> None:
+        for key in ("student", "teacher"):
+            if not spec[key]:
+                raise ConfigError(f"{where}.{key} (a module path) is required for kind 'feature'")
+
+    def student_paths(self) -> List[str]:
+        return [self.spec["student"]]
+
+    def teacher_paths(self) -> List[str]:
+        return [self.spec["teacher"]]
+
+    def make_regressor(self, student_feats, teacher_feats):
+        s, t = student_feats[self.spec["student"]], teacher_feats[self.spec["teacher"]]
+        if s.shape[1:] == t.shape[1:]:
+            return None
+        if s.dim() == 4 and t.dim() == 4 and s.shape[2:] == t.shape[2:]:
+            return nn.Conv2d(s.shape[1], t.shape[1], kernel_size=1)
+        return nn.Sequential(nn.Flatten(1), nn.Linear(s[0].numel(), t[0].numel()), nn.Unflatten(1, tuple(t.shape[1:])))
+
+    def __call__(self, out: StepOutputs) -> torch.Tensor:
+        s = out.features[self.spec["student"]]
+        key = str(self.index)
+        if key in out.regressors:
+            s = out.regressors[key](s.float())
+        t = out.teacher.features[self.spec["teacher_index"]][self.spec["teacher"]]
+        return feature_distance(s, t, self.spec["metric"])
+
+
+def build_terms(specs: List[dict]) -> List[LossTerm]:
+    """Instantiate validated ``[[loss]]`` tables."""
+    return [LOSS_TERMS[s["kind"]](s, i) for i, s in enumerate(specs)]
+
+
+def ce_only() -> List[LossTerm]:
+    """The loss of a model trained on labels alone."""
+    return [CETerm({"kind": "ce", "weight": 1.0, "label_smoothing": 0.0}, 0)]
+
+
+class FeatureTap:
+    """Forward hooks capturing the outputs of named modules of a model (the model itself is
+    not modified). ``captured[path]`` holds the latest output; :meth:`remove` detaches the
+    hooks."""
+
+    def __init__(self, model: nn.Module, paths: List[str], what: str):
+        from fastkd.engine.models import get_module
+
+        self.captured: Dict[str, torch.Tensor] = {}
+        self._handles = []
+        for path in dict.fromkeys(paths):
+            module = get_module(model, path, what)
+            self._handles.append(module.register_forward_hook(self._hook(path)))
+
+    def _hook(self, path: str):
+        def hook(_module, _inputs, output):
+            self.captured[path] = output
+
+        return hook
+
+    def take(self) -> Dict[str, torch.Tensor]:
+        out, self.captured = self.captured, {}
+        return out
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

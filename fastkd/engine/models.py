@@ -1,0 +1,95 @@
+"""Small classifiers for the engine, and access to their modules by path.
+
+Every model has the same named parts so that configs can address them: ``stem`` (input to the
+first hidden representation), ``blocks.0`` … ``blocks.{n-1}`` (the hidden stages) and ``head``
+(the classifier). Feature losses and stagewise KD name modules by these dotted paths (any path
+that ``model.get_submodule`` accepts works, e.g. ``blocks.0.0`` for a block's first layer).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    """``stem``: Linear(in, h0)+ReLU; ``blocks.i``: Linear(h_i, h_{i+1})+ReLU(+Dropout);
+    ``head``: Linear(h_last, classes). Input ``[B, ...]`` is flattened."""
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int], dropout: float = 0.0):
+        super().__init__()
+        d_in = int(math.prod(input_shape))
+        drop = [nn.Dropout(dropout)] if dropout > 0 else []
+        self.stem = nn.Sequential(nn.Linear(d_in, hidden[0]), nn.ReLU(), *drop)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(a, b), nn.ReLU(), *([nn.Dropout(dropout)] if dropout > 0 else []))
+            for a, b in zip(hidden[:-1], hidden[1:])
+        )
+        self.head = nn.Linear(hidden[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x.flatten(1))
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+class ConvNet(nn.Module):
+    """A tiny convnet for ``(C, H, W)`` inputs. ``stem``: 3x3 conv + BN-free ReLU;
+    ``blocks.i``: 3x3 conv + ReLU (+2x2 max-pool on odd-numbered blocks); ``head``: global average
+    pool then Linear. Flat inputs ``[B, C*H*W]`` are reshaped to ``input_shape``."""
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, channels: Sequence[int], dropout: float = 0.0):
+        super().__init__()
+        if len(input_shape) != 3:
+            raise ValueError(f"arch 'cnn' needs image inputs (C, H, W), this dataset has input shape {tuple(input_shape)}")
+        self.input_shape = tuple(input_shape)
+        self.stem = nn.Sequential(nn.Conv2d(input_shape[0], channels[0], 3, padding=1), nn.ReLU())
+        blocks = []
+        for i, (a, b) in enumerate(zip(channels[:-1], channels[1:])):
+            layers = [nn.Conv2d(a, b, 3, padding=1), nn.ReLU()]
+            if i % 2 == 1:
+                layers.append(nn.MaxPool2d(2))
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            blocks.append(nn.Sequential(*layers))
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels[-1], num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x.reshape(x.shape[0], *self.input_shape))
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+ARCHS = ("mlp", "cnn")
+
+
+def build_model(spec: dict, input_shape: Tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
+    """A model from a ``[teacher]``/``[student]`` config table, initialised from ``seed`` alone
+    (so that the same seed gives the same weights whatever ran before)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if spec["arch"] == "mlp":
+            return MLP(input_shape, num_classes, spec["hidden"], spec["dropout"])
+        if spec["arch"] == "cnn":
+            return ConvNet(input_shape, num_classes, spec["channels"], spec["dropout"])
+    raise ValueError(f"unknown arch {spec['arch']!r}")
+
+
+def module_paths(model: nn.Module) -> list:
+    """Dotted paths of every named submodule (``""`` the model itself excluded)."""
+    return [name for name, _ in model.named_modules() if name]
+
+
+def get_module(model: nn.Module, path: str, what: str) -> nn.Module:
+    """``model.get_submodule(path)`` with an error that names ``what`` and the available paths."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        top = ", ".join(p for p in module_paths(model) if p.count(".") <= 1)
+        raise LookupError(f"module path {path!r} does not exist in the {what} model (its modules: {top})") from None

@@ -1,0 +1,257 @@
+"""A whole distillation job: checks, run directory, phases, checkpoints, final report.
+
+Everything that can be wrong with a configuration is checked before anything is written
+(:func:`prepare`): the data, module paths named by losses or stages, the output directory. A
+run directory holds ``config.json`` (the resolved config and its fingerprint),
+``metrics.jsonl``, ``checkpoint.pt`` (atomic; the latest), ``models/<name>.pt`` (final weights),
+``summary.json`` and ``report.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from fastkd import data as datamod
+from fastkd import metrics
+from fastkd.engine import checkpoint as ckpt
+from fastkd.engine import distributed as dist
+from fastkd.engine.config import ConfigError, describe_difference, fingerprint
+from fastkd.engine.models import build_model, get_module
+from fastkd.engine.plans import plan
+from fastkd.engine.report import MetricsLog, plot, table
+from fastkd.engine.trainer import Context, frozen_model, predict_log_probs, run_phase
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def load_splits(cfg: dict) -> datamod.Splits:
+    """The job's data, with data errors reported as :class:`ConfigError`."""
+    d = cfg["data"]
+    try:
+        return datamod.load_dataset(
+            d["name"], d["multiview"] if d["name"] == "multiview" else {}, seed=cfg["seed"],
+            val_fraction=d["val_fraction"], test_fraction=d["test_fraction"], fraction=d["fraction"],
+            imbalance_ratio=d["imbalance"], noise=d["label_noise"],
+        )
+    except datamod.DataError as exc:
+        raise ConfigError(f"data.name: {exc}") from None
+
+
+def check_module_paths(cfg: dict, splits: datamod.Splits) -> None:
+    """Every module path a loss term or a stage names must exist in its model."""
+    shape, classes = splits.input_shape, splits.num_classes
+    try:
+        models = {r: build_model(cfg[r], shape, classes, seed=0) for r in ("teacher", "student")}
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    # In self-distillation the teacher is an earlier student.
+    teacher_role = "student" if cfg["method"] == "self_distill" else "teacher"
+    checks = []
+    for i, term in enumerate(cfg["loss"]):
+        if term["kind"] == "feature":
+            checks.append((f"loss[{i}].student", term["student"], "student"))
+            checks.append((f"loss[{i}].teacher", term["teacher"], teacher_role))
+            if term["teacher_index"] >= (cfg["teacher"]["count"] if cfg["method"] == "distill" else 1):
+                raise ConfigError(f"loss[{i}].teacher_index={term['teacher_index']} but there are fewer teachers")
+    if cfg["method"] == "stagewise":
+        for sp in cfg["stagewise"]["student_stages"]:
+            checks.append(("stagewise.student_stages", sp, "student"))
+        for tp in cfg["stagewise"]["teacher_stages"]:
+            checks.append(("stagewise.teacher_stages", tp, "teacher"))
+    for key, path, role in checks:
+        try:
+            get_module(models[role], path, role)
+        except LookupError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+
+
+def default_out(cfg: dict) -> str:
+    return os.path.join("runs", f"{cfg['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def check_out_dir(out: str, cfg: dict, resume: bool) -> None:
+    """Refuse to touch a directory that holds something else than this run."""
+    saved = os.path.join(out, "config.json")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"output path {out} exists and is not a directory")
+    if not os.path.isdir(out):
+        if resume:
+            raise ConfigError(f"--resume: run directory {out} does not exist")
+        return
+    if os.path.isfile(saved):
+        try:
+            with open(saved) as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            raise ConfigError(f"output directory {out} holds an unreadable config.json; choose another --out") from None
+        if old.get("fingerprint") != fingerprint(cfg):
+            diff = describe_difference(old.get("config", {}), {k: v for k, v in cfg.items()})
+            raise ConfigError(f"output directory {out} holds a different run (differs in {diff}); choose another --out")
+        if not resume:
+            raise ConfigError(f"output directory {out} already holds this run; pass --resume to continue it or choose another --out")
+    elif os.listdir(out):
+        raise ConfigError(f"output directory {out} is not empty and holds no fastkd run; choose another --out")
+    elif resume:
+        raise ConfigError(f"--resume: {out} holds no run to resume")
+
+
+def _device(cfg: dict) -> torch.device:
+    want = cfg["train"]["device"]
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device = 'cuda' but no CUDA device is available")
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def prepare(cfg: dict, resume: bool = False):
+    """All checks that need no training: data, module paths, output directory. Returns
+    ``(splits, out_dir, device)``; raises :class:`ConfigError` before anything is written."""
+    splits = load_splits(cfg)
+    check_module_paths(cfg, splits)
+    out = cfg["out"] or default_out(cfg)
+    check_out_dir(out, {**cfg, "out": out}, resume)
+    return splits, out, _device(cfg)
+
+
+def run_job(cfg: dict, resume: bool = False, quiet: bool = False) -> dict:
+    """Run (or continue, with ``resume``) the job described by a validated config.
+
+    Returns the summary (also written to ``<out>/summary.json``); prints the table on rank 0
+    unless ``quiet``.
+    """
+    t_start = time.perf_counter()
+    device = _device(cfg)
+    dist.init(device)
+    try:
+        splits, out, device = prepare(cfg, resume)
+        cfg = {**cfg, "out": out}
+        dist.barrier()  # every rank has checked the directory before rank 0 creates it
+        return _run(cfg, splits, out, device, resume, quiet, t_start)
+    finally:
+        dist.shutdown()
+
+
+def _run(cfg, splits, out, device, resume, quiet, t_start) -> dict:
+    # Process-wide torch settings are restored afterwards: a job may run inside a larger program.
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    t = cfg["train"]
+    if t["threads"]:
+        torch.set_num_threads(t["threads"])
+    if t["deterministic"] and device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+    try:
+        return _run_phases(cfg, splits, out, device, resume, quiet, t_start)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _run_phases(cfg, splits, out, device, resume, quiet, t_start) -> dict:
+    main = dist.is_main()
+    t = cfg["train"]
+    state = None
+    path = os.path.join(out, CHECKPOINT)
+    if resume and os.path.isfile(path):
+        state = ckpt.load(path)
+        if state.get("fingerprint") != fingerprint(cfg):
+            raise ConfigError(f"{path} belongs to a different run")
+    if main:
+        os.makedirs(os.path.join(out, "models"), exist_ok=True)
+        ckpt.atomic_write_json(os.path.join(out, "config.json"), {"fingerprint": fingerprint(cfg), "config": cfg})
+    dist.barrier()
+
+    log = MetricsLog(os.path.join(out, "metrics.jsonl") if main else None,
+                     truncate_to=state["metrics_offset"] if state else 0)
+    store = state["store"] if state else {}
+    elapsed_before = state["elapsed"] if state else 0.0
+    phases, entries = plan(cfg)
+
+    def save_checkpoint(phase_index: int, phase_state: Optional[dict]) -> None:
+        rngs = dist.all_gather_object(ckpt.rng_state())  # collective: every rank calls it
+        if phase_state is not None:
+            phase_state["rng"] = rngs
+        if main:
+            ckpt.save(path, {
+                "fingerprint": fingerprint(cfg), "phase": phase_index, "phase_state": phase_state, "store": store,
+                "metrics_offset": log.offset(), "elapsed": elapsed_before + time.perf_counter() - t_start,
+            })
+
+    start = state["phase"] if state else 0
+    for i in range(start, len(phases)):
+        phase = phases[i]
+        ctx = Context(cfg, splits.train, splits.val, device, store, log, lambda ps, i=i: save_checkpoint(i, ps))
+        resume_state = state["phase_state"] if (state and i == start) else None
+        finished = run_phase(ctx, i, phase, resume_state)
+        for spec in phase.learners:
+            store[spec.name] = {"role": spec.role, "state": {k: v.cpu() for k, v in finished[spec.name].state_dict().items()}}
+        save_checkpoint(i + 1, None)
+
+    summary = evaluate(cfg, splits, store, entries, device, log)
+    summary["wall_time_s"] = round(elapsed_before + time.perf_counter() - t_start, 2)
+    log.close()
+    if main:
+        for name, entry in store.items():
+            ckpt.save(os.path.join(out, "models", f"{name}.pt"), {"role": entry["role"], "state": entry["state"]})
+        ckpt.atomic_write_json(os.path.join(out, "summary.json"), summary)
+        if t["plot"]:
+            tmp = os.path.join(out, ".report.tmp.png")
+            plot(os.path.join(out, "metrics.jsonl"), summary, tmp)
+            os.replace(tmp, os.path.join(out, "report.png"))
+        if not quiet:
+            print(table(summary["models"]))
+            print(f"run directory: {out} (summary.json, metrics.jsonl, report.png, models/)  "
+                  f"wall time {summary['wall_time_s']:.1f} s")
+            sys.stdout.flush()
+    return summary
+
+
+def evaluate(cfg, splits, store, entries, device, log) -> dict:
+    """Test-split metrics of every summary entry (an entry of several models is their
+    probability-averaged ensemble); each is also logged as a ``split: test`` line."""
+    from fastkd.engine import compress
+
+    ctx = Context(cfg, splits.train, splits.val, device, store, log, lambda ps: None)
+    cache = {}
+    extra = {}
+
+    def lp(name):
+        if name not in cache:
+            model = frozen_model(ctx, name)
+            cache[name] = predict_log_probs(model, splits.test.x, device, cfg["train"]["bf16"])
+            if store[name]["role"] == "student":
+                if cfg["student"]["prune_amount"] > 0:
+                    extra[name] = {"sparsity": compress.sparsity(model)}
+                elif cfg["student"]["quant_bits"] > 0:
+                    extra[name] = {"quant_levels": compress.quant_levels(model)}
+        return cache[name]
+
+    def ens(names):
+        return lp(names[0]) if len(names) == 1 else metrics.ensemble_log_probs([lp(n) for n in names])
+
+    models = {}
+    for e in entries:
+        m = metrics.classification_metrics(ens(e.models), splits.test.y, ens(e.reference) if e.reference else None)
+        if len(e.models) == 1:
+            m.update(extra.get(e.models[0], {}))
+        if e.reference:
+            m["reference"] = "+".join(e.reference) if len(e.reference) < 3 else f"ensemble of {len(e.reference)}"
+        models[e.name] = m
+        log({"phase": "final", "model": e.name, "split": "test", **{k: v for k, v in m.items() if k != "reference"}})
+    counts = torch.bincount(splits.train.y, minlength=splits.num_classes).tolist()
+    return {
+        "method": cfg["method"],
+        "seed": cfg["seed"],
+        "data": {"name": cfg["data"]["name"], "train": len(splits.train.y), "val": len(splits.val.y),
+                 "test": len(splits.test.y), "train_class_counts": counts, "noisy_labels": splits.noisy_labels},
+        "fingerprint": fingerprint(cfg),
+        "models": models,
+    }

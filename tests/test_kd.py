@@ -448,16 +448,16 @@ def test_torch_compile_fullgraph_matches_eager(reduction):
 @needs_ext
 def test_auto_backend_on_cpu_is_the_cpu_kernel():
     s, _ = make_logits((2, 5))
-    assert backends.choose("kd_loss", kd_ops._CHECKS, s.device, None, s) == "cpu"
+    assert backends.choose("kd_loss", kd_ops._CHECKS, s.device, None, s, s) == "cpu"
 
 
 def test_environment_variable_picks_the_backend(monkeypatch):
     s, _ = make_logits((2, 5))
     monkeypatch.setenv("FASTKD_BACKEND", "reference")
-    assert backends.choose("kd_loss", kd_ops._CHECKS, s.device, None, s) == "reference"
+    assert backends.choose("kd_loss", kd_ops._CHECKS, s.device, None, s, s) == "reference"
     # the argument wins over the environment
     if _ext.LOAD_ERROR is None:
-        assert backends.choose("kd_loss", kd_ops._CHECKS, s.device, "cpu", s) == "cpu"
+        assert backends.choose("kd_loss", kd_ops._CHECKS, s.device, "cpu", s, s) == "cpu"
 
 
 def test_unknown_backend_names_the_choices(monkeypatch):
@@ -477,17 +477,17 @@ def test_explicit_backend_that_cannot_run_says_why():
 
 def test_automatic_fallback_is_logged(caplog):
     s, t = make_logits((2, 5))
-    checks = dict(kd_ops._CHECKS, cpu=lambda x: "pretend the extension is missing")
+    checks = dict(kd_ops._CHECKS, cpu=lambda *x: "pretend the extension is missing")
     with caplog.at_level("WARNING", logger="fastkd"):
-        assert backends.choose("kd_test_fallback", checks, s.device, None, s) == "reference"
+        assert backends.choose("kd_test_fallback", checks, s.device, None, s, s) == "reference"
     assert "pretend the extension is missing" in caplog.text
 
 
 def test_no_backend_fits_lists_every_reason():
     s, _ = make_logits((2, 5))
-    checks = {name: (lambda x, n=name: f"{n} refuses") for name in backends.BACKENDS}
+    checks = {name: (lambda *x, n=name: f"{n} refuses") for name in backends.BACKENDS}
     with pytest.raises(RuntimeError, match="cpu: cpu refuses; reference: reference refuses"):
-        backends.choose("kd_loss", checks, s.device, None, s)
+        backends.choose("kd_loss", checks, s.device, None, s, s)
 
 
 def test_extension_is_built():

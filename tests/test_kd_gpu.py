@@ -24,6 +24,8 @@ BACKENDS = [
 @pytest.mark.parametrize("mode", ["none", "hard"])
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 def test_gpu_matches_reference(backend, shape, dtype, mode, reduction):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernel computes in float32 and refuses float64")
     s, t = make_logits(shape, dtype, device="cuda")
     kwargs = {}
     if mode == "hard":

@@ -131,6 +131,9 @@ def _register_triton_op():
     except Exception as exc:  # ImportError, or Triton failing to initialise
         return f"Triton is not available ({type(exc).__name__}: {exc})"
     op = torch.library.triton_op("fastkd::kd_forward_triton", mutates_args=())(triton_kd.kd_forward)
+    # triton_op would trace the launcher itself on fake tensors, which fails under the
+    # interpreter (it then runs the kernel on them); the shapes are known without it.
+    op.register_fake(_kd_forward_fake)
     op.register_autograd(_kd_backward, setup_context=_kd_setup_context)
     return None
 
@@ -146,11 +149,11 @@ TRITON_ERROR = _register_triton_op()
 # --------------------------------------------------------------------------------------------
 
 
-def _check_reference(student):
+def _check_reference(student, teacher):
     return None
 
 
-def _check_cpu(student):
+def _check_cpu(student, teacher):
     if student.device.type != "cpu":
         return f"it runs on CPU tensors, got a {student.device.type} tensor"
     if _ext.LOAD_ERROR is not None:
@@ -158,7 +161,7 @@ def _check_cpu(student):
     return None
 
 
-def _check_cuda(student):
+def _check_cuda(student, teacher):
     if student.device.type != "cuda":
         return f"it runs on CUDA tensors, got a {student.device.type} tensor"
     if _ext.LOAD_ERROR is not None:
@@ -168,9 +171,11 @@ def _check_cuda(student):
     return None
 
 
-def _check_triton(student):
+def _check_triton(student, teacher):
     if TRITON_ERROR is not None:
         return TRITON_ERROR
+    if torch.float64 in (student.dtype, teacher.dtype):
+        return "its kernel computes in float32; float64 input runs on the cuda, cpu or reference backend"
     if student.device.type == "cuda":
         return None
     if student.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
@@ -309,7 +314,7 @@ def kd_loss(
         the same loss (``retain_graph=True``) raises an error; compute the loss again instead.
     """
     _validate(student_logits, teacher_logits, temperature, labels, hard_weight, ignore_index, reduction, t2_scale)
-    name = backends.choose("kd_loss", _CHECKS, student_logits.device, backend, student_logits)
+    name = backends.choose("kd_loss", _CHECKS, student_logits.device, backend, student_logits, teacher_logits)
     kwargs = dict(labels=labels, hard_weight=hard_weight, ignore_index=ignore_index, reduction=reduction, t2_scale=t2_scale)
     if name == "reference":
         return kd_loss_reference(student_logits, teacher_logits, temperature, **kwargs)

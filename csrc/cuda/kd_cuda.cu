@@ -121,7 +121,7 @@ struct KdParams {
   acc_t soft_loss_coef;  // (1 - a) * (T^2 or 1)
   acc_t hard_weight;     // a
   acc_t soft_grad_coef;  // (1 - a) * (T or 1/T), before the reduction scale
-  const float* scale_ptr;  // device reduction scale (batchmean with labels), or null
+  const acc_t* scale_ptr;  // device reduction scale (batchmean with labels), or null
   acc_t host_scale;        // reduction scale when scale_ptr is null
   bool has_ce;             // labels given and a > 0
   bool same_t;             // T == 1: the CE softmax is the student softmax
@@ -233,7 +233,7 @@ template <typename scalar_s, typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kMaxThreads) kd_forward_kernel(const scalar_s* __restrict__ student,
                                                                  const scalar_t* __restrict__ teacher,
                                                                  const int64_t* __restrict__ labels,
-                                                                 float* __restrict__ row_loss,
+                                                                 acc_t* __restrict__ row_loss,
                                                                  scalar_s* __restrict__ grad,
                                                                  const KdParams<acc_t> p) {
   __shared__ RowState<acc_t> smem[kMaxWarps + 1];
@@ -249,7 +249,7 @@ __global__ void __launch_bounds__(kMaxThreads) kd_forward_kernel(const scalar_s*
     label = labels[row];
     if (label == p.ignore_index || label < 0 || label >= vocab) {
       const bool bad = label != p.ignore_index;
-      if (threadIdx.x == 0) row_loss[row] = bad ? quiet_nan<float>() : 0.f;
+      if (threadIdx.x == 0) row_loss[row] = bad ? quiet_nan<acc_t>() : acc_t(0);
       if (g_row != nullptr) {
         fill_row<VEC>(g_row, vocab, store_as<scalar_s>(bad ? quiet_nan<acc_t>() : acc_t(0)));
       }
@@ -308,7 +308,7 @@ __global__ void __launch_bounds__(kMaxThreads) kd_forward_kernel(const scalar_s*
     const acc_t kl = Consts<acc_t>::kLn2 * (tot.a / tot.sum_t + log2_(tot.sum_s) - log2_(tot.sum_t));
     acc_t loss = p.soft_loss_coef * kl;
     if (p.has_ce) loss += p.hard_weight * (Consts<acc_t>::kLn2 * log2_(sum_1) + (r_s - load_as<acc_t>(s_row + label)));
-    row_loss[row] = static_cast<float>(loss);
+    row_loss[row] = loss;
   }
   if (g_row == nullptr) return;
 
@@ -387,7 +387,7 @@ void launch(const at::Tensor& student, const at::Tensor& teacher, const int64_t*
   while (threads < kMaxThreads && threads * elems < vocab) threads *= 2;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned int>(n_rows));
-  float* loss = row_loss.mutable_data_ptr<float>();
+  acc_t* loss = row_loss.mutable_data_ptr<acc_t>();
   if (vec) {
     kd_forward_kernel<S, T, acc_t, kVec><<<grid, threads, 0, stream>>>(s, t, labels, loss, grad, p);
   } else {
@@ -433,14 +433,19 @@ std::tuple<at::Tensor, at::Tensor> kd_forward_cuda(const at::Tensor& student, co
 
   const c10::cuda::CUDAGuard guard(student.device());
   const auto opts = student.options();
-  at::Tensor row_loss = at::empty({n_rows}, opts.dtype(at::kFloat));
+  // Row losses and the batchmean scale in the accumulation type; the loss is returned in float32,
+  // or float64 for a float64 student.
+  const bool acc_double = student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble;
+  const at::ScalarType acc_dtype = acc_double ? at::kDouble : at::kFloat;
+  const at::ScalarType loss_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor row_loss = at::empty({n_rows}, opts.dtype(acc_dtype));
   at::Tensor grad = compute_grad ? at::empty_like(student) : at::empty({0}, opts);
 
   // batchmean divides by the number of non-ignored rows, known only on the device. With none of
   // them every row loss and gradient row is 0, so any finite scale will do: clamp to 1.
   const bool batchmean = reduction == "batchmean";
   at::Tensor scale_t;
-  if (batchmean && labels != nullptr) scale_t = labels->ne(ignore_index).sum().clamp_min(1).to(at::kFloat).reciprocal();
+  if (batchmean && labels != nullptr) scale_t = labels->ne(ignore_index).sum().clamp_min(1).to(acc_dtype).reciprocal();
   const double host_scale = batchmean && labels == nullptr ? 1.0 / static_cast<double>(n_rows) : 1.0;
 
   if (n_rows > 0) {
@@ -457,7 +462,7 @@ std::tuple<at::Tensor, at::Tensor> kd_forward_cuda(const at::Tensor& student, co
         p.soft_loss_coef = static_cast<acc_t>((1.0 - hard_weight) * (t2_scale ? temperature * temperature : 1.0));
         p.hard_weight = static_cast<acc_t>(hard_weight);
         p.soft_grad_coef = static_cast<acc_t>((1.0 - hard_weight) * (t2_scale ? temperature : 1.0 / temperature));
-        p.scale_ptr = scale_t.defined() ? scale_t.const_data_ptr<float>() : nullptr;
+        p.scale_ptr = scale_t.defined() ? scale_t.const_data_ptr<acc_t>() : nullptr;
         p.host_scale = static_cast<acc_t>(host_scale);
         p.has_ce = labels != nullptr && hard_weight > 0;
         p.same_t = temperature == 1.0;
@@ -477,7 +482,7 @@ std::tuple<at::Tensor, at::Tensor> kd_forward_cuda(const at::Tensor& student, co
   } else {
     loss = row_loss.sum() / static_cast<double>(n_rows);
   }
-  return {loss, grad};
+  return {loss.to(loss_dtype), grad};
 }
 
 }  // namespace

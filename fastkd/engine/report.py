@@ -55,36 +55,49 @@ def table(models: Dict[str, dict]) -> str:
 
 
 def plot(metrics_path: str, summary: dict, out_path: str) -> None:
-    """Learning curves (validation accuracy and training loss per epoch, one line per model
-    and phase) and the final test comparison (accuracy, agreement, predictive KL) as a PNG."""
+    """Learning curves (validation accuracy and training loss per epoch, one line per model and
+    phase) above the final test comparison, one panel per metric with its own scale (predictive
+    KL and ECE are a hundred times smaller than accuracy and vanish on a shared axis), as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = [l for l in read_metrics(metrics_path) if l.get("split") == "val"]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
-    curves: Dict[tuple, list] = {}
-    for l in lines:
-        curves.setdefault((l["phase"], l["model"]), []).append(l)
-    for (phase, model), pts in curves.items():
-        label = model if phase in (model, "students", "teachers", "mutual") else f"{model} ({phase})"
-        axes[0].plot([p["epoch"] for p in pts], [p["accuracy"] for p in pts], label=label, lw=1.2)
-        axes[1].plot([p["epoch"] for p in pts], [p["train_loss"] for p in pts], label=label, lw=1.2)
-    axes[0].set(title="validation accuracy", xlabel="epoch", ylabel="accuracy")
-    axes[1].set(title="training loss", xlabel="epoch", ylabel="loss", yscale="log")
-    axes[0].legend(fontsize=7, ncol=2)
     models = summary["models"]
     names = [n for n in ("teacher", "student_baseline", "student_kd") if n in models] or list(models)
-    keys = [k for k in ("accuracy", "agreement", "predictive_kl", "nll", "ece") if any(k in models[n] for n in names)]
-    width = 0.8 / max(1, len(names))
-    for i, n in enumerate(names):
-        xs = [j + i * width for j in range(len(keys))]
-        axes[2].bar(xs, [models[n].get(k, 0.0) for k in keys], width, label=n)
-    axes[2].set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(keys))], keys, fontsize=8)
-    axes[2].set(title="test split (final)")
-    axes[2].legend(fontsize=8)
-    fig.suptitle(f"fastkd distill: {summary['method']} on {summary['data']['name']}")
+    keys = [k for k in COLUMNS if any(k in models[n] for n in names)]
+    fig = plt.figure(figsize=(16, 8.2))
+    grid = fig.add_gridspec(2, 2 * len(keys), height_ratios=(1.25, 1))
+    half = len(keys)
+    acc_ax, loss_ax = fig.add_subplot(grid[0, :half]), fig.add_subplot(grid[0, half:])
+
+    curves: Dict[tuple, list] = {}
+    for line in read_metrics(metrics_path):
+        if line.get("split") == "val":
+            curves.setdefault((line["phase"], line["model"]), []).append(line)
+    for (phase, model), pts in curves.items():
+        label = model if phase in (model, "students", "teachers", "mutual") else f"{model} ({phase})"
+        acc_ax.plot([p["epoch"] for p in pts], [p["accuracy"] for p in pts], label=label, lw=1.2)
+        loss_ax.plot([p["epoch"] for p in pts], [p["train_loss"] for p in pts], label=label, lw=1.2)
+    acc_ax.set(title="validation accuracy", xlabel="epoch", ylabel="accuracy")
+    loss_ax.set(title="training loss", xlabel="epoch", ylabel="loss", yscale="log")
+    acc_ax.legend(fontsize=7, ncol=2)
+
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    better = {"accuracy": "higher", "agreement": "higher", "nll": "lower", "ece": "lower", "predictive_kl": "lower"}
+    for j, key in enumerate(keys):
+        ax = fig.add_subplot(grid[1, 2 * j : 2 * j + 2])
+        shown = [n for n in names if key in models[n]]
+        values = [models[n][key] for n in shown]
+        bars = ax.bar(range(len(shown)), values, color=[colors[names.index(n) % len(colors)] for n in shown])
+        ax.bar_label(bars, [f"{v:.4f}" for v in values], fontsize=7)
+        low, high = min(values), max(values)
+        pad = (high - low) * 0.6 or abs(high) * 0.05 or 1e-3
+        # Accuracy-like metrics differ in the third digit: zoom the axis onto the values.
+        ax.set_ylim(max(0.0, low - pad) if key in ("accuracy", "agreement") else 0.0, high + pad)
+        ax.set_xticks(range(len(shown)), [n.replace("student_", "") for n in shown], fontsize=8)
+        ax.set_title(f"{key} ({better.get(key, '')} is better)", fontsize=9)
+    fig.suptitle(f"fastkd distill: {summary['method']} on {summary['data']['name']} (bottom row: test split)")
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
     plt.close(fig)

@@ -431,7 +431,11 @@ def render(data: Dict, command: str, elapsed_s: Optional[float]) -> str:
       + " ".join(f"`{k}`: {OP_TRAFFIC_NOTES.get(k, '')}" for k in op_notes if k in OP_TRAFFIC_NOTES)
       + " The same bound is applied to every provider; the composites move far more bytes, which "
       "is the point. Copy bandwidth counts bytes read + written (as the bound does); write-allocate "
-      "traffic is not counted on either side.")
+      "traffic is not counted on either side. The copy itself does pay it (each destination line is "
+      "read before it is written, so a copy moves 3 bytes per 2 counted), while fastkd's CPU kernel "
+      "writes its gradient with non-temporal stores that skip that read: it can therefore pass 100 % "
+      "of this bound, which is a convention for comparing providers, not a physical limit. A "
+      "backward with nothing to move (fastkd's, when grad_output is 1) shows a % far above 100.")
     w("- **Peak extra memory** (fwd+bwd, inputs already allocated, no old `.grad`; the new gradient "
       "counts), in units of one N×V tensor of the student dtype, two independent ways: "
       "*allocator*: `torch.profiler.profile(profile_memory=True)` and the running sum of the raw "

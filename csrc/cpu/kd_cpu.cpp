@@ -121,7 +121,8 @@ at::Tensor new_grad_buffer(const at::Tensor& student) {
   at::Tensor& slot = cache.slot;
   const bool idle = slot.defined() && slot.use_count() == 1 && slot.storage().use_count() == 1;
   if (!(idle && slot.sizes() == student.sizes() && slot.dtype() == student.dtype())) {
-    if (slot.defined() && !idle) return fresh();  // still in use: leave it be
+    // Keep the newest buffer: one still in use (e.g. a .grad that gradients accumulate into)
+    // is left to its users, and this one, once autograd has added it there, is free next step.
     slot = fresh();
   }
   // A distinct tensor on the slot's storage: autograd can then move it into .grad as its own.

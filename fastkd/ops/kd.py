@@ -107,8 +107,8 @@ def _kd_setup_context(ctx, inputs, output):
 def _kd_backward(ctx, grad_loss, _grad_of_grad_output):
     # The forward already computed d loss / d student (reduction scale included); the chain
     # rule only multiplies by grad_output. In place, so that backward allocates no second
-    # [N, V] tensor; a second backward through the same graph is refused by autograd's
-    # saved-tensor version check rather than silently scaling twice.
+    # [N, V] tensor; after such a scale, a second backward through the same graph is refused by
+    # autograd's saved-tensor version check rather than silently scaling twice.
     if grad_loss is None:  # nothing flowed back into the loss
         return (None,) * 10
     (grad,) = ctx.saved_tensors

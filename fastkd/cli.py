@@ -97,8 +97,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exc:
         print(f"fastkd: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except KeyboardInterrupt:
-        print("fastkd: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        out = getattr(exc, "out", None)
+        hint = f"; continue from its last checkpoint with: fastkd distill --resume {out}" if out else ""
+        print(f"fastkd: interrupted{hint}", file=sys.stderr)
         return 130
     return 0
 

@@ -136,3 +136,29 @@ def test_resume_of_a_finished_run_reuses_its_config(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert summary(out)["models"] == first
     assert json.loads((out / "config.json").read_text())["config"]["train"]["epochs"] == 1
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from engine_helpers import env
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "fastkd", "distill", "--out", str(out), *tiny(**{"train.checkpoint_every": "5"})]
+    # A child of a non-interactive shell may inherit SIGINT ignored: restore the default.
+    proc = subprocess.Popen(args, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (out / "checkpoint.pt").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"fastkd: interrupted; continue from its last checkpoint with: fastkd distill --resume {out}" in err
+    assert "Traceback" not in err
+    resumed = fastkd("distill", "--resume", out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "student_kd" in summary(out)["models"]

@@ -135,9 +135,21 @@ def run_job(cfg: dict, resume: bool = False, quiet: bool = False) -> dict:
         splits, out, device = prepare(cfg, resume)
         cfg = {**cfg, "out": out}
         dist.barrier()  # every rank has checked the directory before rank 0 creates it
-        return _run(cfg, splits, out, device, resume, quiet, t_start)
+        try:
+            return _run(cfg, splits, out, device, resume, quiet, t_start)
+        except KeyboardInterrupt as exc:
+            raise Interrupted(out) from exc
     finally:
         dist.shutdown()
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; ``out`` is the run directory, whose last checkpoint ``--resume``
+    continues from."""
+
+    def __init__(self, out: str):
+        super().__init__(out)
+        self.out = out
 
 
 def _run(cfg, splits, out, device, resume, quiet, t_start) -> dict:

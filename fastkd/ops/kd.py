@@ -25,7 +25,6 @@ from torch.utils import _python_dispatch
 from fastkd import _ext, backends
 
 REDUCTIONS = ("none", "sum", "batchmean")
-DIVERGENCES = ("kl",)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 

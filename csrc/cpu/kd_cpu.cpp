@@ -83,8 +83,10 @@ void advise_huge_pages(void* ptr, size_t bytes) {
   if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
 }
 
-// Beyond this many bytes the gradient will not be in cache when the backward reads it.
-constexpr size_t kStreamThreshold = size_t(8) << 20;
+// A gradient of at least this many bytes is "large": it will have left the caches by the time
+// the backward reads it (so it is written with non-temporal stores), and a fresh one costs
+// noticeable page faults (so its buffer is kept for reuse).
+constexpr size_t kLargeGradBytes = size_t(8) << 20;
 
 // The gradient buffer of a large call is kept after its last user lets go, and handed out again
 // to the next call of the same shape and dtype. The CPU allocator returns large blocks to the
@@ -115,7 +117,7 @@ at::Tensor new_grad_buffer(const at::Tensor& student) {
     advise_huge_pages(t.data_ptr(), bytes);
     return t;
   };
-  if (!enabled || bytes < kStreamThreshold) return fresh();
+  if (!enabled || bytes < kLargeGradBytes) return fresh();
   GradCache& cache = grad_cache();
   std::lock_guard<std::mutex> lock(cache.mutex);
   at::Tensor& slot = cache.slot;
@@ -193,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor> kd_forward_cpu(const at::Tensor& student, con
   a.soft_grad_coef = float((1 - alpha) * (t2_scale ? temperature : 1.0 / temperature) * scale);
   a.hard_weight = float(alpha);
   a.hard_grad_coef = float(alpha * scale);
-  a.stream_grad = grad_bytes >= kStreamThreshold;
+  a.stream_grad = grad_bytes >= kLargeGradBytes;
 
   void (*rows)(const KdArgs&, int64_t, int64_t, void*) = scalar::kd_rows;
   size_t compute_size = sizeof(float);

@@ -64,3 +64,48 @@ def choose(op: str, checks: Mapping[str, Check], device: torch.device, backend: 
             return cand
         reasons.append(f"{cand}: {reason}")
     raise RuntimeError(f"fastkd.{op}: no backend can run this call: " + "; ".join(reasons))
+
+
+def fused_checks(op: str, triton_error: Optional[str]) -> dict:
+    """The four backends' checks for a fused op whose C++ kernels are ``fastkd::<op>`` and whose
+    Triton kernel is ``fastkd::<op>_triton`` (``triton_error``: why that one is unavailable).
+    Each check takes the call's tensors, the student first."""
+    from fastkd import _ext  # the extension registers ops on import; backends must not need it
+
+    # Asked once, here: the registrations are fixed once the extension is imported, and the
+    # dispatcher query is not something torch.compile can trace.
+    has_cpu, has_cuda = _ext.has_kernel(op, "CPU"), _ext.has_kernel(op, "CUDA")
+
+    def reference(*tensors):
+        return None
+
+    def cpu(student, *tensors):
+        if student.device.type != "cpu":
+            return f"it runs on CPU tensors, got a {student.device.type} tensor"
+        if _ext.LOAD_ERROR is not None:
+            return _ext.LOAD_ERROR
+        if not has_cpu:
+            return f"the extension has no CPU kernel for fastkd::{op}"
+        return None
+
+    def cuda(student, *tensors):
+        if student.device.type != "cuda":
+            return f"it runs on CUDA tensors, got a {student.device.type} tensor"
+        if _ext.LOAD_ERROR is not None:
+            return _ext.LOAD_ERROR
+        if not has_cuda:
+            return "the extension was built without CUDA (nvcc missing, or FASTKD_NO_CUDA=1)"
+        return None
+
+    def triton(student, *tensors):
+        if triton_error is not None:
+            return triton_error
+        if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in (student,) + tensors):
+            return "its kernel computes in float32; float64 input runs on the cuda, cpu or reference backend"
+        if student.device.type == "cuda":
+            return None
+        if student.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return f"it runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1), got a {student.device.type} tensor"
+
+    return {"reference": reference, "cpu": cpu, "cuda": cuda, "triton": triton}

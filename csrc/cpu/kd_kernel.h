@@ -1,7 +1,7 @@
 // Fused temperature KD on the CPU: one row's loss and gradient, generic over the vector type.
 //
-// Included by kd_cpu_{avx512,avx2,scalar}.cpp inside namespace fastkd::<isa>, after the
-// matching vec_*.h; the same algorithm is thereby compiled once per instruction set.
+// Included (through kernels.h) by isa_{avx512,avx2,scalar}.cpp inside namespace fastkd::<isa>,
+// after the matching vec_*.h; the same algorithm is thereby compiled once per instruction set.
 //
 // Math, per row, with s = student, t = teacher logits, T the temperature:
 //   p = softmax(t/T), q = softmax(s/T), ms = max s, mt = max t
@@ -55,8 +55,8 @@ static void kd_rows(const KdArgs& a, int64_t row_begin, int64_t row_end, void* s
   const int64_t n_tail = n - n_full;
   const C neg_inf = -std::numeric_limits<C>::infinity();
   const C inv_t = C(a.inv_temperature);
-  const bool hard = a.hard_weight > 0.f;
-  const bool ce_needs_own_sum = hard && a.inv_temperature != 1.f;
+  const bool hard = a.hard_weight > 0;
+  const bool ce_needs_own_sum = hard && a.inv_temperature != 1;
   C* const exp_s = static_cast<C*>(scratch);
   C* const exp_t = exp_s + n_full + L;
 
@@ -91,8 +91,9 @@ static void kd_rows(const KdArgs& a, int64_t row_begin, int64_t row_end, void* s
     const V vms = V::set1(ms), vmt = V::set1(mt), vit = V::set1(inv_t);
 
     // Sweep 2: exponentials (kept for sweep 3), softmax denominators, the KL numerator. The
-    // vector accumulators are emptied into double totals every kBlock entries, so that the
-    // rounding error of a long row's sums does not grow with its length.
+    // vector accumulators are emptied into double totals every kBlock entries (64 per lane,
+    // whatever the lane count), so that the rounding error of a long row's sums does not grow
+    // with its length, nor with a narrower instruction set's longer runs per lane.
     V sum_s = V::set1(0), sum_t = V::set1(0), num = V::set1(0), sum_ce = V::set1(0);
     double tot_s = 0, tot_t = 0, tot_num = 0, tot_ce = 0;
     auto sweep2 = [&](V xs, V xt, int64_t i) {
@@ -111,7 +112,7 @@ static void kd_rows(const KdArgs& a, int64_t row_begin, int64_t row_end, void* s
       sum_s = sum_t = num = V::set1(0);
       if (ce_needs_own_sum) tot_ce += double(sum_ce.sum()), sum_ce = V::set1(0);
     };
-    constexpr int64_t kBlock = 1024;
+    constexpr int64_t kBlock = 64 * L;
     // While this row is computed from cache, the next row is fetched from memory, so that
     // sweep 1 of the next row finds it in L2 and memory and arithmetic overlap.
     const bool prefetch = row + 1 < row_end;
@@ -133,14 +134,16 @@ static void kd_rows(const KdArgs& a, int64_t row_begin, int64_t row_end, void* s
     const C ss = C(tot_s), st = C(tot_t);
     const C sce = ce_needs_own_sum ? C(tot_ce) : ss;
 
-    C loss = 0;
-    if (a.soft_loss_coef != 0.f) {
-      C kl = C(tot_num) / st + std::log(ss) - std::log(st);
-      kl = kl < C(0) ? C(0) : kl;  // KL >= 0; rounding can leave -1e-8 when p == q (NaN kept)
-      loss += C(a.soft_loss_coef) * kl;
+    // The row's loss is combined in double: KL is a small difference of terms of size log V, and
+    // in float that subtraction alone costs more than every rounding before it.
+    double loss = 0;
+    if (a.soft_loss_coef != 0) {
+      double kl = tot_num / tot_t + std::log(tot_s) - std::log(tot_t);
+      kl = kl < 0 ? 0 : kl;  // KL >= 0; rounding can leave -1e-16 when p == q (NaN kept)
+      loss += a.soft_loss_coef * kl;
     }
-    if (hard) loss += C(a.hard_weight) * (ms + std::log(sce) - to_compute<C>(s[label]));
-    a.row_loss[row] = double(loss);
+    if (hard) loss += a.hard_weight * (double(ms) + std::log(ce_needs_own_sum ? tot_ce : tot_s) - double(to_compute<C>(s[label])));
+    a.row_loss[row] = loss;
     if (!g) continue;
 
     // Sweep 3: the gradient. With T == 1 the CE softmax is q itself, so its weight joins q's.
@@ -168,4 +171,13 @@ static void kd_rows(const KdArgs& a, int64_t row_begin, int64_t row_end, void* s
       g[label] = from_compute<TS>(gl);
     }
   }
+}
+
+// The entry point: every storage-type pair, float64 input computing in double.
+void kd_rows(const KdArgs& a, int64_t begin, int64_t end, void* scratch) {
+  with_storage(a.student_dtype, a.teacher_dtype, [&](auto s, auto t) {
+    using TS = typename decltype(s)::type;
+    using TT = typename decltype(t)::type;
+    kd_rows<VecFor<TS, TT>, TS, TT>(a, begin, end, scratch);
+  });
 }

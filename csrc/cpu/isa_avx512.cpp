@@ -1,5 +1,6 @@
-// The fused KD row kernel (kd_kernel.h) compiled for avx512. Only kd_cpu.cpp calls into here,
-// after checking at run time that the CPU has the instructions.
+// Every CPU row kernel (cpu/kernels.h) compiled for avx512. Only the families' torch wrappers
+// call into here, through pick_isa() (cpu_common.h), after checking at run time that the CPU
+// has the instructions.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -18,11 +19,10 @@
 namespace fastkd {
 namespace avx512 {
 #include "cpu/storage.h"
+#include "cpu/vec_scalar.h"
 #include "cpu/vec_avx512.h"
-#include "cpu/kd_kernel.h"
-#include "cpu/kd_dispatch_dtypes.h"
-
-void kd_rows(const KdArgs& a, int64_t begin, int64_t end, void* scratch) { dispatch_dtypes<VecAvx512, false>(a, begin, end, scratch); }
-
+// The vector type of float computation; float64 input computes with VecScalar<double>.
+using VecF = VecAvx512;
+#include "cpu/kernels.h"
 }  // namespace avx512
 }  // namespace fastkd

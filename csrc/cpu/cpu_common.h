@@ -1,0 +1,93 @@
+// What every CPU op family shares around its row kernel: the instruction-set choice, the
+// gradient buffer (kept for reuse between calls), the row-parallel loop with per-thread scratch,
+// valid-row counting and the reduction of per-row losses.
+//
+// A family's torch wrapper (csrc/cpu/<family>_cpu.cpp) checks its arguments, fills its plain
+// argument struct, and calls these; its row kernel (csrc/cpu/<family>_kernel.h) is compiled once
+// per instruction set by isa_{avx512,avx2,scalar}.cpp and picked with pick_isa().
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string_view>
+#include <tuple>
+
+#include "kd_args.h"
+
+namespace fastkd {
+namespace cpu {
+
+enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+
+// The widest instruction set this CPU has, or the narrower one FASTKD_CPU_ISA asks for.
+Isa selected_isa();
+
+template <class Fn>
+Fn pick_isa(Fn avx512, Fn avx2, Fn scalar) {
+  switch (selected_isa()) {
+    case Isa::Avx512: return avx512;
+    case Isa::Avx2: return avx2;
+    default: return scalar;
+  }
+}
+
+// The storage type of a float tensor; any other dtype is an error naming op and argument.
+DType to_dtype(const at::Tensor& x, const char* op, const char* name);
+
+// A gradient of at least this many bytes is "large": it will have left the caches by the time
+// the backward reads it (so it is written with non-temporal stores), and a fresh one costs
+// noticeable page faults (so its buffer is kept for reuse).
+constexpr size_t kLargeGradBytes = size_t(8) << 20;
+
+// A tensor shaped and typed like `like` for the gradient, reusing the last large buffer when
+// nobody holds it any more (fastkd.empty_cache() frees it).
+at::Tensor new_grad_buffer(const at::Tensor& like);
+
+// Checks labels ([n_rows] contiguous int64 CPU, or absent) and counts the rows whose label is
+// not ignore_index (all rows without labels). *label_ptr is set to the data or null.
+int64_t count_valid_rows(const std::optional<at::Tensor>& labels, int64_t n_rows, int64_t ignore_index, const char* op,
+                         const int64_t** label_ptr);
+
+void check_reduction(std::string_view reduction, const char* op);
+
+// The factor the gradient carries for a reduction: 1 / valid rows for "batchmean" (0 when there
+// are none: every row is then ignored and zero anyway), else 1.
+double reduction_scale(std::string_view reduction, int64_t n_valid);
+
+// The op's loss output from per-row losses (double [n_rows]): [n_rows] for "none", else their
+// sum in row order (deterministic whatever the thread count), divided by n_valid for
+// "batchmean"; float64 when the student is float64, else float32.
+at::Tensor reduce_rows(const at::Tensor& row_loss, std::string_view reduction, int64_t n_valid, at::ScalarType student_dtype);
+
+// Runs rows(begin, end, scratch) over [0, n_rows) on the intra-op thread pool; each task gets
+// its own scratch of scratch_bytes. A task takes at least enough rows for ~16k entries.
+template <class Rows>
+void parallel_rows(int64_t n_rows, int64_t row_len, size_t scratch_bytes, const Rows& rows) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(row_len, 1));
+  at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<char[]> scratch(scratch_bytes ? new char[scratch_bytes] : nullptr);
+    rows(begin, end, static_cast<void*>(scratch.get()));
+  });
+}
+
+}  // namespace cpu
+}  // namespace fastkd
+
+// Declares an entry point compiled once per instruction set (isa_*.cpp), e.g.
+//   FASTKD_PER_ISA(void kd_rows(const KdArgs&, int64_t, int64_t, void*))
+#define FASTKD_PER_ISA(decl) \
+  namespace fastkd {         \
+  namespace avx512 {         \
+  decl;                      \
+  }                          \
+  namespace avx2 {           \
+  decl;                      \
+  }                          \
+  namespace scalar {         \
+  decl;                      \
+  }                          \
+  }

@@ -1,0 +1,7 @@
+// The row kernels of every CPU op family, included by each isa_*.cpp inside its namespace
+// fastkd::<isa>, after storage.h, the vector types and `VecF`. A new family adds its kernel
+// header here and declares its entry points with FASTKD_PER_ISA (cpu_common.h).
+#pragma once
+
+#include "cpu/dispatch.h"
+#include "cpu/kd_kernel.h"

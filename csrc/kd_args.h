@@ -22,11 +22,14 @@ struct KdArgs {
   int64_t n_rows = 0;
   int64_t vocab = 0;
   int64_t ignore_index = -100;
-  float inv_temperature = 1.f;  // 1 / T
-  float soft_loss_coef = 1.f;   // (1 - hard_weight) * (T^2 or 1)
-  float soft_grad_coef = 1.f;   // (1 - hard_weight) * (T or 1/T) * reduction scale
-  float hard_weight = 0.f;      // CE weight in the loss
-  float hard_grad_coef = 0.f;   // hard_weight * reduction scale
+  // Coefficients in double: the compute type takes its precision from them (float64 input
+  // computes in double and must not be rounded to float here), and T^2 alone leaves float's
+  // range from T ~ 1.8e19.
+  double inv_temperature = 1;  // 1 / T
+  double soft_loss_coef = 1;   // (1 - hard_weight) * (T^2 or 1)
+  double soft_grad_coef = 1;   // (1 - hard_weight) * (T or 1/T) * reduction scale
+  double hard_weight = 0;      // CE weight in the loss
+  double hard_grad_coef = 0;   // hard_weight * reduction scale
   bool stream_grad = false;     // write grad with non-temporal stores (it outgrows the caches)
 };
 

@@ -6,13 +6,16 @@ from typing import Optional
 
 import torch
 
+from fastkd.backends import requested_backend
 from fastkd.functional import kd_loss
+from fastkd.ops import kd as _kd
 
 
 class KDLoss(torch.nn.Module):
     """Module form of :func:`fastkd.kd_loss`; the constructor takes its keyword options.
 
-    ``forward(student_logits, teacher_logits, labels=None)`` returns the loss.
+    ``forward(student_logits, teacher_logits, labels=None)`` returns the loss. Bad options
+    (a negative temperature, say) fail here, at construction, not at the first forward.
 
     Example::
 
@@ -31,6 +34,9 @@ class KDLoss(torch.nn.Module):
         backend: Optional[str] = None,
     ):
         super().__init__()
+        temperature, hard_weight, ignore_index = _kd.validate_options(temperature, hard_weight, ignore_index, reduction, t2_scale)
+        if backend is not None:
+            requested_backend(backend)  # an unknown name fails now, not at the first forward
         self.temperature = temperature
         self.hard_weight = hard_weight
         self.ignore_index = ignore_index

@@ -56,7 +56,8 @@ def _kd_forward_kernel(
     V,
     ignore_index,
     x_scale,  # log2(e) / T
-    soft_loss_coef,  # (1 - a) * (T^2 or 1)
+    soft_loss_coef,  # (1 - a) * (T or 1); the loss's T^2 is this times soft_loss_t
+    soft_loss_t,  # T or 1: two float32 factors, since T^2 alone overflows float32 from T ~ 1.8e19
     hard_weight,  # a
     soft_grad_coef,  # (1 - a) * (T or 1/T), before the reduction scale
     HAS_LABELS: tl.constexpr,
@@ -126,7 +127,7 @@ def _kd_forward_kernel(
 
     r_s = tl.where(m_s == NEG_INF, 0.0, m_s)
     r_t = tl.where(m_t == NEG_INF, 0.0, m_t)
-    loss = soft_loss_coef * (LN2 * (acc_a / sum_t + tl.log2(sum_s) - tl.log2(sum_t)))
+    loss = soft_loss_coef * (soft_loss_t * (LN2 * (acc_a / sum_t + tl.log2(sum_s) - tl.log2(sum_t))))
     if HAS_CE:
         if SAME_T:
             sum_1 = sum_s
@@ -229,7 +230,8 @@ def kd_forward(
         v,
         ignore_index,
         _LOG2E / temperature,
-        (1.0 - hard_weight) * (temperature * temperature if t2_scale else 1.0),
+        (1.0 - hard_weight) * (temperature if t2_scale else 1.0),
+        temperature if t2_scale else 1.0,
         hard_weight,
         (1.0 - hard_weight) * (temperature if t2_scale else 1.0 / temperature),
         HAS_LABELS=has_labels,

@@ -118,7 +118,8 @@ struct KdParams {
   int64_t vocab;
   int64_t ignore_index;
   acc_t x_scale;         // log2(e) / T
-  acc_t soft_loss_coef;  // (1 - a) * (T^2 or 1)
+  acc_t soft_loss_coef;  // (1 - a) * (T or 1); the loss's T^2 is this times soft_loss_t
+  acc_t soft_loss_t;     // T or 1: two factors, since T^2 alone overflows float from T ~ 1.8e19
   acc_t hard_weight;     // a
   acc_t soft_grad_coef;  // (1 - a) * (T or 1/T), before the reduction scale
   const acc_t* scale_ptr;  // device reduction scale (batchmean with labels), or null
@@ -306,7 +307,7 @@ __global__ void __launch_bounds__(kMaxThreads) kd_forward_kernel(const scalar_s*
 
   if (threadIdx.x == 0) {
     const acc_t kl = Consts<acc_t>::kLn2 * (tot.a / tot.sum_t + log2_(tot.sum_s) - log2_(tot.sum_t));
-    acc_t loss = p.soft_loss_coef * kl;
+    acc_t loss = p.soft_loss_coef * (p.soft_loss_t * kl);
     if (p.has_ce) loss += p.hard_weight * (Consts<acc_t>::kLn2 * log2_(sum_1) + (r_s - load_as<acc_t>(s_row + label)));
     row_loss[row] = loss;
   }
@@ -459,7 +460,8 @@ std::tuple<at::Tensor, at::Tensor> kd_forward_cuda(const at::Tensor& student, co
         p.vocab = vocab;
         p.ignore_index = ignore_index;
         p.x_scale = static_cast<acc_t>(log2e / temperature);
-        p.soft_loss_coef = static_cast<acc_t>((1.0 - hard_weight) * (t2_scale ? temperature * temperature : 1.0));
+        p.soft_loss_coef = static_cast<acc_t>((1.0 - hard_weight) * (t2_scale ? temperature : 1.0));
+        p.soft_loss_t = static_cast<acc_t>(t2_scale ? temperature : 1.0);
         p.hard_weight = static_cast<acc_t>(hard_weight);
         p.soft_grad_coef = static_cast<acc_t>((1.0 - hard_weight) * (t2_scale ? temperature : 1.0 / temperature));
         p.scale_ptr = scale_t.defined() ? scale_t.const_data_ptr<acc_t>() : nullptr;

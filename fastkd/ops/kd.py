@@ -13,19 +13,14 @@ Everything about the op lives here or is named here:
 
 from __future__ import annotations
 
-import math
-import os
-from numbers import Real
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils import _python_dispatch
 
-from fastkd import _ext, backends
-
-REDUCTIONS = ("none", "sum", "batchmean")
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+from fastkd import backends
+from fastkd.ops import _fused
+from fastkd.ops import _validate as _validate_args
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,21 +44,27 @@ def kd_loss_reference(
     compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     s = student_logits.reshape(-1, vocab).to(compute)
     t = teacher_logits.detach().reshape(-1, vocab).to(compute)
+    if labels is None:
+        valid = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+    else:
+        labels = labels.reshape(-1)
+        valid = labels != ignore_index
+        # An ignored row must influence nothing: not even a NaN in it may reach the gradient
+        # (softmax's backward would spread it over the row even where the loss is masked).
+        s = torch.where(valid.unsqueeze(-1), s, torch.zeros_like(s))
+        t = torch.where(valid.unsqueeze(-1), t, torch.zeros_like(t))
     log_q = F.log_softmax(s / temperature, dim=-1)
     log_p = F.log_softmax(t / temperature, dim=-1)
     p = log_p.exp()
     # Where the teacher gives an entry no mass (a -inf logit) the term is 0, not 0 * inf; a NaN
     # probability fails the comparison and stays NaN.
     kl = torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q)).sum(-1)
-    rows = (1.0 - hard_weight) * (temperature**2 if t2_scale else 1.0) * kl
-    if labels is None:
-        valid = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
-    else:
-        labels = labels.reshape(-1)
-        valid = labels != ignore_index
-        if hard_weight > 0:
-            ce = F.cross_entropy(s, labels, ignore_index=ignore_index, reduction="none")
-            rows = rows + hard_weight * ce
+    # T * T one factor at a time, as the composite `kl_div(...) * T * T` does: T² alone
+    # overflows float32 from T ≈ 1.8e19, and inf * 0 would turn an exact 0 into NaN.
+    rows = kl * temperature * temperature if t2_scale else kl
+    rows = (1.0 - hard_weight) * rows
+    if labels is not None and hard_weight > 0:
+        rows = rows + hard_weight * F.cross_entropy(s, labels, ignore_index=ignore_index, reduction="none")
     rows = torch.where(valid, rows, torch.zeros_like(rows))
     if reduction == "none":
         return rows.reshape(student_logits.shape[:-1])
@@ -73,184 +74,42 @@ def kd_loss_reference(
 
 
 # --------------------------------------------------------------------------------------------
-# Registered ops: fake kernels, the Triton op, autograd.
+# Registered ops: fake kernels and autograd (shared by every fused loss, fastkd/ops/_fused.py),
+# the Triton twin, the backends' checks.
 # --------------------------------------------------------------------------------------------
 
 
-def _kd_forward_fake(student, teacher, labels, divergence, temperature, hard_weight, ignore_index, reduction, t2_scale, compute_grad):
-    loss_shape = (student.shape[0],) if reduction == "none" else ()
-    loss = student.new_empty(loss_shape, dtype=torch.float64 if student.dtype == torch.float64 else torch.float32)
-    grad = torch.empty_like(student) if compute_grad else student.new_empty((0,))
-    return loss, grad
-
-
-def _plain_eager(*tensors) -> bool:
-    """True outside any tracing (dynamo, AOT autograd, fake or functional tensors): only then may
-    the backward read values or mutate the saved gradient."""
-    return (
-        not torch.compiler.is_compiling()
-        and _python_dispatch._get_current_dispatch_mode() is None
-        and all(type(t) is torch.Tensor for t in tensors)
+def _reference_from_op_args(student, teacher, labels, divergence, temperature, hard_weight, ignore_index, reduction, t2_scale, compute_grad):
+    return kd_loss_reference(
+        student, teacher, temperature, labels=labels, hard_weight=hard_weight,
+        ignore_index=ignore_index, reduction=reduction, t2_scale=t2_scale,
     )
 
 
-def _kd_setup_context(ctx, inputs, output):
-    ctx.per_row = inputs[7] == "none"
-    ctx.save_for_backward(output[1])
-    # The second output (the gradient itself) is never differentiated; without this, autograd
-    # would hand the backward an [N, V] tensor of zeros for it on every call.
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
+OP = _fused.FusedLoss("kd_forward", _reference_from_op_args, reduction_arg=7)
+_triton_kd, _triton_error = _fused.import_triton("fastkd.kernels.kd")
+TRITON_ERROR = OP.register(_triton_kd and _triton_kd.kd_forward, _triton_error)
+_CHECKS = backends.fused_checks("kd_forward", TRITON_ERROR)
 
 
-def _kd_backward(ctx, grad_loss, _grad_of_grad_output):
-    # The forward already computed d loss / d student (reduction scale included); the chain
-    # rule only multiplies by grad_output. In place, so that backward allocates no second
-    # [N, V] tensor; after such a scale, a second backward through the same graph is refused by
-    # autograd's saved-tensor version check rather than silently scaling twice.
-    if grad_loss is None:  # nothing flowed back into the loss
-        return (None,) * 10
-    (grad,) = ctx.saved_tensors
-    scale = grad_loss.unsqueeze(-1) if ctx.per_row else grad_loss
-    if not _plain_eager(grad, grad_loss):
-        grad_student = grad * scale
-    elif not ctx.per_row and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:
-        # The common `loss.backward()`: nothing to scale. Reading a CPU scalar is no device
-        # synchronisation, and it saves a read and write of the whole [N, V] gradient.
-        grad_student = grad
-    else:
-        grad_student = grad.mul_(scale)
-    return grad_student, None, None, None, None, None, None, None, None, None
-
-
-def _register_triton_op():
-    """Register ``fastkd::kd_forward_triton``; returns the reason when Triton is unavailable."""
-    try:
-        from fastkd.kernels import kd as triton_kd
-    except Exception as exc:  # ImportError, or Triton failing to initialise
-        return f"Triton is not available ({type(exc).__name__}: {exc})"
-    op = torch.library.triton_op("fastkd::kd_forward_triton", mutates_args=())(triton_kd.kd_forward)
-    # triton_op would trace the launcher itself on fake tensors, which fails under the
-    # interpreter (it then runs the kernel on them); the shapes are known without it.
-    op.register_fake(_kd_forward_fake)
-    op.register_autograd(_kd_backward, setup_context=_kd_setup_context)
-    return None
-
-
-if _ext.LOAD_ERROR is None:
-    torch.library.register_fake("fastkd::kd_forward")(_kd_forward_fake)
-    torch.library.register_autograd("fastkd::kd_forward", _kd_backward, setup_context=_kd_setup_context)
-TRITON_ERROR = _register_triton_op()
-
-
-# --------------------------------------------------------------------------------------------
-# Backends: can each run this call, and if not, why.
-# --------------------------------------------------------------------------------------------
-
-
-def _check_reference(student, teacher):
-    return None
-
-
-def _check_cpu(student, teacher):
-    if student.device.type != "cpu":
-        return f"it runs on CPU tensors, got a {student.device.type} tensor"
-    if _ext.LOAD_ERROR is not None:
-        return _ext.LOAD_ERROR
-    return None
-
-
-def _check_cuda(student, teacher):
-    if student.device.type != "cuda":
-        return f"it runs on CUDA tensors, got a {student.device.type} tensor"
-    if _ext.LOAD_ERROR is not None:
-        return _ext.LOAD_ERROR
-    if not _ext.has_kernel("kd_forward", "CUDA"):
-        return "the extension was built without CUDA (nvcc missing, or FASTKD_NO_CUDA=1)"
-    return None
-
-
-def _check_triton(student, teacher):
-    if TRITON_ERROR is not None:
-        return TRITON_ERROR
-    if torch.float64 in (student.dtype, teacher.dtype):
-        return "its kernel computes in float32; float64 input runs on the cuda, cpu or reference backend"
-    if student.device.type == "cuda":
-        return None
-    if student.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return None
-    return f"it runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1), got a {student.device.type} tensor"
-
-
-_CHECKS = {"reference": _check_reference, "cpu": _check_cpu, "cuda": _check_cuda, "triton": _check_triton}
-
-
-# --------------------------------------------------------------------------------------------
-# Argument validation: every error names the argument and what was wrong.
-# --------------------------------------------------------------------------------------------
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, Real) and not isinstance(x, bool)
+def validate_options(temperature, hard_weight, ignore_index, reduction, t2_scale):
+    """The non-tensor arguments, normalised (``nn.KDLoss`` checks them at construction)."""
+    temperature = _validate_args.temperature(temperature)
+    hard_weight = _validate_args.real("hard_weight", hard_weight, lo=0.0, hi=1.0)
+    ignore_index = _validate_args.integer("ignore_index", ignore_index)
+    _validate_args.reduction(reduction)
+    _validate_args.boolean("t2_scale", t2_scale)
+    return temperature, hard_weight, ignore_index
 
 
 def _validate(student, teacher, temperature, labels, hard_weight, ignore_index, reduction, t2_scale):
-    for name, x in (("student_logits", student), ("teacher_logits", teacher)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a floating-point tensor (float32, bfloat16, float16 or float64), got {x.dtype}")
-        if x.dim() < 1:
-            raise ValueError(f"{name} must have at least one dimension (the vocabulary), got a scalar")
-    if teacher.shape != student.shape:
-        if teacher.dim() >= 1 and teacher.shape[-1] != student.shape[-1]:
-            raise ValueError(
-                f"teacher_logits has vocabulary size {teacher.shape[-1]} but student_logits has "
-                f"{student.shape[-1]} (shapes {tuple(teacher.shape)} and {tuple(student.shape)})"
-            )
-        raise ValueError(f"teacher_logits shape {tuple(teacher.shape)} must equal student_logits shape {tuple(student.shape)}")
-    if teacher.device != student.device:
-        raise ValueError(f"teacher_logits is on {teacher.device} but student_logits is on {student.device}")
-    if student.shape[-1] == 0:
-        raise ValueError("student_logits has an empty vocabulary (last dimension is 0)")
-    if student.numel() == 0:
-        raise ValueError(f"empty batch: student_logits of shape {tuple(student.shape)} has no rows")
-    if not _is_number(temperature):
-        raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    if not _is_number(hard_weight):
-        raise TypeError(f"hard_weight must be a real number, got {type(hard_weight).__name__}")
-    if not 0.0 <= hard_weight <= 1.0:
-        raise ValueError(f"hard_weight must be in [0, 1], got {hard_weight}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
-    if not isinstance(t2_scale, bool):
-        raise TypeError(f"t2_scale must be a bool, got {type(t2_scale).__name__}")
-    if labels is None:
-        if hard_weight > 0:
-            raise ValueError(f"hard_weight={hard_weight} > 0 needs labels (the hard term is cross-entropy with labels)")
-        return
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
-    if labels.dtype != torch.int64:
-        raise TypeError(f"labels must be an int64 tensor, got {labels.dtype}")
-    rows = student.shape[:-1]
-    if labels.shape != rows and labels.shape != (student.numel() // student.shape[-1],):
-        raise ValueError(f"labels shape {tuple(labels.shape)} must equal student_logits' leading shape {tuple(rows)}")
-    if labels.device != student.device:
-        raise ValueError(f"labels is on {labels.device} but student_logits is on {student.device}")
-    # A range check needs the labels' values: free on the CPU, a host sync on a GPU (the
-    # kernels turn an out-of-range label into a NaN loss instead of a plausible number).
-    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= student.shape[-1]))
-        if bool(bad.any()):
-            value = int(labels[bad][0])
-            raise ValueError(
-                f"labels holds {value}, outside [0, {student.shape[-1]}) and not ignore_index={ignore_index}"
-            )
+    """The arguments as the op takes them; every error names the argument and what was wrong."""
+    _validate_args.logits_pair(student, teacher)
+    temperature, hard_weight, ignore_index = validate_options(temperature, hard_weight, ignore_index, reduction, t2_scale)
+    if labels is None and hard_weight > 0:
+        raise ValueError(f"hard_weight={hard_weight} > 0 needs labels (the hard term is cross-entropy with labels)")
+    _validate_args.labels(labels, student, ignore_index)
+    return temperature, hard_weight, ignore_index
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,6 +131,9 @@ def kd_loss(
 ) -> torch.Tensor:
     r"""Hinton's temperature knowledge-distillation loss, loss and gradient in one fused pass.
 
+    The teacher is a constant: no gradient flows into ``teacher_logits``, even when it requires
+    grad (fastkd says so once on its logger). Only ``student_logits`` is differentiated.
+
     With :math:`p = \mathrm{softmax}(t/T)` (teacher) and :math:`q = \mathrm{softmax}(s/T)`
     (student), each row's loss is
 
@@ -285,16 +147,23 @@ def kd_loss(
     per row; the fused backends compute it during the forward, and the backward only scales it
     by ``grad_output``.
 
+    Rows and ``batchmean``: leading dimensions flatten into N rows, and ``"batchmean"`` divides
+    by the number of *valid rows* (all N without labels). For ``[B, T, V]`` logits that is B·T,
+    not B: ``F.kl_div(..., reduction="batchmean")`` on the 3-D tensors divides by B only. The
+    composite is equivalent on ``logits.view(-1, V)``; for the per-sequence convention use
+    ``kd_loss(..., reduction="sum") / B``.
+
     Args:
         student_logits: ``[..., V]`` float32, bfloat16, float16 or float64. Leading dimensions
             flatten into N rows (e.g. ``[B, T, V]`` for a language model).
-        teacher_logits: same shape as ``student_logits``, any floating dtype. Treated as a
-            constant: no gradient flows into it.
-        temperature: T > 0, applied to both distributions.
+        teacher_logits: same shape as ``student_logits``, any floating dtype. A constant.
+        temperature: T, a real number in ``[1e-30, 1e30]`` (outside it, T² or 1/T would leave
+            float32's range; the scale factors are formed in double precision inside it).
         labels: optional int64 ``[...]`` (the leading shape) or ``[N]``. Rows whose label equals
-            ``ignore_index`` count in neither the soft nor the hard term.
+            ``ignore_index`` count in neither the soft nor the hard term and influence nothing
+            (a NaN in such a row leaves loss and gradient untouched).
         hard_weight: :math:`\alpha \in [0, 1]`, weight of the cross-entropy term; needs labels.
-        ignore_index: label value that marks a row to skip.
+        ignore_index: any integral number (``int``, NumPy integer); marks a row to skip.
         reduction: ``"batchmean"`` (sum over valid rows / number of valid rows; 0 when every row
             is ignored), ``"sum"``, or ``"none"`` (per-row losses, shaped like the leading dims).
         t2_scale: multiply the soft term by :math:`T^2`.
@@ -303,16 +172,24 @@ def kd_loss(
             A backend asked for explicitly that cannot run this call raises ``RuntimeError``.
 
     Returns:
-        float32 loss (float64 for float64 input): a scalar, or the per-row losses for ``reduction="none"``. The gradient
-        w.r.t. ``student_logits`` comes back in its dtype. ``-inf`` logits (masked vocabulary)
-        are allowed and get zero gradient where teacher and student are both ``-inf``; a NaN in
-        a row gives a NaN loss. An out-of-range label raises on CPU and gives a NaN row on GPU.
+        float32 loss (float64 for float64 input): a scalar, or the per-row losses for
+        ``reduction="none"``. The gradient w.r.t. ``student_logits`` comes back in its dtype.
+        ``-inf`` logits (masked vocabulary) are allowed and get zero gradient where teacher and
+        student are both ``-inf``; a NaN in a valid row gives a NaN loss. An out-of-range label
+        raises on CPU and gives a NaN row on GPU.
 
-    Note:
-        The fused backward scales the saved gradient in place, so backpropagating twice through
-        the same loss (``retain_graph=True``) raises an error; compute the loss again instead.
+    Backward, exactly:
+        * ``loss.backward()`` scales the gradient computed in the forward; nothing is recomputed.
+        * Backpropagating again through a retained graph (``retain_graph=True``) is correct: the
+          first backward hands its buffer to autograd, so later ones run the kernel again.
+        * ``create_graph=True`` (gradient penalties, meta-learning) differentiates a composite
+          formula of the same loss, so second derivatives are exact on every backend
+          (``torch.autograd.gradgradcheck`` passes); that backward costs what the composite costs.
     """
-    _validate(student_logits, teacher_logits, temperature, labels, hard_weight, ignore_index, reduction, t2_scale)
+    temperature, hard_weight, ignore_index = _validate(
+        student_logits, teacher_logits, temperature, labels, hard_weight, ignore_index, reduction, t2_scale
+    )
+    _fused.note_constant_teacher("kd_loss", (teacher_logits,))
     name = backends.choose("kd_loss", _CHECKS, student_logits.device, backend, student_logits, teacher_logits)
     kwargs = dict(labels=labels, hard_weight=hard_weight, ignore_index=ignore_index, reduction=reduction, t2_scale=t2_scale)
     if name == "reference":
@@ -324,7 +201,5 @@ def kd_loss(
     flat_labels = None if labels is None else labels.reshape(-1).contiguous()
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     op = torch.ops.fastkd.kd_forward_triton if name == "triton" else torch.ops.fastkd.kd_forward
-    loss, _ = op(
-        student, teacher, flat_labels, "kl", float(temperature), float(hard_weight), ignore_index, reduction, t2_scale, compute_grad
-    )
+    loss, _ = op(student, teacher, flat_labels, "kl", temperature, hard_weight, ignore_index, reduction, t2_scale, compute_grad)
     return loss.reshape(student_logits.shape[:-1]) if reduction == "none" else loss

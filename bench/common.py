@@ -1,14 +1,17 @@
 """What the benchmarks measure, and with what: ops, cases, providers, probes.
 
-Everything here is plain Python with no pytest in it, so that ``bench/test_bench_kd.py`` (the
+Everything here is plain Python with no pytest in it, so that ``bench/test_bench_<op>.py`` (the
 timed runs), ``bench/conftest.py`` (selection) and ``bench/report.py`` (BENCHMARKS.md) share one
 description of the suite.
 
 Extending the suite
 -------------------
-* A new op family (reverse KL, JSD, ...): add an :class:`Op` to ``OPS`` (its composite, i.e. what
-  users write today in PyTorch, its fused fastkd call, and how many ``[N, V]`` tensors a fused
-  pass must move), then add :class:`Case` rows naming it to ``FULL_CASES`` / ``QUICK_CASES``.
+* A new op: a file ``bench/test_bench_<op>.py`` that :func:`register`-s an :class:`Op` (its
+  composite, i.e. what users write today in PyTorch, its fused fastkd call, its inputs, and how
+  many ``[N, V]`` tensors a fused pass must move) with its full and quick :class:`Case` lists, and
+  holds one test, ``def test_<op>(benchmark, bench_item, budget): run_case(benchmark, bench_item,
+  budget)``, with ``BENCH_OPS = ("<op>",)`` at module level (conftest.py parametrizes it with the
+  cases of those ops). Mark one case per op ``headline=True, targets=STANDARD_TARGETS``.
 * A new provider (a fastkd backend, another library): append a :class:`Provider` to
   ``PROVIDERS``. ``check`` returns ``None`` when it can run a case, else the reason it cannot;
   such a provider is reported as unavailable, never crashed on. The fastkd ``triton`` and
@@ -39,63 +42,71 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ----------------------------------------------------------------------------------------------
-# Ops: one per loss family. `traffic` gives the [N, V] tensors a fused implementation must move
-# per pass (reads + writes), in units of N*V*itemsize.
+# Ops: one per public fused loss, each registered by its own ``bench/test_bench_<op>.py``.
 # ----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Op:
+    """One op's benchmark: what users write today, the fastkd call, the inputs, the traffic.
+
+    ``inputs(case)`` returns the call's tensors, the student logits first (it becomes the leaf
+    that requires grad); ``composite(*inputs, **params)`` and ``fused(*inputs, backend=...,
+    **params)`` return the loss. ``traffic(case)`` gives, per pass, the bytes a fused
+    implementation must move (reads + writes) in units of one N×V tensor of the student dtype.
+    """
+
     name: str
     title: str
-    composite: Callable[..., torch.Tensor]  # (s, t, **params) -> loss: what users write today
-    fused: Callable[..., torch.Tensor]  # (s, t, backend, **params) -> loss, via fastkd
-    traffic: Dict[str, int]  # pass -> number of N*V tensors read + written by a fused pass
+    composite: Callable[..., torch.Tensor]
+    fused: Callable[..., torch.Tensor]
+    traffic: Callable[["Case"], Dict[str, float]]
     traffic_note: str
+    composite_text: str  # the composite, as the report shows it
+    inputs: Callable[["Case"], Tuple[torch.Tensor, ...]] = None  # default: logits_pair
+
+    def make_inputs(self, case: "Case") -> Tuple[torch.Tensor, ...]:
+        return (self.inputs or logits_pair)(case)
 
 
-def kd_composite(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton KD as users write it: KL(softmax(t/T) || softmax(s/T)) * T^2, batchmean."""
-    return (
-        F.kl_div(
-            F.log_softmax(s / temperature, dim=-1),
-            F.log_softmax(t / temperature, dim=-1),
-            log_target=True,
-            reduction="batchmean",
-        )
-        * temperature
-        * temperature
-    )
+OPS: Dict[str, Op] = {}
+FULL_CASES: List["Case"] = []
+QUICK_CASES: List["Case"] = []
 
 
-def kd_fused(s: torch.Tensor, t: torch.Tensor, backend: str, temperature: float) -> torch.Tensor:
-    import fastkd
+def register(op: Op, full: List["Case"], quick: List["Case"]) -> Op:
+    """Adds an op and its cases (full run: sized so the whole suite stays within ~15 minutes on 2
+    cores; quick: tiny shapes, seconds) to the suite."""
+    OPS[op.name] = op
+    FULL_CASES.extend(full)
+    QUICK_CASES.extend(quick)
+    return op
 
-    return fastkd.kd_loss(s, t, temperature, backend=backend)
 
-
-OPS: Dict[str, Op] = {
-    "kd": Op(
-        name="kd",
-        title="kd_loss (forward KL, Hinton)",
-        composite=kd_composite,
-        fused=kd_fused,
-        traffic={"fwd": 2, "bwd": 2, "fwdbwd": 3},
-        traffic_note=(
-            "fwd (loss only, no_grad): read student + teacher = 2 N*V; "
-            "fwd+bwd: read student + teacher, write the gradient = 3 N*V; "
-            "bwd alone: read the gradient saved by the fused forward and write it scaled by "
-            "grad_output = 2 N*V (fastkd's backward scales in place; this is the bound for that "
-            "design, not for every design: a backward that skipped the scale when grad_output "
-            "is 1 would move nothing)"
-        ),
-    ),
-}
+def logits_pair(case: "Case") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Student and teacher logits ~ N(0, 2²) in the case's dtype."""
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(case.n, case.v, generator=g) * 2.0).to(case.torch_dtype)
+    t = (torch.randn(case.n, case.v, generator=g) * 2.0).to(case.torch_dtype)
+    return s, t
 
 
 # ----------------------------------------------------------------------------------------------
 # Cases
 # ----------------------------------------------------------------------------------------------
+
+# The targets every op's headline case is held to, forward+backward, cpu backend:
+# (provider, metric, comparison, threshold, label).
+STANDARD_TARGETS: Tuple[Tuple[str, str, str, float, str], ...] = (
+    ("fastkd-cpu", "speedup_compile", ">=", 3.0, "≥ 3× faster than torch.compile"),
+    ("fastkd-cpu", "speedup_eager", ">=", 10.0, "≥ 10× faster than eager"),
+    ("fastkd-cpu", "pct_bound", ">=", 50.0, "≥ 50 % of the memory-traffic bound"),
+    ("fastkd-cpu", "peak_units", "<=", 1.1, "≤ 1.1 × one N×V tensor of extra memory"),
+)
+
+
+def _fmt_param(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 @dataclass(frozen=True)
@@ -104,19 +115,21 @@ class Case:
     n: int
     v: int
     dtype: str  # key of DTYPES
-    params: Tuple[Tuple[str, float], ...] = (("temperature", 2.0),)
+    params: Tuple[Tuple[str, object], ...] = (("temperature", 2.0),)
     headline: bool = False
     device: str = "cpu"
+    # Targets this case is held to (see STANDARD_TARGETS); empty: none.
+    targets: Tuple[Tuple[str, str, str, float, str], ...] = ()
 
     @property
     def name(self) -> str:
-        extra = "-".join(f"{k[0].upper()}{v:g}" for k, v in self.params)
+        extra = "-".join(f"{k[0].upper()}{_fmt_param(v)}" if isinstance(v, (int, float)) else _fmt_param(v) for k, v in self.params)
         return f"{self.op}-{self.dtype}-{self.n}x{self.v}-{extra}-{self.device}"
 
     @property
     def title(self) -> str:
-        extra = ", ".join(f"{k}={v:g}" for k, v in self.params)
-        return f"{OPS[self.op].name} · {self.dtype} · N={self.n} · V={self.v} · {extra} · {self.device}"
+        extra = ", ".join(f"{k}={_fmt_param(v)}" for k, v in self.params)
+        return f"{self.op} · {self.dtype} · N={self.n} · V={self.v} · {extra} · {self.device}"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -131,27 +144,14 @@ class Case:
         """Bytes of one N x V tensor of the student dtype: the unit of memory and traffic."""
         return self.n * self.v * self.itemsize
 
-    def kwargs(self) -> Dict[str, float]:
+    def kwargs(self) -> Dict[str, object]:
         return dict(self.params)
 
     def with_device(self, device: str) -> "Case":
-        return Case(self.op, self.n, self.v, self.dtype, self.params, self.headline, device)
+        return Case(self.op, self.n, self.v, self.dtype, self.params, self.headline, device, self.targets)
 
-
-# The issue's headline first; the others change the row/vocabulary balance and the dtype.
-# Sized so that the whole full run stays under ~10 minutes on a 2-core machine.
-FULL_CASES: List[Case] = [
-    Case("kd", 2048, 32000, "fp32", headline=True),
-    Case("kd", 4096, 8192, "fp32"),
-    Case("kd", 512, 131072, "fp32"),
-    Case("kd", 2048, 32000, "bf16"),
-]
-
-# Tiny shapes for a smoke test: seconds, not minutes (odd V on purpose).
-QUICK_CASES: List[Case] = [
-    Case("kd", 64, 1000, "fp32", headline=True),
-    Case("kd", 32, 517, "bf16"),
-]
+    def with_size(self, n: int, v: int) -> "Case":
+        return Case(self.op, n, v, self.dtype, self.params, False, self.device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,14 +164,14 @@ class Provider:
     name: str
     title: str
     devices: Tuple[str, ...]
-    build: Callable[[Op, Case], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+    build: Callable[[Op, Case], Callable[..., torch.Tensor]]
     check: Callable[[Op, Case], Optional[str]] = lambda op, case: None
     is_baseline: bool = False
 
 
 def _build_eager(op: Op, case: Case):
     kw = case.kwargs()
-    return lambda s, t: op.composite(s, t, **kw)
+    return lambda *xs: op.composite(*xs, **kw)
 
 
 _COMPILED: Dict[Tuple[str, str], Callable] = {}
@@ -190,8 +190,8 @@ def _build_compile(op: Op, case: Case):
         torch._dynamo.reset()
         kw = case.kwargs()
 
-        def composite(s, t):
-            return op.composite(s, t, **kw)
+        def composite(*xs):
+            return op.composite(*xs, **kw)
 
         _COMPILED[key] = torch.compile(composite, dynamic=False)
     return _COMPILED[key]
@@ -207,19 +207,21 @@ def _check_compile(op: Op, case: Case) -> Optional[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _fastkd_probe(backend: str, dtype: str, device: str) -> Optional[str]:
-    """None when ``fastkd.kd_loss(..., backend=backend)`` runs forward and backward on a tiny
-    input of this dtype and device, else the reason (the exception's first line)."""
+def _fastkd_probe(op_name: str, backend: str, case: Case) -> Optional[str]:
+    """None when the op runs forward and backward on a small input of this case's kind with this
+    backend, else the reason (the exception's first line)."""
     try:
-        import fastkd
+        import fastkd  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - any failure is a reason to report
         return f"import fastkd failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    op = OPS[op_name]
     try:
-        s = torch.randn(3, 7, dtype=DTYPES[dtype], device=device, requires_grad=True)
-        t = torch.randn(3, 7, dtype=DTYPES[dtype], device=device)
-        fastkd.kd_loss(s, t, 2.0, backend=backend).backward()
-        if s.grad is None or not bool(torch.isfinite(s.grad).all()):
-            return "ran, but produced no finite gradient on a 3x7 input"
+        small = case.with_size(4, 257)
+        xs = [x.to(case.device) for x in op.make_inputs(small)]
+        xs[0].requires_grad_(True)
+        op.fused(*xs, backend=backend, **small.kwargs()).backward()
+        if xs[0].grad is None or not bool(torch.isfinite(xs[0].grad).all()):
+            return "ran, but produced no finite gradient on a small input"
     except Exception as exc:  # noqa: BLE001
         msg = str(exc).strip().splitlines()
         return f"{type(exc).__name__}: {msg[0] if msg else ''}"
@@ -229,12 +231,12 @@ def _fastkd_probe(backend: str, dtype: str, device: str) -> Optional[str]:
 def _fastkd_provider(backend: str, devices: Tuple[str, ...]) -> Provider:
     def build(op: Op, case: Case):
         kw = case.kwargs()
-        return lambda s, t: op.fused(s, t, backend, **kw)
+        return lambda *xs: op.fused(*xs, backend=backend, **kw)
 
     def check(op: Op, case: Case) -> Optional[str]:
         if case.device not in devices:
             return f"fastkd backend {backend!r} runs on {'/'.join(devices)} tensors"
-        return _fastkd_probe(backend, case.dtype, case.device)
+        return _fastkd_probe(op.name, backend, case)
 
     return Provider(f"fastkd-{backend}", f"fastkd `backend=\"{backend}\"`", devices, build, check)
 
@@ -259,35 +261,31 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-# ----------------------------------------------------------------------------------------------
-# Inputs and a reference for a sanity check (benchmarks flag a wrong answer; tests/ assert it)
-# ----------------------------------------------------------------------------------------------
-
-_INPUTS: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+_INPUTS: Dict[str, Tuple[torch.Tensor, ...]] = {}
 _REFERENCE: Dict[str, Tuple[float, torch.Tensor]] = {}
 
 
-def inputs(case: Case) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Student (a leaf that requires grad) and teacher logits, std 2, kept for the case's tests."""
+def inputs(case: Case) -> Tuple[torch.Tensor, ...]:
+    """The case's tensors on its device, the student a leaf that requires grad; kept for the
+    case's tests (one case's inputs at a time)."""
     if case.name not in _INPUTS:
         _INPUTS.clear()
         _REFERENCE.clear()
         gc.collect()
-        g = torch.Generator().manual_seed(0)
-        s = (torch.randn(case.n, case.v, generator=g) * 2.0).to(case.torch_dtype).to(case.device)
-        t = (torch.randn(case.n, case.v, generator=g) * 2.0).to(case.torch_dtype).to(case.device)
-        _INPUTS[case.name] = (s.requires_grad_(True), t)
+        xs = [x.to(case.device) for x in OPS[case.op].make_inputs(case)]
+        xs[0].requires_grad_(True)
+        _INPUTS[case.name] = tuple(xs)
     return _INPUTS[case.name]
 
 
 def reference(case: Case) -> Tuple[float, torch.Tensor]:
     """Loss and student gradient of the composite in float32 on the same inputs."""
     if case.name not in _REFERENCE:
-        s, t = inputs(case)
-        s32 = s.detach().float().requires_grad_(True)
-        loss = OPS[case.op].composite(s32, t.detach().float(), **case.kwargs())
+        xs = [x.detach().float() if x.is_floating_point() else x for x in inputs(case)]
+        xs[0].requires_grad_(True)
+        loss = OPS[case.op].composite(*xs, **case.kwargs())
         loss.backward()
-        _REFERENCE[case.name] = (float(loss.detach()), s32.grad)
+        _REFERENCE[case.name] = (float(loss.detach()), xs[0].grad)
     return _REFERENCE[case.name]
 
 

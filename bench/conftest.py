@@ -68,10 +68,11 @@ def selected_providers(config):
 
 def pytest_generate_tests(metafunc):
     config = metafunc.config
-    if "kd_item" in metafunc.fixturenames:
-        cases = selected_cases(config)
+    if "bench_item" in metafunc.fixturenames:
+        ops = getattr(metafunc.module, "BENCH_OPS", ())
+        cases = [c for c in selected_cases(config) if c.op in ops]
         providers = selected_providers(config)
-        common.NOTES.cases = [c.name for c in cases]
+        common.NOTES.cases += [c.name for c in cases if c.name not in common.NOTES.cases]
         common.NOTES.providers = [p.name for p in providers]
         # Case, then pass, then provider innermost: the providers being compared run back to
         # back, which is what matters for ratios on a noisy machine.
@@ -82,7 +83,7 @@ def pytest_generate_tests(metafunc):
             for prov in providers
             if case.device in prov.devices
         ]
-        metafunc.parametrize("kd_item", items, ids=[f"{c.name}-{p}-{v.name}" for c, p, v in items])
+        metafunc.parametrize("bench_item", items, ids=[f"{c.name}-{p}-{v.name}" for c, p, v in items])
     if "memsys_device" in metafunc.fixturenames:
         devices = selected_devices(config)
         metafunc.parametrize("memsys_device", devices, ids=devices)
@@ -93,7 +94,16 @@ def budget(request):
     return common.QUICK_BUDGET if request.config.getoption("bench_quick") else common.FULL_BUDGET
 
 
+def _run_order(item) -> int:
+    # The start probes first, the end probe last, the op benchmarks between them.
+    name = getattr(item, "originalname", item.name)
+    if name in ("test_memsys_copy_start", "test_memsys_write"):
+        return 0
+    return 2 if name == "test_memsys_copy_end" else 1
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_run_order)  # stable: each group keeps its collection order
     bs = getattr(config, "_benchmarksession", None)
     if bs is None or not bs.disabled or config.getoption("bench_quick"):
         return

@@ -4,9 +4,10 @@
     python -m bench.report --quick --out /tmp/x.md    # tiny shapes, seconds: a smoke test
     python -m bench.report --from-json run.json       # re-render a saved run, no measuring
 
-The measurements are the pytest-benchmark suite in ``bench/test_bench_kd.py`` (run in a
-subprocess with ``--benchmark-json``); this module only reads that JSON and does arithmetic on
-it. Nothing in BENCHMARKS.md is typed by hand.
+The measurements are the pytest-benchmark suite in ``bench/`` (one ``test_bench_<op>.py`` per
+op, run in a subprocess with ``--benchmark-json``); this module only reads that JSON and does
+arithmetic on it. Everything it says about an op (its composite, its traffic, its targets) comes
+from the run's own records. Nothing in BENCHMARKS.md is typed by hand.
 """
 
 from __future__ import annotations
@@ -25,14 +26,6 @@ from typing import Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The issue's targets for the fused CPU backend, on the headline case (forward+backward).
-TARGETS = [
-    # (provider, metric, comparison, threshold, label)
-    ("fastkd-cpu", "speedup_compile", ">=", 3.0, "≥ 3× faster than torch.compile"),
-    ("fastkd-cpu", "speedup_eager", ">=", 10.0, "≥ 10× faster than eager"),
-    ("fastkd-cpu", "pct_bound", ">=", 50.0, "≥ 50 % of the memory-traffic bound"),
-    ("fastkd-cpu", "peak_units", "<=", 1.1, "≤ 1.1 × one N×V tensor of extra memory"),
-]
 METRIC_FMT = {
     "speedup_compile": lambda x: f"{x:.2f}×",
     "speedup_eager": lambda x: f"{x:.2f}×",
@@ -181,23 +174,15 @@ def _case_order(data: Dict, analysed: Dict) -> List[str]:
     ]
 
 
-def headline_case(analysed: Dict) -> Optional[str]:
-    for name, c in analysed["cases"].items():
-        if c["info"].get("headline"):
-            return name
-    return None
-
-
 def evaluate_targets(analysed: Dict) -> List[Dict]:
-    name = headline_case(analysed)
+    """Every target a measured case declares (forward+backward), judged on medians."""
     rows = []
-    for prov, metric, cmp, threshold, label in TARGETS:
-        value, value_min, why = None, None, None
-        if name is None:
-            why = "the headline case was not measured"
-        else:
-            rec = analysed["cases"][name]["providers"].get(prov)
-            r = (rec or {}).get("fwdbwd")
+    for name, c in analysed["cases"].items():
+        targets = next((r["extra"].get("targets") for rec in c["providers"].values() for r in rec.values()
+                        if isinstance(r, dict) and "extra" in r), None) or []
+        for prov, metric, cmp, threshold, label in targets:
+            value, value_min, why = None, None, None
+            r = (c["providers"].get(prov) or {}).get("fwdbwd")
             if r is None:
                 why = analysed["unavailable"].get(name, {}).get(prov, f"{prov} was not measured")
             elif metric == "peak_units":
@@ -210,15 +195,15 @@ def evaluate_targets(analysed: Dict) -> List[Dict]:
                 value_min = r.get(metric + "_min")
                 if value is None:
                     why = f"{metric} could not be computed (a baseline or the bandwidth probe is missing)"
-        if value is None:
-            status = "not measured"
-        else:
-            met = value >= threshold if cmp == ">=" else value <= threshold
-            status = "**met**" if met else "**not met**"
-        rows.append({
-            "provider": prov, "label": label, "value": value, "value_min": value_min, "metric": metric,
-            "status": status, "why": why,
-        })
+            if value is None:
+                status = "not measured"
+            else:
+                met = value >= threshold if cmp == ">=" else value <= threshold
+                status = "**met**" if met else "**not met**"
+            rows.append({
+                "case": name, "title": c["info"]["title"], "provider": prov, "label": label, "value": value,
+                "value_min": value_min, "metric": metric, "status": status, "why": why,
+            })
     return rows
 
 
@@ -322,22 +307,20 @@ def render(data: Dict, command: str, elapsed_s: Optional[float]) -> str:
         w("")
 
     # Targets
-    head = headline_case(a)
-    w("## Targets (issue #2)")
+    w("## Targets")
     w("")
-    if head:
-        w(f"On the headline case, {a['cases'][head]['info']['title']}, forward+backward:")
+    w("Forward+backward, on each op's headline case (and any other case that declares a target).")
     w("")
-    w("| provider | target | measured (medians) | status | from best times instead |")
-    w("|---|---|---|---|---|")
+    w("| case | provider | target | measured (medians) | status | from best times instead |")
+    w("|---|---|---|---|---|---|")
     whys: List[str] = []
     for t in evaluate_targets(a):
         fmt = METRIC_FMT[t["metric"]]
         val = fmt(t["value"]) if t["value"] is not None else "n/a"
         if t["value"] is None and t["why"] and f"{t['provider']}: {t['why']}" not in whys:
-            whys.append(f"{t['provider']}: {t['why']}")
+            whys.append(f"{t['case']}, {t['provider']}: {t['why']}")
         alt = fmt(t["value_min"]) if t.get("value_min") is not None else "same" if t["metric"] == "peak_units" and t["value"] is not None else "n/a"
-        w(f"| {t['provider']} | {t['label']} | {val} | {t['status']} | {alt} |")
+        w(f"| {t['title']} | {t['provider']} | {t['label']} | {val} | {t['status']} | {alt} |")
     w("")
     for why in whys:
         w(f"Not measured: {why}")
@@ -415,20 +398,21 @@ def render(data: Dict, command: str, elapsed_s: Optional[float]) -> str:
     # Method
     w("## How this is measured")
     w("")
-    op_notes = {}
+    ops: Dict[str, Dict] = {}
     for c in a["cases"].values():
-        op_notes[c["info"]["op"]] = True
-    w("- **Providers.** `eager`: the composite users write today, "
-      "`F.kl_div(F.log_softmax(s/T, -1), F.log_softmax(t/T, -1), log_target=True, reduction=\"batchmean\") * T*T`. "
+        ops.setdefault(c["info"]["op"], c["info"])
+    w("- **Providers.** `eager`: the composite users write today, per op: "
+      + "; ".join(f"`{op}`: `{info.get('composite_text', '?')}`" for op, info in ops.items()) + ". "
       "`compile`: `torch.compile(composite, dynamic=False)`, compiled afresh per case (after "
-      "`torch._dynamo.reset()`), warm-up calls excluded. `fastkd-<backend>`: `fastkd.kd_loss(s, t, T, backend=...)`. "
-      "A provider that cannot run a case is listed as not measured, with its reason.")
+      "`torch._dynamo.reset()`), warm-up calls excluded. `fastkd-<backend>`: the fastkd op with "
+      "`backend=...`. A provider that cannot run a case is listed as not measured, with its reason.")
     w("- **Timing.** pytest-benchmark, pedantic mode, one call per round, one warm-up round after two "
       "untimed warm-up calls; rounds = clamp(budget / one call, min, max) so slow providers get fewer "
       "rounds. Student `.grad` is reset to None in the untimed setup of every round. Inputs: "
-      "student and teacher logits ~ N(0, 2²), contiguous, in the case's dtype.")
+      "logits ~ N(0, 2²), contiguous, in the case's dtype (each op's `bench/test_bench_<op>.py` "
+      "says what else it takes).")
     w("- **Traffic bound.** bytes a fused pass must move ÷ the best copy bandwidth of the run. "
-      + " ".join(f"`{k}`: {OP_TRAFFIC_NOTES.get(k, '')}" for k in op_notes if k in OP_TRAFFIC_NOTES)
+      + " ".join(f"`{op}`: {info.get('traffic_note', '?')}." for op, info in ops.items())
       + " The same bound is applied to every provider; the composites move far more bytes, which "
       "is the point. Copy bandwidth counts bytes read + written (as the bound does); write-allocate "
       "traffic is not counted on either side. The copy itself does pay it (each destination line is "
@@ -464,18 +448,6 @@ def render(data: Dict, command: str, elapsed_s: Optional[float]) -> str:
     return "\n".join(L)
 
 
-def _op_traffic_notes() -> Dict[str, str]:
-    try:
-        from bench.common import OPS
-
-        return {k: op.traffic_note + "." for k, op in OPS.items()}
-    except Exception:  # noqa: BLE001 - rendering a saved JSON must not need torch
-        return {}
-
-
-OP_TRAFFIC_NOTES: Dict[str, str] = {}
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes, few rounds (smoke test, seconds)")
@@ -486,7 +458,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--providers", default="", help="passed to --bench-providers")
     args = ap.parse_args(argv)
 
-    OP_TRAFFIC_NOTES.update(_op_traffic_notes())
     shown = "python -m bench.report" + (" --quick" if args.quick else "")
     elapsed = None
     rc = 0
@@ -518,7 +489,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"bench.report: wrote {out}")
     for t in evaluate_targets(analyse(data)):
         val = METRIC_FMT[t["metric"]](t["value"]) if t["value"] is not None else "n/a"
-        print(f"  {t['provider']}: {t['label']}: {val} -> {t['status'].strip('*')}")
+        print(f"  {t['title']}: {t['provider']}: {t['label']}: {val} -> {t['status'].strip('*')}")
     return rc
 
 

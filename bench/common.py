@@ -120,6 +120,8 @@ class Case:
     device: str = "cpu"
     # Targets this case is held to (see STANDARD_TARGETS); empty: none.
     targets: Tuple[Tuple[str, str, str, float, str], ...] = ()
+    # Providers that may run it (empty: all): a composite that would exhaust memory is left out.
+    only: Tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -148,7 +150,7 @@ class Case:
         return dict(self.params)
 
     def with_device(self, device: str) -> "Case":
-        return Case(self.op, self.n, self.v, self.dtype, self.params, self.headline, device, self.targets)
+        return Case(self.op, self.n, self.v, self.dtype, self.params, self.headline, device, self.targets, self.only)
 
     def with_size(self, n: int, v: int) -> "Case":
         return Case(self.op, n, v, self.dtype, self.params, False, self.device)
@@ -217,8 +219,7 @@ def _fastkd_probe(op_name: str, backend: str, case: Case) -> Optional[str]:
     op = OPS[op_name]
     try:
         small = case.with_size(4, 257)
-        xs = [x.to(case.device) for x in op.make_inputs(small)]
-        xs[0].requires_grad_(True)
+        xs = [x.detach().to(case.device).requires_grad_(x.requires_grad or i == 0) for i, x in enumerate(op.make_inputs(small))]
         op.fused(*xs, backend=backend, **small.kwargs()).backward()
         if xs[0].grad is None or not bool(torch.isfinite(xs[0].grad).all()):
             return "ran, but produced no finite gradient on a small input"
@@ -272,8 +273,8 @@ def inputs(case: Case) -> Tuple[torch.Tensor, ...]:
         _INPUTS.clear()
         _REFERENCE.clear()
         gc.collect()
-        xs = [x.to(case.device) for x in OPS[case.op].make_inputs(case)]
-        xs[0].requires_grad_(True)
+        made = OPS[case.op].make_inputs(case)
+        xs = [x.detach().to(case.device).requires_grad_(x.requires_grad or i == 0) for i, x in enumerate(made)]
         _INPUTS[case.name] = tuple(xs)
     return _INPUTS[case.name]
 

@@ -81,7 +81,7 @@ def pytest_generate_tests(metafunc):
             for case in cases
             for pass_ in common.PASSES
             for prov in providers
-            if case.device in prov.devices
+            if case.device in prov.devices and (not case.only or prov.name in case.only)
         ]
         metafunc.parametrize("bench_item", items, ids=[f"{c.name}-{p}-{v.name}" for c, p, v in items])
     if "memsys_device" in metafunc.fixturenames:

@@ -31,6 +31,8 @@ METRIC_FMT = {
     "speedup_eager": lambda x: f"{x:.2f}×",
     "pct_bound": lambda x: f"{x:.1f} %",
     "peak_units": lambda x: f"{x:.2f} × N·V",
+    "peak_ratio_eager": lambda x: f"{x:.1f}× less",
+    "time_ratio_eager": lambda x: f"{x:.2f}×",
 }
 
 
@@ -75,6 +77,13 @@ def _pct(x: Optional[float]) -> str:
 
 def _units(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{x:.2f}"
+
+
+def _peak(r: Optional[Dict]) -> Optional[float]:
+    """A pass's peak extra memory in N·V units: the larger of the two probes (fwd+bwd only)."""
+    extra = (r or {}).get("extra", {})
+    probes = [x for x in (extra.get("peak_alloc_units"), extra.get("peak_rss_units")) if x is not None]
+    return max(probes) if probes else None
 
 
 def analyse(data: Dict) -> Dict:
@@ -151,6 +160,10 @@ def analyse(data: Dict) -> Dict:
                     b = c["providers"].get(base, {}).get(pass_)
                     r[f"speedup_{base}"] = b["median"] / r["median"] if b else None
                     r[f"speedup_{base}_min"] = b["min"] / r["min"] if b else None
+                    r[f"time_ratio_{base}"] = r["median"] / b["median"] if b else None
+                    r[f"time_ratio_{base}_min"] = r["min"] / b["min"] if b else None
+                    mine, theirs = _peak(r), _peak(b) if b else None
+                    r[f"peak_ratio_{base}"] = theirs / mine if mine and theirs else None
     # Unavailable: case|provider|pass -> reason; fold passes that share a reason.
     unavailable: Dict[str, Dict[str, str]] = defaultdict(dict)
     for key, reason in notes.get("unavailable", {}).items():

@@ -61,10 +61,15 @@ def run_case(benchmark, item, budget):
 
     xs = common.inputs(case)
     s = xs[0]
+    leaves = [x for x in xs if x.requires_grad]
+
+    def clear_grads():
+        for x in leaves:
+            x.grad = None
     device = case.device
 
     def fwdbwd_once():
-        s.grad = None
+        clear_grads()
         fn(*xs).backward()
 
     try:
@@ -81,7 +86,7 @@ def run_case(benchmark, item, budget):
     except Exception as exc:  # noqa: BLE001 - report, do not crash the run
         msg = str(exc).strip().splitlines()
         skip_unavailable(case, provider, pass_, f"{type(exc).__name__}: {msg[0] if msg else ''}")
-    s.grad = None
+    clear_grads()
     gc.collect()
 
     if pass_ == "fwd":
@@ -95,7 +100,7 @@ def run_case(benchmark, item, budget):
     elif pass_ == "bwd":
 
         def setup():
-            s.grad = None
+            clear_grads()
             loss = fn(*xs)
             common.sync(device)
             return (loss,), {}
@@ -107,14 +112,14 @@ def run_case(benchmark, item, budget):
     else:
 
         def setup():
-            s.grad = None
+            clear_grads()
 
         def target():
             fn(*xs).backward()
             common.sync(device)
 
     rounds = budget.rounds(common.time_once(target, setup, device))
-    s.grad = None
+    clear_grads()
 
     traffic = op.traffic(case)
     benchmark.group = f"{case.name} {pass_}"
@@ -148,11 +153,11 @@ def run_case(benchmark, item, budget):
         # (the new gradient counts: it is one of the N x V tensors the pass creates).
         # fastkd's CPU kernels keep their last gradient buffer for the next call (a fresh one costs
         # page faults); it is dropped first so that the probe counts that buffer once.
-        s.grad = None
+        clear_grads()
         fastkd.empty_cache()
         gc.collect()
         alloc = common.peak_alloc_bytes(lambda: fn(*xs).backward(), device)
-        s.grad = None
+        clear_grads()
         fastkd.empty_cache()
         result = []
 
@@ -163,7 +168,7 @@ def run_case(benchmark, item, budget):
 
         rss = common.peak_rss_bytes(fwdbwd_keep_loss) if device == "cpu" else None
         if not result:
-            s.grad = None
+            clear_grads()
             fwdbwd_keep_loss()
         benchmark.extra_info.update(
             peak_alloc_bytes=alloc,
@@ -178,6 +183,6 @@ def run_case(benchmark, item, budget):
         check["tol"] = common.CHECK_TOL.get(case.dtype, 1e-3)
         check["ok"] = all(v <= check["tol"] for k, v in check.items() if k.endswith("_err"))
         benchmark.extra_info["check"] = check
-        s.grad = None
+        clear_grads()
 
 

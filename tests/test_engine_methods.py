@@ -15,7 +15,7 @@ EPOCHS = 8
 
 
 def _run(name, tmp_path, **overrides):
-    s = run_config(CONFIGS / f"{name}.toml", tmp_path / name, train__epochs=EPOCHS, **overrides)
+    s = run_config(CONFIGS / f"{name}.toml", tmp_path / name, **{"train__epochs": EPOCHS, **overrides})
     lines = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     return s["models"], s, lines
 
@@ -108,3 +108,31 @@ def test_quantization_aware_student(tmp_path):
     for name in ("student_kd", "student_baseline"):
         assert m[name]["quant_levels"] <= 2 ** 4 - 1  # symmetric 4-bit: at most 15 values per layer
     _fidelity_improves(m)
+
+
+def test_kd_through_the_fused_head_matches_the_logit_path(tmp_path):
+    """``fused_head = true`` reads the hidden states entering both heads and never holds the
+    logits; it computes the same loss, so the run matches the logit path to rounding."""
+    common = dict(train__epochs=3, teacher__count=1)
+    m_logits, _, _ = _run("hinton", tmp_path / "logits", **common)
+    m_fused, _, lines = _run("hinton", tmp_path / "fused", **common, **{
+        "loss.0.fused_head": True, "loss.0.student_head": "head", "loss.0.teacher_head": "head"})
+    for key in ("accuracy", "nll", "agreement", "predictive_kl"):
+        a, b = m_fused["student_kd"][key], m_logits["student_kd"][key]
+        assert abs(a - b) <= 1e-3 * max(abs(b), 1e-3), f"{key}: fused head {a} vs logits {b}"
+    assert any(l["model"] == "student_kd" for l in lines)
+
+
+def test_set_addresses_loss_entries_by_index():
+    from fastkd.engine.config import ConfigError, load_config
+
+    cfg = load_config(str(CONFIGS / "hinton.toml"), [("loss.0.temperature", 2.0), ("loss.0.fused_head", True),
+                                                     ("loss.0.student_head", "head"), ("loss.0.teacher_head", "head")])
+    assert cfg["loss"][0]["temperature"] == 2.0 and cfg["loss"][0]["fused_head"] is True
+    with pytest.raises(ConfigError, match=r"loss has 1 entries, '3' is not one of 0..0"):
+        load_config(str(CONFIGS / "hinton.toml"), [("loss.3.weight", 1.0)])
+    with pytest.raises(ConfigError, match="student_head .* is required with fused_head = true"):
+        load_config(str(CONFIGS / "hinton.toml"), [("loss.0.fused_head", True)])
+    # A config without [[loss]] tables: the method's default terms are what an index addresses.
+    cfg = load_config(None, [("loss.0.weight", 0.5)])
+    assert cfg["loss"][0]["weight"] == 0.5

@@ -263,11 +263,23 @@ def load_config(
             raise ConfigError(f"{path}: cannot read the config ({exc.strerror})") from None
     for key, value in overrides or []:
         parts = key.split(".")
+        if parts[0] == "loss" and "loss" not in user and len(parts) > 1:
+            # `--set loss.0.x=...` on a config without [[loss]] tables edits the method's default terms.
+            method = user.get("method", SCHEMA["method"].default)
+            user["loss"] = copy.deepcopy(DEFAULT_LOSS.get(method, []))
         node = user
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
+        for i, p in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                # An array of tables ([[loss]]) is addressed by index: loss.0.temperature.
+                if not p.isdigit() or int(p) >= len(node):
+                    raise ConfigError(f"cannot set {key}: {'.'.join(parts[:i])} has {len(node)} entries, {p!r} is not one of 0..{len(node) - 1}")
+                node = node[int(p)]
+            else:
+                node = node.setdefault(p, {})
+            if not isinstance(node, (dict, list)):
                 raise ConfigError(f"cannot set {key}: {p} is not a table")
+        if isinstance(node, list):
+            raise ConfigError(f"cannot set {key}: {'.'.join(parts[:-1])} is an array of tables; name an entry and a key, e.g. {parts[0]}.0.weight")
         node[parts[-1]] = value
     cfg = _defaults(SCHEMA)
     losses = user.pop("loss", None)

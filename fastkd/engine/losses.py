@@ -113,7 +113,13 @@ def _kd_accepts(name: str) -> bool:
 class KDTerm(LossTerm):
     """Hinton KD with fastkd's fused :func:`fastkd.kd_loss` against the teacher (ensemble)
     output; every option of ``kd_loss`` is a key. ``hard_weight > 0`` fuses the cross-entropy
-    with the labels into the same pass."""
+    with the labels into the same pass.
+
+    ``fused_head = true`` distils through the output layers instead, with
+    :func:`fastkd.fused_linear_kd_loss`: the hidden states entering the modules named by
+    ``student_head`` and ``teacher_head`` (an ``nn.Linear`` each) are captured by forward hooks,
+    and the loss never holds the batch's logits. It needs a single teacher (an ensemble's
+    mixture is defined on probabilities, not on one output layer)."""
 
     SCHEMA = {
         "weight": Field("float", 1.0, lo=0.0),
@@ -121,6 +127,10 @@ class KDTerm(LossTerm):
         "hard_weight": Field("float", 0.0, lo=0.0, hi=1.0),
         "t2_scale": Field("bool", True),
         "divergence": Field("str", "kl", doc="forward 'kl'; others once fastkd.kd_loss has them"),
+        "fused_head": Field("bool", False, doc="distil through the output layers without materialising logits"),
+        "student_head": Field("str", "", doc="module path of the student's output layer (fused_head)"),
+        "teacher_head": Field("str", "", doc="module path of the teacher's output layer (fused_head)"),
+        "teacher_index": Field("int", 0, lo=0, doc="the teacher whose head fused_head reads"),
     }
     needs_teacher = True
 
@@ -128,6 +138,16 @@ class KDTerm(LossTerm):
     def validate(cls, spec: dict, where: str) -> None:
         if spec["divergence"] != "kl" and not _kd_accepts("divergence"):
             raise ConfigError(f"{where}.divergence {spec['divergence']!r} is not available yet (only 'kl')")
+        if spec["fused_head"]:
+            for key in ("student_head", "teacher_head"):
+                if not spec[key]:
+                    raise ConfigError(f"{where}.{key} (the output layer's module path) is required with fused_head = true")
+
+    def student_paths(self) -> List[str]:
+        return [INPUT_OF + self.spec["student_head"]] if self.spec["fused_head"] else []
+
+    def teacher_paths(self) -> List[str]:
+        return [INPUT_OF + self.spec["teacher_head"]] if self.spec["fused_head"] else []
 
     def __call__(self, out: StepOutputs) -> torch.Tensor:
         t = self.spec["temperature"]
@@ -136,6 +156,14 @@ class KDTerm(LossTerm):
             kwargs["labels"] = out.labels
         if self.spec["divergence"] != "kl":
             kwargs["divergence"] = self.spec["divergence"]
+        if self.spec["fused_head"]:
+            if len(out.teacher.logits) != 1:
+                raise ConfigError(f"loss.{self.index}.fused_head needs one teacher, the run has {len(out.teacher.logits)}")
+            h_s, head_s = out.features[INPUT_OF + self.spec["student_head"]]
+            h_t, head_t = out.teacher.features[self.spec["teacher_index"]][INPUT_OF + self.spec["teacher_head"]]
+            return fastkd.fused_linear_kd_loss(
+                h_s, head_s.weight, h_t, head_t.weight, t, student_bias=head_s.bias, teacher_bias=head_t.bias, **kwargs
+            )
         return fastkd.kd_loss(out.logits, out.teacher.combined(t).to(out.logits.dtype), t, **kwargs)
 
 
@@ -221,10 +249,16 @@ def ce_only() -> List[LossTerm]:
     return [CETerm({"kind": "ce", "weight": 1.0, "label_smoothing": 0.0}, 0)]
 
 
+# A tapped path "input:<module path>" captures what enters that module (its first positional
+# input) together with the module, as a (tensor, module) pair: a fused head reads the hidden
+# states and the layer's weights from it.
+INPUT_OF = "input:"
+
+
 class FeatureTap:
     """Forward hooks capturing the outputs of named modules of a model (the model itself is
-    not modified). ``captured[path]`` holds the latest output; :meth:`remove` detaches the
-    hooks."""
+    not modified). ``captured[path]`` holds the latest output (for ``input:<path>``, the
+    module's input and the module); :meth:`remove` detaches the hooks."""
 
     def __init__(self, model: nn.Module, paths: List[str], what: str):
         from fastkd.engine.models import get_module
@@ -232,12 +266,13 @@ class FeatureTap:
         self.captured: Dict[str, torch.Tensor] = {}
         self._handles = []
         for path in dict.fromkeys(paths):
-            module = get_module(model, path, what)
-            self._handles.append(module.register_forward_hook(self._hook(path)))
+            name = path[len(INPUT_OF):] if path.startswith(INPUT_OF) else path
+            module = get_module(model, name, what)
+            self._handles.append(module.register_forward_hook(self._hook(path, path != name)))
 
-    def _hook(self, path: str):
-        def hook(_module, _inputs, output):
-            self.captured[path] = output
+    def _hook(self, path: str, want_input: bool):
+        def hook(module, inputs, output):
+            self.captured[path] = (inputs[0], module) if want_input else output
 
         return hook
 

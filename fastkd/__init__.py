@@ -10,6 +10,17 @@ Import one loss as a drop-in replacement::
 from fastkd import nn
 from fastkd._ext import empty_cache
 from fastkd.functional import kd_loss, kd_loss_reference
+from fastkd.functional import pkt_loss, rkd_angle_loss, rkd_distance_loss, sp_loss
 
 __version__ = "0.1.0"
-__all__ = ["kd_loss", "kd_loss_reference", "nn", "empty_cache", "__version__"]
+__all__ = [
+    "kd_loss",
+    "kd_loss_reference",
+    "rkd_distance_loss",
+    "rkd_angle_loss",
+    "sp_loss",
+    "pkt_loss",
+    "nn",
+    "empty_cache",
+    "__version__",
+]

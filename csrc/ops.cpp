@@ -32,6 +32,17 @@ TORCH_LIBRARY(fastkd, m) {
       "kd_forward(Tensor student, Tensor teacher, Tensor? labels, str divergence, "
       "float temperature, float hard_weight, int ignore_index, str reduction, bool t2_scale, "
       "bool compute_grad) -> (Tensor, Tensor)");
+  // Relational KD (fastkd/ops/relational.py): one scalar loss per batch and its gradient
+  // w.r.t. the student, computed together.
+  //   student: [B, D] contiguous, teacher: [B, Dt] contiguous (same B, any float dtypes).
+  //   Returns (loss, grad): loss a float32 scalar (float64 for a float64 student); grad [B, D]
+  //   in the student's dtype, or an empty [0] tensor when compute_grad is false.
+  // RKD distance and angle (Park et al. 2019) need B >= 2; SP (Tung & Mori 2019, L2 rows) and
+  // PKT (Passalis & Tefas 2018, eps > 0) accept B >= 1.
+  m.def("rkd_distance_forward(Tensor student, Tensor teacher, bool compute_grad) -> (Tensor, Tensor)");
+  m.def("rkd_angle_forward(Tensor student, Tensor teacher, bool compute_grad) -> (Tensor, Tensor)");
+  m.def("sp_forward(Tensor student, Tensor teacher, bool compute_grad) -> (Tensor, Tensor)");
+  m.def("pkt_forward(Tensor student, Tensor teacher, float eps, bool compute_grad) -> (Tensor, Tensor)");
   // The instruction set the CPU kernels use here: "avx512", "avx2" or "scalar".
   m.def("cpu_isa() -> str", &fastkd::cpu_isa);
   // Drops the CPU kernels' cached gradient buffer; returns the bytes it held.

@@ -13,3 +13,18 @@ from fastkd.functional import fused_linear_kd_loss, kd_loss, kd_loss_reference
 
 __version__ = "0.1.0"
 __all__ = ["kd_loss", "kd_loss_reference", "fused_linear_kd_loss", "nn", "empty_cache", "__version__"]
+from fastkd.functional import kd_loss, kd_loss_reference
+from fastkd.functional import pkt_loss, rkd_angle_loss, rkd_distance_loss, sp_loss
+
+__version__ = "0.1.0"
+__all__ = [
+    "kd_loss",
+    "kd_loss_reference",
+    "rkd_distance_loss",
+    "rkd_angle_loss",
+    "sp_loss",
+    "pkt_loss",
+    "nn",
+    "empty_cache",
+    "__version__",
+]

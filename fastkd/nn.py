@@ -8,7 +8,9 @@ import torch
 
 from fastkd.backends import requested_backend
 from fastkd.functional import fused_linear_kd_loss, kd_loss
+from fastkd.functional import kd_loss, pkt_loss, rkd_angle_loss, rkd_distance_loss, sp_loss
 from fastkd.ops import kd as _kd
+from fastkd.ops import relational as _relational
 
 
 class KDLoss(torch.nn.Module):
@@ -125,3 +127,56 @@ class FusedLinearKDLoss(torch.nn.Module):
             f"temperature={self.temperature}, hard_weight={self.hard_weight}, ignore_index={self.ignore_index}, "
             f"reduction={self.reduction!r}, t2_scale={self.t2_scale}, chunk_size={self.chunk_size}, backend={self.backend!r}"
         )
+class _RelationalLoss(torch.nn.Module):
+    """Module form of a relational loss: ``forward(student, teacher)`` returns the loss."""
+
+    def __init__(self, backend: Optional[str] = None):
+        super().__init__()
+        if backend is not None:
+            requested_backend(backend)  # an unknown name fails now, not at the first forward
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+
+class RKDDistanceLoss(_RelationalLoss):
+    """Module form of :func:`fastkd.rkd_distance_loss` (Park et al. 2019).
+
+    Example::
+
+        criterion = fastkd.nn.RKDDistanceLoss()
+        loss = criterion(student_embedding, teacher_embedding)   # [B, D], [B, Dt]
+    """
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return rkd_distance_loss(student, teacher, backend=self.backend)
+
+
+class RKDAngleLoss(_RelationalLoss):
+    """Module form of :func:`fastkd.rkd_angle_loss` (Park et al. 2019), O(B²) memory."""
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return rkd_angle_loss(student, teacher, backend=self.backend)
+
+
+class SPLoss(_RelationalLoss):
+    """Module form of :func:`fastkd.sp_loss` (Tung & Mori 2019, L2 row normalisation)."""
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return sp_loss(student, teacher, backend=self.backend)
+
+
+class PKTLoss(_RelationalLoss):
+    """Module form of :func:`fastkd.pkt_loss` (Passalis & Tefas 2018); ``eps`` is checked here,
+    at construction."""
+
+    def __init__(self, eps: float = 1e-7, *, backend: Optional[str] = None):
+        super().__init__(backend)
+        self.eps = _relational.validate_eps(eps)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return pkt_loss(student, teacher, eps=self.eps, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps:g}, backend={self.backend!r}"

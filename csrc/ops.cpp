@@ -43,6 +43,13 @@ TORCH_LIBRARY(fastkd, m) {
   m.def("rkd_angle_forward(Tensor student, Tensor teacher, bool compute_grad) -> (Tensor, Tensor)");
   m.def("sp_forward(Tensor student, Tensor teacher, bool compute_grad) -> (Tensor, Tensor)");
   m.def("pkt_forward(Tensor student, Tensor teacher, float eps, bool compute_grad) -> (Tensor, Tensor)");
+  // Fused decoupled KD (Zhao et al. 2022): per-row loss and the gradient w.r.t. the student in
+  // one pass. loss = T^2 (alpha * TCKD + beta * NCKD) per row (fastkd/ops/dkd.py).
+  //   student, teacher: [N, V] contiguous, V >= 2; labels: [N] int64, required (the target).
+  //   reduction, compute_grad and the returned (loss, grad): as kd_forward.
+  m.def(
+      "dkd_forward(Tensor student, Tensor teacher, Tensor labels, float temperature, float alpha, "
+      "float beta, int ignore_index, str reduction, bool compute_grad) -> (Tensor, Tensor)");
   // The instruction set the CPU kernels use here: "avx512", "avx2" or "scalar".
   m.def("cpu_isa() -> str", &fastkd::cpu_isa);
   // Drops the CPU kernels' cached gradient buffer; returns the bytes it held.

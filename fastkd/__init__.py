@@ -5,6 +5,7 @@ Import one loss as a drop-in replacement::
     import fastkd
     loss = fastkd.kd_loss(student_logits, teacher_logits, temperature=2.0)
     criterion = fastkd.nn.KDLoss(temperature=2.0)
+    loss = fastkd.dkd_loss(student_logits, teacher_logits, labels, temperature=4.0, alpha=1.0, beta=8.0)
 """
 
 from fastkd import nn
@@ -28,3 +29,7 @@ __all__ = [
     "empty_cache",
     "__version__",
 ]
+from fastkd.functional import dkd_loss, dkd_loss_reference, kd_loss, kd_loss_reference
+
+__version__ = "0.1.0"
+__all__ = ["kd_loss", "kd_loss_reference", "dkd_loss", "dkd_loss_reference", "nn", "empty_cache", "__version__"]

@@ -1,6 +1,7 @@
 """The functional API: every fastkd loss as a function of tensors."""
 
 from fastkd.ops.fused_linear import fused_linear_kd_loss, fused_linear_kd_loss_reference
+from fastkd.ops.dkd import dkd_loss, dkd_loss_reference
 from fastkd.ops.kd import kd_loss, kd_loss_reference
 from fastkd.ops.relational import (
     pkt_loss,
@@ -26,3 +27,4 @@ __all__ = [
     "pkt_loss",
     "pkt_loss_reference",
 ]
+__all__ = ["kd_loss", "kd_loss_reference", "dkd_loss", "dkd_loss_reference"]

@@ -9,6 +9,8 @@ import torch
 from fastkd.backends import requested_backend
 from fastkd.functional import fused_linear_kd_loss, kd_loss
 from fastkd.functional import kd_loss, pkt_loss, rkd_angle_loss, rkd_distance_loss, sp_loss
+from fastkd.functional import dkd_loss, kd_loss
+from fastkd.ops import dkd as _dkd
 from fastkd.ops import kd as _kd
 from fastkd.ops import relational as _relational
 
@@ -78,6 +80,18 @@ class FusedLinearKDLoss(torch.nn.Module):
 
         criterion = fastkd.nn.FusedLinearKDLoss(temperature=2.0)
         loss = criterion(student_h, student.lm_head, teacher_h, teacher.lm_head, labels)
+class DKDLoss(torch.nn.Module):
+    """Module form of :func:`fastkd.dkd_loss` (decoupled KD); the constructor takes its options.
+
+    ``forward(student_logits, teacher_logits, labels)`` returns the loss. Bad options fail here,
+    at construction, not at the first forward. mdistiller's DKD warm-up (the loss weight
+    ``min(epoch / warmup, 1)``) belongs to the training loop; the engine's ``kind = "dkd"``
+    term applies it.
+
+    Example::
+
+        criterion = fastkd.nn.DKDLoss(temperature=4.0, alpha=1.0, beta=8.0)
+        loss = criterion(student(x), teacher_logits, labels)
     """
 
     def __init__(
@@ -120,6 +134,36 @@ class FusedLinearKDLoss(torch.nn.Module):
             student_bias=b_s, teacher_bias=b_t, labels=labels, hard_weight=self.hard_weight,
             ignore_index=self.ignore_index, reduction=self.reduction, t2_scale=self.t2_scale,
             chunk_size=self.chunk_size, backend=self.backend,
+        temperature: float = 4.0,
+        *,
+        alpha: float = 1.0,
+        beta: float = 8.0,
+        ignore_index: int = -100,
+        reduction: str = "batchmean",
+        backend: Optional[str] = None,
+    ):
+        super().__init__()
+        temperature, alpha, beta, ignore_index = _dkd.validate_options(temperature, alpha, beta, ignore_index, reduction)
+        if backend is not None:
+            requested_backend(backend)  # an unknown name fails now, not at the first forward
+        self.temperature = temperature
+        self.alpha = alpha
+        self.beta = beta
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return dkd_loss(
+            student_logits,
+            teacher_logits,
+            labels,
+            self.temperature,
+            alpha=self.alpha,
+            beta=self.beta,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:
@@ -180,3 +224,6 @@ class PKTLoss(_RelationalLoss):
 
     def extra_repr(self) -> str:
         return f"eps={self.eps:g}, backend={self.backend!r}"
+            f"temperature={self.temperature}, alpha={self.alpha}, beta={self.beta}, ignore_index={self.ignore_index}, "
+            f"reduction={self.reduction!r}, backend={self.backend!r}"
+        )

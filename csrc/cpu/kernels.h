@@ -6,3 +6,4 @@
 #include "cpu/dispatch.h"
 #include "cpu/kd_kernel.h"
 #include "cpu/relational_kernel.h"
+#include "cpu/dkd_kernel.h"

@@ -180,7 +180,9 @@ def kd_forward(
     student: torch.Tensor,
     teacher: torch.Tensor,
     labels: torch.Tensor | None,
+    teacher_weights: torch.Tensor | None,
     divergence: str,
+    beta: float,
     temperature: float,
     hard_weight: float,
     ignore_index: int,
@@ -194,7 +196,7 @@ def kd_forward(
     Uses only torch ops and one wrap_triton launch, with no host synchronisation, so that it
     can run inside torch.library.triton_op.
     """
-    if divergence != "kl":
+    if divergence != "kl" or teacher.dim() != 2:
         raise ValueError(f"kd_forward (triton): divergence {divergence!r} is not supported; only 'kl' is")
     if reduction not in ("none", "sum", "batchmean"):
         raise ValueError(f"kd_forward (triton): reduction must be 'none', 'sum' or 'batchmean', got {reduction!r}")

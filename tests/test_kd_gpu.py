@@ -75,7 +75,7 @@ def test_gpu_torch_compile_fullgraph(backend):
 def test_gpu_opcheck():
     s, t = make_logits((5, 333), device="cuda")
     y = make_labels((5,), 333, ignored=(1,), device="cuda")
-    args = (s.requires_grad_(True), t, y, "kl", 2.0, 0.25, -100, "batchmean", True, True)
+    args = (s.requires_grad_(True), t, y, None, "kl", 0.0, 2.0, 0.25, -100, "batchmean", True, True)
     if _ext.has_kernel("kd_forward", "CUDA"):
         torch.library.opcheck(torch.ops.fastkd.kd_forward.default, args)
     torch.library.opcheck(torch.ops.fastkd.kd_forward_triton.default, args)

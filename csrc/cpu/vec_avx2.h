@@ -75,6 +75,58 @@ struct VecAvx2 {
     __m256 under = _mm256_cmp_ps(x.v, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
     return {_mm256_andnot_ps(under, y)};
   }
+
+  // log(x), as VecAvx512::log: x = 2^e m with m in [sqrt(1/2), sqrt(2)), Cephes' logf polynomial
+  // for log(m) (relative error below 2e-7 on normal inputs; tests/test_kd_divergences.py checks
+  // the kernels that use it against float64). 0 -> -inf, +inf -> +inf, x < 0 or NaN -> NaN;
+  // subnormal inputs are read as the smallest normal float (log = -87.34).
+  static VecAvx2 log(VecAvx2 x) {
+    const __m256 one = _mm256_set1_ps(1.f);
+    // max(min_normal, x) keeps a NaN x (vmaxps returns its second operand when either is NaN).
+    const __m256 xv = _mm256_max_ps(_mm256_set1_ps(1.17549435e-38f), x.v);
+    const __m256i bits = _mm256_castps_si256(xv);
+    __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
+    __m256 m = _mm256_castsi256_ps(
+        _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f000000)));
+    // m in [0.5, 1): below sqrt(1/2) take 2m and e - 1, so that m - 1 lies in [-0.29, 0.41].
+    const __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+    e = _mm256_sub_ps(e, _mm256_and_ps(one, small));
+    m = _mm256_add_ps(_mm256_sub_ps(m, one), _mm256_and_ps(m, small));
+    const __m256 z = _mm256_mul_ps(m, m);
+    __m256 p = _mm256_set1_ps(7.0376836292e-2f);
+    p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(-1.1514610310e-1f));
+    p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(1.1676998740e-1f));
+    p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(-1.2420140846e-1f));
+    p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(1.4249322787e-1f));
+    p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(-1.6668057665e-1f));
+    p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(2.0000714765e-1f));
+    p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(-2.4999993993e-1f));
+    p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(3.3333331174e-1f));
+    __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, m), z);
+    y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
+    y = _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), z, y);
+    __m256 r = _mm256_add_ps(m, y);
+    r = _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), r);
+    const __m256 inf = _mm256_set1_ps(__builtin_inff());
+    r = _mm256_blendv_ps(r, _mm256_sub_ps(_mm256_setzero_ps(), inf), _mm256_cmp_ps(x.v, _mm256_setzero_ps(), _CMP_EQ_OQ));
+    r = _mm256_blendv_ps(r, inf, _mm256_cmp_ps(x.v, inf, _CMP_EQ_OQ));
+    // x < 0 or NaN: all bits set, a NaN.
+    return {_mm256_or_ps(r, _mm256_cmp_ps(x.v, _mm256_setzero_ps(), _CMP_NGE_UQ))};
+  }
+  static VecAvx2 abs(VecAvx2 x) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.f), x.v)}; }
+  // -1, 0 or 1 (0 for 0 and NaN).
+  static VecAvx2 sign(VecAvx2 x) {
+    const __m256 one = _mm256_set1_ps(1.f);
+    const __m256 pos = _mm256_and_ps(_mm256_cmp_ps(x.v, _mm256_setzero_ps(), _CMP_GT_OQ), one);
+    const __m256 neg = _mm256_and_ps(_mm256_cmp_ps(x.v, _mm256_setzero_ps(), _CMP_LT_OQ), one);
+    return {_mm256_sub_ps(pos, neg)};
+  }
+  // Whether some lane has x < threshold and w != 0.
+  static bool any_below_where(VecAvx2 x, float threshold, VecAvx2 w) {
+    const __m256 below = _mm256_cmp_ps(x.v, _mm256_set1_ps(threshold), _CMP_LT_OQ);
+    const __m256 nz = _mm256_cmp_ps(w.v, _mm256_setzero_ps(), _CMP_NEQ_OQ);
+    return _mm256_movemask_ps(_mm256_and_ps(below, nz)) != 0;
+  }
 };
 
 // Free functions, not in-class friends: GCC 12 does not apply #pragma GCC target to friends

@@ -23,6 +23,12 @@ struct VecScalar {
   C sum() const { return v; }
   C max() const { return v; }
   static VecScalar exp(VecScalar x) { return {std::exp(x.v)}; }
+  static VecScalar log(VecScalar x) { return {std::log(x.v)}; }
+  static VecScalar abs(VecScalar x) { return {std::fabs(x.v)}; }
+  // -1, 0 or 1 (0 for 0 and NaN).
+  static VecScalar sign(VecScalar x) { return {C(x.v > C(0)) - C(x.v < C(0))}; }
+  // Whether x < threshold where w != 0.
+  static bool any_below_where(VecScalar x, C threshold, VecScalar w) { return x.v < threshold && w.v != C(0); }
 };
 
 template <class C>

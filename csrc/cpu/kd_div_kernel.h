@@ -39,6 +39,9 @@
 // intermediates (-inf - -inf) are dropped. A NaN logit in a valid row makes S_s or S_t NaN and
 // the whole row NaN.
 //
+// The skews' ratios p/m and q/m come from logaddexp's own exp (see logaddexp), so every
+// divergence needs at most one exp and one log per entry beyond the softmaxes' exps.
+//
 // Sweeps, one teacher: (1) maxima of s and t; (2) e_s, e_t into the per-thread scratch, and
 // their sums (the next row is prefetched meanwhile); (3) statistics: s and t re-read from
 // cache with e_s, e_t; x_j written over e_t; (4) the gradient from e_s and x.
@@ -47,14 +50,18 @@
 // statistics from e_s and P (x written over P); (4) as before.
 // Memory traffic: read (M+1)·N·V, write N·V (the gradient, non-temporal when it outgrows the
 // caches); the scratch rows stay in L2/L3. Transcendentals per entry: one teacher, 2 exp
-// (reverse_kl, tvd), 3 exp + 1 log (jsd), 4 exp + 1 log (skew_kl, skew_reverse_kl); an ensemble
-// adds M - 1 exp and 1 log.
+// (reverse_kl, tvd), 3 exp + 1 log (jsd, skew_kl, skew_reverse_kl); an ensemble adds M - 1 exp
+// and 1 log.
 #pragma once
 
+// log m = logaddexp(a, b) = max(a, b) + log(1 + e), e = exp(-|a - b|); also returns e, from
+// which the ratios of the two terms to m follow without another exp: with a = log b_a + lx,
+// exp(lx - log m) = (a >= b ? 1 : e) / (b_a (1 + e)).
 template <class V>
-static inline V logaddexp(V a, V b) {
+static inline V logaddexp(V a, V b, V& e) {
   using C = typename V::scalar;
-  return V::max(a, b) + V::log(V::set1(C(1)) + V::exp(V::set1(C(0)) - V::abs(a - b)));
+  e = V::exp(V::set1(C(0)) - V::abs(a - b));
+  return V::max(a, b) + V::log(V::set1(C(1)) + e);
 }
 
 // Per-divergence constants of a call.
@@ -78,7 +85,8 @@ static inline void div_entry(const DivConsts<typename V::scalar>& k, V q, V lq, 
       t1 = V::set1(C(0));
       break;
     case Divergence::JSD: {
-      const V lm = logaddexp(V::set1(k.log_b) + lp, V::set1(k.log_1mb) + lq);
+      V e;
+      const V lm = logaddexp(V::set1(k.log_b) + lp, V::set1(k.log_1mb) + lq, e);
       x = lq - lm;
       t1 = V::zero_where_zero(p, p * (lp - lm));
       break;
@@ -90,16 +98,23 @@ static inline void div_entry(const DivConsts<typename V::scalar>& k, V q, V lq, 
       break;
     }
     case Divergence::SkewKL: {
-      const V lm = logaddexp(V::set1(k.log_b) + lp, V::set1(k.log_1mb) + lq);
-      const V y = lp - lm;
-      x = V::set1(C(0)) - V::exp(y);
-      t1 = V::zero_where_zero(p, p * y);
+      // m = b p + (1-b) q; p/m = (A >= B ? 1 : e) / (b (1 + e)), A = log b + lp, B = log(1-b) + lq.
+      const V a = V::set1(k.log_b) + lp, bb = V::set1(k.log_1mb) + lq;
+      V e;
+      const V lm = logaddexp(a, bb, e);
+      const V one = V::set1(C(1));
+      x = V::set1(C(0)) - V::where_neg(a - bb, e, one) / (V::set1(k.beta) * (one + e));
+      t1 = V::zero_where_zero(p, p * (lp - lm));
       break;
     }
     case Divergence::SkewReverseKL: {
-      const V lm = logaddexp(V::set1(k.log_1mb) + lp, V::set1(k.log_b) + lq);
+      // m = (1-b) p + b q; q/m = (B >= A ? 1 : e) / (b (1 + e)), A = log(1-b) + lp, B = log b + lq.
+      const V a = V::set1(k.log_1mb) + lp, bb = V::set1(k.log_b) + lq;
+      V e;
+      const V lm = logaddexp(a, bb, e);
+      const V one = V::set1(C(1));
       const V d = lq - lm;
-      x = d - V::set1(k.beta) * V::exp(d);
+      x = d - V::where_neg(bb - a, e, one) / (one + e);
       t1 = V::zero_where_zero(q, q * d);
       break;
     }

@@ -121,6 +121,10 @@ struct VecAvx2 {
     const __m256 neg = _mm256_and_ps(_mm256_cmp_ps(x.v, _mm256_setzero_ps(), _CMP_LT_OQ), one);
     return {_mm256_sub_ps(pos, neg)};
   }
+  // x < 0 ? if_neg : otherwise, lane by lane (NaN x: otherwise).
+  static VecAvx2 where_neg(VecAvx2 x, VecAvx2 if_neg, VecAvx2 otherwise) {
+    return {_mm256_blendv_ps(otherwise.v, if_neg.v, _mm256_cmp_ps(x.v, _mm256_setzero_ps(), _CMP_LT_OQ))};
+  }
   // Whether some lane has x < threshold and w != 0.
   static bool any_below_where(VecAvx2 x, float threshold, VecAvx2 w) {
     const __m256 below = _mm256_cmp_ps(x.v, _mm256_set1_ps(threshold), _CMP_LT_OQ);
@@ -134,3 +138,4 @@ struct VecAvx2 {
 static inline VecAvx2 operator+(VecAvx2 a, VecAvx2 b) { return {_mm256_add_ps(a.v, b.v)}; }
 static inline VecAvx2 operator-(VecAvx2 a, VecAvx2 b) { return {_mm256_sub_ps(a.v, b.v)}; }
 static inline VecAvx2 operator*(VecAvx2 a, VecAvx2 b) { return {_mm256_mul_ps(a.v, b.v)}; }
+static inline VecAvx2 operator/(VecAvx2 a, VecAvx2 b) { return {_mm256_div_ps(a.v, b.v)}; }

@@ -110,6 +110,10 @@ struct VecAvx512 {
     const __mmask16 neg = _mm512_cmp_ps_mask(x.v, _mm512_setzero_ps(), _CMP_LT_OQ);
     return {_mm512_sub_ps(_mm512_maskz_mov_ps(pos, one), _mm512_maskz_mov_ps(neg, one))};
   }
+  // x < 0 ? if_neg : otherwise, lane by lane (NaN x: otherwise).
+  static VecAvx512 where_neg(VecAvx512 x, VecAvx512 if_neg, VecAvx512 otherwise) {
+    return {_mm512_mask_mov_ps(otherwise.v, _mm512_cmp_ps_mask(x.v, _mm512_setzero_ps(), _CMP_LT_OQ), if_neg.v)};
+  }
   // Whether some lane has x < threshold and w != 0.
   static bool any_below_where(VecAvx512 x, float threshold, VecAvx512 w) {
     const __mmask16 below = _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(threshold), _CMP_LT_OQ);
@@ -122,3 +126,4 @@ struct VecAvx512 {
 static inline VecAvx512 operator+(VecAvx512 a, VecAvx512 b) { return {_mm512_add_ps(a.v, b.v)}; }
 static inline VecAvx512 operator-(VecAvx512 a, VecAvx512 b) { return {_mm512_sub_ps(a.v, b.v)}; }
 static inline VecAvx512 operator*(VecAvx512 a, VecAvx512 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+static inline VecAvx512 operator/(VecAvx512 a, VecAvx512 b) { return {_mm512_div_ps(a.v, b.v)}; }

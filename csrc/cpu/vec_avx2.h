@@ -55,12 +55,20 @@ struct VecAvx2 {
     return m;
   }
 
-  // As VecAvx512::exp; without vscalefps, 2^n is built in the exponent field, valid for
-  // n >= -126, so inputs below -87.3 are set to exactly 0 by a mask (NaN fails the compare).
+  // exp(x) for x <= 88: 2^n * e^r with n = round(x / ln 2), |r| <= ln2 / 2, and a degree-6
+  // polynomial for e^r (relative error below 2.3e-7, as VecAvx512::exp). Without vscalefps, 2^n
+  // is built in the exponent field: n comes from the 1.5 * 2^23 rounding constant, whose float
+  // bits then hold n in their low bits, so 2^n's bits are (bits + 127 - bits(1.5 * 2^23)) << 23.
+  // x is clamped below at -88.06, where n = -127: an exponent field of 0, so 2^n reads as 0 and
+  // -inf (masked vocabulary) and everything below about -88 give exactly 0 with no compare and
+  // mask; a NaN x stays NaN through the polynomial. 14 operations (the compare-and-mask
+  // version took 18; the kernels spend most of their arithmetic here, two exps per entry).
   static VecAvx2 exp(VecAvx2 x) {
-    __m256 a = _mm256_min_ps(_mm256_set1_ps(88.f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x.v));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(a, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 magic = _mm256_set1_ps(12582912.f);
+    // max(c, x) and min(c, x) return x when it is NaN.
+    const __m256 a = _mm256_min_ps(_mm256_set1_ps(88.f), _mm256_max_ps(_mm256_set1_ps(-88.06f), x.v));
+    const __m256 t = _mm256_fmadd_ps(a, _mm256_set1_ps(1.44269504088896341f), magic);
+    const __m256 n = _mm256_sub_ps(t, magic);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), a);
     r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
     __m256 p = _mm256_set1_ps(1.f / 720);
@@ -70,10 +78,8 @@ struct VecAvx2 {
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-    __m256 under = _mm256_cmp_ps(x.v, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
-    return {_mm256_andnot_ps(under, y)};
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127 - 0x4B400000)), 23);
+    return {_mm256_mul_ps(p, _mm256_castsi256_ps(e))};
   }
 
   // log(x), as VecAvx512::log: x = 2^e m with m in [sqrt(1/2), sqrt(2)), Cephes' logf polynomial

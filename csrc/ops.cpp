@@ -21,16 +21,20 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(fastkd, m) {
   // Fused temperature KD: per-row loss and the gradient w.r.t. the student in one pass.
-  //   student, teacher: [N, V] contiguous; labels: [N] int64 or None.
-  //   divergence: "kl" (forward KL(p_teacher || q_student)).
+  //   student: [N, V] contiguous; teacher: [N, V], or [M, N, V] for an ensemble of M teachers
+  //   (p = sum_m w_m softmax(t_m / T)), contiguous; labels: [N] int64 or None;
+  //   teacher_weights: [M] float (non-negative, summing to 1) or None for uniform weights.
+  //   divergence: "kl" | "reverse_kl" | "jsd" | "tvd" | "skew_kl" | "skew_reverse_kl" between
+  //   the teacher p and the student q (fastkd/ops/kd.py); beta: the divergence's beta (jsd in
+  //   [0, 1], the skews in [0, 1)), ignored by the others.
   //   reduction: "none" | "sum" | "batchmean"; the returned gradient already carries the
   //   reduction's scale, so the backward multiplies it by grad_output and nothing else.
   //   Returns (loss, grad): loss float32 (float64 for a float64 student), [N] for "none" else
   //   a scalar; grad [N, V] in the student's dtype, or an empty [0] tensor when compute_grad
   //   is false.
   m.def(
-      "kd_forward(Tensor student, Tensor teacher, Tensor? labels, str divergence, "
-      "float temperature, float hard_weight, int ignore_index, str reduction, bool t2_scale, "
+      "kd_forward(Tensor student, Tensor teacher, Tensor? labels, Tensor? teacher_weights, str divergence, "
+      "float beta, float temperature, float hard_weight, int ignore_index, str reduction, bool t2_scale, "
       "bool compute_grad) -> (Tensor, Tensor)");
   // Relational KD (fastkd/ops/relational.py): one scalar loss per batch and its gradient
   // w.r.t. the student, computed together.

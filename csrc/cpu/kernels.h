@@ -7,3 +7,4 @@
 #include "cpu/kd_kernel.h"
 #include "cpu/relational_kernel.h"
 #include "cpu/dkd_kernel.h"
+#include "cpu/kd_div_kernel.h"

@@ -10,8 +10,6 @@ in fastkd later plugs in as one more registered term.
 
 from __future__ import annotations
 
-import inspect
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -21,6 +19,7 @@ from torch import nn
 
 import fastkd
 from fastkd.engine.config import ConfigError, Field
+from fastkd.ops import kd as kd_ops
 
 LOSS_TERMS: Dict[str, type] = {}
 
@@ -51,18 +50,18 @@ class TeacherOutputs:
 
     logits: List[torch.Tensor]
     features: List[Dict[str, torch.Tensor]] = field(default_factory=list)
-    _combined: Dict[float, torch.Tensor] = field(default_factory=dict)
+    _stacked: Optional[torch.Tensor] = None
 
-    def combined(self, temperature: float) -> torch.Tensor:
-        """Logits whose softmax at ``temperature`` is the members' *averaged probabilities*:
-        ``T * log(mean_m softmax(t_m / T))`` (a single member's logits are returned as is).
-        Cached per temperature, so several students and terms share it."""
+    def ensemble(self) -> torch.Tensor:
+        """The teacher as :func:`fastkd.kd_loss` takes it: a single member's ``[B, V]`` logits, or
+        the members stacked ``[M, B, V]``, which kd_loss distils from as the mixture of their
+        probabilities (``mean_m softmax(t_m / T)``) in its fused pass, never forming the mixture.
+        Stacked once per batch, so several students and terms share it."""
         if len(self.logits) == 1:
             return self.logits[0]
-        if temperature not in self._combined:
-            logp = torch.stack([F.log_softmax(t.float() / temperature, dim=-1) for t in self.logits])
-            self._combined[temperature] = temperature * (torch.logsumexp(logp, dim=0) - math.log(len(self.logits)))
-        return self._combined[temperature]
+        if self._stacked is None:
+            self._stacked = torch.stack(self.logits)
+        return self._stacked
 
 
 @dataclass
@@ -107,19 +106,16 @@ class LossTerm:
         raise NotImplementedError
 
 
-def _kd_accepts(name: str) -> bool:
-    return name in inspect.signature(fastkd.kd_loss).parameters
-
-
 @register_loss_term("kd")
 class KDTerm(LossTerm):
-    """Hinton KD with fastkd's fused :func:`fastkd.kd_loss` against the teacher (ensemble)
-    output; every option of ``kd_loss`` is a key. ``hard_weight > 0`` fuses the cross-entropy
-    with the labels into the same pass.
+    """Temperature KD with fastkd's fused :func:`fastkd.kd_loss` against the teacher, or against
+    an ensemble's mixture of probabilities (the fused ensemble path: the members' logits go in
+    as ``[M, B, V]``). ``divergence`` and ``beta`` are kd_loss's (``beta = -1``: the divergence's
+    default); ``hard_weight > 0`` fuses the cross-entropy with the labels into the same pass.
 
     ``fused_head = true`` distils through the output layers instead, with
-    :func:`fastkd.fused_linear_kd_loss`: the hidden states entering the modules named by
-    ``student_head`` and ``teacher_head`` (an ``nn.Linear`` each) are captured by forward hooks,
+    :func:`fastkd.fused_linear_kd_loss` (forward KL): the hidden states entering the modules named
+    by ``student_head`` and ``teacher_head`` (an ``nn.Linear`` each) are captured by forward hooks,
     and the loss never holds the batch's logits. It needs a single teacher (an ensemble's
     mixture is defined on probabilities, not on one output layer)."""
 
@@ -128,7 +124,8 @@ class KDTerm(LossTerm):
         "temperature": Field("float", 4.0, lo=0.0, lo_open=True),
         "hard_weight": Field("float", 0.0, lo=0.0, hi=1.0),
         "t2_scale": Field("bool", True),
-        "divergence": Field("str", "kl", doc="forward 'kl'; others once fastkd.kd_loss has them"),
+        "divergence": Field("str", "kl", choices=tuple(kd_ops.DIVERGENCES), doc="fastkd.kd_loss's divergence"),
+        "beta": Field("float", -1.0, doc="the divergence's beta (jsd, skew_kl, skew_reverse_kl); -1: its default"),
         "fused_head": Field("bool", False, doc="distil through the output layers without materialising logits"),
         "student_head": Field("str", "", doc="module path of the student's output layer (fused_head)"),
         "teacher_head": Field("str", "", doc="module path of the teacher's output layer (fused_head)"),
@@ -138,9 +135,17 @@ class KDTerm(LossTerm):
 
     @classmethod
     def validate(cls, spec: dict, where: str) -> None:
-        if spec["divergence"] != "kl" and not _kd_accepts("divergence"):
-            raise ConfigError(f"{where}.divergence {spec['divergence']!r} is not available yet (only 'kl')")
+        try:
+            kd_ops.validate_divergence(spec["divergence"], cls._beta(spec))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+    @staticmethod
+    def _beta(spec: dict) -> Optional[float]:
+        return None if spec["beta"] == -1.0 else spec["beta"]
         if spec["fused_head"]:
+            if spec["divergence"] != "kl":
+                raise ConfigError(f"{where}.fused_head supports divergence 'kl' only, got {spec['divergence']!r}")
             for key in ("student_head", "teacher_head"):
                 if not spec[key]:
                     raise ConfigError(f"{where}.{key} (the output layer's module path) is required with fused_head = true")
@@ -157,7 +162,7 @@ class KDTerm(LossTerm):
         if self.spec["hard_weight"] > 0:
             kwargs["labels"] = out.labels
         if self.spec["divergence"] != "kl":
-            kwargs["divergence"] = self.spec["divergence"]
+            kwargs.update(divergence=self.spec["divergence"], beta=self._beta(self.spec))
         if self.spec["fused_head"]:
             if len(out.teacher.logits) != 1:
                 raise ConfigError(f"loss.{self.index}.fused_head needs one teacher, the run has {len(out.teacher.logits)}")
@@ -166,7 +171,8 @@ class KDTerm(LossTerm):
             return fastkd.fused_linear_kd_loss(
                 h_s, head_s.weight, h_t, head_t.weight, t, student_bias=head_s.bias, teacher_bias=head_t.bias, **kwargs
             )
-        return fastkd.kd_loss(out.logits, out.teacher.combined(t).to(out.logits.dtype), t, **kwargs)
+        # The teacher stays float32 whatever the student's dtype: the kernels read mixed dtypes.
+        return fastkd.kd_loss(out.logits, out.teacher.ensemble(), t, **kwargs)
 
 
 @register_loss_term("dkd")

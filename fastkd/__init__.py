@@ -9,7 +9,7 @@ Import one loss as a drop-in replacement::
 
 from fastkd import nn
 from fastkd._ext import empty_cache
-from fastkd.functional import kd_loss, kd_loss_reference
+from fastkd.functional import kd_loss, kd_loss_reference, sparse_kd_loss, sparse_kd_loss_reference
 
 __version__ = "0.1.0"
-__all__ = ["kd_loss", "kd_loss_reference", "nn", "empty_cache", "__version__"]
+__all__ = ["kd_loss", "kd_loss_reference", "sparse_kd_loss", "sparse_kd_loss_reference", "nn", "empty_cache", "__version__"]

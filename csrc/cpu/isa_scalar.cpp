@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "kd_args.h"
+#include "sparse_kd_args.h"
 
 namespace fastkd {
 namespace scalar {

@@ -35,9 +35,9 @@
 // records the last row that kept it), a bad row gets a NaN loss and gradient; (1) max of s (the
 // row was prefetched while the previous one was computed); (2) e^{x_j} into a per-thread scratch
 // row, S, and sum (s_j - ms) for the uniform tail; (3) the teacher's k entries in double;
-// (4) the gradient, one streaming sweep g = c_q e - c_b: the kept entries' own value
-// c_q e_j - soft p_i is folded into the scratch row beforehand (e_j += (c_b - soft p_i) / c_q),
-// so that no scattered store follows the non-temporal ones. Memory traffic: read N*V + 2*N*k,
+// (4) the gradient, one streaming sweep g = c_q (e - c_e), the tail's value off the kept entries:
+// each kept entry's own value is folded into the scratch row beforehand, so that no scattered
+// store follows the non-temporal ones (only the label's, as in kd_kernel.h). Memory traffic: read N*V + 2*N*k,
 // write N*V; for V = 32000 fp32 a row and its exponentials fill 256 KB, inside a core's L2.
 // One exp per entry (two with labels and T != 1).
 #pragma once
@@ -147,54 +147,58 @@ static void sparse_kd_rows(const SparseKdArgs& a, int64_t row_begin, int64_t row
       if (uniform)
         for (int64_t j = n_full; j < n; ++j) tot_d += double(C(to_compute<C>(s[j]) - ms));
     }
-    const C ss = C(tot_s);
     const double log_s = std::log(tot_s);
 
-    // The teacher, in double: a_i = v_i / T, its maximum (NaN kept), the uniform tail.
-    double mt = -inf, mass = 0;
+    // The teacher, in double, in the values' own units (differences are taken before scaling by
+    // 1/T, so that the largest entry's log-probability is exactly 0 - lz): its maximum mv (NaN
+    // kept), the uniform tail's log-probability ub, and log Z = mv / T + lz.
+    double mv = -inf, mass = 0;
     bool teacher_nan = false;
     for (int64_t i = 0; i < k; ++i) {
       const double v = sparse_value(a, base + i);
-      const double ai = v * inv_td;
-      if (ai != ai) teacher_nan = true;
-      else if (ai > mt) mt = ai;
+      if (v != v) teacher_nan = true;
+      else if (v > mv) mv = v;
       if (uniform) mass += std::exp(v);
     }
-    if (teacher_nan) mt = nan;
+    if (teacher_nan) mv = nan;
     double tail_mass = 1.0 - mass;  // NaN stays NaN
     if (tail_mass < 0) tail_mass = 0;  // a kept mass of 1 up to rounding: an empty tail
     const bool has_tail = uniform && n_rest > 0 && tail_mass != 0;
-    const double b = has_tail ? std::log(tail_mass / double(n_rest)) * inv_td : -inf;
-    const double big = has_tail && !(b <= mt) ? b : mt;  // NaN-propagating max(mt, b)
-    double z = has_tail ? double(n_rest) * std::exp(b - big) : 0.0;
-    for (int64_t i = 0; i < k; ++i) z += std::exp(sparse_value(a, base + i) * inv_td - big);
-    const double log_z = big + std::log(z);
-    const double lpb = has_tail ? b - log_z : -inf;
+    const double ub = has_tail ? std::log(tail_mass / double(n_rest)) : -inf;
+    const double top = has_tail && !(ub <= mv) ? ub : mv;  // NaN-propagating max(mv, ub)
+    double z = has_tail ? double(n_rest) * std::exp((ub - top) * inv_td) : 0.0;
+    for (int64_t i = 0; i < k; ++i) z += std::exp((sparse_value(a, base + i) - top) * inv_td);
+    const double lz = std::log(z);
+    auto log_p = [&](double v) { return (v - top) * inv_td - lz; };
+    const double lpb = has_tail ? log_p(ub) : -inf;
     const double pb = has_tail ? std::exp(lpb) : 0.0;
 
-    // Gradient coefficients: g = cq e - cb (+ cce e^{s - ms}), e = e^{x}; with T == 1 the CE
-    // softmax is q itself, so its weight joins q's.
-    const C cq = C(soft) / ss + (hard && !ce_needs_own_sum ? C(a.hard_grad_coef) / ss : C(0));
-    const C cb = C(soft * pb);
+    // Gradient: g = cq (e - ce) (+ cce e^{s - ms}), e = e^{x}, ce = S p_b soft / (cq S): the tail's
+    // value soft (q - p_b) off the kept entries. With T == 1 the CE softmax is q itself, so its
+    // weight joins q's. A kept entry's own value, cq e_j - soft p_j, is folded into its
+    // exponential: e_j <- e_j - ratio S p_j + ce, ratio = soft / (cq S); an entry where q and p are
+    // both 0 (student and teacher -inf) thus gets ce itself, and a gradient of exactly 0.
+    const double q_coef = soft + (hard && !ce_needs_own_sum ? a.hard_grad_coef : 0.0);
+    const double ratio = soft != 0 ? soft / q_coef : 0.0;
+    const double ce_d = ratio * tot_s * pb;
+    const C cq = C(q_coef / tot_s);
+    const C ce = C(ce_d);
     const C cce = ce_needs_own_sum ? C(a.hard_grad_coef / tot_ce) : C(0);
-    // Fold each kept entry's own value into the scratch row (see the top), unless cq is too small
-    // to divide by: then they are stored after the sweep instead.
-    const bool fold = g && soft != 0 && std::abs(cq) >= std::numeric_limits<C>::min();
-    const bool post_fix = g && soft != 0 && !fold;
+    const bool fold = g && soft != 0;
 
     // The kept entries: the loss terms, sum (s - ms) over K, the fold.
     double kept = 0, kept_d = 0;
     bool kept_neg_inf = false;
     for (int64_t i = 0; i < k; ++i) {
       const int64_t j = sparse_index(a, base + i);
-      const double lp = sparse_value(a, base + i) * inv_td - log_z;
+      const double lp = log_p(sparse_value(a, base + i));
       const double p = std::exp(lp);
       const C dj = to_compute<C>(s[j]) - ms;
       const double x = double(dj) * inv_td;
       if (p != 0) kept += p * (lp - x);  // a NaN p fails the test the other way: NaN is kept
       if (dj == neg_inf) kept_neg_inf = true;
       else kept_d += double(dj);
-      if (fold) exp_s[j] = C(double(exp_s[j]) + (double(cb) - soft * p) / double(cq));
+      if (fold) exp_s[j] = C((double(exp_s[j]) - ratio * tot_s * p) + ce_d);
     }
     double kl = log_s + kept;
     if (has_tail && pb != 0) {
@@ -222,9 +226,9 @@ static void sparse_kd_rows(const SparseKdArgs& a, int64_t row_begin, int64_t row
     if (!g) continue;
 
     // Sweep 4: the gradient.
-    const V vcq = V::set1(cq), vmcb = V::set1(-cb), vcce = V::set1(cce);
+    const V vcq = V::set1(cq), vce = V::set1(ce), vcce = V::set1(cce);
     auto sweep4 = [&](int64_t i, V xs) {
-      V r = V::fma(vcq, V::load(exp_s + i), vmcb);
+      V r = (V::load(exp_s + i) - vce) * vcq;
       if (ce_needs_own_sum) r = V::fma(vcce, V::exp(xs - vms), r);
       return r;
     };
@@ -237,25 +241,18 @@ static void sparse_kd_rows(const SparseKdArgs& a, int64_t row_begin, int64_t row
     if (n_tail) store_tail(sweep4(n_full, load_tail<V>(s + n_full, n_tail, neg_inf)), g + n_full, n_tail);
     if (stream) V::fence();
 
-    // What the sweep could not write: the one-hot term at the label, and (rarely) the kept entries.
-    const bool label_kept = hard && stamp[label] == row;
-    auto value_at = [&](int64_t j, double p_j) {  // computed from the unfolded exponential
-      double r = double(cq) * double(exp_s[j]) - soft * p_j;
-      if (ce_needs_own_sum) r += double(cce) * std::exp(double(to_compute<C>(s[j]) - ms));
-      if (hard && j == label) r -= a.hard_grad_coef;
-      return r;
-    };
-    if (post_fix) {
-      for (int64_t i = 0; i < k; ++i) {
-        const int64_t j = sparse_index(a, base + i);
-        g[j] = from_compute<TS>(C(value_at(j, std::exp(sparse_value(a, base + i) * inv_td - log_z))));
-      }
-    }
-    if (hard && !(post_fix && label_kept)) {
-      // The sweep's value there, less the one-hot weight (folded or not, cq e - cb is right).
-      double r = double(cq) * double(exp_s[label]) - double(cb) - a.hard_grad_coef;
-      if (ce_needs_own_sum) r += double(cce) * std::exp(double(to_compute<C>(s[label]) - ms));
-      g[label] = from_compute<TS>(C(r));
+    if (hard) {
+      // The label's entry, written once and computed afresh in the compute type, coefficient by
+      // coefficient, so that softmax(s) - onehot and q - p cancel where they should (V = 1).
+      double p_label = pb;
+      if (stamp[label] == row)
+        for (int64_t i = 0; i < k; ++i)
+          if (sparse_index(a, base + i) == label) p_label = std::exp(log_p(sparse_value(a, base + i)));
+      const C d_label = to_compute<C>(s[label]) - ms;
+      const C e_label = std::exp(d_label * inv_t);
+      C r = C(soft / tot_s) * e_label - C(soft * p_label);
+      r += ce_needs_own_sum ? cce * std::exp(d_label) : C(a.hard_grad_coef / tot_s) * e_label;
+      g[label] = from_compute<TS>(r - C(a.hard_grad_coef));
     }
   }
 }

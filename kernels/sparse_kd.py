@@ -11,9 +11,12 @@ s is the student row, T the temperature, r = max s (0 while it is still -inf):
               u = log(m / n); p proportional to e^{lp/T} over the full row:
               log Z = LSE((v_1..v_k)/T, u/T + log n),  p_i = e^{v_i/T - log Z},  p_b = e^{u/T - log Z}
               (each tail entry). An empty tail (k = V, or m = 0) has p_b = 0 and contributes nothing.
-    KL(p||q)  = sum_j p_j (log p_j - log q_j)
-              = log S + sum_K p_i (log p_i - x_i) + n p_b log p_b - p_b sum_{j not in K} x_j
-              (sum_j p_j = 1), where the tail's student sum needs no membership test:
+    KL(p||q)  = sum_j p_j (log p_j - log q_j) = sum_j p_j ((v_j - top) - (s_j - r)) / T + log S - lz
+              with top the teacher's maximum (of v, and of u on the uniform tail), log Z = top/T + lz,
+              v_j = u off K, and sum_j p_j = 1: kernels/kd.py's form, each term a difference taken
+              before scaling, and log S - lz (both near log V) subtracted last. The tail's part is
+              p_b (n (u - top) - sum_{j not in K} (s_j - r)) / T, and its student sum needs no
+              membership test:
               sum_{j not in K} (s_j - r) = sum_all (s_j - r) - sum_K (s_j - r), summed over finite
               entries with the -inf ones counted apart (-inf - -inf is undefined): a -inf student
               entry in a tail of positive mass makes the loss +inf.
@@ -213,13 +216,13 @@ def _sparse_kd_forward_kernel(
             z += tl.sum(tl.where(km, tl.exp((v - top) * inv_t), 0.0), axis=0)
     lz = tl.log(z)
     if UNIFORM:
-        lpb = tl.where(has_tail, (ub - top) * inv_t - lz, NEG_INF)
-        pb = tl.where(has_tail, tl.exp(lpb), 0.0)
+        pb = tl.where(has_tail, tl.exp((ub - top) * inv_t - lz), 0.0)
     else:
-        lpb = tl.full((), NEG_INF, tl.float32)
         pb = tl.zeros((), tl.float32)
 
-    # Pass 3: the kept entries' KL terms, and sum (s - r) over them for the tail.
+    # Pass 3: the kept entries' KL terms, and sum (s - r) over them for the tail. As in
+    # kernels/kd.py, KL = sum_j p_j ((v_j - top) - (s_j - r)) / T + log S - lz: each term is a
+    # difference taken before scaling, and log S - lz, both near log V, are subtracted last.
     kept = tl.zeros((), tl.float32)
     d_kept = tl.zeros((), tl.float32)
     n_ninf_kept = tl.zeros((), tl.int32)
@@ -230,19 +233,19 @@ def _sparse_kd_forward_kernel(
             v = tl.load(v_row + ko, mask=km, other=NEG_INF).to(tl.float32)
             j = tl.load(i_row + ko, mask=km, other=0).to(tl.int64)
             sj = tl.load(s_row + j, mask=km, other=0.0).to(tl.float32)
-            lp = (v - top) * inv_t - lz
-            p = tl.exp(lp)
+            p = tl.exp((v - top) * inv_t - lz)
             dj = sj - r_s
             # where the teacher has no mass the term is 0, not 0 * inf (NaN fails p == 0: kept)
-            kept += tl.sum(tl.where(km & (p != 0.0), p * (lp - dj * inv_t), 0.0), axis=0)
+            kept += tl.sum(tl.where(km & (p != 0.0), p * (((v - top) - dj) * inv_t), 0.0), axis=0)
             if UNIFORM:
                 d_kept += tl.sum(tl.where(km & (sj != NEG_INF), dj, 0.0), axis=0)
                 n_ninf_kept += tl.sum((km & (sj == NEG_INF)).to(tl.int32), axis=0)
 
-    kl = LN2 * tl.log2(sum_s) + kept
     if UNIFORM:
-        tail_x = tl.where(n_ninf > n_ninf_kept, NEG_INF, (d_all - d_kept) * inv_t)
-        kl += tl.where(has_tail & (pb != 0.0), n_rest * pb * lpb - pb * tail_x, 0.0)
+        # sum over the tail of ((u - top) - (s_j - r)); +inf when a tail entry is -inf
+        tail_diff = tl.where(n_ninf > n_ninf_kept, float("inf"), n_rest * (ub - top) - (d_all - d_kept))
+        kept += tl.where(has_tail & (pb != 0.0), pb * (tail_diff * inv_t), 0.0)
+    kl = (kept + LN2 * tl.log2(sum_s)) - lz
     kl = tl.where(kl < 0.0, 0.0, kl)  # KL >= 0; rounding can leave a hair below 0 (NaN kept)
     loss = soft_loss_coef * (soft_loss_t * kl)
     if HAS_CE:

@@ -18,10 +18,13 @@
 //             (one tail entry), M_b = n p_b (the tail's mass). An empty tail (k = V, or a kept
 //             mass of 1) carries no mass: b = -inf, p_b = 0, and it contributes nothing.
 //
-//   KL(p || q) = sum_j p_j (log p_j - log q_j), and since sum_j p_j = 1,
-//              = log S + sum_K p_i (log p_i - x_i) + M_b log p_b - p_b sum_{j not in K} x_j
-//   where the tail's student sum needs no membership test while streaming the row:
-//              sum_{j not in K} x_j = (sum_all (s_j - ms) - sum_K (s_j - ms)) / T.
+//   KL(p || q) = sum_j p_j (log p_j - log q_j), and with top = the teacher's maximum (of v and,
+//   with a tail, of u = lp_tail), log Z = top/T + lz, and sum_j p_j = 1:
+//              = sum_K p_i ((v_i - top) - (s_i - ms)) / T
+//                + p_b (n (u - top) - sum_{j not in K} (s_j - ms)) / T  +  log S - lz
+//   (kd_kernel.h's form: differences taken before scaling, log S - lz subtracted last), where
+//   the tail's student sum needs no membership test while streaming the row:
+//              sum_{j not in K} (s_j - ms) = sum_all (s_j - ms) - sum_K (s_j - ms).
 //   (A term with p = 0 is 0, not 0 * inf: a -inf value, or an empty tail facing a -inf student
 //   entry. A -inf student entry in a tail of positive mass makes the loss +inf, as it should.)
 //
@@ -170,8 +173,7 @@ static void sparse_kd_rows(const SparseKdArgs& a, int64_t row_begin, int64_t row
     for (int64_t i = 0; i < k; ++i) z += std::exp((sparse_value(a, base + i) - top) * inv_td);
     const double lz = std::log(z);
     auto log_p = [&](double v) { return (v - top) * inv_td - lz; };
-    const double lpb = has_tail ? log_p(ub) : -inf;
-    const double pb = has_tail ? std::exp(lpb) : 0.0;
+    const double pb = has_tail ? std::exp(log_p(ub)) : 0.0;
 
     // Gradient: g = cq (e - ce) (+ cce e^{s - ms}), e = e^{x}, ce = S p_b soft / (cq S): the tail's
     // value soft (q - p_b) off the kept entries. With T == 1 the CE softmax is q itself, so its
@@ -186,21 +188,21 @@ static void sparse_kd_rows(const SparseKdArgs& a, int64_t row_begin, int64_t row
     const C cce = ce_needs_own_sum ? C(a.hard_grad_coef / tot_ce) : C(0);
     const bool fold = g && soft != 0;
 
-    // The kept entries: the loss terms, sum (s - ms) over K, the fold.
+    // The kept entries: the loss terms, sum (s - ms) over K, the fold. As in kd_kernel.h the KL is
+    // sum_j p_j ((v_j - top) - (s_j - ms)) / T + log S - lz (v_j = ub off K; sum_j p_j = 1): each
+    // term a difference taken before scaling, and log S - lz, both near log V, subtracted last.
     double kept = 0, kept_d = 0;
     bool kept_neg_inf = false;
     for (int64_t i = 0; i < k; ++i) {
       const int64_t j = sparse_index(a, base + i);
-      const double lp = log_p(sparse_value(a, base + i));
-      const double p = std::exp(lp);
+      const double v = sparse_value(a, base + i);
+      const double p = std::exp(log_p(v));
       const C dj = to_compute<C>(s[j]) - ms;
-      const double x = double(dj) * inv_td;
-      if (p != 0) kept += p * (lp - x);  // a NaN p fails the test the other way: NaN is kept
+      if (p != 0) kept += p * (((v - top) - double(dj)) * inv_td);  // NaN fails p == 0: kept
       if (dj == neg_inf) kept_neg_inf = true;
       else kept_d += double(dj);
       if (fold) exp_s[j] = C((double(exp_s[j]) - ratio * tot_s * p) + ce_d);
     }
-    double kl = log_s + kept;
     if (has_tail && pb != 0) {
       double tail_d;  // sum over the entries not kept of (s_j - ms)
       if (!kept_neg_inf) {
@@ -212,8 +214,9 @@ static void sparse_kd_rows(const SparseKdArgs& a, int64_t row_begin, int64_t row
         for (int64_t j = 0; j < n; ++j)
           if (stamp[j] != row) tail_d += double(C(to_compute<C>(s[j]) - ms));
       }
-      kl += double(n_rest) * pb * lpb - pb * (tail_d * inv_td);
+      kept += pb * ((double(n_rest) * (ub - top) - tail_d) * inv_td);
     }
+    double kl = (kept + log_s) - lz;
 
     // The row's loss, combined in double (see kd_kernel.h).
     double loss = 0;

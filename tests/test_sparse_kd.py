@@ -24,8 +24,9 @@ from sparse_kd_helpers import TAILS, check_against_reference, make_dense, make_s
 
 needs_ext = pytest.mark.skipif(_ext.LOAD_ERROR is not None, reason=str(_ext.LOAD_ERROR))
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# (labels mode, reduction): every mode and every reduction, without their full product.
-MODES = [("none", "batchmean"), ("labels", "sum"), ("hard", "none")]
+# (labels mode, reduction, temperature): every mode, reduction and CE path (T = 1: the CE
+# softmax is q; T != 1: its own), without their full product.
+MODES = [("none", "batchmean", 2.5), ("labels", "sum", 1.0), ("hard", "none", 2.5), ("hard", "batchmean", 1.0)]
 
 
 def label_kwargs(mode, rows_shape, vocab, ignored=(0,)):
@@ -119,10 +120,9 @@ SHAPES = [((41, 1271), 64), ((3, 131073), 64), ((2, 3, 257), 64), ((1, 1), 1), (
 def test_cpu_matches_reference(shape, k, dtype, values, tail):
     s, vals, idx = make_sparse(shape, k, dtype, values)
     rows = shape[:-1]
-    for mode, reduction in MODES:
+    for mode, reduction, T in MODES:
         kwargs = label_kwargs(mode, rows, shape[-1], ignored=(0,) if math.prod(rows) > 1 else ())
-        for T in (1.0, 2.5):
-            check_against_reference("cpu", s, vals, idx, T, values=values, tail=tail, reduction=reduction, **kwargs)
+        check_against_reference("cpu", s, vals, idx, T, values=values, tail=tail, reduction=reduction, **kwargs)
 
 
 @needs_ext
@@ -343,9 +343,9 @@ def test_kept_mass_of_one_is_an_empty_tail(backend, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("values,tail", TAILS)
 def test_wide_logits(dtype, values, tail):
-    s, vals, idx = make_sparse((17, 3001), 64, dtype, values, std=30.0)
+    s, vals, idx = make_sparse((9, 3001), 64, dtype, values, std=30.0)
     check_against_reference("cpu", s, vals, idx, 1.0, values=values, tail=tail)
-    check_against_reference("cpu", s, vals, idx, 4.0, values=values, tail=tail, labels=make_labels((17,), 3001), hard_weight=0.1)
+    check_against_reference("cpu", s, vals, idx, 4.0, values=values, tail=tail, labels=make_labels((9,), 3001), hard_weight=0.1)
 
 
 @needs_ext
@@ -445,7 +445,7 @@ def test_module_checks_its_options_at_construction(kwargs, message):
 
 
 @needs_ext
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     vocab=st.integers(1, 300),
     rows=st.integers(1, 6),
@@ -469,7 +469,7 @@ def test_property_loss_nonnegative_and_gradient_rows_sum_to_zero(vocab, rows, k_
 
 
 @needs_ext
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(vocab=st.integers(2, 300), k_frac=st.floats(0.0, 1.0), temperature=st.floats(0.5, 5.0), seed=st.integers(0, 2**16), uniform=st.booleans())
 def test_property_cpu_agrees_with_reference(vocab, k_frac, temperature, seed, uniform):
     k = max(1, round(k_frac * vocab))
@@ -485,11 +485,10 @@ def test_property_cpu_agrees_with_reference(vocab, k_frac, temperature, seed, un
 
 @needs_ext
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
-@pytest.mark.parametrize("reduction", ["batchmean", "sum"])
-@pytest.mark.parametrize("values,tail", TAILS)
+@pytest.mark.parametrize("reduction,values,tail", [("batchmean", *TAILS[0]), ("sum", *TAILS[1])])
 def test_gradcheck_float64(backend, reduction, values, tail):
-    s, vals, idx = make_sparse((4, 9), 3, torch.float64, values)
-    y = torch.tensor([2, -100, 0, 8])
+    s, vals, idx = make_sparse((3, 7), 3, torch.float64, values)
+    y = torch.tensor([2, -100, 6])
 
     def f(x):
         return fastkd.sparse_kd_loss(x, vals, idx, 1.7, values=values, tail=tail, labels=y, hard_weight=0.3, reduction=reduction, backend=backend)

@@ -47,11 +47,10 @@ def call(backend, x, vals, idx, temperature, values, tail, **kwargs):
 
 
 @pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
-@pytest.mark.parametrize("reduction", ["batchmean", "none"])
-@pytest.mark.parametrize("values,tail", TAILS)
+@pytest.mark.parametrize("reduction,values,tail", [("batchmean", *TAILS[0]), ("none", *TAILS[1])])
 def test_gradgradcheck_float64(backend, reduction, values, tail):
-    s, vals, idx = make_sparse((4, 9), 4, torch.float64, values, device=dev(backend))
-    y = torch.tensor([2, -100, 0, 8], device=dev(backend))
+    s, vals, idx = make_sparse((3, 7), 3, torch.float64, values, device=dev(backend))
+    y = torch.tensor([2, -100, 6], device=dev(backend))
 
     def f(x):
         return call(backend, x, vals, idx, 1.7, values, tail, labels=y, hard_weight=0.3, reduction=reduction)

@@ -8,18 +8,16 @@
 //
 //   student   x_j = (s_j - ms)/T, ms = max s,  S = sum_j e^{x_j},  log q_j = x_j - log S
 //             (over the FULL vocabulary: the student is never normalised over K)
-//   teacher   a_i = v_i / T                                               (i in K)
-//     tail="renormalize":  p_i = e^{a_i} / sum_K e^{a}, and p_j = 0 off K
-//     tail="uniform" (v are full-vocabulary log-probabilities): the missing mass
+//   teacher   tail="renormalize":  p_i = e^{v_i/T} / sum_K e^{v/T}, and p_j = 0 off K
+//             tail="uniform" (v are full-vocabulary log-probabilities): the missing mass
 //             m_tail = max(0, 1 - sum_K e^{v_i}) is spread evenly over the n = V - k other
-//             entries, lp_tail = log(m_tail / n); then p is proportional to e^{lp/T} over the
-//             whole row: b = lp_tail / T at each tail entry, and
-//             log Z = LSE(a_1..a_k, b + log n),  p_i = e^{a_i - log Z},  p_b = e^{b - log Z}
-//             (one tail entry), M_b = n p_b (the tail's mass). An empty tail (k = V, or a kept
-//             mass of 1) carries no mass: b = -inf, p_b = 0, and it contributes nothing.
+//             entries, u = log(m_tail / n); then p is proportional to e^{lp/T} over the whole
+//             row (lp = v on K, u elsewhere): with top = max(v, u),
+//             log Z = top/T + lz,  lz = log(sum_K e^{(v_i - top)/T} + n e^{(u - top)/T}),
+//             p_i = e^{(v_i - top)/T - lz},  p_b = e^{(u - top)/T - lz} (each tail entry).
+//             An empty tail (k = V, or a kept mass of 1) carries no mass: p_b = 0.
 //
-//   KL(p || q) = sum_j p_j (log p_j - log q_j), and with top = the teacher's maximum (of v and,
-//   with a tail, of u = lp_tail), log Z = top/T + lz, and sum_j p_j = 1:
+//   KL(p || q) = sum_j p_j (log p_j - log q_j), and since sum_j p_j = 1:
 //              = sum_K p_i ((v_i - top) - (s_i - ms)) / T
 //                + p_b (n (u - top) - sum_{j not in K} (s_j - ms)) / T  +  log S - lz
 //   (kd_kernel.h's form: differences taken before scaling, log S - lz subtracted last), where
@@ -40,8 +38,9 @@
 // row, S, and sum (s_j - ms) for the uniform tail; (3) the teacher's k entries in double;
 // (4) the gradient, one streaming sweep g = c_q (e - c_e), the tail's value off the kept entries:
 // each kept entry's own value is folded into the scratch row beforehand, so that no scattered
-// store follows the non-temporal ones (only the label's, as in kd_kernel.h). Memory traffic: read N*V + 2*N*k,
-// write N*V; for V = 32000 fp32 a row and its exponentials fill 256 KB, inside a core's L2.
+// store follows the non-temporal ones (only the label's, as in kd_kernel.h). Memory traffic:
+// read N*V + 2*N*k, write N*V; for V = 32000 fp32 a row and its exponentials fill 256 KB, inside
+// a core's L2.
 // One exp per entry (two with labels and T != 1).
 #pragma once
 

@@ -54,6 +54,18 @@ TORCH_LIBRARY(fastkd, m) {
   m.def(
       "dkd_forward(Tensor student, Tensor teacher, Tensor labels, float temperature, float alpha, "
       "float beta, int ignore_index, str reduction, bool compute_grad) -> (Tensor, Tensor)");
+  // Fused KD against a sparse teacher, known at k entries per row (top-k logits or log-probs).
+  //   student: [N, V] contiguous; values: [N, k] float, contiguous; indices: [N, k] int64 or
+  //   int32, contiguous, each row's k indices distinct and in [0, V) (a row that breaks this gets
+  //   a NaN loss and gradient); labels: [N] int64 or None.
+  //   values_kind: "logits" | "logprobs"; tail: "renormalize" (the teacher is softmax(values/T)
+  //   over its k entries) | "uniform" (needs "logprobs": the missing mass is spread evenly over
+  //   the other V - k entries, then p is proportional to exp(logprob/T) over the full row).
+  //   The student is normalised over the full vocabulary. Everything else as kd_forward.
+  m.def(
+      "sparse_kd_forward(Tensor student, Tensor values, Tensor indices, Tensor? labels, str values_kind, "
+      "str tail, float temperature, float hard_weight, int ignore_index, str reduction, bool t2_scale, "
+      "bool compute_grad) -> (Tensor, Tensor)");
   // The instruction set the CPU kernels use here: "avx512", "avx2" or "scalar".
   m.def("cpu_isa() -> str", &fastkd::cpu_isa);
   // Drops the CPU kernels' cached gradient buffer; returns the bytes it held.

@@ -33,3 +33,7 @@ from fastkd.functional import dkd_loss, dkd_loss_reference, kd_loss, kd_loss_ref
 
 __version__ = "0.1.0"
 __all__ = ["kd_loss", "kd_loss_reference", "dkd_loss", "dkd_loss_reference", "nn", "empty_cache", "__version__"]
+from fastkd.functional import kd_loss, kd_loss_reference, sparse_kd_loss, sparse_kd_loss_reference
+
+__version__ = "0.1.0"
+__all__ = ["kd_loss", "kd_loss_reference", "sparse_kd_loss", "sparse_kd_loss_reference", "nn", "empty_cache", "__version__"]

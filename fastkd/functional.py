@@ -28,3 +28,6 @@ __all__ = [
     "pkt_loss_reference",
 ]
 __all__ = ["kd_loss", "kd_loss_reference", "dkd_loss", "dkd_loss_reference"]
+from fastkd.ops.sparse_kd import sparse_kd_loss, sparse_kd_loss_reference
+
+__all__ = ["kd_loss", "kd_loss_reference", "sparse_kd_loss", "sparse_kd_loss_reference"]

@@ -12,6 +12,7 @@
 
 #include "dkd_args.h"
 #include "kd_args.h"
+#include "sparse_kd_args.h"
 
 namespace fastkd {
 namespace scalar {

@@ -8,3 +8,4 @@
 #include "cpu/relational_kernel.h"
 #include "cpu/dkd_kernel.h"
 #include "cpu/kd_div_kernel.h"
+#include "cpu/sparse_kd_kernel.h"

@@ -5,11 +5,30 @@ Import one loss as a drop-in replacement::
     import fastkd
     loss = fastkd.kd_loss(student_logits, teacher_logits, temperature=2.0)
     criterion = fastkd.nn.KDLoss(temperature=2.0)
+    hint = fastkd.hint_loss(regressor(student_feat), teacher_feat, kind="mse")
+    at = fastkd.attention_transfer_loss([s3, s4], [t3, t4])   # summed over the pairs
 """
 
 from fastkd import nn
 from fastkd._ext import empty_cache
-from fastkd.functional import kd_loss, kd_loss_reference
+from fastkd.functional import (
+    attention_transfer_loss,
+    attention_transfer_loss_reference,
+    hint_loss,
+    hint_loss_reference,
+    kd_loss,
+    kd_loss_reference,
+)
 
 __version__ = "0.1.0"
-__all__ = ["kd_loss", "kd_loss_reference", "nn", "empty_cache", "__version__"]
+__all__ = [
+    "kd_loss",
+    "kd_loss_reference",
+    "hint_loss",
+    "hint_loss_reference",
+    "attention_transfer_loss",
+    "attention_transfer_loss_reference",
+    "nn",
+    "empty_cache",
+    "__version__",
+]

@@ -10,6 +10,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "feature_args.h"
 #include "kd_args.h"
 
 namespace fastkd {

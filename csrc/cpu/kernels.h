@@ -5,3 +5,4 @@
 
 #include "cpu/dispatch.h"
 #include "cpu/kd_kernel.h"
+#include "cpu/feature_kernel.h"

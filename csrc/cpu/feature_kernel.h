@@ -12,13 +12,14 @@
 //     one sweep; a long row is split into chunks that run as separate tasks.
 //   cosine     1 - cos,  cos = <s,t> / (Ns Nt),  Ns = max(|s|, 1e-8), Nt = max(|t|, 1e-8)
 //              grad = -t / (Ns Nt) + cos * s / (Ns |s|)    (second term 0 when |s| = 0)
+//                   = -v / Ns + cos * u / |s|             (u = s / Ns, v = t / Nt)
 //     (exactly F.cosine_similarity's value and gradient: it clamps the norms without recording
 //     the clamp, so the norm's own gradient s/|s| still flows where |s| < eps)
 //   normalized_mse  sum (u - v)^2,  u = s / Ns, v = t / Nt,  Ns = max(|s|, 1e-12), Nt likewise
 //              grad = 2/Ns * (r - [|s| >= 1e-12] u <u, r>),  r = u - v      (F.normalize's)
 //     two sweeps over the row: (1) |s|^2, |t|^2, <s,t>; (2) the loss, summed entry by entry as
 //     the reference does (1 - cos = |u - v|^2 / 2 for unclamped norms: no cancellation when
-//     cos is near 1), and the gradient, a s + b t. The row (2 x D entries) is re-read from cache.
+//     cos is near 1), and the gradient, a u + b v. The row (2 x D entries) is re-read from cache.
 //   Memory traffic: read 2 N*D, write N*D (gradient).
 //
 // attention_transfer_forward, per sample with x = student [Cs, HW], y = teacher [Ct, HW]:
@@ -54,6 +55,11 @@ template <class V>
 static inline V v_clamp1(V x) {
   const auto one = V::set1(1).v;
   return {x.v > one ? one : (x.v < -one ? -one : x.v)};
+}
+
+template <class V>
+static inline V v_div(V x, V y) {
+  return {x.v / y.v};
 }
 
 template <class V>
@@ -178,27 +184,32 @@ static void hint_row_tasks(const HintArgs& a, int64_t begin, int64_t end) {
     // second), so a row holding a NaN gets a NaN loss and gradient.
     const double cs = std::max(ns, eps), ct = std::max(nt, eps);
     const double inv_s = 1.0 / cs, inv_t = 1.0 / ct;
-    double coef_s, coef_t;  // gradient = coef_s * s + coef_t * t
+    // The gradient is coef_u * u + coef_v * v with u = s / Ns, v = t / Nt: for equal directions
+    // the two terms then cancel exactly, as in the reference.
+    double coef_u, coef_v;
     if constexpr (K == HintKind::Cosine) {
+      // -t / (Ns Nt) + cos s / (Ns |s|)   (the second term 0 when |s| = 0)
       const double cosine = st.total * inv_s * inv_t;
-      coef_t = -a.grad_coef * inv_s * inv_t;
-      coef_s = ns > 0 ? a.grad_coef * cosine * inv_s / ns : (ns == 0 ? 0.0 : ns);
+      coef_u = ns > 0 ? a.grad_coef * cosine / ns : (ns == 0 ? 0.0 : ns);
+      coef_v = -a.grad_coef * inv_s;
     } else {
-      // <u, r> = |u|^2 - <u, v>, and gradient = 2/Ns (u - v - [|s| >= eps] u <u, r>).
+      // 2/Ns (u - v - [|s| >= eps] u <u, r>),  <u, r> = |u|^2 - <u, v>
       const double ur = ss.total * inv_s * inv_s - st.total * inv_s * inv_t;
       const double keep = ns >= eps ? ur : (ns < eps ? 0.0 : ns);  // NaN: NaN
-      coef_s = 2 * a.grad_coef * inv_s * inv_s * (1 - keep);
-      coef_t = -2 * a.grad_coef * inv_s * inv_t;
+      coef_u = 2 * a.grad_coef * inv_s * (1 - keep);
+      coef_v = -2 * a.grad_coef * inv_s;
     }
 
-    // Sweep 2: the loss entry by entry, |u - v|^2, and the gradient.
-    const V vis = V::set1(C(inv_s)), vit = V::set1(C(inv_t));
-    const V vcs = V::set1(C(coef_s)), vct = V::set1(C(coef_t));
+    // Sweep 2: the loss entry by entry, |u - v|^2, and the gradient. u and v are divided, not
+    // multiplied by a reciprocal, as the reference does: equal directions then give exactly 0.
+    const V vns = V::set1(C(cs)), vnt = V::set1(C(ct));
+    const V vcu = V::set1(C(coef_u)), vcv = V::set1(C(coef_v));
     FlushSum<V> dd;
     auto sweep2 = [&](V xs, V xt) {
-      const V d = xs * vis - xt * vit;
+      const V u = v_div(xs, vns), v = v_div(xt, vnt);
+      const V d = u - v;
       dd.add(d * d);
-      return V::fma(vcs, xs, vct * xt);
+      return V::fma(vcu, u, vcv * v);
     };
     const bool stream = g && a.stream_grad && reinterpret_cast<uintptr_t>(g) % (L * sizeof(TS)) == 0;
     for (int64_t b = 0; b < n_full; b += kFlushBlock<V>) {
@@ -219,10 +230,11 @@ static void hint_row_tasks(const HintArgs& a, int64_t begin, int64_t end) {
     }
     if (stream) V::fence();
     if constexpr (K == HintKind::Cosine) {
-      // 1 - cos = |u - v|^2 / 2 + (1 - (|u|^2 + |v|^2) / 2); the second term is 0 up to rounding
-      // unless a norm was clamped.
+      // 1 - cos = |u - v|^2 / 2 + (1 - (|u|^2 + |v|^2) / 2); the second term is exactly 0 unless
+      // a norm was clamped.
+      const bool clamped = ns < eps || nt < eps;
       const double us = ss.total * inv_s * inv_s, vt = tt.total * inv_t * inv_t;
-      a.task_loss[row] = 0.5 * dd.total + (1 - 0.5 * (us + vt));
+      a.task_loss[row] = 0.5 * dd.total + (clamped ? 1 - 0.5 * (us + vt) : 0.0);
     } else {
       a.task_loss[row] = dd.total;
     }
@@ -325,11 +337,12 @@ static void attention_rows(const AttentionArgs& a, int64_t begin, int64_t end, v
       ntt += double(qt[j]) * double(qt[j]);
     }
     const double ns = std::sqrt(nss), nt = std::sqrt(ntt);
-    const double inv_s = 1.0 / std::max(ns, kNormalizeEps), inv_t = 1.0 / std::max(nt, kNormalizeEps);
+    const double cs = std::max(ns, kNormalizeEps), ct = std::max(nt, kNormalizeEps);
+    const double inv_s = 1.0 / cs;
     double loss = 0, ar = 0;
     for (int64_t j = 0; j < hw; ++j) {
-      const double as = double(qs[j]) * inv_s;
-      const double r = as - double(qt[j]) * inv_t;
+      const double as = double(qs[j]) / cs;  // divided, as the reference: equal maps give exactly 0
+      const double r = as - double(qt[j]) / ct;
       loss += r * r;
       ar += as * r;
     }
@@ -340,8 +353,8 @@ static void attention_rows(const AttentionArgs& a, int64_t begin, int64_t end, v
     const double keep = ns >= kNormalizeEps ? ar : (ns < kNormalizeEps ? 0.0 : ns);
     const double k = a.grad_coef * 2 * inv_s * a.p / double(a.s_channels);
     for (int64_t j = 0; j < hw; ++j) {
-      const double as = double(qs[j]) * inv_s;
-      const double r = as - double(qt[j]) * inv_t;
+      const double as = double(qs[j]) / cs;
+      const double r = as - double(qt[j]) / ct;
       qs[j] = C(k * (r - as * keep));
     }
     const int64_t n_full = hw - hw % L;

@@ -39,7 +39,9 @@ def real(name: str, x, *, lo: Optional[float] = None, hi: Optional[float] = None
     if low_bad or high_bad:
         left = "(" if lo_open else "["
         right = ")" if hi_open else "]"
-        raise ValueError(f"{name} must be in {left}{'-inf' if lo is None else lo:g}, {'inf' if hi is None else hi:g}{right}, got {x}")
+        low = "-inf" if lo is None else f"{lo:g}"
+        high = "inf" if hi is None else f"{hi:g}"
+        raise ValueError(f"{name} must be in {left}{low}, {high}{right}, got {x}")
     return value
 
 

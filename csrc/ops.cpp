@@ -66,6 +66,20 @@ TORCH_LIBRARY(fastkd, m) {
       "sparse_kd_forward(Tensor student, Tensor values, Tensor indices, Tensor? labels, str values_kind, "
       "str tail, float temperature, float hard_weight, int ignore_index, str reduction, bool t2_scale, "
       "bool compute_grad) -> (Tensor, Tensor)");
+  // Fused hint (FitNets) loss between equal-shape features, flattened to [B, D] rows (samples).
+  //   kind: "mse" | "l1" | "smooth_l1" (beta 1) | "cosine" (1 - cos per row) | "normalized_mse"
+  //   (mse of the L2-normalised rows). reduction: "mean" (over all B*D entries; over rows for
+  //   cosine) | "sum" | "none" (per row: the mean over its entries; 1 - cos for cosine).
+  //   Returns (loss, grad) as kd_forward does: grad [B, D] in the student's dtype, already
+  //   carrying the reduction's scale, or an empty [0] tensor when compute_grad is false.
+  m.def("hint_forward(Tensor student, Tensor teacher, str kind, str reduction, bool compute_grad) -> (Tensor, Tensor)");
+  // Fused attention transfer (Zagoruyko & Komodakis) for one pair of feature maps:
+  //   student [B, C_s, HW], teacher [B, C_t, HW] contiguous; a(x) = normalize_HW(mean_C |x|^p);
+  //   per row: mean over HW of (a_s - a_t)^2. reduction: "mean" (over B and HW) | "sum" |
+  //   "none" (per row). p: finite, >= 1. Returns (loss, grad) as hint_forward does.
+  m.def(
+      "attention_transfer_forward(Tensor student, Tensor teacher, float p, str reduction, bool compute_grad) "
+      "-> (Tensor, Tensor)");
   // The instruction set the CPU kernels use here: "avx512", "avx2" or "scalar".
   m.def("cpu_isa() -> str", &fastkd::cpu_isa);
   // Drops the CPU kernels' cached gradient buffer; returns the bytes it held.

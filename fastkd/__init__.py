@@ -6,34 +6,26 @@ Import one loss as a drop-in replacement::
     loss = fastkd.kd_loss(student_logits, teacher_logits, temperature=2.0)
     criterion = fastkd.nn.KDLoss(temperature=2.0)
     loss = fastkd.dkd_loss(student_logits, teacher_logits, labels, temperature=4.0, alpha=1.0, beta=8.0)
+    hint = fastkd.hint_loss(regressor(student_feat), teacher_feat, kind="mse")
+    at = fastkd.attention_transfer_loss([s3, s4], [t3, t4])   # summed over the pairs
 """
 
 from fastkd import nn
 from fastkd._ext import empty_cache
-from fastkd.functional import fused_linear_kd_loss, kd_loss, kd_loss_reference
+from fastkd.functional import (
+    attention_transfer_loss,
+    dkd_loss,
+    fused_linear_kd_loss,
+    hint_loss,
+    kd_loss,
+    kd_loss_reference,
+    pkt_loss,
+    rkd_angle_loss,
+    rkd_distance_loss,
+    sp_loss,
+    sparse_kd_loss,
+)
+from fastkd.functional import LOSSES
 
 __version__ = "0.1.0"
-__all__ = ["kd_loss", "kd_loss_reference", "fused_linear_kd_loss", "nn", "empty_cache", "__version__"]
-from fastkd.functional import kd_loss, kd_loss_reference
-from fastkd.functional import pkt_loss, rkd_angle_loss, rkd_distance_loss, sp_loss
-
-__version__ = "0.1.0"
-__all__ = [
-    "kd_loss",
-    "kd_loss_reference",
-    "rkd_distance_loss",
-    "rkd_angle_loss",
-    "sp_loss",
-    "pkt_loss",
-    "nn",
-    "empty_cache",
-    "__version__",
-]
-from fastkd.functional import dkd_loss, dkd_loss_reference, kd_loss, kd_loss_reference
-
-__version__ = "0.1.0"
-__all__ = ["kd_loss", "kd_loss_reference", "dkd_loss", "dkd_loss_reference", "nn", "empty_cache", "__version__"]
-from fastkd.functional import kd_loss, kd_loss_reference, sparse_kd_loss, sparse_kd_loss_reference
-
-__version__ = "0.1.0"
-__all__ = ["kd_loss", "kd_loss_reference", "sparse_kd_loss", "sparse_kd_loss_reference", "nn", "empty_cache", "__version__"]
+__all__ = list(LOSSES) + ["kd_loss_reference", "nn", "empty_cache", "__version__"]

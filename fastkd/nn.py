@@ -7,16 +7,23 @@ from typing import Optional
 import torch
 
 from fastkd.backends import requested_backend
-from fastkd.functional import fused_linear_kd_loss, kd_loss
-from fastkd.functional import kd_loss, pkt_loss, rkd_angle_loss, rkd_distance_loss, sp_loss
-from fastkd.functional import dkd_loss, kd_loss
+from fastkd.functional import (
+    attention_transfer_loss,
+    dkd_loss,
+    fused_linear_kd_loss,
+    hint_loss,
+    kd_loss,
+    pkt_loss,
+    rkd_angle_loss,
+    rkd_distance_loss,
+    sp_loss,
+    sparse_kd_loss,
+)
 from fastkd.ops import dkd as _dkd
+from fastkd.ops import feature as _feature
 from fastkd.ops import kd as _kd
 from fastkd.ops import relational as _relational
-from fastkd.functional import kd_loss, sparse_kd_loss
-from fastkd.ops import kd as _kd
 from fastkd.ops import sparse_kd as _sparse_kd
-
 
 class KDLoss(torch.nn.Module):
     """Module form of :func:`fastkd.kd_loss`; the constructor takes its keyword options
@@ -319,3 +326,56 @@ class SparseKDLoss(torch.nn.Module):
             f"hard_weight={self.hard_weight}, ignore_index={self.ignore_index}, "
             f"reduction={self.reduction!r}, t2_scale={self.t2_scale}, backend={self.backend!r}"
         )
+
+
+class HintLoss(torch.nn.Module):
+    """Module form of :func:`fastkd.hint_loss` (FitNets); options checked at construction.
+
+    ``forward(student_feat, teacher_feat)`` returns the loss. The regressor that maps the
+    student's feature to the teacher's shape is a separate module (apply it first).
+
+    Example::
+
+        regressor = torch.nn.Conv2d(64, 256, kernel_size=1)
+        criterion = fastkd.nn.HintLoss(kind="mse")
+        loss = criterion(regressor(student_feat), teacher_feat)
+    """
+
+    def __init__(self, kind: str = "mse", *, reduction: str = "mean", backend: Optional[str] = None):
+        super().__init__()
+        _feature.validate_hint_options(kind, reduction)
+        if backend is not None:
+            requested_backend(backend)
+        self.kind, self.reduction, self.backend = kind, reduction, backend
+
+    def forward(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
+        return hint_loss(student_feat, teacher_feat, kind=self.kind, reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, reduction={self.reduction!r}, backend={self.backend!r}"
+
+
+class AttentionTransferLoss(torch.nn.Module):
+    """Module form of :func:`fastkd.attention_transfer_loss`; options checked at construction.
+
+    ``forward(student_feats, teacher_feats)`` takes one ``[B, C, H, W]`` pair or lists of them
+    (summed).
+
+    Example::
+
+        criterion = fastkd.nn.AttentionTransferLoss(p=2)
+        loss = 1000 / 2 * criterion([s_g1, s_g2, s_g3], [t_g1, t_g2, t_g3])   # beta/2, as the paper
+    """
+
+    def __init__(self, p: float = 2.0, *, reduction: str = "mean", backend: Optional[str] = None):
+        super().__init__()
+        p = _feature.validate_attention_options(p, reduction)
+        if backend is not None:
+            requested_backend(backend)
+        self.p, self.reduction, self.backend = p, reduction, backend
+
+    def forward(self, student_feats, teacher_feats) -> torch.Tensor:
+        return attention_transfer_loss(student_feats, teacher_feats, p=self.p, reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:g}, reduction={self.reduction!r}, backend={self.backend!r}"

@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "dkd_args.h"
+#include "feature_args.h"
 #include "kd_args.h"
 #include "sparse_kd_args.h"
 

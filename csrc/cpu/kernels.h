@@ -9,3 +9,4 @@
 #include "cpu/dkd_kernel.h"
 #include "cpu/kd_div_kernel.h"
 #include "cpu/sparse_kd_kernel.h"
+#include "cpu/feature_kernel.h"

@@ -223,29 +223,50 @@ class CETerm(LossTerm):
         return F.cross_entropy(out.logits.float(), out.labels, label_smoothing=self.spec["label_smoothing"])
 
 
-FEATURE_METRICS = ("mse", "l1", "cosine", "normalized_mse")
+# Hint metrics: fastkd.hint_loss(kind=...) between equal-shape features (a learnable regressor
+# maps the student's feature to the teacher's shape when they differ).
+HINT_METRICS = ("mse", "l1", "smooth_l1", "cosine", "normalized_mse")
+# Relational metrics: fastkd.<metric>_loss(student, teacher) on [B, ...] features (trailing dims
+# flattened, widths may differ: no regressor). Looked up when called, so that the config accepts
+# them before every op has landed in fastkd; a job that names one fastkd lacks stops at start.
+RELATIONAL_METRICS = ("rkd_distance", "rkd_angle", "sp", "pkt")
+FEATURE_METRICS = HINT_METRICS + ("at",) + RELATIONAL_METRICS
 
 
-def feature_distance(s: torch.Tensor, t: torch.Tensor, metric: str) -> torch.Tensor:
-    """Distance between equal-shape features ``[B, ...]`` (FitNet hint losses): ``mse`` and
-    ``l1`` are means over all entries; ``cosine`` is ``mean_b (1 - cos(s_b, t_b))`` on
-    flattened rows; ``normalized_mse`` is the MSE of L2-normalised flattened rows."""
-    s, t = s.float().flatten(1), t.float().flatten(1)
-    if metric == "mse":
-        return F.mse_loss(s, t)
-    if metric == "l1":
-        return F.l1_loss(s, t)
-    if metric == "cosine":
-        return (1.0 - F.cosine_similarity(s, t, dim=1, eps=1e-8)).mean()
-    return F.mse_loss(F.normalize(s, dim=1), F.normalize(t, dim=1))
+def relational_loss_fn(metric: str) -> Optional[Callable[..., torch.Tensor]]:
+    """``fastkd.<metric>_loss``, or None where this fastkd does not have it."""
+    return getattr(fastkd, f"{metric}_loss", None)
+
+
+def feature_distance(s: torch.Tensor, t: torch.Tensor, metric: str, p: float = 2.0) -> torch.Tensor:
+    """The feature loss ``metric`` between a student feature ``s`` and a teacher feature ``t``,
+    both ``[B, ...]``, with fastkd's fused ops:
+
+    * ``mse``, ``l1``, ``smooth_l1``, ``cosine``, ``normalized_mse``: :func:`fastkd.hint_loss`
+      with that ``kind`` (means over all entries; ``cosine`` is ``mean_b (1 - cos(s_b, t_b))``);
+      shapes must match.
+    * ``at``: :func:`fastkd.attention_transfer_loss` with exponent ``p`` on ``[B, C, H, W]`` maps
+      (channel counts may differ, spatial sizes must match).
+    * ``rkd_distance``, ``rkd_angle``, ``sp``, ``pkt``: ``fastkd.<metric>_loss(s, t)``.
+    """
+    if metric in HINT_METRICS:
+        return fastkd.hint_loss(s, t, kind=metric)
+    if metric == "at":
+        return fastkd.attention_transfer_loss(s, t, p=p)
+    fn = relational_loss_fn(metric)
+    if fn is None:
+        raise RuntimeError(f"feature metric {metric!r} needs fastkd.{metric}_loss, which this fastkd does not have")
+    return fn(s, t)
 
 
 @register_loss_term("feature")
 class FeatureTerm(LossTerm):
-    """A hint loss between the output of module ``student`` in the student and module
-    ``teacher`` in teacher number ``teacher_index``. When the shapes differ a learnable
-    regressor maps the student's feature to the teacher's shape (a 1x1 convolution when both are
-    ``[B, C, H, W]`` with equal H, W; otherwise a linear map of the flattened feature)."""
+    """A feature loss between the output of module ``student`` in the student and module
+    ``teacher`` in teacher number ``teacher_index``, computed by a fused fastkd op chosen by
+    ``metric`` (see :func:`feature_distance`). For the hint metrics, when the shapes differ a
+    learnable regressor maps the student's feature to the teacher's shape (a 1x1 convolution when
+    both are ``[B, C, H, W]`` with equal H, W; otherwise a linear map of the flattened feature);
+    ``at`` and the relational metrics compare features of different widths as they are."""
 
     SCHEMA = {
         "weight": Field("float", 1.0, lo=0.0),
@@ -253,6 +274,7 @@ class FeatureTerm(LossTerm):
         "teacher": Field("str", ""),
         "metric": Field("str", "mse", choices=FEATURE_METRICS),
         "teacher_index": Field("int", 0, lo=0),
+        "p": Field("float", 2.0, lo=1.0, doc="metric 'at': the exponent of |x|^p"),
     }
     needs_teacher = True
 
@@ -261,6 +283,8 @@ class FeatureTerm(LossTerm):
         for key in ("student", "teacher"):
             if not spec[key]:
                 raise ConfigError(f"{where}.{key} (a module path) is required for kind 'feature'")
+        if spec["p"] != 2.0 and spec["metric"] != "at":
+            raise ConfigError(f"{where}.p is the exponent of metric 'at'; it does not apply to metric {spec['metric']!r}")
 
     def student_paths(self) -> List[str]:
         return [self.spec["student"]]
@@ -270,6 +294,16 @@ class FeatureTerm(LossTerm):
 
     def make_regressor(self, student_feats, teacher_feats):
         s, t = student_feats[self.spec["student"]], teacher_feats[self.spec["teacher"]]
+        metric, where = self.spec["metric"], f"loss[{self.index}]"
+        if metric == "at":
+            if s.dim() < 3 or t.dim() < 3 or s.shape[2:] != t.shape[2:]:
+                raise ConfigError(
+                    f"{where}.metric 'at' needs [B, C, H, W] feature maps of equal H, W; module "
+                    f"{self.spec['student']!r} gives {tuple(s.shape)} and {self.spec['teacher']!r} {tuple(t.shape)}"
+                )
+            return None
+        if metric in RELATIONAL_METRICS:
+            return None
         if s.shape[1:] == t.shape[1:]:
             return None
         if s.dim() == 4 and t.dim() == 4 and s.shape[2:] == t.shape[2:]:
@@ -282,7 +316,7 @@ class FeatureTerm(LossTerm):
         if key in out.regressors:
             s = out.regressors[key](s.float())
         t = out.teacher.features[self.spec["teacher_index"]][self.spec["teacher"]]
-        return feature_distance(s, t, self.spec["metric"])
+        return feature_distance(s, t, self.spec["metric"], self.spec.get("p", 2.0))
 
 
 def build_terms(specs: List[dict]) -> List[LossTerm]:

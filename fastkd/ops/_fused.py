@@ -7,7 +7,8 @@ family::
     fastkd::<name>(Tensor student, ..., str reduction, ..., bool compute_grad) -> (Tensor loss, Tensor grad)
 
 ``loss`` is float32 (float64 for a float64 student), ``[N]`` for ``reduction="none"`` else a
-scalar; ``grad`` is ``[N, V]`` in the student's dtype (already carrying the reduction's scale), or
+scalar; ``grad`` is shaped like the student (``[N, V]`` for logits; any ``[N, ...]``, e.g.
+``[B, C, HW]`` feature maps) in the student's dtype (already carrying the reduction's scale), or
 an empty ``[0]`` tensor when ``compute_grad`` is false. Only the student receives a gradient.
 An op whose loss is always a scalar (the relational losses: one number per batch) has no
 ``reduction`` argument: it is registered with ``reduction_arg=None``.
@@ -84,6 +85,7 @@ class FusedLoss:
         def setup_context(ctx, inputs, output):
             grad = output[1]
             ctx.per_row = self._per_row(inputs)
+            ctx.student_dim = inputs[0].dim()  # a per-row scale broadcasts over the other dims
             ctx.op = op
             ctx.n_inputs = len(inputs)
             # Tensors go through save_for_backward (autograd's version checks); everything else
@@ -116,7 +118,7 @@ class FusedLoss:
         nothing = (None,) * ctx.n_inputs
         if grad_loss is None:  # nothing flowed back into the loss
             return nothing
-        scale = grad_loss.unsqueeze(-1) if ctx.per_row else grad_loss
+        scale = grad_loss.reshape(grad_loss.shape + (1,) * (ctx.student_dim - 1)) if ctx.per_row else grad_loss
         if not ctx.eager:
             args, saved = self._inputs(ctx)
             return (saved[-1] * scale,) + nothing[1:]

@@ -58,7 +58,7 @@ static inline V v_clamp1(V x) {
 }
 
 template <class V>
-static inline V v_div(V x, V y) {
+static inline V feature_div(V x, V y) {
   return {x.v / y.v};
 }
 
@@ -206,7 +206,7 @@ static void hint_row_tasks(const HintArgs& a, int64_t begin, int64_t end) {
     const V vcu = V::set1(C(coef_u)), vcv = V::set1(C(coef_v));
     FlushSum<V> dd;
     auto sweep2 = [&](V xs, V xt) {
-      const V u = v_div(xs, vns), v = v_div(xt, vnt);
+      const V u = feature_div(xs, vns), v = feature_div(xt, vnt);
       const V d = u - v;
       dd.add(d * d);
       return V::fma(vcu, u, vcv * v);

@@ -38,10 +38,47 @@ import triton.language as tl
 
 _LOG2E = 1.4426950408889634
 
+# ----------------------------------------------------------------------------------------------
+# Launch configurations: kd_forward chooses only through launch_shape() and switches(), so that
+# a list of every launch it can make can be derived from them.
+# ----------------------------------------------------------------------------------------------
+
 # Largest chunk of a row held at once. Under the interpreter (CPU tensors) a smaller chunk keeps
 # the blocked path exercised by small test shapes.
 _BLOCK_V_MAX_GPU = 4096
 _BLOCK_V_MAX_INTERPRETER = 256
+
+
+def launch_shape(v: int, on_gpu: bool = True) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for rows of v entries."""
+    cap = _BLOCK_V_MAX_GPU if on_gpu else _BLOCK_V_MAX_INTERPRETER
+    block_v = min(triton.next_power_of_2(v), cap)
+    num_warps = 8 if block_v >= 2048 else 4 if block_v >= 512 else 2 if block_v >= 128 else 1
+    return block_v, num_warps
+
+
+def switches(has_labels: bool, hard_weight: float, temperature: float, reduction: str, compute_grad: bool) -> dict:
+    """The kernel's constexpr switches other than BLOCK_V, for one call."""
+    # batchmean divides by the number of non-ignored rows: with labels that count is only known
+    # on the device (SCALE_MODE 2 reads it from a tensor), without it is n_rows (SCALE_MODE 1).
+    scale_mode = 0 if reduction != "batchmean" else 2 if has_labels else 1
+    return dict(
+        HAS_LABELS=has_labels,
+        HAS_CE=has_labels and hard_weight > 0,
+        SAME_T=temperature == 1.0,
+        SCALE_MODE=scale_mode,
+        COMPUTE_GRAD=compute_grad,
+    )
+
+
+# For each input of switches(), values that reach every result it can give.
+SWITCH_INPUTS = dict(
+    has_labels=(False, True),
+    hard_weight=(0.0, 0.5),
+    temperature=(1.0, 2.0),
+    reduction=("none", "sum", "batchmean"),
+    compute_grad=(False, True),
+)
 
 
 @triton.jit
@@ -203,20 +240,14 @@ def kd_forward(
     grad = torch.empty_like(student) if compute_grad else torch.empty(0, dtype=student.dtype, device=device)
 
     has_labels = labels is not None
+    switch = switches(has_labels, hard_weight, temperature, reduction, compute_grad)
     # batchmean divides by the number of non-ignored rows, which is only known on the device.
     # With none of them, every row loss and gradient row is 0, so any finite scale will do.
     scale_t = None
-    scale_mode = 0
-    if reduction == "batchmean":
-        if has_labels:
-            scale_t = labels.ne(ignore_index).sum().clamp_min(1).to(torch.float32).reciprocal()
-            scale_mode = 2
-        else:
-            scale_mode = 1
+    if switch["SCALE_MODE"] == 2:
+        scale_t = labels.ne(ignore_index).sum().clamp_min(1).to(torch.float32).reciprocal()
 
-    cap = _BLOCK_V_MAX_GPU if device.type == "cuda" else _BLOCK_V_MAX_INTERPRETER
-    block_v = min(triton.next_power_of_2(v), cap)
-    num_warps = 8 if block_v >= 2048 else 4 if block_v >= 512 else 2 if block_v >= 128 else 1
+    block_v, num_warps = launch_shape(v, on_gpu=device.type == "cuda")
 
     torch.library.wrap_triton(_kd_forward_kernel)[(n,)](
         student,
@@ -232,11 +263,7 @@ def kd_forward(
         (1.0 - hard_weight) * (temperature * temperature if t2_scale else 1.0),
         hard_weight,
         (1.0 - hard_weight) * (temperature if t2_scale else 1.0 / temperature),
-        HAS_LABELS=has_labels,
-        HAS_CE=has_labels and hard_weight > 0,
-        SAME_T=temperature == 1.0,
-        SCALE_MODE=scale_mode,
-        COMPUTE_GRAD=compute_grad,
+        **switch,
         BLOCK_V=block_v,
         num_warps=num_warps,
     )
@@ -250,3 +277,4 @@ def kd_forward(
     else:
         loss = row_loss.sum() / n
     return loss, grad
+

@@ -32,6 +32,8 @@ Memory traffic: read 2*N*V (student, teacher; pass 2 re-reads them, ideally from
 write N*V (gradient) + N (row losses).
 """
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -39,8 +41,9 @@ import triton.language as tl
 _LOG2E = 1.4426950408889634
 
 # ----------------------------------------------------------------------------------------------
-# Launch configurations: kd_forward chooses only through launch_shape() and switches(), so that
-# a list of every launch it can make can be derived from them.
+# Launch configurations: kd_forward chooses only through launch_shape() and switches(), and
+# static_launches() enumerates them for tests/test_gpu_static.py (every launch compiled for
+# sm_80 and sm_90, failing on a spill) and the resource report. See kernels/__init__.py.
 # ----------------------------------------------------------------------------------------------
 
 # Largest chunk of a row held at once. Under the interpreter (CPU tensors) a smaller chunk keeps
@@ -278,3 +281,96 @@ def kd_forward(
         loss = row_loss.sum() / n
     return loss, grad
 
+
+# The combination with the most work (and the most live values): a second exponential sum for
+# the CE at T != 1, the label loads, the device-side scale, the gradient pass.
+RICHEST_SWITCHES = dict(HAS_LABELS=True, HAS_CE=True, SAME_T=False, SCALE_MODE=2, COMPUTE_GRAD=True)
+STATIC_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def static_launches() -> list:
+    """Every launch kd_forward can make on a GPU, or the reduction below (the convention of
+    kernels/__init__.py).
+
+    The full product is 24 switch combinations x 9 (student, teacher) dtype pairs x 22 block
+    shapes (BLOCK_V 1..4096, and from 16 up a row length that is a multiple of 16 or not) x 2
+    architectures: about 9500 compilations at ~0.3 s of CPU each, 50 minutes. This list has 351
+    launches, 702 compilations (~3.5 min of CPU, about 2 min on 2 idle cores), each compiled for
+    sm_80 and sm_90:
+
+    * every switch combination x every student dtype (fp32, bf16, fp16; teacher of the same
+      dtype) at the largest block of each warp count: BLOCK_V 64/1, 256/2, 1024/4, 4096/8 warps,
+      where a thread holds the most elements and register pressure is highest;
+    * every block shape (BLOCK_V 1, 2, 4, ..., 4096 with its warp count) x every dtype, at the
+      richest switch combination (RICHEST_SWITCHES);
+    * a row length that is not a multiple of 16 (Triton then cannot vectorise the loads), at
+      the richest combination, the largest block of each warp count, every dtype;
+    * every mixed (student, teacher) dtype pair, same richest combination and blocks.
+
+    Row lengths are the block size itself (a multiple of 16 from BLOCK_V 16 up), or one less;
+    n_rows = 64 and ignore_index = -100. Not compiled: the switch combinations other than the
+    richest at blocks below the largest of their warp count, with mixed dtypes, or with a row
+    length that is not a multiple of 16; n_rows == 1, which Triton turns into a constant (it only
+    removes a division); an ignore_index or row count past 2**31 (64-bit scalars).
+    """
+    from . import StaticLaunch
+
+    combos = []
+    for values in itertools.product(*SWITCH_INPUTS.values()):
+        combo = switches(**dict(zip(SWITCH_INPUTS, values)))
+        if combo not in combos:
+            combos.append(combo)
+    assert RICHEST_SWITCHES in combos, "RICHEST_SWITCHES must be a combination switches() can return"
+    shapes = sorted({launch_shape(1 << k) for k in range(0, 31)})
+    largest = [max(s for s in shapes if s[1] == w) for w in sorted({w for _, w in shapes})]
+
+    def launch(student, teacher, shape, combo, v):
+        block_v, num_warps = shape
+        args = dict(
+            s_ptr=student,
+            t_ptr=teacher,
+            labels_ptr=torch.int64 if combo["HAS_LABELS"] else None,
+            row_loss_ptr=torch.float32,
+            grad_ptr=student if combo["COMPUTE_GRAD"] else None,
+            scale_ptr=torch.float32 if combo["SCALE_MODE"] == 2 else None,
+            n_rows=64,
+            V=v,
+            ignore_index=-100,
+            x_scale=_LOG2E / 2.0,
+            soft_loss_coef=0.5,
+            hard_weight=0.5,
+            soft_grad_coef=0.5,
+            BLOCK_V=block_v,
+            **combo,
+        )
+        names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+        dt = names[student] if student == teacher else f"{names[student]}/{names[teacher]}"
+        per_entry = student.itemsize + teacher.itemsize + (student.itemsize if combo["COMPUTE_GRAD"] else 0)
+        per_row = 4 + (8 if combo["HAS_LABELS"] else 0)
+        variant = [
+            "labels" if combo["HAS_LABELS"] else "no labels",
+            *(["CE"] if combo["HAS_CE"] else []),
+            "T = 1" if combo["SAME_T"] else "T != 1",
+            "grad" if combo["COMPUTE_GRAD"] else "loss only",
+            f"scale mode {combo['SCALE_MODE']}",
+        ]
+        return StaticLaunch(
+            kernel=_kd_forward_kernel,
+            args=args,
+            num_warps=num_warps,
+            label=f"{dt} · BLOCK_V={block_v} · {num_warps} warp{'s' if num_warps > 1 else ''}"
+            + ("" if v % 16 == 0 or v < 16 else " · V % 16 != 0"),
+            variant=", ".join(variant),
+            row_bytes=(per_entry, per_row),
+        )
+
+    out = []
+    for dtype in STATIC_DTYPES:
+        for shape in largest:
+            out += [launch(dtype, dtype, shape, combo, shape[0]) for combo in combos]
+        out += [launch(dtype, dtype, shape, RICHEST_SWITCHES, shape[0]) for shape in shapes if shape not in largest]
+        out += [launch(dtype, dtype, shape, RICHEST_SWITCHES, shape[0] - 1) for shape in largest]
+        for teacher in STATIC_DTYPES:
+            if teacher != dtype:
+                out += [launch(dtype, teacher, shape, RICHEST_SWITCHES, shape[0]) for shape in largest]
+    return out

@@ -65,10 +65,12 @@ def switches(has_labels: bool, hard_weight: float, temperature: float, reduction
     # batchmean divides by the number of non-ignored rows: with labels that count is only known
     # on the device (SCALE_MODE 2 reads it from a tensor), without it is n_rows (SCALE_MODE 1).
     scale_mode = 0 if reduction != "batchmean" else 2 if has_labels else 1
+    has_ce = has_labels and hard_weight > 0
     return dict(
         HAS_LABELS=has_labels,
-        HAS_CE=has_labels and hard_weight > 0,
-        SAME_T=temperature == 1.0,
+        HAS_CE=has_ce,
+        # Only the CE term reads SAME_T; without it, one value means one compiled kernel, not two.
+        SAME_T=has_ce and temperature == 1.0,
         SCALE_MODE=scale_mode,
         COMPUTE_GRAD=compute_grad,
     )
@@ -292,11 +294,10 @@ def static_launches() -> list:
     """Every launch kd_forward can make on a GPU, or the reduction below (the convention of
     kernels/__init__.py).
 
-    The full product is 24 switch combinations x 9 (student, teacher) dtype pairs x 22 block
+    The full product is 16 switch combinations x 9 (student, teacher) dtype pairs x 22 block
     shapes (BLOCK_V 1..4096, and from 16 up a row length that is a multiple of 16 or not) x 2
-    architectures: about 9500 compilations at ~0.3 s of CPU each, 50 minutes. This list has 351
-    launches, 702 compilations (~3.5 min of CPU, about 2 min on 2 idle cores), each compiled for
-    sm_80 and sm_90:
+    architectures: about 6300 compilations at ~0.3 s of CPU each, over half an hour. This list
+    has 255 launches, 510 compilations (~2.5 min of CPU), each compiled for sm_80 and sm_90:
 
     * every switch combination x every student dtype (fp32, bf16, fp16; teacher of the same
       dtype) at the largest block of each warp count: BLOCK_V 64/1, 256/2, 1024/4, 4096/8 warps,

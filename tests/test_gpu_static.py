@@ -96,7 +96,7 @@ def test_report_renders(report):
     text = gpu_static.render_markdown(report)
     assert text.startswith("## GPU kernels, statically")
     assert "**No problems:**" in text
-    assert "| `_kd_forward_kernel` | fp32 · BLOCK_V=4096 · 8 warps | 24 | 256 |" in text
+    assert "| `_kd_forward_kernel` | fp32 · BLOCK_V=4096 · 8 warps | 16 | 256 |" in text
     assert "12·V + 12" in text
     if report["cuda_kernels"]["built_with_cuda"]:
         assert "| `kd_forward_kernel<fp32, fp32, fp32, 4>` |" in text and "512: " in text

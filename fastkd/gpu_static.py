@@ -23,10 +23,11 @@ writes the resource table to BENCHMARKS.md (:func:`render_markdown`).
 
 Compiled results are cached in ``.gpu-static-cache/`` at the repository root (``make clean``
 removes it; ``FASTKD_GPU_STATIC_CACHE`` overrides the folder), keyed by a hash of the kernel's
-source (Triton's ``cache_key``, which covers the jit functions it calls), the specialisation, the
-options, the architecture and the Triton and ptxas versions: a changed kernel is compiled again,
-an unchanged one is not. ``FASTKD_GPU_STATIC_JOBS`` sets the number of compile processes
-(default: 2, or 1 on a single core). Everything runs offline from the torch/Triton wheels.
+source (Triton's ``cache_key``: the source of the kernel and of the jit functions it calls, and
+their first line numbers, which the cubin's line table holds, so an edit above a kernel also
+recompiles it), the specialisation, the options, the architecture and the Triton and ptxas
+versions. ``FASTKD_GPU_STATIC_JOBS`` sets the number of compile processes (default: 2, or 1 on
+a single core). Everything runs offline from the torch/Triton wheels.
 
 Command line: ``python -m fastkd.gpu_static [--json FILE] [--markdown FILE] [--jobs N]`` prints
 a summary and exits 1 when there is a problem.

@@ -321,17 +321,21 @@ def _specialize(launch, arch: int) -> Dict[str, Any]:
 _TOOL_VERSIONS: Dict[str, str] = {}
 
 
+def _ptxas_version() -> str:
+    try:
+        from triton import knobs
+
+        return knobs.nvidia.ptxas.version
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
 def _tool_versions() -> str:
+    """The compiler versions, as they enter the cache key."""
     if not _TOOL_VERSIONS:
         import triton
 
-        try:
-            from triton import knobs
-
-            ptxas = knobs.nvidia.ptxas.version
-        except Exception:  # noqa: BLE001
-            ptxas = "?"
-        _TOOL_VERSIONS["v"] = f"triton {triton.__version__}; ptxas {ptxas}"
+        _TOOL_VERSIONS["v"] = f"triton {triton.__version__}; ptxas {_ptxas_version()}"
     return _TOOL_VERSIONS["v"]
 
 
@@ -746,7 +750,7 @@ def build_report(
     import triton
 
     t0 = time.perf_counter()
-    report: Dict[str, Any] = {"archs": list(archs), "tools": _tool_versions(), "triton": triton.__version__}
+    report: Dict[str, Any] = {"archs": list(archs), "triton": triton.__version__, "ptxas": _ptxas_version()}
     report["triton_kernels"] = check_triton(archs, jobs, cache_dir, select)
     report["cuda_kernels"] = check_cuda(archs=archs) if cuda else None
     report["elapsed_s"] = round(time.perf_counter() - t0, 1)
@@ -847,15 +851,17 @@ def render_markdown(report: Optional[Dict[str, Any]], heading: str = "##") -> st
         w("")
         return "\n".join(L)
     archs = report["archs"]
-    arch_names = ", ".join(SM_LIMITS[a].name for a in archs)
+    names = [SM_LIMITS[a].name for a in archs]
+    arch_names = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
     tk = report.get("triton_kernels") or {}
     ck = report.get("cuda_kernels") or {}
     n_tl = len(tk.get("launches", []))
-    w(f"Every GPU kernel compiled on this machine, without a GPU, for {arch_names} ({report['tools']}), "
+    w(f"Every GPU kernel compiled on this machine, without a GPU, for {arch_names} (Triton {report['triton']}, "
+      f"ptxas {report['ptxas']}), "
       "and its resources read from the cubin with `cuobjdump --dump-resource-usage` "
       f"(`python -m fastkd.gpu_static`; {n_tl} Triton compilations, {tk.get('compiled', 0)} of them done now "
-      f"and {tk.get('cached', 0)} from the cache). Triton kernels: every launch configuration the launchers "
-      "can choose, as listed by `static_launches()` in `kernels/<family>.py` (its docstring says which "
+      f"and {tk.get('cached', 0)} from the cache). Triton kernels: the launch configurations the launchers "
+      "choose from, as listed by `static_launches()` in `kernels/<family>.py` (its docstring says which "
       "combinations are compiled). CUDA C++ kernels: every kernel in the compiled extension `fastkd/_C`, "
       "at each block size its launcher chooses from.")
     w("")
@@ -867,9 +873,9 @@ def render_markdown(report: Optional[Dict[str, Any]], heading: str = "##") -> st
       + ", ".join(f"{SM_LIMITS[a].smem_per_sm // 1024} KiB of shared memory on sm_{a}" for a in archs)
       + " (plus the driver's 1 KiB per block), as in the CUDA toolkit's `cuda_occupancy.h`. "
       "*Bytes per row* is what one row must move to or from memory at least once (V = row length; "
-      "reads and writes each counted once): divided into a measured time per row on a GPU it gives "
-      "the fraction of the memory bandwidth a kernel reaches. The kd kernels read each row twice; "
-      "the second read is meant to hit L2 and is not counted.")
+      "reads and writes each counted once): times the rows, divided by a kernel's time measured on a "
+      "GPU, it is the bandwidth the kernel reaches, to compare with the GPU's peak. The kd kernels "
+      "read each row twice; the second read is meant to hit L2 and is not counted.")
     w("")
     probs = problems(report)
     bad = [(kind, p) for kind, ps in probs.items() for p in ps]

@@ -32,6 +32,7 @@ Memory traffic: read 2*N*V (student, teacher; pass 2 re-reads them, ideally from
 write N*V (gradient) + N (row losses).
 """
 
+import inspect
 import itertools
 
 import torch
@@ -325,6 +326,16 @@ def static_launches() -> list:
     shapes = sorted({launch_shape(1 << k) for k in range(0, 31)})
     largest = [max(s for s in shapes if s[1] == w) for w in sorted({w for _, w in shapes})]
 
+    # Scalar arguments by parameter name, passed where the kernel has that parameter: their
+    # types, and Triton's specialisation of integers, are what the compiled code depends on. A
+    # parameter with no entry here fails the static check, naming it. (soft_loss_t, the loss's
+    # second T factor, is in the kernel on main.)
+    scalars = dict(
+        n_rows=64, ignore_index=-100, x_scale=_LOG2E / 2.0, soft_loss_coef=0.5, soft_loss_t=2.0,
+        hard_weight=0.5, soft_grad_coef=0.5,
+    )
+    params = inspect.signature(_kd_forward_kernel.fn).parameters
+
     def launch(student, teacher, shape, combo, v):
         block_v, num_warps = shape
         args = dict(
@@ -334,15 +345,10 @@ def static_launches() -> list:
             row_loss_ptr=torch.float32,
             grad_ptr=student if combo["COMPUTE_GRAD"] else None,
             scale_ptr=torch.float32 if combo["SCALE_MODE"] == 2 else None,
-            n_rows=64,
             V=v,
-            ignore_index=-100,
-            x_scale=_LOG2E / 2.0,
-            soft_loss_coef=0.5,
-            hard_weight=0.5,
-            soft_grad_coef=0.5,
             BLOCK_V=block_v,
             **combo,
+            **{k: x for k, x in scalars.items() if k in params},
         )
         names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
         dt = names[student] if student == teacher else f"{names[student]}/{names[teacher]}"

@@ -23,11 +23,11 @@ writes the resource table to BENCHMARKS.md (:func:`render_markdown`).
 
 Compiled results are cached in ``.gpu-static-cache/`` at the repository root (``make clean``
 removes it; ``FASTKD_GPU_STATIC_CACHE`` overrides the folder), keyed by a hash of the kernel's
-source (Triton's ``cache_key``: the source of the kernel and of the jit functions it calls, and
-their first line numbers, which the cubin's line table holds, so an edit above a kernel also
-recompiles it), the specialisation, the options, the architecture and the Triton and ptxas
-versions. ``FASTKD_GPU_STATIC_JOBS`` sets the number of compile processes (default: 2, or 1 on
-a single core). Everything runs offline from the torch/Triton wheels.
+source (Triton's ``cache_key``: the source of the kernel and of the jit functions it calls,
+taken without their line numbers, so that an edit elsewhere in the file recompiles nothing), the
+specialisation, the options, the architecture and the Triton and ptxas versions.
+``FASTKD_GPU_STATIC_JOBS`` sets the number of compile processes (default: 2, or 1 on a single
+core). Everything runs offline from the torch/Triton wheels.
 
 Command line: ``python -m fastkd.gpu_static [--json FILE] [--markdown FILE] [--jobs N]`` prints
 a summary and exits 1 when there is a problem.
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -339,13 +340,40 @@ def _tool_versions() -> str:
     return _TOOL_VERSIONS["v"]
 
 
+@contextlib.contextmanager
+def _keys_without_line_numbers(modules: Iterable[str]):
+    """While active, the jit functions of ``modules`` hash as if they started on line 0.
+
+    Triton's ``cache_key`` ends with each jit function's first line number, which only the
+    cubin's line table depends on, not the registers, spills or shared memory this module reports
+    (the same launch compiled at different line offsets gave identical resources for every kd
+    launch). Keyed without it, adding an import above a kernel does not recompile it.
+    """
+    from triton.runtime.jit import JITFunction
+
+    fns = []
+    for name in modules:
+        module = sys.modules.get(name)
+        fns += [v for v in vars(module).values() if isinstance(v, JITFunction)] if module else []
+    saved = [(f, f.starting_line_number) for f in fns]
+    try:
+        for f in fns:
+            f.starting_line_number = 0
+            f.hash = None
+        yield
+    finally:
+        for f, line in saved:
+            f.starting_line_number = line
+            f.hash = None  # recomputed with the real line numbers when Triton compiles
+
+
 def _cache_key(launch, spec: Dict[str, Any], arch: int) -> str:
     payload = json.dumps(
         {
             "schema": _SCHEMA,
             "tools": _tool_versions(),
             "kernel": launch.kernel.fn.__name__,
-            "source": launch.kernel.cache_key,
+            "source": launch.kernel.cache_key,  # see _keys_without_line_numbers
             "signature": spec["signature"],
             "constexprs": sorted((str(k), repr(v)) for k, v in spec["constexprs"].items()),
             "attrs": sorted((str(k), repr(v)) for k, v in spec["attrs"].items()),
@@ -415,29 +443,9 @@ def _compile_job(job: Dict[str, Any]) -> Dict[str, Any]:
     return result
 
 
-def check_triton(
-    archs: Sequence[int] = ARCHS,
-    jobs: Optional[int] = None,
-    cache_dir: Optional[Path] = None,
-    select: Optional[str] = None,
-) -> Dict[str, Any]:
-    """Compiles every Triton launch (or those of ``select``, "module:function") for each arch.
-
-    Must run where the kernels were imported without ``TRITON_INTERPRET=1`` (the interpreter
-    replaces them with functions Triton cannot compile): :func:`collect` sees to that.
-    """
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("check_triton() needs TRITON_INTERPRET unset; use collect(), which runs it in a subprocess")
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    if select:
-        launches, problems = _load_launches(select), []
-    else:
-        launches, problems = discover_triton()
-
-    results: List[Dict[str, Any]] = []
-    todo: List[Dict[str, Any]] = []
-    for module, launch in launches:
+def _plan(launches, archs, cache: Path, results: List[Dict[str, Any]], todo: List[Dict[str, Any]]) -> None:
+    """For each launch and arch: its cached result into ``results``, or a compile job into ``todo``."""
+    for _, launch in launches:
         for arch in archs:
             record = {
                 "module": launch.kernel.fn.__module__, "kernel": launch.kernel.fn.__name__, "label": launch.label,
@@ -469,6 +477,34 @@ def check_triton(
                 "attrs": [[list(k), v] for k, v in spec["attrs"].items()], "options": spec["options"],
                 "key": key, "cache_dir": str(cache),
             })
+
+
+def check_triton(
+    archs: Sequence[int] = ARCHS,
+    jobs: Optional[int] = None,
+    cache_dir: Optional[Path] = None,
+    select: Optional[str] = None,
+) -> Dict[str, Any]:
+    """Compiles every Triton launch (or those of ``select``, "module:function") for each arch.
+
+    Must run where the kernels were imported without ``TRITON_INTERPRET=1`` (the interpreter
+    replaces them with functions Triton cannot compile): :func:`collect` sees to that.
+    """
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("check_triton() needs TRITON_INTERPRET unset; use collect(), which runs it in a subprocess")
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    if select:
+        launches, problems = _load_launches(select), []
+    else:
+        launches, problems = discover_triton()
+
+    results: List[Dict[str, Any]] = []
+    todo: List[Dict[str, Any]] = []
+    jit_modules = {m for m in sys.modules if m.startswith(_kernels_package().__name__)}
+    jit_modules |= {l.kernel.fn.__module__ for _, l in launches}
+    with _keys_without_line_numbers(jit_modules):
+        _plan(launches, archs, cache, results, todo)
 
     n_jobs = jobs or default_jobs()
     # Largest integer constexprs (block sizes) first: those compile longest, and a pool ends

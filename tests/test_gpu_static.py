@@ -139,6 +139,47 @@ def test_checker_flags_a_spill_and_a_compile_error(report):
     assert not found["launch"] and not found["convention"]
 
 
+_CACHE_DEMO = """
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _scale_kernel(p, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(p + offs, tl.load(p + offs, mask=offs < n) * FACTOR, mask=offs < n)
+
+
+def launches():
+    from fastkd.kernels import StaticLaunch
+
+    return [StaticLaunch(_scale_kernel, dict(p=torch.float32, n=100, BLOCK=128), 4, "cache demo")]
+"""
+
+
+def test_cache_follows_the_kernel_source(tmp_path):
+    """A cached result must never outlive a change to its kernel (a stale entry could hide a
+    spill), while moving the kernel down its file recompiles nothing."""
+    (tmp_path / "mods").mkdir()
+    module = tmp_path / "mods" / "gpu_static_cache_demo.py"
+
+    def run(source):
+        module.write_text(source)
+        return gpu_static.collect(
+            select="gpu_static_cache_demo:launches", pythonpath=[str(tmp_path / "mods")], cuda=False,
+            cache_dir=tmp_path / "cache", archs=(90,),
+        )["triton_kernels"]
+
+    first = run(_CACHE_DEMO.replace("FACTOR", "2"))
+    assert (first["compiled"], first["cached"]) == (1, 0), first
+    moved = run("# one more line above the kernel\n" + _CACHE_DEMO.replace("FACTOR", "2"))
+    assert (moved["compiled"], moved["cached"]) == (0, 1), moved
+    changed = run(_CACHE_DEMO.replace("FACTOR", "3"))
+    assert (changed["compiled"], changed["cached"]) == (1, 0), changed
+    assert "error" not in changed["launches"][0], changed["launches"][0]
+
+
 def test_occupancy_rules():
     occ = gpu_static.occupancy
     # 32 registers: 1024 per warp, 16 warps per sub-partition -> 64 warps: full.

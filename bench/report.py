@@ -3,12 +3,11 @@
     python -m bench.report                      # full run (~10 min on 2 cores), writes BENCHMARKS.md
     python -m bench.report --quick --out /tmp/x.md    # tiny shapes, seconds: a smoke test
     python -m bench.report --from-json run.json       # re-render a saved run, no measuring
+    python -m bench.report --no-gpu-static            # without the "GPU kernels, statically" section
 
 The measurements are the pytest-benchmark suite in ``bench/test_bench_kd.py`` (run in a
 subprocess with ``--benchmark-json``); this module only reads that JSON and does arithmetic on
-it. The "GPU kernels, statically" section comes from ``fastkd/gpu_static.py`` (every GPU kernel
-compiled for sm_80 and sm_90 and its resources read from the cubin; no GPU needed), run after the
-suite and kept in the JSON under ``gpu_static``. Nothing in BENCHMARKS.md is typed by hand.
+it. Nothing in BENCHMARKS.md is typed by hand.
 """
 
 from __future__ import annotations
@@ -60,6 +59,29 @@ def run_suite(json_path: Path, quick: bool, extra: List[str]) -> int:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)
     return subprocess.run(cmd, cwd=ROOT, env=env).returncode
+
+
+def _gpu_static_module():
+    # Loaded from its file rather than through the fastkd package, whose import needs torch:
+    # re-rendering a saved JSON must not.
+    name = "_fastkd_gpu_static"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "fastkd" / "gpu_static.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def run_gpu_static(data: Dict) -> None:
+    """Adds the static GPU report (``fastkd/gpu_static.py``) to the run's data, or why it failed."""
+    print("+ python -m fastkd.gpu_static (GPU kernels compiled for sm_80/sm_90, resources)", flush=True)
+    try:
+        data["gpu_static"] = _gpu_static_module().collect()
+    except Exception as exc:  # noqa: BLE001 - the measured results are still worth writing
+        msg = str(exc).strip().splitlines()
+        data["gpu_static_error"] = f"{type(exc).__name__}: {msg[0] if msg else ''}"
+        print(f"bench.report: the static GPU check failed: {exc}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -482,29 +504,6 @@ def _op_traffic_notes() -> Dict[str, str]:
 
 
 OP_TRAFFIC_NOTES: Dict[str, str] = {}
-
-
-def _gpu_static_module():
-    # Loaded from its file rather than through the fastkd package, whose import needs torch:
-    # re-rendering a saved JSON must not.
-    name = "_fastkd_gpu_static"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "fastkd" / "gpu_static.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-def run_gpu_static(data: Dict) -> None:
-    """Adds the static GPU report (``fastkd/gpu_static.py``) to the run's data, or why it failed."""
-    print("+ python -m fastkd.gpu_static (GPU kernels compiled for sm_80/sm_90, resources)", flush=True)
-    try:
-        data["gpu_static"] = _gpu_static_module().collect()
-    except Exception as exc:  # noqa: BLE001 - the measured results are still worth writing
-        msg = str(exc).strip().splitlines()
-        data["gpu_static_error"] = f"{type(exc).__name__}: {msg[0] if msg else ''}"
-        print(f"bench.report: the static GPU check failed: {exc}", file=sys.stderr)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

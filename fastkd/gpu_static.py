@@ -892,8 +892,8 @@ def render_markdown(report: Optional[Dict[str, Any]], heading: str = "##") -> st
     tk = report.get("triton_kernels") or {}
     ck = report.get("cuda_kernels") or {}
     n_tl = len(tk.get("launches", []))
-    w(f"Every GPU kernel compiled on this machine, without a GPU, for {arch_names} (Triton {report['triton']}, "
-      f"ptxas {report['ptxas']}), "
+    w(f"Every GPU kernel compiled on this machine, without a GPU, for {arch_names} (Triton "
+      f"{report.get('triton', '?')}, ptxas {report.get('ptxas', '?')}), "
       "and its resources read from the cubin with `cuobjdump --dump-resource-usage` "
       f"(`python -m fastkd.gpu_static`; {n_tl} Triton compilations, {tk.get('compiled', 0)} of them done now "
       f"and {tk.get('cached', 0)} from the cache). Triton kernels: the launch configurations the launchers "

@@ -102,7 +102,9 @@ def test_attention_uses_the_absolute_value_for_odd_p():
 @pytest.mark.parametrize("kind", KINDS)
 def test_cpu_hint_matches_reference(shape, dtype, kind):
     s, t = make_features(shape, dtype, seed=shape[-1])
-    for reduction in REDUCTIONS:
+    # The reductions differ only by a scale, checked on every shape but the largest one, where
+    # the per-sample losses are (keeping the grid fast).
+    for reduction in REDUCTIONS if s.numel() < 100_000 else ["none"]:
         check_hint("cpu", s, t, kind, reduction)
 
 
@@ -111,7 +113,7 @@ AT_SHAPES = [
     ((4, 16, 9, 9), 8),  # C_t < C_s, HW = 81 (not a vector multiple)
     ((3, 5, 33), 2),  # [B, C, L]: one spatial dimension
     ((1, 1, 1, 1), 1),
-    ((2, 64, 17, 19), 32),
+    ((2, 24, 17, 19), 40),
 ]
 
 
@@ -435,8 +437,9 @@ def test_gradcheck_float64(backend):
 
 @needs_ext
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("reduction,compute_grad", [("mean", True), ("none", True), ("sum", False)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "reduction,compute_grad,dtype", [("mean", True, torch.float32), ("none", True, torch.bfloat16), ("sum", False, torch.float32)]
+)
 def test_opcheck_hint(kind, reduction, compute_grad, dtype):
     s, t = make_features((5, 33), dtype)
     args = (s.requires_grad_(compute_grad), t, kind, reduction, compute_grad)

@@ -464,7 +464,9 @@ def test_torch_compile_fullgraph_matches_eager():
     def step(a, b):
         hint = fastkd.hint_loss(a, t, kind="smooth_l1") + fastkd.hint_loss(a, t, kind="cosine", reduction="none").sum()
         at = fastkd.attention_transfer_loss([a, b], [t, t2])
-        return hint * 0.5 + at * 3.0
+        # per-sample losses of [B, C, HW] maps: the backward scales a 3-d gradient per row
+        at_rows = fastkd.attention_transfer_loss(b, t2, p=1.0, reduction="none") * torch.tensor([2.0, -1.0])
+        return hint * 0.5 + at * 3.0 + at_rows.sum()
 
     compiled = torch.compile(step, fullgraph=True)
     eager_in = [s.clone().requires_grad_(True), s2.clone().requires_grad_(True)]

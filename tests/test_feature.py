@@ -539,6 +539,13 @@ def test_hint_bad_input_is_a_clear_error(override, exc, message):
         fastkd.hint_loss(student, teacher, **kwargs)
 
 
+def test_references_check_their_options_too():
+    with pytest.raises(ValueError, match="kind must be one of"):
+        hint_loss_reference(S, T_, kind="huber")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        attention_transfer_loss_reference(MS, MT, reduction="batchmean")
+
+
 MS, MT = make_maps((2, 3, 4, 4), 5)
 AT_BAD = [
     (dict(student_feats=MS.numpy()), TypeError, "student_feats and teacher_feats must both be tensors or both be lists"),

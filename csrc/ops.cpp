@@ -80,6 +80,14 @@ TORCH_LIBRARY(fastkd, m) {
   m.def(
       "attention_transfer_forward(Tensor student, Tensor teacher, float p, str reduction, bool compute_grad) "
       "-> (Tensor, Tensor)");
+  // The CPU argument check of sparse_kd_loss, in one pass over [N, k] (the Python wrapper calls it
+  // outside torch.compile): the first problem in a row not ignored, as [kind, row, column, value,
+  // slack], or [] when there is none. kind 0: an index outside [0, vocab); 1: an index repeated
+  // (value: the index); 2 (uniform only): a kept mass sum exp(values) above 1 + slack, with
+  // slack = slack_abs + 2 * unit_roundoff * sum exp(v) |v| (value: the mass).
+  m.def(
+      "sparse_kd_check(Tensor values, Tensor indices, int vocab, Tensor? labels, int ignore_index, bool uniform, "
+      "float slack_abs, float unit_roundoff) -> float[]");
   // The instruction set the CPU kernels use here: "avx512", "avx2" or "scalar".
   m.def("cpu_isa() -> str", &fastkd::cpu_isa);
   // Drops the CPU kernels' cached gradient buffer; returns the bytes it held.

@@ -616,6 +616,32 @@ def test_bad_input_is_a_clear_error(override, exc, message):
         fastkd.sparse_kd_loss(*args, **kwargs)
 
 
+@needs_ext
+def test_the_row_check_without_the_extension_finds_the_same_problems():
+    """fastkd::sparse_kd_check and its torch fallback (used where the extension is missing)."""
+    y = torch.tensor([3, -100, 5, 7])
+    cases = [
+        (IDX, LP, "renormalize", None, None),
+        (_with(IDX, (2, 1), 10), VALS, "renormalize", None, (0, 2, 10)),
+        (_with(IDX, (0, 0), -3), VALS, "uniform", None, (0, 0, -3)),
+        (_with(IDX, (3, 2), IDX[3, 0]), VALS, "renormalize", None, (1, 3, int(IDX[3, 0]))),
+        (_with(IDX, (1, 2), IDX[1, 0]), VALS, "renormalize", y, None),  # an ignored row
+        (LP_IDX, _with(LP, (2, 0), 0.0), "uniform", None, (2, 2, None)),
+        (LP_IDX, _with(LP, (1, 0), 0.0), "uniform", y, None),
+        (LP_IDX, _with(LP, (0, 0), math.nan), "uniform", None, None),  # NaN: a NaN row, no error
+        (LP_IDX.int(), LP.to(torch.bfloat16), "uniform", None, None),
+    ]
+    for idx, vals, tail, labels, expected in cases:
+        found = [sparse_ops._row_problem(vals, idx, 10, tail, labels, -100, use_extension=ext) for ext in (True, False)]
+        for got in found:
+            if expected is None:
+                assert got is None, got
+            else:
+                assert got[:2] == expected[:2] and (expected[2] is None or got[3] == expected[2]), (got, expected)
+        if expected is not None and expected[0] == 2:
+            torch.testing.assert_close(torch.tensor(found[0][3:]), torch.tensor(found[1][3:]), rtol=1e-12, atol=0)
+
+
 def test_kept_mass_within_rounding_is_accepted_on_cpu():
     """bf16 log-probabilities of a teacher whose top-k holds all its mass: rounding alone can put
     the kept mass above 1 (by far more than float32 rounding would), which must not be refused."""

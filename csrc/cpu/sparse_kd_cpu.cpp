@@ -1,8 +1,14 @@
 // CPU implementation of fastkd::sparse_kd_forward: argument checks and the coefficients of one
 // call; the instruction-set choice, gradient buffer, row-parallel loop and reduction are the
-// shared driver's (cpu_common.h), the row kernel is sparse_kd_kernel.h.
+// shared driver's (cpu_common.h), the row kernel is sparse_kd_kernel.h. Also fastkd::sparse_kd_check,
+// the public wrapper's check of the indices (and the uniform tail's kept mass) on CPU.
 #include <ATen/ops/empty.h>
+#include <ATen/ops/to.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
 
 #include "cpu/cpu_common.h"
 #include "sparse_kd_args.h"
@@ -77,8 +83,55 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_forward_cpu(const at::Tensor& stude
   return {cpu::reduce_rows(row_loss, reduction, n_valid, student.scalar_type()), grad};
 }
 
+// See the schema (csrc/ops.cpp). Single-threaded: [N, k] is small, and an OpenMP region costs more
+// than the check on a busy machine.
+std::vector<double> sparse_kd_check_cpu(const at::Tensor& values_in, const at::Tensor& indices_in, int64_t vocab,
+                                        const std::optional<at::Tensor>& labels, int64_t ignore_index, bool uniform,
+                                        double slack_abs, double unit_roundoff) {
+  TORCH_CHECK(values_in.sizes() == indices_in.sizes() && values_in.dim() >= 1,
+              "fastkd::sparse_kd_check: values and indices must have the same shape [..., k]");
+  const int64_t k = values_in.size(-1);
+  const int64_t n_rows = k == 0 ? 0 : values_in.numel() / k;
+  const at::Tensor indices = indices_in.reshape({n_rows, k}).to(at::kLong).contiguous();
+  const at::Tensor values = uniform ? values_in.reshape({n_rows, k}).to(at::kDouble).contiguous() : at::Tensor();
+  const int64_t* label_ptr = nullptr;
+  at::Tensor label_t;
+  if (labels.has_value()) {
+    label_t = labels->reshape({-1}).to(at::kLong).contiguous();
+    TORCH_CHECK(label_t.numel() == n_rows, "fastkd::sparse_kd_check: labels must hold one label per row");
+    label_ptr = label_t.data_ptr<int64_t>();
+  }
+  const int64_t* idx = indices.data_ptr<int64_t>();
+  const double* val = uniform ? values.data_ptr<double>() : nullptr;
+  std::vector<int64_t> stamp(size_t(std::max<int64_t>(vocab, 0)), -1);
+  for (int64_t r = 0; r < n_rows; ++r) {
+    if (label_ptr && label_ptr[r] == ignore_index) continue;
+    for (int64_t c = 0; c < k; ++c) {
+      const int64_t j = idx[r * k + c];
+      if (j < 0 || j >= vocab) return {0.0, double(r), double(c), double(j), 0.0};
+      if (stamp[j] == r) return {1.0, double(r), double(c), double(j), 0.0};
+      stamp[j] = r;
+    }
+    if (uniform) {
+      double mass = 0, spread = 0;
+      for (int64_t c = 0; c < k; ++c) {
+        const double v = val[r * k + c];
+        const double e = std::exp(v);
+        mass += e;
+        if (e != 0 && !std::isnan(v)) spread += e * std::abs(v);
+      }
+      const double slack = slack_abs + 2 * unit_roundoff * spread;
+      if (mass > 1 + slack) return {2.0, double(r), 0.0, mass, slack};  // NaN fails: a NaN row, no error
+    }
+  }
+  return {};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastkd, CPU, m) { m.impl("sparse_kd_forward", &sparse_kd_forward_cpu); }
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
+  m.impl("sparse_kd_forward", &sparse_kd_forward_cpu);
+  m.impl("sparse_kd_check", &sparse_kd_check_cpu);
+}
 
 }  // namespace fastkd

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastkd import backends
+from fastkd import _ext, backends
 from fastkd.ops import _fused
 from fastkd.ops import _validate as _validate_args
 
@@ -177,15 +177,12 @@ def _validate_tensors(student, values, indices) -> None:
     _validate_args.same_device("teacher_indices", indices, "student_logits", student)
 
 
-def _validate_rows(student, values, indices, tail, labels, ignore_index) -> None:
-    """On CPU, every valid row's indices in ``[0, V)`` and distinct and, for ``tail="uniform"``,
-    its kept mass at most 1 up to rounding. Ignored rows are not checked (a padded position of a
-    teacher cache may hold anything). Vectorised over ``[N, k]``; skipped under torch.compile, as
-    the labels' check is (a GPU check would need a host synchronisation: the kernels give such a
-    row a NaN loss and gradient instead)."""
-    if student.device.type != "cpu" or torch.compiler.is_compiling():
-        return
-    vocab, k = student.shape[-1], values.shape[-1]
+def _row_problem_torch(values, indices, vocab, tail, labels, ignore_index):
+    """``sparse_kd_check`` (csrc/cpu/sparse_kd_cpu.cpp) in torch ops, where the extension is
+    missing: the first problem as (kind, row, column, value, slack), or None. It reports an index
+    problem before a mass one, where the C++ check goes row by row; each finds one when there is
+    one."""
+    k = values.shape[-1]
     idx = indices.reshape(-1, k)
     valid = None if labels is None else (labels.reshape(-1) != ignore_index).unsqueeze(-1)
     outside = (idx < 0) | (idx >= vocab)
@@ -193,15 +190,15 @@ def _validate_rows(student, values, indices, tail, labels, ignore_index) -> None
         outside &= valid
     if bool(outside.any()):
         row, col = (int(x) for x in outside.nonzero()[0])
-        raise ValueError(f"teacher_indices holds {int(idx[row, col])} in row {row}, outside [0, {vocab})")
+        return 0, row, col, int(idx[row, col]), 0.0
     if k > 1:
-        ordered = idx.sort(-1).values
+        ordered, order = idx.sort(-1)
         repeated = ordered[:, 1:] == ordered[:, :-1]
         if valid is not None:
             repeated &= valid
         if bool(repeated.any()):
             row, col = (int(x) for x in repeated.nonzero()[0])
-            raise ValueError(f"teacher_indices repeats {int(ordered[row, col])} in row {row}: each row's k indices must be distinct")
+            return 1, row, int(order[row, col + 1]), int(ordered[row, col]), 0.0
     if tail == "uniform":
         v = values.detach().reshape(-1, k).double()
         mass = v.exp().sum(-1)
@@ -211,11 +208,41 @@ def _validate_rows(student, values, indices, tail, labels, ignore_index) -> None
             over &= valid.squeeze(-1)
         if bool(over.any()):
             row = int(over.nonzero()[0, 0])
-            raise ValueError(
-                f"teacher_values row {row} keeps probability mass sum(exp(values)) = {float(mass[row]):.6g} > 1 "
-                f"(beyond rounding, {float(slack[row]):.2g}): with tail='uniform' the values must be "
-                "log-probabilities over the full vocabulary"
-            )
+            return 2, row, 0, float(mass[row]), float(slack[row])
+    return None
+
+
+def _row_problem(values, indices, vocab, tail, labels, ignore_index, use_extension=True):
+    if use_extension and _ext.LOAD_ERROR is None:
+        found = torch.ops.fastkd.sparse_kd_check(
+            values.detach(), indices, vocab, labels, ignore_index, tail == "uniform", KEPT_MASS_SLACK, UNIT_ROUNDOFF[values.dtype]
+        )
+        return None if not found else (int(found[0]), int(found[1]), int(found[2]), found[3], found[4])
+    return _row_problem_torch(values, indices, vocab, tail, labels, ignore_index)
+
+
+def _validate_rows(student, values, indices, tail, labels, ignore_index) -> None:
+    """On CPU, every valid row's indices in ``[0, V)`` and distinct and, for ``tail="uniform"``,
+    its kept mass at most 1 up to rounding. Ignored rows are not checked (a padded position of a
+    teacher cache may hold anything). One pass over ``[N, k]`` (``fastkd::sparse_kd_check``);
+    skipped under torch.compile, as the labels' check is (a GPU check would need a host
+    synchronisation: the kernels give such a row a NaN loss and gradient instead)."""
+    if student.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    vocab = student.shape[-1]
+    problem = _row_problem(values, indices, vocab, tail, labels, ignore_index)
+    if problem is None:
+        return
+    kind, row, col, value, slack = problem
+    if kind == 0:
+        raise ValueError(f"teacher_indices holds {int(value)} in row {row}, outside [0, {vocab})")
+    if kind == 1:
+        raise ValueError(f"teacher_indices repeats {int(value)} in row {row}: each row's k indices must be distinct")
+    raise ValueError(
+        f"teacher_values row {row} keeps probability mass sum(exp(values)) = {value:.6g} > 1 "
+        f"(beyond rounding, {slack:.2g}): with tail='uniform' the values must be "
+        "log-probabilities over the full vocabulary"
+    )
 
 
 def _validate(student, values, indices, temperature, values_kind, tail, labels, hard_weight, ignore_index, reduction, t2_scale):

@@ -12,7 +12,8 @@ hint_forward, features flattened to rows [B, D] (one row per sample), e = s - t:
 Every launch is over a 1-D grid of B * n_chunks programs, each one chunk of BLOCK entries of one
 row (so that few large samples still fill the GPU). The elementwise kinds take one launch
 (_hint_kernel: the chunk's loss and its gradient). cosine and normalized_mse take two: the
-chunks' partial |s|^2, |t|^2, <s,t> (_hint_sums_kernel), combined per row in float64 by torch
+chunks' partial |s|^2, |t|^2, <s,t> (_hint_sums_kernel; each product kept exactly as its
+rounded value and its fma rounding error), combined per row in float64 by torch
 ([B] values: the norms and the gradient's two coefficients), then _hint_kernel, which sums
 (u - v)^2 entry by entry (1 - cos = |u - v|^2 / 2 for unclamped norms: no cancellation when cos is
 near 1) and writes the gradient coef_u * u + coef_v * v. Chunk losses are summed per row by torch.
@@ -174,7 +175,7 @@ def static_launch_specs() -> list[dict]:
 def _hint_sums_kernel(
     s_ptr,  # [B, D] student
     t_ptr,  # [B, D] teacher
-    part_ptr,  # [B * n_chunks, 3] float32: |s|^2, |t|^2, <s, t> of each chunk
+    part_ptr,  # [B * n_chunks, 6] float32: |s|^2, |t|^2, <s, t> of each chunk, then their low parts
     D,
     n_chunks,
     BLOCK: tl.constexpr,
@@ -185,9 +186,17 @@ def _hint_sums_kernel(
     mask = offs < D
     s = tl.load(s_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
     t = tl.load(t_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(part_ptr + pid * 3, tl.sum(s * s, axis=0))
-    tl.store(part_ptr + pid * 3 + 1, tl.sum(t * t, axis=0))
-    tl.store(part_ptr + pid * 3 + 2, tl.sum(s * t, axis=0))
+    # Each product as its rounded value plus its rounding error, fma(a, b, -a*b), summed apart
+    # (joined in float64 by the launcher): a row of one entry then gets cos = +-1 exactly.
+    ss = s * s
+    tt = t * t
+    st = s * t
+    tl.store(part_ptr + pid * 6, tl.sum(ss, axis=0))
+    tl.store(part_ptr + pid * 6 + 1, tl.sum(tt, axis=0))
+    tl.store(part_ptr + pid * 6 + 2, tl.sum(st, axis=0))
+    tl.store(part_ptr + pid * 6 + 3, tl.sum(tl.fma(s, s, -ss), axis=0))
+    tl.store(part_ptr + pid * 6 + 4, tl.sum(tl.fma(t, t, -tt), axis=0))
+    tl.store(part_ptr + pid * 6 + 5, tl.sum(tl.fma(s, t, -st), axis=0))
 
 
 @triton.jit
@@ -373,9 +382,10 @@ def hint_forward(
 
     row_params = None
     if kind in KINDS_WITH_SUMS:
-        sums_part = torch.empty(n * n_chunks, 3, dtype=torch.float32, device=device)
+        sums_part = torch.empty(n * n_chunks, 6, dtype=torch.float32, device=device)
         torch.library.wrap_triton(_hint_sums_kernel)[grid](student, teacher, sums_part, d, n_chunks, BLOCK=block, num_warps=num_warps)
-        ss, tt, st = sums_part.view(n, n_chunks, 3).double().sum(1).unbind(1)
+        sums = sums_part.view(n, n_chunks, 2, 3).double().sum((1, 2))
+        ss, tt, st = sums.unbind(1)
         eps = COSINE_EPS if kind == "cosine" else NORMALIZE_EPS
         n_s, n_t = ss.sqrt(), tt.sqrt()
         c_s, c_t = n_s.clamp_min(eps), n_t.clamp_min(eps)  # NaN stays NaN

@@ -159,14 +159,21 @@ static void hint_row_tasks(const HintArgs& a, int64_t begin, int64_t end) {
     const TT* t = static_cast<const TT*>(a.teacher) + row * n;
     TS* g = a.grad ? static_cast<TS*>(a.grad) + row * n : nullptr;
 
-    // Sweep 1: |s|^2, |t|^2, <s, t>.
-    FlushSum<V> ss, tt, st;
-    auto sweep1 = [&](V xs, V xt) {
-      ss.add(xs * xs);
-      tt.add(xt * xt);
-      st.add(xs * xt);
+    // Sweep 1: |s|^2, |t|^2, <s, t>. Each product is kept exactly, as its rounded value plus
+    // its rounding error (fma(a, b, -a*b)), summed apart and joined in double: a row of one entry
+    // (always parallel to its teacher) then gets cos = +-1 and a gradient of exactly 0.
+    FlushSum<V> ss, tt, st, ss_lo, tt_lo, st_lo;
+    auto exact_product = [](V a, V b, FlushSum<V>& hi, FlushSum<V>& lo) {
+      const V p = a * b;
+      hi.add(p);
+      lo.add(V::fma(a, b, V::set1(0) - p));
     };
-    auto flush1 = [&] { ss.flush(), tt.flush(), st.flush(); };
+    auto sweep1 = [&](V xs, V xt) {
+      exact_product(xs, xs, ss, ss_lo);
+      exact_product(xt, xt, tt, tt_lo);
+      exact_product(xs, xt, st, st_lo);
+    };
+    auto flush1 = [&] { ss.flush(), tt.flush(), st.flush(), ss_lo.flush(), tt_lo.flush(), st_lo.flush(); };
     for (int64_t b = 0; b < n_full; b += kFlushBlock<V>) {
       const int64_t e = std::min(b + kFlushBlock<V>, n_full);
       for (int64_t i = b; i < e; i += L) sweep1(V::load(s + i), V::load(t + i));
@@ -178,23 +185,24 @@ static void hint_row_tasks(const HintArgs& a, int64_t begin, int64_t end) {
     }
 
     // The row's scalars, in double.
+    ss.total += ss_lo.total, tt.total += tt_lo.total, st.total += st_lo.total;
     const double eps = K == HintKind::Cosine ? kCosineEps : kNormalizeEps;
     const double ns = std::sqrt(ss.total), nt = std::sqrt(tt.total);
     // std::max(NaN, eps) is NaN (it returns its first argument unless that is less than the
     // second), so a row holding a NaN gets a NaN loss and gradient.
     const double cs = std::max(ns, eps), ct = std::max(nt, eps);
-    const double inv_s = 1.0 / cs, inv_t = 1.0 / ct;
+    const double inv_s = 1.0 / cs;
     // The gradient is coef_u * u + coef_v * v with u = s / Ns, v = t / Nt: for equal directions
     // the two terms then cancel exactly, as in the reference.
     double coef_u, coef_v;
     if constexpr (K == HintKind::Cosine) {
       // -t / (Ns Nt) + cos s / (Ns |s|)   (the second term 0 when |s| = 0)
-      const double cosine = st.total * inv_s * inv_t;
+      const double cosine = st.total / (cs * ct);  // divided: +-1 exactly for parallel rows
       coef_u = ns > 0 ? a.grad_coef * cosine / ns : (ns == 0 ? 0.0 : ns);
       coef_v = -a.grad_coef * inv_s;
     } else {
       // 2/Ns (u - v - [|s| >= eps] u <u, r>),  <u, r> = |u|^2 - <u, v>
-      const double ur = ss.total * inv_s * inv_s - st.total * inv_s * inv_t;
+      const double ur = ss.total / (cs * cs) - st.total / (cs * ct);
       const double keep = ns >= eps ? ur : (ns < eps ? 0.0 : ns);  // NaN: NaN
       coef_u = 2 * a.grad_coef * inv_s * (1 - keep);
       coef_v = -2 * a.grad_coef * inv_s;
@@ -233,7 +241,7 @@ static void hint_row_tasks(const HintArgs& a, int64_t begin, int64_t end) {
       // 1 - cos = |u - v|^2 / 2 + (1 - (|u|^2 + |v|^2) / 2); the second term is exactly 0 unless
       // a norm was clamped.
       const bool clamped = ns < eps || nt < eps;
-      const double us = ss.total * inv_s * inv_s, vt = tt.total * inv_t * inv_t;
+      const double us = ss.total / (cs * cs), vt = tt.total / (ct * ct);
       a.task_loss[row] = 0.5 * dd.total + (clamped ? 1 - 0.5 * (us + vt) : 0.0);
     } else {
       a.task_loss[row] = dd.total;

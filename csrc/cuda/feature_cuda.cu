@@ -11,7 +11,8 @@
 //
 // One thread block per chunk of kHintChunk entries of one row (a 1-D grid of B * n_chunks
 // blocks, so that a few large samples still fill the GPU). cosine and normalized_mse first run
-// hint_sums_kernel (each chunk's |s|^2, |t|^2, <s,t>); ATen combines them per row in float64
+// hint_sums_kernel (each chunk's |s|^2, |t|^2, <s,t>, every product kept exactly as its rounded
+// value and its fma rounding error); ATen combines them per row in float64
 // (the norms and the gradient's two coefficients, [B] values). hint_kernel then writes each
 // chunk's part of the row loss (for cosine/normalized_mse summed entry by entry as (u - v)^2,
 // so 1 - cos = |u - v|^2 / 2 does not cancel when cos is near 1) and its gradient. ATen sums the
@@ -111,20 +112,23 @@ __global__ void __launch_bounds__(kThreads) hint_sums_kernel(const S* __restrict
   const int64_t hi = dim < lo + kHintChunk ? dim : lo + kHintChunk;
   const S* s_row = s + row * dim;
   const T* t_row = t + row * dim;
-  acc_t ss = 0, tt = 0, st = 0;
+  // Each product as its rounded value plus its rounding error (fma(a, b, -a*b)), summed apart and
+  // joined in double by the launcher: a row of one entry then gets cos = +-1 exactly.
+  acc_t sum[6] = {0, 0, 0, 0, 0, 0};
   for (int64_t i = lo + threadIdx.x; i < hi; i += kThreads) {
     const acc_t x = load_as<acc_t>(s_row + i), y = load_as<acc_t>(t_row + i);
-    ss += x * x;
-    tt += y * y;
-    st += x * y;
+    const acc_t xx = x * x, yy = y * y, xy = x * y;
+    sum[0] += xx;
+    sum[1] += yy;
+    sum[2] += xy;
+    sum[3] += fma(x, x, -xx);
+    sum[4] += fma(y, y, -yy);
+    sum[5] += fma(x, y, -xy);
   }
-  ss = block_sum(ss, smem);
-  tt = block_sum(tt, smem);
-  st = block_sum(st, smem);
-  if (threadIdx.x == 0) {
-    part[pid * 3] = ss;
-    part[pid * 3 + 1] = tt;
-    part[pid * 3 + 2] = st;
+#pragma unroll
+  for (int k = 0; k < 6; ++k) {
+    const acc_t total = block_sum(sum[k], smem);
+    if (threadIdx.x == 0) part[pid * 6 + k] = total;
   }
 }
 
@@ -372,10 +376,10 @@ std::tuple<at::Tensor, at::Tensor> hint_forward_cuda(const at::Tensor& student, 
       S* g = compute_grad ? grad.mutable_data_ptr<S>() : nullptr;
       at::Tensor row_params;
       if (code == kCosine || code == kNormalizedMse) {
-        at::Tensor sums_part = at::empty({n_rows * n_chunks, 3}, acc_opts);
+        at::Tensor sums_part = at::empty({n_rows * n_chunks, 6}, acc_opts);
         hint_sums_kernel<S, T, acc_t><<<grid, kThreads, 0, stream>>>(s, t, sums_part.mutable_data_ptr<acc_t>(), dim, n_chunks);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        const at::Tensor sums = sums_part.view({n_rows, n_chunks, 3}).to(at::kDouble).sum(1);
+        const at::Tensor sums = sums_part.view({n_rows, n_chunks, 2, 3}).to(at::kDouble).sum(at::IntArrayRef{1, 2});
         ss = sums.select(1, 0), tt = sums.select(1, 1), st = sums.select(1, 2);
         n_s = ss.sqrt(), n_t = tt.sqrt();
         c_s = n_s.clamp_min(eps), c_t = n_t.clamp_min(eps);  // NaN stays NaN

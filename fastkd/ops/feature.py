@@ -48,6 +48,7 @@ def hint_loss_reference(
     student_feat: torch.Tensor, teacher_feat: torch.Tensor, *, kind: str = "mse", reduction: str = "mean"
 ) -> torch.Tensor:
     """The composite ``hint_loss`` is checked against; same arguments and semantics."""
+    validate_hint_options(kind, reduction)
     c = _compute_dtype(student_feat)
     batch = student_feat.shape[0]
     s = student_feat.reshape(batch, -1).to(c)
@@ -78,6 +79,7 @@ def attention_transfer_loss_reference(
 ) -> torch.Tensor:
     """The composite ``attention_transfer_loss`` is checked against; same arguments."""
     pairs = _pairs(student_feats, teacher_feats)
+    p = validate_attention_options(p, reduction)
     total = None
     for s, t in pairs:
         c = _compute_dtype(s)

@@ -93,13 +93,12 @@ at::Tensor centred(const at::Tensor& x, at::ScalarType type, std::vector<double>
       scalar_t* op = out.data_ptr<scalar_t>();
       at::parallel_for(0, n, std::max<int64_t>(1, 65536 / std::max<int64_t>(d, 1)), [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
-          double sq = 0;
-          for (int64_t k = 0; k < d; ++k) {
-            const scalar_t v = scalar_t(double(xp[i * d + k]) - mean[k]);
-            op[i * d + k] = v;
-            sq += double(v) * double(v);
+          for (int64_t k = 0; k < d; ++k) op[i * d + k] = scalar_t(double(xp[i * d + k]) - mean[k]);
+          if (sq_norms) {
+            double sq = 0;
+            for (int64_t k = 0; k < d; ++k) sq += double(op[i * d + k]) * double(op[i * d + k]);
+            (*sq_norms)[i] = sq;
           }
-          if (sq_norms) (*sq_norms)[i] = sq;
         }
       });
     });
@@ -146,11 +145,34 @@ void pair_sq_dist(const G* gram, int64_t ld, const double* g, int64_t i0, int64_
   });
 }
 
+// G = x·xᵀ, computed where it is needed only: row blocks [i0, i0 + b) against rows [i0, n), one
+// BLAS call each (about 3/4 of a full GEMM's flops for two blocks, 17/32 for sixteen). The
+// strictly lower triangle is left unwritten unless `mirror`.
+at::Tensor gram_upper(const at::Tensor& x, bool mirror) {
+  const int64_t n = x.size(0);
+  at::Tensor g = at::empty({n, n}, x.options());
+  const int64_t block = n <= 64 ? n : std::max<int64_t>(64, std::min<int64_t>(128, (n + 1) / 2));
+  for (int64_t i0 = 0; i0 < n; i0 += block) {
+    const int64_t ib = std::min(block, n - i0);
+    at::Tensor out = g.narrow(0, i0, ib).narrow(1, i0, n - i0);
+    at::mm_out(out, x.narrow(0, i0, ib), x.narrow(0, i0, n - i0).t());
+  }
+  if (mirror) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gram_mirror", [&] {
+      scalar_t* p = g.data_ptr<scalar_t>();
+      for_rows(n, [&](int64_t i) {
+        for (int64_t j = 0; j < i; ++j) p[i * n + j] = p[j * n + i];
+      });
+    });
+  }
+  return g;
+}
+
 // Squared distances of the rows of x (any float dtype), scaled, in a [n, n] tensor of `type`, from
 // a `type` Gram matrix of the centred rows (in place). Returns the centred rows (in `type`).
 at::Tensor sq_dists_same_type(const at::Tensor& x, at::ScalarType type, double scale, at::Tensor* out) {
   at::Tensor xc = centred(x, type);
-  at::Tensor gram = at::mm(xc, xc.t());
+  at::Tensor gram = gram_upper(xc, /*mirror=*/false);
   const int64_t n = x.size(0);
   std::vector<double> g(n);
   const double u = type == at::kDouble ? 0x1p-53 : 0x1p-24;
@@ -213,52 +235,68 @@ at::Tensor finish_grad(const at::Tensor& m, const at::Tensor& rows, const at::Te
 // d, ψ = d / μ, H = clamp(ψ_s − ψ_t, ±1) / B², c = Σ_{i≠j} H ψ_s / (B(B-1)):
 //   L = Σ_ij huber(ψ_s − ψ_t) / B²,   Z_ij = ∂L/∂d²_ij = (H_ij − c) [d²_ij ≥ 1e-12] / (2 μ_s d_ij),
 //   dE = 4 (diag(Z·1) − Z) E.
+// Three passes over rows, each square root and division taken once:
+//   1. d² -> v = d (or −1e-6 where the clamp applies: its gradient is 0), 0 on the diagonal; row
+//      sums of |v|;
+//   2. the loss, Σ H ψ_s, and (with the gradient) a = H k / d and b = k / d where the clamp does
+//      not apply (k = 4 / B² / (2 μ_s)), written over v_s and v_t;
+//   3. Z k-scaled: z = a − c b; M's row: −z off the diagonal, Σ z on it.
 // ---------------------------------------------------------------------------------------------
 
 template <class C>
-double rkd_distance_passes(C* ds, const C* dt, int64_t n, bool grad) {
+double rkd_distance_passes(C* ds, C* dt, int64_t n, bool grad) {
   const double pairs = double(n) * double(n - 1);
+  const C floor_d = std::sqrt(C(kPdistEps));
   std::vector<double> row_s(n), row_t(n), row_loss(n), row_c(n);
   for_rows(n, [&](int64_t i) {
+    C* vs = ds + i * n;
+    C* vt = dt + i * n;
     double as = 0, at_ = 0;
     for (int64_t j = 0; j < n; ++j) {
-      if (j == i) continue;
-      as += std::sqrt(std::max(double(ds[i * n + j]), kPdistEps));
-      at_ += std::sqrt(std::max(double(dt[i * n + j]), kPdistEps));
+      const C s2 = vs[j], t2 = vt[j];
+      const C a = j == i ? C(0) : (s2 >= C(kPdistEps) ? std::sqrt(s2) : (s2 != s2 ? s2 : -floor_d));  // NaN kept
+      const C b = j == i ? C(0) : (t2 >= C(kPdistEps) ? std::sqrt(t2) : (t2 != t2 ? t2 : -floor_d));
+      vs[j] = a;
+      vt[j] = b;
+      as += double(std::abs(a));
+      at_ += double(std::abs(b));
     }
     row_s[i] = as, row_t[i] = at_;
   });
   const double mu_s = sum_in_order(row_s) / pairs, mu_t = sum_in_order(row_t) / pairs;
   // ψ = d / μ by division, as the reference: with B = 2 it is then exactly 1.
   const C cmu_s = C(mu_s), cmu_t = C(mu_t);
+  const C k = C(4.0 / (double(n) * double(n)) / (2.0 * mu_s));
   for_rows(n, [&](int64_t i) {
+    C* vs = ds + i * n;
+    C* vt = dt + i * n;
     double l = 0, c = 0;
     for (int64_t j = 0; j < n; ++j) {
-      if (j == i) continue;
-      const C ps = std::sqrt(std::max(ds[i * n + j], C(kPdistEps))) / cmu_s;
-      const C pt = std::sqrt(std::max(dt[i * n + j], C(kPdistEps))) / cmu_t;
-      l += huber(double(ps - pt));
-      c += double(clamp1(ps - pt)) * double(ps);
+      const C ps = std::abs(vs[j]) / cmu_s, pt = std::abs(vt[j]) / cmu_t;
+      const C diff = ps - pt;
+      const C h = clamp1(diff);
+      l += huber(double(diff));
+      c += double(h) * double(ps);
+      if (grad) {
+        const C kd = vs[j] > C(0) ? k / vs[j] : C(0);  // 0 on the diagonal and under the clamp
+        vs[j] = h * kd;
+        vt[j] = kd;
+      }
     }
     row_loss[i] = l, row_c[i] = c;
   });
   if (grad) {
     const C c = C(sum_in_order(row_c) / pairs);
-    const C k = C(4.0 / (double(n) * double(n)) / (2.0 * mu_s));  // 4 · (1/B²) · 1/(2μ)
     for_rows(n, [&](int64_t i) {
+      C* m = ds + i * n;
+      const C* b = dt + i * n;
       double diag = 0;
       for (int64_t j = 0; j < n; ++j) {
-        if (j == i) continue;
-        const C d2 = ds[i * n + j];
-        C z = 0;
-        if (d2 >= C(kPdistEps)) {
-          const C d = std::sqrt(d2);
-          z = (clamp1(d / cmu_s - std::sqrt(std::max(dt[i * n + j], C(kPdistEps))) / cmu_t) - c) * k / d;
-        }
-        ds[i * n + j] = -z;  // ds's row i becomes M's row i (read-before-write per entry)
+        const C z = m[j] - c * b[j];
+        m[j] = -z;
         diag += double(z);
       }
-      ds[i * n + i] = C(diag);
+      m[i] = C(diag);  // z_ii = 0: a and b are 0 on the diagonal
     });
   }
   return sum_in_order(row_loss) / (double(n) * double(n));
@@ -272,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor> rkd_distance_cpu(const at::Tensor& student, c
   sq_dists_same_type(teacher, type, 1.0, &dt);
   double loss = 0;
   AT_DISPATCH_FLOATING_TYPES(type, "rkd_distance", [&] {
-    loss = rkd_distance_passes<scalar_t>(ds.data_ptr<scalar_t>(), dt.const_data_ptr<scalar_t>(), student.size(0), compute_grad);
+    loss = rkd_distance_passes<scalar_t>(ds.data_ptr<scalar_t>(), dt.data_ptr<scalar_t>(), student.size(0), compute_grad);
   });
   at::Tensor grad = compute_grad ? finish_grad(ds, rows, student) : at::empty({0}, student.options());
   return {scalar_loss(loss, student), grad};
@@ -446,7 +484,7 @@ std::tuple<at::Tensor, at::Tensor> sp_cpu(const at::Tensor& student, const at::T
   check_pair(student, teacher, "sp_forward", 1);
   const at::ScalarType type = compute_type(student);
   at::Tensor s = student.to(type), t = teacher.to(type);
-  at::Tensor gs = at::mm(s, s.t()), gt = at::mm(t, t.t());
+  at::Tensor gs = gram_upper(s, /*mirror=*/true), gt = gram_upper(t, /*mirror=*/true);
   double loss = 0;
   AT_DISPATCH_FLOATING_TYPES(type, "sp", [&] {
     loss = sp_passes<scalar_t>(gs.data_ptr<scalar_t>(), gt.data_ptr<scalar_t>(), student.size(0), compute_grad);
@@ -532,7 +570,7 @@ std::tuple<at::Tensor, at::Tensor> pkt_cpu(const at::Tensor& student, const at::
   TORCH_CHECK(eps > 0, "fastkd::pkt_forward: eps must be > 0, got ", eps);
   const at::ScalarType type = compute_type(student);
   at::Tensor s = student.to(type), t = teacher.to(type);
-  at::Tensor gs = at::mm(s, s.t()), gt = at::mm(t, t.t());
+  at::Tensor gs = gram_upper(s, /*mirror=*/true), gt = gram_upper(t, /*mirror=*/true);
   double loss = 0;
   AT_DISPATCH_FLOATING_TYPES(type, "pkt", [&] {
     loss = pkt_passes<scalar_t>(gs.data_ptr<scalar_t>(), gt.data_ptr<scalar_t>(), student.size(0), eps, compute_grad);

@@ -10,22 +10,9 @@ Import one loss as a drop-in replacement::
     at = fastkd.attention_transfer_loss([s3, s4], [t3, t4])   # summed over the pairs
 """
 
-from fastkd import nn
+from fastkd import functional, nn
 from fastkd._ext import empty_cache
-from fastkd.functional import (
-    attention_transfer_loss,
-    dkd_loss,
-    fused_linear_kd_loss,
-    hint_loss,
-    kd_loss,
-    kd_loss_reference,
-    pkt_loss,
-    rkd_angle_loss,
-    rkd_distance_loss,
-    sp_loss,
-    sparse_kd_loss,
-)
-from fastkd.functional import LOSSES
+from fastkd.functional import *  # noqa: F401,F403  every loss and its reference (functional.__all__)
 
 __version__ = "0.1.0"
-__all__ = list(LOSSES) + ["kd_loss_reference", "nn", "empty_cache", "__version__"]
+__all__ = list(functional.__all__) + ["nn", "empty_cache", "__version__"]

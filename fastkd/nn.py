@@ -25,6 +25,7 @@ from fastkd.ops import kd as _kd
 from fastkd.ops import relational as _relational
 from fastkd.ops import sparse_kd as _sparse_kd
 
+
 class KDLoss(torch.nn.Module):
     """Module form of :func:`fastkd.kd_loss`; the constructor takes its keyword options
     (``divergence``, ``beta`` and an ensemble's ``teacher_weights`` among them).
@@ -110,18 +111,6 @@ class FusedLinearKDLoss(torch.nn.Module):
 
         criterion = fastkd.nn.FusedLinearKDLoss(temperature=2.0)
         loss = criterion(student_h, student.lm_head, teacher_h, teacher.lm_head, labels)
-class DKDLoss(torch.nn.Module):
-    """Module form of :func:`fastkd.dkd_loss` (decoupled KD); the constructor takes its options.
-
-    ``forward(student_logits, teacher_logits, labels)`` returns the loss. Bad options fail here,
-    at construction, not at the first forward. mdistiller's DKD warm-up (the loss weight
-    ``min(epoch / warmup, 1)``) belongs to the training loop; the engine's ``kind = "dkd"``
-    term applies it.
-
-    Example::
-
-        criterion = fastkd.nn.DKDLoss(temperature=4.0, alpha=1.0, beta=8.0)
-        loss = criterion(student(x), teacher_logits, labels)
     """
 
     def __init__(
@@ -132,11 +121,15 @@ class DKDLoss(torch.nn.Module):
         ignore_index: int = -100,
         reduction: str = "batchmean",
         t2_scale: bool = True,
+        divergence: str = "kl",
+        beta: Optional[float] = None,
         chunk_size: Optional[int] = None,
         backend: Optional[str] = None,
     ):
         super().__init__()
-        temperature, hard_weight, ignore_index = _kd.validate_options(temperature, hard_weight, ignore_index, reduction, t2_scale)
+        temperature, hard_weight, ignore_index, _ = _kd.validate_options(
+            temperature, hard_weight, ignore_index, reduction, t2_scale, divergence, beta
+        )
         if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
             raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
         if backend is not None:
@@ -146,6 +139,8 @@ class DKDLoss(torch.nn.Module):
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.t2_scale = t2_scale
+        self.divergence = divergence
+        self.beta = beta
         self.chunk_size = chunk_size
         self.backend = backend
 
@@ -163,7 +158,32 @@ class DKDLoss(torch.nn.Module):
             student_hidden, w_s, teacher_hidden, w_t, self.temperature,
             student_bias=b_s, teacher_bias=b_t, labels=labels, hard_weight=self.hard_weight,
             ignore_index=self.ignore_index, reduction=self.reduction, t2_scale=self.t2_scale,
-            chunk_size=self.chunk_size, backend=self.backend,
+            divergence=self.divergence, beta=self.beta, chunk_size=self.chunk_size, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"temperature={self.temperature}, hard_weight={self.hard_weight}, ignore_index={self.ignore_index}, "
+            f"reduction={self.reduction!r}, t2_scale={self.t2_scale}, chunk_size={self.chunk_size}, backend={self.backend!r}"
+        )
+
+
+class DKDLoss(torch.nn.Module):
+    """Module form of :func:`fastkd.dkd_loss` (decoupled KD); the constructor takes its options.
+
+    ``forward(student_logits, teacher_logits, labels)`` returns the loss. Bad options fail here,
+    at construction, not at the first forward. mdistiller's DKD warm-up (the loss weight
+    ``min(epoch / warmup, 1)``) belongs to the training loop; the engine's ``kind = "dkd"``
+    term applies it.
+
+    Example::
+
+        criterion = fastkd.nn.DKDLoss(temperature=4.0, alpha=1.0, beta=8.0)
+        loss = criterion(student(x), teacher_logits, labels)
+    """
+
+    def __init__(
+        self,
         temperature: float = 4.0,
         *,
         alpha: float = 1.0,
@@ -198,62 +218,6 @@ class DKDLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"temperature={self.temperature}, hard_weight={self.hard_weight}, ignore_index={self.ignore_index}, "
-            f"reduction={self.reduction!r}, t2_scale={self.t2_scale}, chunk_size={self.chunk_size}, backend={self.backend!r}"
-        )
-class _RelationalLoss(torch.nn.Module):
-    """Module form of a relational loss: ``forward(student, teacher)`` returns the loss."""
-
-    def __init__(self, backend: Optional[str] = None):
-        super().__init__()
-        if backend is not None:
-            requested_backend(backend)  # an unknown name fails now, not at the first forward
-        self.backend = backend
-
-    def extra_repr(self) -> str:
-        return f"backend={self.backend!r}"
-
-
-class RKDDistanceLoss(_RelationalLoss):
-    """Module form of :func:`fastkd.rkd_distance_loss` (Park et al. 2019).
-
-    Example::
-
-        criterion = fastkd.nn.RKDDistanceLoss()
-        loss = criterion(student_embedding, teacher_embedding)   # [B, D], [B, Dt]
-    """
-
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return rkd_distance_loss(student, teacher, backend=self.backend)
-
-
-class RKDAngleLoss(_RelationalLoss):
-    """Module form of :func:`fastkd.rkd_angle_loss` (Park et al. 2019), O(B²) memory."""
-
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return rkd_angle_loss(student, teacher, backend=self.backend)
-
-
-class SPLoss(_RelationalLoss):
-    """Module form of :func:`fastkd.sp_loss` (Tung & Mori 2019, L2 row normalisation)."""
-
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return sp_loss(student, teacher, backend=self.backend)
-
-
-class PKTLoss(_RelationalLoss):
-    """Module form of :func:`fastkd.pkt_loss` (Passalis & Tefas 2018); ``eps`` is checked here,
-    at construction."""
-
-    def __init__(self, eps: float = 1e-7, *, backend: Optional[str] = None):
-        super().__init__(backend)
-        self.eps = _relational.validate_eps(eps)
-
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return pkt_loss(student, teacher, eps=self.eps, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        return f"eps={self.eps:g}, backend={self.backend!r}"
             f"temperature={self.temperature}, alpha={self.alpha}, beta={self.beta}, ignore_index={self.ignore_index}, "
             f"reduction={self.reduction!r}, backend={self.backend!r}"
         )
@@ -379,3 +343,58 @@ class AttentionTransferLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p:g}, reduction={self.reduction!r}, backend={self.backend!r}"
+
+
+class _RelationalLoss(torch.nn.Module):
+    """Module form of a relational loss: ``forward(student, teacher)`` returns the loss."""
+
+    def __init__(self, backend: Optional[str] = None):
+        super().__init__()
+        if backend is not None:
+            requested_backend(backend)  # an unknown name fails now, not at the first forward
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+
+class RKDDistanceLoss(_RelationalLoss):
+    """Module form of :func:`fastkd.rkd_distance_loss` (Park et al. 2019).
+
+    Example::
+
+        criterion = fastkd.nn.RKDDistanceLoss()
+        loss = criterion(student_embedding, teacher_embedding)   # [B, D], [B, Dt]
+    """
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return rkd_distance_loss(student, teacher, backend=self.backend)
+
+
+class RKDAngleLoss(_RelationalLoss):
+    """Module form of :func:`fastkd.rkd_angle_loss` (Park et al. 2019), O(B²) memory."""
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return rkd_angle_loss(student, teacher, backend=self.backend)
+
+
+class SPLoss(_RelationalLoss):
+    """Module form of :func:`fastkd.sp_loss` (Tung & Mori 2019, L2 row normalisation)."""
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return sp_loss(student, teacher, backend=self.backend)
+
+
+class PKTLoss(_RelationalLoss):
+    """Module form of :func:`fastkd.pkt_loss` (Passalis & Tefas 2018); ``eps`` is checked here,
+    at construction."""
+
+    def __init__(self, eps: float = 1e-7, *, backend: Optional[str] = None):
+        super().__init__(backend)
+        self.eps = _relational.validate_eps(eps)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return pkt_loss(student, teacher, eps=self.eps, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps:g}, backend={self.backend!r}"

@@ -152,7 +152,7 @@ def test_kd_term_distils_from_the_ensemble_mixture_with_the_fused_loss():
     labels = torch.randint(0, 10, (6,), generator=gen)
     for divergence, beta in [("kl", -1.0), ("jsd", 0.3), ("reverse_kl", -1.0), ("skew_reverse_kl", -1.0)]:
         spec = {"kind": "kd", "weight": 1.0, "temperature": 2.0, "hard_weight": 0.25, "t2_scale": True,
-                "divergence": divergence, "beta": beta}
+                "divergence": divergence, "beta": beta, "fused_head": False}
         KDTerm.validate(spec, "loss[0]")
         logits = torch.randn(6, 10, generator=gen, requires_grad=True)
         got = KDTerm(spec, 0)(StepOutputs(logits, {}, labels, teacher, nn.ModuleDict()))

@@ -10,6 +10,7 @@ in fastkd later plugs in as one more registered term.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -51,6 +52,7 @@ class TeacherOutputs:
     logits: List[torch.Tensor]
     features: List[Dict[str, torch.Tensor]] = field(default_factory=list)
     _stacked: Optional[torch.Tensor] = None
+    _combined: Dict[float, torch.Tensor] = field(default_factory=dict)
 
     def ensemble(self) -> torch.Tensor:
         """The teacher as :func:`fastkd.kd_loss` takes it: a single member's ``[B, V]`` logits, or
@@ -62,6 +64,18 @@ class TeacherOutputs:
         if self._stacked is None:
             self._stacked = torch.stack(self.logits)
         return self._stacked
+
+    def combined(self, temperature: float) -> torch.Tensor:
+        """Logits whose softmax at ``temperature`` is the members' averaged probabilities,
+        ``T * log(mean_m softmax(t_m / T))`` (a single member's logits as they are): for losses
+        without a fused ensemble path (DKD splits the teacher at the label, which a mixture's
+        logits give directly). Cached per temperature, so several students and terms share it."""
+        if len(self.logits) == 1:
+            return self.logits[0]
+        if temperature not in self._combined:
+            logp = torch.stack([F.log_softmax(t.float() / temperature, dim=-1) for t in self.logits])
+            self._combined[temperature] = temperature * (torch.logsumexp(logp, dim=0) - math.log(len(self.logits)))
+        return self._combined[temperature]
 
 
 @dataclass
@@ -114,7 +128,7 @@ class KDTerm(LossTerm):
     default); ``hard_weight > 0`` fuses the cross-entropy with the labels into the same pass.
 
     ``fused_head = true`` distils through the output layers instead, with
-    :func:`fastkd.fused_linear_kd_loss` (forward KL): the hidden states entering the modules named
+    :func:`fastkd.fused_linear_kd_loss` (any divergence): the hidden states entering the modules named
     by ``student_head`` and ``teacher_head`` (an ``nn.Linear`` each) are captured by forward hooks,
     and the loss never holds the batch's logits. It needs a single teacher (an ensemble's
     mixture is defined on probabilities, not on one output layer)."""
@@ -139,16 +153,14 @@ class KDTerm(LossTerm):
             kd_ops.validate_divergence(spec["divergence"], cls._beta(spec))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{where}: {exc}") from None
+        if spec["fused_head"]:
+            for key in ("student_head", "teacher_head"):
+                if not spec[key]:
+                    raise ConfigError(f"{where}.{key} (the output layer's module path) is required with fused_head = true")
 
     @staticmethod
     def _beta(spec: dict) -> Optional[float]:
         return None if spec["beta"] == -1.0 else spec["beta"]
-        if spec["fused_head"]:
-            if spec["divergence"] != "kl":
-                raise ConfigError(f"{where}.fused_head supports divergence 'kl' only, got {spec['divergence']!r}")
-            for key in ("student_head", "teacher_head"):
-                if not spec[key]:
-                    raise ConfigError(f"{where}.{key} (the output layer's module path) is required with fused_head = true")
 
     def student_paths(self) -> List[str]:
         return [INPUT_OF + self.spec["student_head"]] if self.spec["fused_head"] else []
@@ -247,7 +259,8 @@ def feature_distance(s: torch.Tensor, t: torch.Tensor, metric: str, p: float = 2
       shapes must match.
     * ``at``: :func:`fastkd.attention_transfer_loss` with exponent ``p`` on ``[B, C, H, W]`` maps
       (channel counts may differ, spatial sizes must match).
-    * ``rkd_distance``, ``rkd_angle``, ``sp``, ``pkt``: ``fastkd.<metric>_loss(s, t)``.
+    * ``rkd_distance``, ``rkd_angle``, ``sp``, ``pkt``: ``fastkd.<metric>_loss(s, t)``; 0 for a
+      batch of one sample.
     """
     if metric in HINT_METRICS:
         return fastkd.hint_loss(s, t, kind=metric)
@@ -256,6 +269,10 @@ def feature_distance(s: torch.Tensor, t: torch.Tensor, metric: str, p: float = 2
     fn = relational_loss_fn(metric)
     if fn is None:
         raise RuntimeError(f"feature metric {metric!r} needs fastkd.{metric}_loss, which this fastkd does not have")
+    if s.shape[0] < 2:
+        # A batch of one sample (an epoch's last, say) has no pair to relate: the term is 0 for
+        # it (the ops refuse B < 2, where the loss is undefined), still attached to the graph.
+        return s.sum() * 0.0
     return fn(s, t)
 
 

@@ -5,15 +5,21 @@
 // AVX-512/AVX2 code generation, and an inline torch function emitted there could be picked by
 // the linker for the generic build too.
 #pragma once
+#include <cstddef>
 #include <cstdint>
+#include <string_view>
 
 namespace fastkd {
 
 enum class DType : int32_t { Float32 = 0, BFloat16 = 1, Float16 = 2, Float64 = 3 };
 
+// The soft term's divergence between p (teacher, or the teachers' mixture) and q (student);
+// DESIGN.md's table, fastkd/ops/kd.py's docstring.
+enum class Divergence : int32_t { KL = 0, ReverseKL = 1, JSD = 2, TVD = 3, SkewKL = 4, SkewReverseKL = 5 };
+
 struct KdArgs {
   const void* student = nullptr;  // [N, V] contiguous, dtype student_dtype
-  const void* teacher = nullptr;  // [N, V] contiguous, dtype teacher_dtype
+  const void* teacher = nullptr;  // [M, N, V] contiguous (M = n_teachers, 1 for [N, V]), dtype teacher_dtype
   const int64_t* labels = nullptr;  // [N] or null
   void* grad = nullptr;           // [N, V] in student_dtype, or null when no gradient is wanted
   double* row_loss = nullptr;     // [N] per-row loss, before the reduction
@@ -22,6 +28,12 @@ struct KdArgs {
   int64_t n_rows = 0;
   int64_t vocab = 0;
   int64_t ignore_index = -100;
+  // Ensemble: p = sum_m w_m softmax(t_m / T). teacher_weights: [n_teachers] host doubles, or null
+  // for uniform weights.
+  int64_t n_teachers = 1;
+  const double* teacher_weights = nullptr;
+  Divergence divergence = Divergence::KL;
+  double beta = 0;  // the divergence's beta (jsd, skew_kl, skew_reverse_kl), already defaulted
   // Coefficients in double: the compute type takes its precision from them (float64 input
   // computes in double and must not be rounded to float here), and T^2 alone leaves float's
   // range from T ~ 1.8e19.
@@ -32,5 +44,21 @@ struct KdArgs {
   double hard_grad_coef = 0;   // hard_weight * reduction scale
   bool stream_grad = false;     // write grad with non-temporal stores (it outgrows the caches)
 };
+
+// The divergence named by kd_forward's string; its beta (in/out) is checked against the
+// divergence's range, and an endpoint that reduces to another divergence becomes it (jsd at
+// beta 0 is kl and at 1 reverse_kl, skew_kl at 0 kl, skew_reverse_kl at 0 reverse_kl).
+// Raises (TORCH_CHECK) naming `op` for an unknown name or a beta out of range. In kd_cpu.cpp.
+Divergence parse_divergence(std::string_view name, double* beta, const char* op);
+
+// The per-thread scratch of the divergence/ensemble row kernel (csrc/cpu/kd_div_kernel.h): rows
+// of vocab + 64 entries of the compute type (2 for one teacher: e_s and e_t/x; 3 for an ensemble:
+// e_s, P/x and one teacher's e_m), 64-byte multiples, then 3 doubles per teacher.
+inline size_t kd_div_row_bytes(int64_t vocab, size_t compute_size) {
+  return (size_t(vocab + 64) * compute_size + 63) / 64 * 64;
+}
+inline size_t kd_div_scratch_bytes(int64_t vocab, int64_t n_teachers, size_t compute_size) {
+  return (n_teachers > 1 ? 3 : 2) * kd_div_row_bytes(vocab, compute_size) + 3 * size_t(n_teachers) * sizeof(double);
+}
 
 }  // namespace fastkd

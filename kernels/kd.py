@@ -1,6 +1,9 @@
-"""Fused temperature knowledge distillation (forward KL + optional hard-label CE): Triton.
+"""Fused temperature knowledge distillation (any divergence, one teacher or an ensemble, optional
+hard-label CE): Triton. Two kernels: ``_kd_forward_kernel`` (forward KL, one teacher: two
+passes) and ``_kd_div_kernel`` (every other divergence, and ensembles: three passes; its math is
+at its definition below).
 
-One program per row. Per row, with p = softmax(t/T) (teacher), q = softmax(s/T) (student):
+``_kd_forward_kernel``: one program per row. Per row, with p = softmax(t/T) (teacher), q = softmax(s/T) (student):
 
     KL   = sum p (log p - log q)
     CE   = logsumexp(s) - s[label]                                   (T = 1, only with labels, a > 0)
@@ -32,16 +35,50 @@ Memory traffic: read 2*N*V (student, teacher; pass 2 re-reads them, ideally from
 write N*V (gradient) + N (row losses).
 """
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
 
-# Largest chunk of a row held at once. Under the interpreter (CPU tensors) a smaller chunk keeps
-# the blocked path exercised by small test shapes.
-_BLOCK_V_MAX_GPU = 4096
-_BLOCK_V_MAX_INTERPRETER = 256
+# ---------------------------------------------------------------------------------------------
+# Launch configuration: the one place that decides it. The static GPU checks compile every kernel
+# of this file for every configuration listed here (block sizes up to the cap, the num_warps rule,
+# every value of every constexpr switch).
+# ---------------------------------------------------------------------------------------------
+
+# Largest chunk of a row held at once, per kernel. Under the interpreter (CPU tensors) a smaller
+# chunk keeps the blocked path exercised by small test shapes. The divergence kernel keeps about
+# twice as many live values per element (q, log q, p, log p, the mixture), hence its smaller cap.
+BLOCK_V_MAX_GPU = {"_kd_forward_kernel": 4096, "_kd_div_kernel": 2048}
+BLOCK_V_MAX_INTERPRETER = 256
+
+
+def block_v_for(kernel: str, vocab: int, device_type: str) -> int:
+    cap = BLOCK_V_MAX_GPU[kernel] if device_type == "cuda" else BLOCK_V_MAX_INTERPRETER
+    return min(triton.next_power_of_2(vocab), cap)
+
+
+def num_warps_for(block_v: int) -> int:
+    return 8 if block_v >= 2048 else 4 if block_v >= 512 else 2 if block_v >= 128 else 1
+
+
+# The constexpr switches of each kernel and every value each takes (M_PAD: the next power of two
+# of the number of teachers, at least 2; any power of two can occur, these are the ones to check).
+CONSTEXPR_SWITCHES = {
+    "_kd_forward_kernel": dict(
+        HAS_LABELS=(False, True), HAS_CE=(False, True), SAME_T=(False, True), SCALE_MODE=(0, 1, 2), COMPUTE_GRAD=(False, True)
+    ),
+    "_kd_div_kernel": dict(
+        DIVERGENCE=(0, 1, 2, 3, 4, 5), MIX=(False, True), M_PAD=(2, 4, 8), HAS_WEIGHTS=(False, True),
+        HAS_LABELS=(False, True), HAS_CE=(False, True), SAME_T=(False, True), SCALE_MODE=(0, 1, 2), COMPUTE_GRAD=(False, True),
+    ),
+}
+
+# DIVERGENCE codes of _kd_div_kernel (kl comes here only for an ensemble).
+DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3, "skew_kl": 4, "skew_reverse_kl": 5}
 
 
 @triton.jit
@@ -176,11 +213,302 @@ def _kd_forward_kernel(
                 tl.store(g_row + offs, tl.zeros((BLOCK_V,), grad_ptr.dtype.element_ty) + fill, mask=offs < V)
 
 
+@triton.jit
+def _div_terms(q, lq2, p, lp2, beta, log2_b, log2_1mb, DIVERGENCE: tl.constexpr):
+    """Per entry: (t1, x) of _kd_div_kernel's table, from q, p and their base-2 logs."""
+    LN2: tl.constexpr = 0.6931471805599453
+    if DIVERGENCE == 0:  # kl: x = p (the gradient is q - p)
+        x = p
+        t1 = tl.where(p == 0.0, 0.0, p * (LN2 * (lp2 - lq2)))
+    elif DIVERGENCE == 1:  # reverse_kl
+        x = LN2 * (lq2 - lp2)
+        t1 = tl.zeros_like(q)
+    elif DIVERGENCE == 3:  # tvd
+        d = q - p
+        x = tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
+        t1 = tl.abs(d)
+    else:
+        if DIVERGENCE == 5:  # skew_reverse_kl: m = (1-b) p + b q
+            a = log2_1mb + lp2
+            b = log2_b + lq2
+        else:  # jsd, skew_kl: m = b p + (1-b) q
+            a = log2_b + lp2
+            b = log2_1mb + lq2
+        e = tl.exp2(-tl.abs(a - b))
+        lm2 = tl.maximum(a, b) + tl.log2(1.0 + e)
+        if DIVERGENCE == 2:  # jsd
+            x = LN2 * (lq2 - lm2)
+            t1 = tl.where(p == 0.0, 0.0, p * (LN2 * (lp2 - lm2)))
+        elif DIVERGENCE == 4:  # skew_kl: x = -p/m
+            x = -tl.where(a - b < 0.0, e, 1.0) / (beta * (1.0 + e))
+            t1 = tl.where(p == 0.0, 0.0, p * (LN2 * (lp2 - lm2)))
+        else:  # skew_reverse_kl: x = (log q - log m) - b q/m
+            d = LN2 * (lq2 - lm2)
+            x = d - tl.where(b - a < 0.0, e, 1.0) / (1.0 + e)
+            t1 = tl.where(q == 0.0, 0.0, q * d)
+    return t1, x
+
+
+@triton.jit
+def _mixture_log2(t_row, offs, mask, teacher_stride, x_scale, M, r_vec, c_vec, midx, BLOCK_V: tl.constexpr):
+    """log2 of the ensemble's p at offs: log2 sum_m 2^(c_m + (t_m - r_m) x_scale), an online
+    log-sum-exp over the teachers (exact where probabilities underflow)."""
+    NEG_INF: tl.constexpr = float("-inf")
+    best = tl.full((BLOCK_V,), NEG_INF, tl.float32)
+    acc = tl.zeros((BLOCK_V,), tl.float32)
+    tm_row = t_row  # teacher m's row: advanced by the (int64 when large) stride, never m * stride in int32
+    for m in range(M):
+        r_m = tl.sum(tl.where(midx == m, r_vec, 0.0), axis=0)
+        c_m = tl.sum(tl.where(midx == m, c_vec, 0.0), axis=0)
+        tm = tl.load(tm_row + offs, mask=mask, other=NEG_INF).to(tl.float32)
+        tm_row += teacher_stride
+        v = c_m + (tm - r_m) * x_scale
+        new = tl.maximum(best, v)
+        ref = tl.where(new == NEG_INF, 0.0, new)
+        acc = acc * tl.exp2(best - ref) + tl.exp2(v - ref)
+        best = new
+    # Every term -inf (a masked entry): best = -inf, acc = 0, and the sum is -inf + -inf = -inf;
+    # a NaN term leaves acc NaN, whatever tl.maximum made of it.
+    return best + tl.log2(acc)
+
+
+@triton.jit
+def _kd_div_kernel(
+    s_ptr,  # [N, V] student logits
+    t_ptr,  # [N, V], or [M, N, V] when MIX
+    labels_ptr,  # [N] int64, or None when HAS_LABELS is False
+    lw_ptr,  # [M] float32 log2 of the teacher weights when HAS_WEIGHTS, else None (uniform)
+    row_loss_ptr,  # [N] float32
+    grad_ptr,  # [N, V] student dtype, or None when COMPUTE_GRAD is False
+    scale_ptr,  # [] float32 reduction scale when SCALE_MODE == 2, else None
+    n_rows,
+    V,
+    M,  # teachers (1 unless MIX)
+    teacher_stride,  # N * V
+    ignore_index,
+    x_scale,  # log2(e) / T
+    soft_loss_coef,  # (1 - a) * (T or 1)
+    soft_loss_t,  # T or 1
+    hard_weight,  # a
+    soft_grad_coef,  # (1 - a) * (T or 1/T) * the divergence's gradient factor k
+    beta,
+    log2_b,  # log2(beta), log2(1 - beta) (0 where unused)
+    log2_1mb,
+    log2_uniform,  # -log2(M)
+    DIVERGENCE: tl.constexpr,  # DIVERGENCE_CODES
+    MIX: tl.constexpr,
+    M_PAD: tl.constexpr,  # a power of two >= M (>= 2)
+    HAS_WEIGHTS: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    HAS_CE: tl.constexpr,
+    SAME_T: tl.constexpr,
+    SCALE_MODE: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Every divergence but one-teacher KL, and ensembles. Per row (q = softmax(s/T), p the
+    teacher's or the mixture sum_m w_m softmax(t_m/T)), every divergence's gradient is
+    dL/d(s/T) = k q (x - c) with c = sum q x (kl: q - p), x and k per divergence:
+
+        reverse_kl  L = sum q (lq - lp)                            x = lq - lp              k = 1
+        jsd         L = b sum p (lp - lm) + (1-b) sum q (lq - lm)  x = lq - lm              k = 1-b
+        tvd         L = 1/2 sum |p - q|                            x = sign(q - p)          k = 1/2
+        skew_kl     L = sum p (lp - lm), m = b p + (1-b) q         x = -p/m                 k = 1-b
+        skew_rkl    L = sum q (lq - lm), m = (1-b) p + b q         x = (lq - lm) - b q/m    k = 1
+
+    Pass 1: online maxima and sums (base 2, as _kd_forward_kernel) of the student and of each
+    teacher; an ensemble keeps each teacher's reference r_m and c_m = log2 w_m - log2 S_m in
+    registers ([M_PAD] vectors). Pass 2: per chunk, log q and log p exactly (log2 q = x - log2 S,
+    an ensemble's log p by an online log-sum-exp over the teachers), log m as a log-sum-exp
+    (max + log2(1 + 2^-|A-B|), never the log of a sum of probabilities: finite where float32
+    probabilities underflow), the skews' p/m and q/m from that same 2^-|A-B|; sums of the loss
+    terms and of q x. Pass 3: the gradient, recomputing pass 2's per-entry values. An entry where
+    p and q are both 0 (masked vocabulary) contributes 0 and gets 0: its terms are taken only
+    where their weight (p or q) is nonzero. Memory traffic: read 3 (M+1) N V (passes 2 and 3
+    re-read the row, from L2 where it stays), write N V.
+    """
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+    NEG_INF: tl.constexpr = float("-inf")
+
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * V
+    t_row = t_ptr + row * V
+    cols = tl.arange(0, BLOCK_V)
+    midx = tl.arange(0, M_PAD)
+
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row)
+        valid = label != ignore_index
+        in_range = (label >= 0) & (label < V)
+        compute = valid & in_range
+        bad = valid & (~in_range)
+    else:
+        label = -1
+        compute = True
+        bad = False
+
+    # Pass 1: the student's (and one teacher's) online maximum and sum; then each teacher's.
+    m_s = tl.full((), NEG_INF, tl.float32)
+    m_t = tl.full((), NEG_INF, tl.float32)
+    sum_s = tl.zeros((), tl.float32)
+    sum_t = tl.zeros((), tl.float32)
+    sum_1 = tl.zeros((), tl.float32)
+    r_vec = tl.zeros((M_PAD,), tl.float32)
+    c_vec = tl.zeros((M_PAD,), tl.float32)
+    if compute:
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            mask = offs < V
+            s = tl.load(s_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_last").to(tl.float32)
+            new_m_s = tl.maximum(m_s, tl.max(s, axis=0))
+            r_s = tl.where(new_m_s == NEG_INF, 0.0, new_m_s)
+            sum_s = sum_s * tl.exp2((m_s - r_s) * x_scale) + tl.sum(tl.exp2((s - r_s) * x_scale), axis=0)
+            if HAS_CE and not SAME_T:
+                sum_1 = sum_1 * tl.exp2((m_s - r_s) * LOG2E) + tl.sum(tl.exp2((s - r_s) * LOG2E), axis=0)
+            m_s = new_m_s
+            if not MIX:
+                t = tl.load(t_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_last").to(tl.float32)
+                new_m_t = tl.maximum(m_t, tl.max(t, axis=0))
+                r_t = tl.where(new_m_t == NEG_INF, 0.0, new_m_t)
+                sum_t = sum_t * tl.exp2((m_t - r_t) * x_scale) + tl.sum(tl.exp2((t - r_t) * x_scale), axis=0)
+                m_t = new_m_t
+        if MIX:
+            tm_row = t_row
+            for m in range(M):
+                mx = tl.full((), NEG_INF, tl.float32)
+                sm = tl.zeros((), tl.float32)
+                for start in range(0, V, BLOCK_V):
+                    offs = start + cols
+                    tm = tl.load(tm_row + offs, mask=offs < V, other=NEG_INF, eviction_policy="evict_last").to(tl.float32)
+                    new_mx = tl.maximum(mx, tl.max(tm, axis=0))
+                    r = tl.where(new_mx == NEG_INF, 0.0, new_mx)
+                    sm = sm * tl.exp2((mx - r) * x_scale) + tl.sum(tl.exp2((tm - r) * x_scale), axis=0)
+                    mx = new_mx
+                if HAS_WEIGHTS:
+                    lw = tl.load(lw_ptr + m)
+                else:
+                    lw = log2_uniform
+                r_vec = tl.where(midx == m, tl.where(mx == NEG_INF, 0.0, mx), r_vec)
+                c_vec = tl.where(midx == m, lw - tl.log2(sm), c_vec)
+                tm_row += teacher_stride
+
+    r_s = tl.where(m_s == NEG_INF, 0.0, m_s)
+    r_t = tl.where(m_t == NEG_INF, 0.0, m_t)
+    log2_ss = tl.log2(sum_s)
+    log2_st = tl.log2(sum_t)
+
+    # Pass 2: the row's statistics.
+    acc1 = tl.zeros((BLOCK_V,), tl.float32)
+    accc = tl.zeros((BLOCK_V,), tl.float32)
+    if compute:
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            mask = offs < V
+            s = tl.load(s_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_last").to(tl.float32)
+            lq2 = (s - r_s) * x_scale - log2_ss
+            q = tl.exp2(lq2)
+            if MIX:
+                lp2 = _mixture_log2(t_row, offs, mask, teacher_stride, x_scale, M, r_vec, c_vec, midx, BLOCK_V)
+            else:
+                t = tl.load(t_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_last").to(tl.float32)
+                lp2 = (t - r_t) * x_scale - log2_st
+            p = tl.exp2(lp2)
+            t1, x = _div_terms(q, lq2, p, lp2, beta, log2_b, log2_1mb, DIVERGENCE)
+            acc1 += t1
+            if DIVERGENCE != 0:
+                accc += tl.where(q == 0.0, 0.0, q * x)
+    tot1 = tl.sum(acc1, axis=0)
+    c = tl.sum(accc, axis=0)
+    if DIVERGENCE == 0:
+        soft = tot1
+    elif DIVERGENCE == 1:
+        soft = c
+    elif DIVERGENCE == 2:
+        soft = beta * tot1 + (1.0 - beta) * c
+    elif DIVERGENCE == 3:
+        soft = 0.5 * tot1
+    else:
+        soft = tot1
+    soft = tl.where(soft < 0.0, 0.0, soft)  # >= 0; rounding can leave -1e-9 at p == q (NaN kept)
+    loss = soft_loss_coef * (soft_loss_t * soft)
+    if HAS_CE:
+        if SAME_T:
+            sum_1 = sum_s
+        safe_label = tl.where(compute, label, 0)
+        s_label = tl.load(s_row + safe_label).to(tl.float32)
+        loss += hard_weight * (LN2 * tl.log2(sum_1) + (r_s - s_label))
+    if HAS_LABELS:
+        loss = tl.where(compute, loss, tl.where(bad, float("nan"), 0.0))
+    tl.store(row_loss_ptr + row, loss)
+
+    # Pass 3: the gradient, last chunk first.
+    if COMPUTE_GRAD:
+        g_row = grad_ptr + row * V
+        if SCALE_MODE == 2:
+            scale = tl.load(scale_ptr)
+        elif SCALE_MODE == 1:
+            scale = 1.0 / n_rows
+        else:
+            scale = 1.0
+        k_soft = soft_grad_coef * scale
+        k_hard = hard_weight * scale
+        inv_1 = 1.0 / sum_1
+        last = ((V - 1) // BLOCK_V) * BLOCK_V
+        if compute:
+            for start in range(0, V, BLOCK_V):
+                offs = (last - start) + cols
+                mask = offs < V
+                s = tl.load(s_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_first").to(tl.float32)
+                lq2 = (s - r_s) * x_scale - log2_ss
+                q = tl.exp2(lq2)
+                if MIX:
+                    lp2 = _mixture_log2(t_row, offs, mask, teacher_stride, x_scale, M, r_vec, c_vec, midx, BLOCK_V)
+                else:
+                    t = tl.load(t_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_first").to(tl.float32)
+                    lp2 = (t - r_t) * x_scale - log2_st
+                p = tl.exp2(lp2)
+                _, x = _div_terms(q, lq2, p, lp2, beta, log2_b, log2_1mb, DIVERGENCE)
+                if DIVERGENCE == 0:
+                    g = k_soft * (q - x)
+                else:
+                    g = k_soft * tl.where(q == 0.0, 0.0, q * (x - c))
+                if HAS_CE:
+                    if SAME_T:
+                        sm = q
+                    else:
+                        sm = tl.exp2((s - r_s) * LOG2E) * inv_1
+                    g += k_hard * (sm - tl.where(offs == label, 1.0, 0.0))
+                tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+        else:
+            fill = tl.where(bad, float("nan"), 0.0).to(grad_ptr.dtype.element_ty)
+            for start in range(0, V, BLOCK_V):
+                offs = start + cols
+                tl.store(g_row + offs, tl.zeros((BLOCK_V,), grad_ptr.dtype.element_ty) + fill, mask=offs < V)
+
+
+# The divergence's beta range and its gradient factor k (see _kd_div_kernel).
+def _resolve_divergence(divergence: str, beta: float) -> tuple[str, float]:
+    """The endpoints that are another divergence become it (as the cpu kernel does): jsd at 0 is
+    kl and at 1 reverse_kl, skew_kl at 0 kl, skew_reverse_kl at 0 reverse_kl."""
+    if divergence not in DIVERGENCE_CODES:
+        raise ValueError(f"kd_forward (triton): divergence must be one of {', '.join(DIVERGENCE_CODES)}, got {divergence!r}")
+    if divergence == "jsd" and not 0.0 <= beta <= 1.0 or divergence in ("skew_kl", "skew_reverse_kl") and not 0.0 <= beta < 1.0:
+        raise ValueError(f"kd_forward (triton): beta={beta} is out of range for divergence {divergence!r}")
+    if divergence in ("jsd", "skew_kl") and beta == 0.0:
+        return "kl", 0.0
+    if divergence == "jsd" and beta == 1.0 or divergence == "skew_reverse_kl" and beta == 0.0:
+        return "reverse_kl", 0.0
+    return divergence, beta
+
+
 def kd_forward(
     student: torch.Tensor,
     teacher: torch.Tensor,
     labels: torch.Tensor | None,
+    teacher_weights: torch.Tensor | None,
     divergence: str,
+    beta: float,
     temperature: float,
     hard_weight: float,
     ignore_index: int,
@@ -190,15 +518,16 @@ def kd_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fastkd::kd_forward on Triton: (loss float32, grad in the student's dtype or empty [0]).
 
-    Inputs are expected validated by the caller (contiguous [N, V], labels int64 [N] or None).
+    Inputs are expected validated by the caller (contiguous student [N, V], teacher [N, V] or
+    [M, N, V], labels int64 [N] or None, teacher_weights [M] or None).
     Uses only torch ops and one wrap_triton launch, with no host synchronisation, so that it
     can run inside torch.library.triton_op.
     """
-    if divergence != "kl":
-        raise ValueError(f"kd_forward (triton): divergence {divergence!r} is not supported; only 'kl' is")
     if reduction not in ("none", "sum", "batchmean"):
         raise ValueError(f"kd_forward (triton): reduction must be 'none', 'sum' or 'batchmean', got {reduction!r}")
-    n, v = student.shape
+    divergence, beta = _resolve_divergence(divergence, beta)
+    n, v = student.shape[0], student.shape[-1]
+    mix = teacher.dim() == 3
     device = student.device
     row_loss = torch.empty(n, dtype=torch.float32, device=device)
     grad = torch.empty_like(student) if compute_grad else torch.empty(0, dtype=student.dtype, device=device)
@@ -215,33 +544,33 @@ def kd_forward(
         else:
             scale_mode = 1
 
-    cap = _BLOCK_V_MAX_GPU if device.type == "cuda" else _BLOCK_V_MAX_INTERPRETER
-    block_v = min(triton.next_power_of_2(v), cap)
-    num_warps = 8 if block_v >= 2048 else 4 if block_v >= 512 else 2 if block_v >= 128 else 1
-
-    torch.library.wrap_triton(_kd_forward_kernel)[(n,)](
-        student,
-        teacher,
-        labels,
-        row_loss,
-        grad if compute_grad else None,
-        scale_t,
-        n,
-        v,
-        ignore_index,
-        _LOG2E / temperature,
-        (1.0 - hard_weight) * (temperature if t2_scale else 1.0),
-        temperature if t2_scale else 1.0,
-        hard_weight,
-        (1.0 - hard_weight) * (temperature if t2_scale else 1.0 / temperature),
-        HAS_LABELS=has_labels,
-        HAS_CE=has_labels and hard_weight > 0,
-        SAME_T=temperature == 1.0,
-        SCALE_MODE=scale_mode,
-        COMPUTE_GRAD=compute_grad,
-        BLOCK_V=block_v,
-        num_warps=num_warps,
-    )
+    soft_loss_coef = (1.0 - hard_weight) * (temperature if t2_scale else 1.0)
+    soft_grad_coef = (1.0 - hard_weight) * (temperature if t2_scale else 1.0 / temperature)
+    common = dict(HAS_LABELS=has_labels, HAS_CE=has_labels and hard_weight > 0, SAME_T=temperature == 1.0,
+                  SCALE_MODE=scale_mode, COMPUTE_GRAD=compute_grad)
+    if divergence == "kl" and not mix:
+        block_v = block_v_for("_kd_forward_kernel", v, device.type)
+        torch.library.wrap_triton(_kd_forward_kernel)[(n,)](
+            student, teacher, labels, row_loss, grad if compute_grad else None, scale_t,
+            n, v, ignore_index, _LOG2E / temperature, soft_loss_coef, temperature if t2_scale else 1.0,
+            hard_weight, soft_grad_coef,
+            BLOCK_V=block_v, num_warps=num_warps_for(block_v), **common,
+        )
+    else:
+        n_teachers = teacher.shape[0] if mix else 1
+        factor = 1.0 - beta if divergence in ("jsd", "skew_kl") else 0.5 if divergence == "tvd" else 1.0
+        has_beta = divergence in ("jsd", "skew_kl", "skew_reverse_kl")
+        log2_w = None if teacher_weights is None else torch.log2(teacher_weights.to(torch.float32)).contiguous()
+        block_v = block_v_for("_kd_div_kernel", v, device.type)
+        torch.library.wrap_triton(_kd_div_kernel)[(n,)](
+            student, teacher, labels, log2_w, row_loss, grad if compute_grad else None, scale_t,
+            n, v, n_teachers, n * v, ignore_index, _LOG2E / temperature, soft_loss_coef,
+            temperature if t2_scale else 1.0, hard_weight, soft_grad_coef * factor, beta,
+            math.log2(beta) if has_beta else 0.0, math.log2(1.0 - beta) if has_beta else 0.0,
+            -math.log2(n_teachers),
+            DIVERGENCE=DIVERGENCE_CODES[divergence], MIX=mix, M_PAD=max(2, triton.next_power_of_2(n_teachers)),
+            HAS_WEIGHTS=log2_w is not None, BLOCK_V=block_v, num_warps=num_warps_for(block_v), **common,
+        )
 
     if reduction == "none":
         loss = row_loss

@@ -56,6 +56,9 @@ def test_overrides_win_over_the_file(tmp_path):
     ("[[loss]]\nkind = \"kd\"\ntemperatur = 2.0\n", "unknown key 'loss[0].temperatur'"),
     ("[[loss]]\nkind = \"feature\"\n", "loss[0].student"),
     ("[[loss]]\nkind = \"nope\"\n", "loss[0].kind must be one of"),
+    ("[[loss]]\nkind = \"kd\"\ndivergence = \"fkl\"\n", "loss[0].divergence must be one of 'kl', 'reverse_kl'"),
+    ("[[loss]]\nkind = \"kd\"\nbeta = 0.5\n", "loss[0]: beta=0.5 was given but divergence='kl' takes no beta"),
+    ("[[loss]]\nkind = \"kd\"\ndivergence = \"jsd\"\nbeta = 2.0\n", "beta must be in [0, 1] for divergence='jsd'"),
     ("train = 3\n", "train must be a table"),
     ("[train\n", "invalid TOML"),
 ])

@@ -129,3 +129,40 @@ def test_default_job_claim(tmp_path):
     assert kd["agreement"] > base["agreement"]
     assert kd["predictive_kl"] < base["predictive_kl"]
     assert kd["accuracy"] >= base["accuracy"]
+
+
+def test_kd_term_distils_from_the_ensemble_mixture_with_the_fused_loss():
+    """The engine's ensemble path is kd_loss's fused ensemble ([M, B, V] in, the mixture of
+    probabilities never formed): the same loss and gradient as the composite that builds the
+    mixture with stack + logsumexp, for every divergence."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    import fastkd
+    from fastkd.engine.losses import KDTerm, StepOutputs, TeacherOutputs
+
+    gen = torch.Generator().manual_seed(0)
+    members = [torch.randn(6, 10, generator=gen) * 2 for _ in range(3)]
+    teacher = TeacherOutputs(members)
+    assert teacher.ensemble().shape == (3, 6, 10) and teacher.ensemble() is teacher.ensemble()
+    assert TeacherOutputs(members[:1]).ensemble() is members[0]
+    labels = torch.randint(0, 10, (6,), generator=gen)
+    for divergence, beta in [("kl", -1.0), ("jsd", 0.3), ("reverse_kl", -1.0), ("skew_reverse_kl", -1.0)]:
+        spec = {"kind": "kd", "weight": 1.0, "temperature": 2.0, "hard_weight": 0.25, "t2_scale": True,
+                "divergence": divergence, "beta": beta, "fused_head": False}
+        KDTerm.validate(spec, "loss[0]")
+        logits = torch.randn(6, 10, generator=gen, requires_grad=True)
+        got = KDTerm(spec, 0)(StepOutputs(logits, {}, labels, teacher, nn.ModuleDict()))
+        (g_got,) = torch.autograd.grad(got, logits)
+        # The composite: the mixture's logits, T * log(mean_m softmax(t_m / T)).
+        logp = torch.stack([F.log_softmax(t / 2.0, -1) for t in members])
+        mixture = 2.0 * (torch.logsumexp(logp, 0) - math.log(3))
+        x = logits.detach().clone().requires_grad_(True)
+        expected = fastkd.kd_loss_reference(x, mixture, 2.0, labels=labels, hard_weight=0.25, divergence=divergence,
+                                            beta=None if beta == -1.0 else beta)
+        (g_exp,) = torch.autograd.grad(expected, x)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_got, g_exp, rtol=1e-5, atol=1e-7)

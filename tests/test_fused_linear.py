@@ -105,6 +105,23 @@ def test_matches_composite(backend, reduction, mode):
     check(backend, x, **kwargs)
 
 
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize(
+    "divergence, beta", [("reverse_kl", None), ("jsd", 0.3), ("tvd", None), ("skew_kl", None), ("skew_reverse_kl", 0.2)]
+)
+def test_every_divergence_matches_composite(backend, divergence, beta):
+    """Every divergence of kd_loss through the chunk loop, with labels, CE and an ignored row."""
+    small = backend == "triton" and not GPU
+    lead, v = ((2, 3), 131) if small else ((3, 7), 517)
+    x = make(lead, 11, 19, v, device=dev(backend))
+    check(backend, x, divergence=divergence, beta=beta, labels=labels_for(lead, v, device=dev(backend)), hard_weight=0.2,
+          reduction="batchmean", chunk_size=4)
+    if backend == "cpu":
+        with pytest.raises(ValueError, match="beta"):
+            fastkd.fused_linear_kd_loss(*(x[k] for k in ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")),
+                                        divergence="tvd", beta=0.5)
+
+
 @needs_ext
 @pytest.mark.parametrize("chunk_size", [1, 7, 13, 1000, None])
 @pytest.mark.parametrize("bias", [True, False])
@@ -224,7 +241,9 @@ def test_opcheck(bias, labels, reduction):
     y = labels_for((6,), 33) if labels else None
     args = (
         x["student_hidden"].requires_grad_(True), x["student_weight"].requires_grad_(True), x["student_bias"],
-        x["teacher_hidden"], x["teacher_weight"], x["teacher_bias"], y, 2.0, 0.25 if labels else 0.0, -100, reduction, True, 4, "cpu", True,
+        x["teacher_hidden"], x["teacher_weight"], x["teacher_bias"], y, 2.0, 0.25 if labels else 0.0, -100, reduction, True,
+        # (the divergence only changes which kd_forward kernel the chunk loop calls)
+        "kl" if labels else "jsd", 0.0 if labels else 0.3, 4, "cpu", True,
     )
     torch.library.opcheck(torch.ops.fastkd.fused_linear_kd_forward.default, args)
 

@@ -256,7 +256,7 @@ def test_no_gradient_wanted_skips_the_gradient():
     with torch.no_grad():
         loss = fastkd.kd_loss(s, t, 2.0, backend="cpu")
     torch.testing.assert_close(loss, kd_loss_reference(s, t, 2.0))
-    out = torch.ops.fastkd.kd_forward(s, t, None, "kl", 2.0, 0.0, -100, "sum", True, False)
+    out = torch.ops.fastkd.kd_forward(s, t, None, None, "kl", 0.0, 2.0, 0.0, -100, "sum", True, False)
     assert out[1].numel() == 0
 
 
@@ -306,7 +306,7 @@ def test_out_of_range_label_is_an_error_on_cpu():
 @needs_ext
 def test_out_of_range_label_reaching_the_kernel_gives_nan_not_a_number():
     s, t = make_logits((3, 10))
-    loss, grad = torch.ops.fastkd.kd_forward(s, t, torch.tensor([1, 10, 2]), "kl", 1.0, 0.5, -100, "none", True, True)
+    loss, grad = torch.ops.fastkd.kd_forward(s, t, torch.tensor([1, 10, 2]), None, "kl", 0.0, 1.0, 0.5, -100, "none", True, True)
     assert torch.isnan(loss[1]) and torch.isnan(grad[1]).all()
     assert torch.isfinite(loss[[0, 2]]).all()
 
@@ -393,7 +393,7 @@ def test_gradcheck_float64_per_row_reference():
 def test_opcheck(labels, hard_weight, reduction, compute_grad, dtype):
     s, t = make_logits((5, 33), dtype)
     y = make_labels((5,), 33, ignored=(3,)) if labels else None
-    args = (s.requires_grad_(compute_grad), t, y, "kl", 2.0, hard_weight, -100, reduction, True, compute_grad)
+    args = (s.requires_grad_(compute_grad), t, y, None, "kl", 0.0, 2.0, hard_weight, -100, reduction, True, compute_grad)
     torch.library.opcheck(torch.ops.fastkd.kd_forward.default, args)
 
 

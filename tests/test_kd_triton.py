@@ -70,16 +70,96 @@ def test_triton_masked_vocabulary_and_nan():
 
 def test_triton_out_of_range_label_gives_nan():
     s, t = make_logits((3, 20), device=DEVICE)
-    loss, grad = torch.ops.fastkd.kd_forward_triton(s, t, torch.tensor([1, 20, 2], device=DEVICE), "kl", 1.0, 0.5, -100, "none", True, True)
+    loss, grad = torch.ops.fastkd.kd_forward_triton(s, t, torch.tensor([1, 20, 2], device=DEVICE), None, "kl", 0.0, 1.0, 0.5, -100, "none", True, True)
     assert torch.isnan(loss[1]) and torch.isnan(grad[1]).all() and torch.isfinite(loss[[0, 2]]).all()
 
 
 def test_triton_opcheck():
     s, t = make_logits((3, 300), device=DEVICE)
     y = make_labels((3,), 300, ignored=(1,), device=DEVICE)
-    args = (s.requires_grad_(True), t, y, "kl", 2.0, 0.25, -100, "batchmean", True, True)
+    args = (s.requires_grad_(True), t, y, None, "kl", 0.0, 2.0, 0.25, -100, "batchmean", True, True)
     # AOT dispatch traces into a triton_op's launcher, and the interpreter would then run the
     # kernel on fake tensors: that check runs on GPU only (test_kd_gpu.py).
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    if DEVICE == "cuda":
+        utils += ("test_aot_dispatch_dynamic",)
+    torch.library.opcheck(torch.ops.fastkd.kd_forward_triton.default, args, test_utils=utils)
+
+
+# ------------------------------------------------------------------------------------------
+# The other divergences and ensembles (_kd_div_kernel)
+# ------------------------------------------------------------------------------------------
+
+DIV_CASES = [
+    # divergence, beta, shape, dtype, teachers (0: one), labels mode, reduction, temperature
+    ("reverse_kl", None, (3, 300), torch.float32, 0, "hard", "batchmean", 2.0),
+    ("jsd", None, (2, 3, 257), torch.bfloat16, 0, "labels", "none", 1.0),
+    ("jsd", 0.2, (4, 600), torch.float32, 3, "hard", "sum", 2.5),
+    ("tvd", None, (3, 513), torch.float16, 0, "none", "batchmean", 2.0),
+    ("skew_kl", None, (5, 300), torch.float32, 0, "hard", "none", 1.0),
+    ("skew_kl", 0.6, (3, 260), torch.bfloat16, 2, "none", "sum", 3.0),
+    ("skew_reverse_kl", None, (3, 400), torch.float32, 0, "labels", "batchmean", 2.0),
+    ("skew_reverse_kl", 0.3, (2, 2, 300), torch.float16, 4, "hard", "batchmean", 1.0),
+    ("kl", None, (3, 300), torch.float32, 3, "hard", "none", 2.0),
+    ("tvd", None, (1, 1), torch.float32, 2, "none", "batchmean", 1.0),
+]
+
+
+@pytest.mark.parametrize("div,beta,shape,dtype,teachers,mode,reduction,temperature", DIV_CASES, ids=[f"{c[0]}-{c[4]}" for c in DIV_CASES])
+def test_triton_divergences_and_ensembles_match_reference(div, beta, shape, dtype, teachers, mode, reduction, temperature):
+    s, t = make_logits(shape, dtype, device=DEVICE)
+    kwargs = dict(divergence=div, beta=beta, reduction=reduction)
+    if teachers:
+        t = torch.stack([t] + [make_logits(shape, dtype, seed=10 + i, device=DEVICE)[1] for i in range(teachers - 1)])
+        if teachers == 3:
+            kwargs["teacher_weights"] = torch.tensor([0.5, 0.2, 0.3], device=DEVICE)
+    if mode != "none":
+        rows = shape[:-1]
+        kwargs["labels"] = make_labels(rows, shape[-1], ignored=(0,) if math.prod(rows) > 1 else (), device=DEVICE)
+        kwargs["hard_weight"] = 0.3 if mode == "hard" else 0.0
+    check_against_reference("triton", s, t, temperature, **kwargs)
+
+
+@pytest.mark.parametrize("div,beta", [("reverse_kl", None), ("jsd", 0.5), ("tvd", None), ("skew_kl", 0.1), ("skew_reverse_kl", 0.1), ("kl", None)])
+def test_triton_divergences_awkward_rows(div, beta):
+    """Masked vocabulary, log-probabilities below float32's underflow, NaN, all rows ignored."""
+    s, t = make_logits((3, 300), std=30.0, device=DEVICE)
+    te = torch.stack([t, t.roll(5, -1)])
+    for teacher in ((t, te) if div != "kl" else (te,)):
+        check_against_reference("triton", s, teacher, 3.0, divergence=div, beta=beta)  # std-30 logits
+        masked_s, masked_t = s.clone(), teacher.clone()
+        masked_s[:, 250:] = -math.inf
+        masked_t[..., 250:] = -math.inf
+        x = masked_s.clone().requires_grad_(True)
+        loss = fastkd.kd_loss(x, masked_t, 2.0, divergence=div, beta=beta, backend="triton")
+        loss.backward()
+        expected = fastkd.kd_loss(masked_s[:, :250], masked_t[..., :250], 2.0, divergence=div, beta=beta, backend="reference")
+        assert torch.isfinite(loss) and torch.equal(x.grad[:, 250:], torch.zeros(3, 50, device=DEVICE))
+        torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+        low_s, low_t = s.double().clone(), teacher.double().clone()
+        low_s[:, :150] -= 300.0
+        low_t[..., 100:200] -= 300.0
+        got = fastkd.kd_loss(low_s.float(), low_t.float(), 1.0, divergence=div, beta=beta, reduction="none", backend="triton")
+        exact = fastkd.kd_loss(low_s, low_t, 1.0, divergence=div, beta=beta, reduction="none", backend="reference")
+        torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=1e-4)
+        nan_t = teacher.clone()
+        nan_t[..., 1, 3] = math.nan
+        rows = fastkd.kd_loss(s, nan_t, 2.0, divergence=div, beta=beta, reduction="none", backend="triton")
+        assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
+        x = s.clone().requires_grad_(True)
+        loss = fastkd.kd_loss(x, nan_t, 2.0, labels=torch.tensor([-100, -100, -100], device=DEVICE), hard_weight=0.5, divergence=div, beta=beta, backend="triton")
+        loss.backward()
+        assert loss.item() == 0.0 and torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("div,beta,teachers", [("jsd", 0.3, 0), ("skew_reverse_kl", 0.2, 3)])
+def test_triton_divergence_opcheck(div, beta, teachers):
+    s, t = make_logits((3, 300), device=DEVICE)
+    if teachers:
+        t = torch.stack([t, t.flip(-1), t.roll(1, -1)])
+    weights = torch.tensor([0.2, 0.2, 0.6], device=DEVICE) if teachers else None
+    y = make_labels((3,), 300, ignored=(1,), device=DEVICE)
+    args = (s.requires_grad_(True), t, y, weights, div, beta, 2.0, 0.25, -100, "batchmean", True, True)
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
     if DEVICE == "cuda":
         utils += ("test_aot_dispatch_dynamic",)

@@ -10,7 +10,10 @@
 #include <limits>
 #include <type_traits>
 
+#include "dkd_args.h"
+#include "feature_args.h"
 #include "kd_args.h"
+#include "sparse_kd_args.h"
 
 // After the standard headers, so that none of their inline functions is compiled for this
 // instruction set (the linker could otherwise keep that copy for every caller).

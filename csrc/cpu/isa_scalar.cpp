@@ -10,7 +10,10 @@
 #include <limits>
 #include <type_traits>
 
+#include "dkd_args.h"
+#include "feature_args.h"
 #include "kd_args.h"
+#include "sparse_kd_args.h"
 
 namespace fastkd {
 namespace scalar {

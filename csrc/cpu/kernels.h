@@ -5,3 +5,8 @@
 
 #include "cpu/dispatch.h"
 #include "cpu/kd_kernel.h"
+#include "cpu/relational_kernel.h"
+#include "cpu/dkd_kernel.h"
+#include "cpu/kd_div_kernel.h"
+#include "cpu/sparse_kd_kernel.h"
+#include "cpu/feature_kernel.h"

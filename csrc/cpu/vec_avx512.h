@@ -67,6 +67,58 @@ struct VecAvx512 {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
     return {_mm512_scalef_ps(p, n)};
   }
+
+  // log(x): x = 2^e m with m in [sqrt(1/2), sqrt(2)), Cephes' logf polynomial for log(m)
+  // (relative error below 2e-7 on normal inputs). 0 -> -inf, +inf -> +inf, x < 0 or NaN -> NaN;
+  // subnormal inputs are read as the smallest normal float (log = -87.34). The same steps as
+  // VecAvx2::log, lane for lane.
+  static VecAvx512 log(VecAvx512 x) {
+    const __m512 one = _mm512_set1_ps(1.f);
+    const __m512 xv = _mm512_max_ps(_mm512_set1_ps(1.17549435e-38f), x.v);
+    const __m512i bits = _mm512_castps_si512(xv);
+    __m512 e = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(126)));
+    __m512 m = _mm512_castsi512_ps(
+        _mm512_or_si512(_mm512_and_si512(bits, _mm512_set1_epi32(0x007fffff)), _mm512_set1_epi32(0x3f000000)));
+    const __mmask16 small = _mm512_cmp_ps_mask(m, _mm512_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+    e = _mm512_mask_sub_ps(e, small, e, one);
+    m = _mm512_mask_add_ps(_mm512_sub_ps(m, one), small, _mm512_sub_ps(m, one), m);
+    const __m512 z = _mm512_mul_ps(m, m);
+    __m512 p = _mm512_set1_ps(7.0376836292e-2f);
+    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(-1.1514610310e-1f));
+    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(1.1676998740e-1f));
+    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(-1.2420140846e-1f));
+    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(1.4249322787e-1f));
+    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(-1.6668057665e-1f));
+    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(2.0000714765e-1f));
+    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(-2.4999993993e-1f));
+    p = _mm512_fmadd_ps(p, m, _mm512_set1_ps(3.3333331174e-1f));
+    __m512 y = _mm512_mul_ps(_mm512_mul_ps(p, m), z);
+    y = _mm512_fmadd_ps(e, _mm512_set1_ps(-2.12194440e-4f), y);
+    y = _mm512_fnmadd_ps(_mm512_set1_ps(0.5f), z, y);
+    __m512 r = _mm512_add_ps(m, y);
+    r = _mm512_fmadd_ps(e, _mm512_set1_ps(0.693359375f), r);
+    const __m512 inf = _mm512_set1_ps(__builtin_inff());
+    r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(x.v, _mm512_setzero_ps(), _CMP_EQ_OQ), _mm512_sub_ps(_mm512_setzero_ps(), inf));
+    r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(x.v, inf, _CMP_EQ_OQ), inf);
+    return {_mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(x.v, _mm512_setzero_ps(), _CMP_NGE_UQ), _mm512_set1_ps(__builtin_nanf("")))};
+  }
+  static VecAvx512 abs(VecAvx512 x) { return {_mm512_abs_ps(x.v)}; }
+  // -1, 0 or 1 (0 for 0 and NaN).
+  static VecAvx512 sign(VecAvx512 x) {
+    const __m512 one = _mm512_set1_ps(1.f);
+    const __mmask16 pos = _mm512_cmp_ps_mask(x.v, _mm512_setzero_ps(), _CMP_GT_OQ);
+    const __mmask16 neg = _mm512_cmp_ps_mask(x.v, _mm512_setzero_ps(), _CMP_LT_OQ);
+    return {_mm512_sub_ps(_mm512_maskz_mov_ps(pos, one), _mm512_maskz_mov_ps(neg, one))};
+  }
+  // x < 0 ? if_neg : otherwise, lane by lane (NaN x: otherwise).
+  static VecAvx512 where_neg(VecAvx512 x, VecAvx512 if_neg, VecAvx512 otherwise) {
+    return {_mm512_mask_mov_ps(otherwise.v, _mm512_cmp_ps_mask(x.v, _mm512_setzero_ps(), _CMP_LT_OQ), if_neg.v)};
+  }
+  // Whether some lane has x < threshold and w != 0.
+  static bool any_below_where(VecAvx512 x, float threshold, VecAvx512 w) {
+    const __mmask16 below = _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(threshold), _CMP_LT_OQ);
+    return _mm512_mask_cmp_ps_mask(below, w.v, _mm512_setzero_ps(), _CMP_NEQ_OQ) != 0;
+  }
 };
 
 // Free functions, not in-class friends: GCC 12 does not apply #pragma GCC target to friends
@@ -74,3 +126,4 @@ struct VecAvx512 {
 static inline VecAvx512 operator+(VecAvx512 a, VecAvx512 b) { return {_mm512_add_ps(a.v, b.v)}; }
 static inline VecAvx512 operator-(VecAvx512 a, VecAvx512 b) { return {_mm512_sub_ps(a.v, b.v)}; }
 static inline VecAvx512 operator*(VecAvx512 a, VecAvx512 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+static inline VecAvx512 operator/(VecAvx512 a, VecAvx512 b) { return {_mm512_div_ps(a.v, b.v)}; }

@@ -23,6 +23,14 @@ struct VecScalar {
   C sum() const { return v; }
   C max() const { return v; }
   static VecScalar exp(VecScalar x) { return {std::exp(x.v)}; }
+  static VecScalar log(VecScalar x) { return {std::log(x.v)}; }
+  static VecScalar abs(VecScalar x) { return {std::fabs(x.v)}; }
+  // -1, 0 or 1 (0 for 0 and NaN).
+  static VecScalar sign(VecScalar x) { return {C(x.v > C(0)) - C(x.v < C(0))}; }
+  // x < 0 ? if_neg : otherwise (NaN x: otherwise).
+  static VecScalar where_neg(VecScalar x, VecScalar if_neg, VecScalar otherwise) { return {x.v < C(0) ? if_neg.v : otherwise.v}; }
+  // Whether x < threshold where w != 0.
+  static bool any_below_where(VecScalar x, C threshold, VecScalar w) { return x.v < threshold && w.v != C(0); }
 };
 
 template <class C>
@@ -31,3 +39,5 @@ template <class C>
 static inline VecScalar<C> operator-(VecScalar<C> a, VecScalar<C> b) { return {a.v - b.v}; }
 template <class C>
 static inline VecScalar<C> operator*(VecScalar<C> a, VecScalar<C> b) { return {a.v * b.v}; }
+template <class C>
+static inline VecScalar<C> operator/(VecScalar<C> a, VecScalar<C> b) { return {a.v / b.v}; }

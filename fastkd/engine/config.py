@@ -217,7 +217,7 @@ def validate(cfg: dict) -> dict:
     if method in ("distill", "self_distill", "mutual") and not cfg["loss"]:
         raise ConfigError(f"method {method!r} needs at least one [[loss]] term")
     if method == "mutual" and "feature" in kinds:
-        raise ConfigError("method 'mutual' supports logit terms only (kind 'kd' and 'ce'), not 'feature'")
+        raise ConfigError("method 'mutual' supports logit terms only (kind 'kd', 'dkd' and 'ce'), not 'feature'")
     if method == "stagewise":
         st = cfg["stagewise"]
         if len(st["student_stages"]) != len(st["teacher_stages"]) or not st["student_stages"]:

@@ -10,7 +10,6 @@ in fastkd later plugs in as one more registered term.
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -21,6 +20,7 @@ from torch import nn
 
 import fastkd
 from fastkd.engine.config import ConfigError, Field
+from fastkd.ops import kd as kd_ops
 
 LOSS_TERMS: Dict[str, type] = {}
 
@@ -51,12 +51,25 @@ class TeacherOutputs:
 
     logits: List[torch.Tensor]
     features: List[Dict[str, torch.Tensor]] = field(default_factory=list)
+    _stacked: Optional[torch.Tensor] = None
     _combined: Dict[float, torch.Tensor] = field(default_factory=dict)
 
+    def ensemble(self) -> torch.Tensor:
+        """The teacher as :func:`fastkd.kd_loss` takes it: a single member's ``[B, V]`` logits, or
+        the members stacked ``[M, B, V]``, which kd_loss distils from as the mixture of their
+        probabilities (``mean_m softmax(t_m / T)``) in its fused pass, never forming the mixture.
+        Stacked once per batch, so several students and terms share it."""
+        if len(self.logits) == 1:
+            return self.logits[0]
+        if self._stacked is None:
+            self._stacked = torch.stack(self.logits)
+        return self._stacked
+
     def combined(self, temperature: float) -> torch.Tensor:
-        """Logits whose softmax at ``temperature`` is the members' *averaged probabilities*:
-        ``T * log(mean_m softmax(t_m / T))`` (a single member's logits are returned as is).
-        Cached per temperature, so several students and terms share it."""
+        """Logits whose softmax at ``temperature`` is the members' averaged probabilities,
+        ``T * log(mean_m softmax(t_m / T))`` (a single member's logits as they are): for losses
+        without a fused ensemble path (DKD splits the teacher at the label, which a mixture's
+        logits give directly). Cached per temperature, so several students and terms share it."""
         if len(self.logits) == 1:
             return self.logits[0]
         if temperature not in self._combined:
@@ -68,13 +81,15 @@ class TeacherOutputs:
 @dataclass
 class StepOutputs:
     """One student's view of a batch: its logits ``[B, V]`` (with grad), its captured
-    features, the labels ``[B]``, the teacher outputs (or None) and its regressors."""
+    features, the labels ``[B]``, the teacher outputs (or None), its regressors, and the
+    phase's epoch (counted from 0; for terms with a schedule, such as DKD's warm-up)."""
 
     logits: torch.Tensor
     features: Dict[str, torch.Tensor]
     labels: torch.Tensor
     teacher: Optional[TeacherOutputs]
     regressors: nn.ModuleDict
+    epoch: int = 0
 
 
 class LossTerm:
@@ -105,19 +120,16 @@ class LossTerm:
         raise NotImplementedError
 
 
-def _kd_accepts(name: str) -> bool:
-    return name in inspect.signature(fastkd.kd_loss).parameters
-
-
 @register_loss_term("kd")
 class KDTerm(LossTerm):
-    """Hinton KD with fastkd's fused :func:`fastkd.kd_loss` against the teacher (ensemble)
-    output; every option of ``kd_loss`` is a key. ``hard_weight > 0`` fuses the cross-entropy
-    with the labels into the same pass.
+    """Temperature KD with fastkd's fused :func:`fastkd.kd_loss` against the teacher, or against
+    an ensemble's mixture of probabilities (the fused ensemble path: the members' logits go in
+    as ``[M, B, V]``). ``divergence`` and ``beta`` are kd_loss's (``beta = -1``: the divergence's
+    default); ``hard_weight > 0`` fuses the cross-entropy with the labels into the same pass.
 
     ``fused_head = true`` distils through the output layers instead, with
-    :func:`fastkd.fused_linear_kd_loss`: the hidden states entering the modules named by
-    ``student_head`` and ``teacher_head`` (an ``nn.Linear`` each) are captured by forward hooks,
+    :func:`fastkd.fused_linear_kd_loss` (any divergence): the hidden states entering the modules named
+    by ``student_head`` and ``teacher_head`` (an ``nn.Linear`` each) are captured by forward hooks,
     and the loss never holds the batch's logits. It needs a single teacher (an ensemble's
     mixture is defined on probabilities, not on one output layer)."""
 
@@ -126,7 +138,8 @@ class KDTerm(LossTerm):
         "temperature": Field("float", 4.0, lo=0.0, lo_open=True),
         "hard_weight": Field("float", 0.0, lo=0.0, hi=1.0),
         "t2_scale": Field("bool", True),
-        "divergence": Field("str", "kl", doc="forward 'kl'; others once fastkd.kd_loss has them"),
+        "divergence": Field("str", "kl", choices=tuple(kd_ops.DIVERGENCES), doc="fastkd.kd_loss's divergence"),
+        "beta": Field("float", -1.0, doc="the divergence's beta (jsd, skew_kl, skew_reverse_kl); -1: its default"),
         "fused_head": Field("bool", False, doc="distil through the output layers without materialising logits"),
         "student_head": Field("str", "", doc="module path of the student's output layer (fused_head)"),
         "teacher_head": Field("str", "", doc="module path of the teacher's output layer (fused_head)"),
@@ -136,12 +149,18 @@ class KDTerm(LossTerm):
 
     @classmethod
     def validate(cls, spec: dict, where: str) -> None:
-        if spec["divergence"] != "kl" and not _kd_accepts("divergence"):
-            raise ConfigError(f"{where}.divergence {spec['divergence']!r} is not available yet (only 'kl')")
+        try:
+            kd_ops.validate_divergence(spec["divergence"], cls._beta(spec))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: {exc}") from None
         if spec["fused_head"]:
             for key in ("student_head", "teacher_head"):
                 if not spec[key]:
                     raise ConfigError(f"{where}.{key} (the output layer's module path) is required with fused_head = true")
+
+    @staticmethod
+    def _beta(spec: dict) -> Optional[float]:
+        return None if spec["beta"] == -1.0 else spec["beta"]
 
     def student_paths(self) -> List[str]:
         return [INPUT_OF + self.spec["student_head"]] if self.spec["fused_head"] else []
@@ -155,7 +174,7 @@ class KDTerm(LossTerm):
         if self.spec["hard_weight"] > 0:
             kwargs["labels"] = out.labels
         if self.spec["divergence"] != "kl":
-            kwargs["divergence"] = self.spec["divergence"]
+            kwargs.update(divergence=self.spec["divergence"], beta=self._beta(self.spec))
         if self.spec["fused_head"]:
             if len(out.teacher.logits) != 1:
                 raise ConfigError(f"loss.{self.index}.fused_head needs one teacher, the run has {len(out.teacher.logits)}")
@@ -164,7 +183,46 @@ class KDTerm(LossTerm):
             return fastkd.fused_linear_kd_loss(
                 h_s, head_s.weight, h_t, head_t.weight, t, student_bias=head_s.bias, teacher_bias=head_t.bias, **kwargs
             )
-        return fastkd.kd_loss(out.logits, out.teacher.combined(t).to(out.logits.dtype), t, **kwargs)
+        # The teacher stays float32 whatever the student's dtype: the kernels read mixed dtypes.
+        return fastkd.kd_loss(out.logits, out.teacher.ensemble(), t, **kwargs)
+
+
+@register_loss_term("dkd")
+class DKDTerm(LossTerm):
+    """Decoupled KD (Zhao et al. 2022) with fastkd's fused :func:`fastkd.dkd_loss` against the
+    teacher (ensemble) output and the labels, with mdistiller's linear warm-up: the term is
+    ``min(epoch / warmup_epochs, 1) * dkd_loss(...)`` with epochs counted from 1, as in
+    mdistiller (and in the metrics log), so the first epoch already trains at
+    ``1 / warmup_epochs``; ``warmup_epochs = 0`` turns the warm-up off. mdistiller adds
+    cross-entropy as a separate term: ``[[loss]] kind = "ce"`` beside this one."""
+
+    SCHEMA = {
+        "weight": Field("float", 1.0, lo=0.0),
+        "temperature": Field("float", 4.0, lo=0.0, lo_open=True),
+        "alpha": Field("float", 1.0, lo=0.0, doc="TCKD weight"),
+        "beta": Field("float", 8.0, lo=0.0, doc="NCKD weight (mdistiller: 8 on CIFAR-100, 0.5 on ImageNet)"),
+        "warmup_epochs": Field("int", 20, lo=0, doc="epochs of linear warm-up of the DKD weight (0: none)"),
+    }
+    needs_teacher = True
+
+    @classmethod
+    def validate(cls, spec: dict, where: str) -> None:
+        for key in ("temperature", "alpha", "beta"):
+            if not math.isfinite(spec[key]):
+                raise ConfigError(f"{where}.{key} must be finite, got {spec[key]!r}")
+
+    def warmup_factor(self, epoch: int) -> float:
+        """The DKD weight in the phase's epoch ``epoch`` (counted from 0)."""
+        warmup = self.spec["warmup_epochs"]
+        return 1.0 if warmup == 0 else min((epoch + 1) / warmup, 1.0)
+
+    def __call__(self, out: StepOutputs) -> torch.Tensor:
+        t = self.spec["temperature"]
+        loss = fastkd.dkd_loss(
+            out.logits, out.teacher.combined(t).to(out.logits.dtype), out.labels, t,
+            alpha=self.spec["alpha"], beta=self.spec["beta"],
+        )
+        return self.warmup_factor(out.epoch) * loss
 
 
 @register_loss_term("ce")
@@ -177,29 +235,55 @@ class CETerm(LossTerm):
         return F.cross_entropy(out.logits.float(), out.labels, label_smoothing=self.spec["label_smoothing"])
 
 
-FEATURE_METRICS = ("mse", "l1", "cosine", "normalized_mse")
+# Hint metrics: fastkd.hint_loss(kind=...) between equal-shape features (a learnable regressor
+# maps the student's feature to the teacher's shape when they differ).
+HINT_METRICS = ("mse", "l1", "smooth_l1", "cosine", "normalized_mse")
+# Relational metrics: fastkd.<metric>_loss(student, teacher) on [B, ...] features (trailing dims
+# flattened, widths may differ: no regressor). Looked up when called, so that the config accepts
+# them before every op has landed in fastkd; a job that names one fastkd lacks stops at start.
+RELATIONAL_METRICS = ("rkd_distance", "rkd_angle", "sp", "pkt")
+FEATURE_METRICS = HINT_METRICS + ("at",) + RELATIONAL_METRICS
 
 
-def feature_distance(s: torch.Tensor, t: torch.Tensor, metric: str) -> torch.Tensor:
-    """Distance between equal-shape features ``[B, ...]`` (FitNet hint losses): ``mse`` and
-    ``l1`` are means over all entries; ``cosine`` is ``mean_b (1 - cos(s_b, t_b))`` on
-    flattened rows; ``normalized_mse`` is the MSE of L2-normalised flattened rows."""
-    s, t = s.float().flatten(1), t.float().flatten(1)
-    if metric == "mse":
-        return F.mse_loss(s, t)
-    if metric == "l1":
-        return F.l1_loss(s, t)
-    if metric == "cosine":
-        return (1.0 - F.cosine_similarity(s, t, dim=1, eps=1e-8)).mean()
-    return F.mse_loss(F.normalize(s, dim=1), F.normalize(t, dim=1))
+def relational_loss_fn(metric: str) -> Optional[Callable[..., torch.Tensor]]:
+    """``fastkd.<metric>_loss``, or None where this fastkd does not have it."""
+    return getattr(fastkd, f"{metric}_loss", None)
+
+
+def feature_distance(s: torch.Tensor, t: torch.Tensor, metric: str, p: float = 2.0) -> torch.Tensor:
+    """The feature loss ``metric`` between a student feature ``s`` and a teacher feature ``t``,
+    both ``[B, ...]``, with fastkd's fused ops:
+
+    * ``mse``, ``l1``, ``smooth_l1``, ``cosine``, ``normalized_mse``: :func:`fastkd.hint_loss`
+      with that ``kind`` (means over all entries; ``cosine`` is ``mean_b (1 - cos(s_b, t_b))``);
+      shapes must match.
+    * ``at``: :func:`fastkd.attention_transfer_loss` with exponent ``p`` on ``[B, C, H, W]`` maps
+      (channel counts may differ, spatial sizes must match).
+    * ``rkd_distance``, ``rkd_angle``, ``sp``, ``pkt``: ``fastkd.<metric>_loss(s, t)``; 0 for a
+      batch of one sample.
+    """
+    if metric in HINT_METRICS:
+        return fastkd.hint_loss(s, t, kind=metric)
+    if metric == "at":
+        return fastkd.attention_transfer_loss(s, t, p=p)
+    fn = relational_loss_fn(metric)
+    if fn is None:
+        raise RuntimeError(f"feature metric {metric!r} needs fastkd.{metric}_loss, which this fastkd does not have")
+    if s.shape[0] < 2:
+        # A batch of one sample (an epoch's last, say) has no pair to relate: the term is 0 for
+        # it (the ops refuse B < 2, where the loss is undefined), still attached to the graph.
+        return s.sum() * 0.0
+    return fn(s, t)
 
 
 @register_loss_term("feature")
 class FeatureTerm(LossTerm):
-    """A hint loss between the output of module ``student`` in the student and module
-    ``teacher`` in teacher number ``teacher_index``. When the shapes differ a learnable
-    regressor maps the student's feature to the teacher's shape (a 1x1 convolution when both are
-    ``[B, C, H, W]`` with equal H, W; otherwise a linear map of the flattened feature)."""
+    """A feature loss between the output of module ``student`` in the student and module
+    ``teacher`` in teacher number ``teacher_index``, computed by a fused fastkd op chosen by
+    ``metric`` (see :func:`feature_distance`). For the hint metrics, when the shapes differ a
+    learnable regressor maps the student's feature to the teacher's shape (a 1x1 convolution when
+    both are ``[B, C, H, W]`` with equal H, W; otherwise a linear map of the flattened feature);
+    ``at`` and the relational metrics compare features of different widths as they are."""
 
     SCHEMA = {
         "weight": Field("float", 1.0, lo=0.0),
@@ -207,6 +291,7 @@ class FeatureTerm(LossTerm):
         "teacher": Field("str", ""),
         "metric": Field("str", "mse", choices=FEATURE_METRICS),
         "teacher_index": Field("int", 0, lo=0),
+        "p": Field("float", 2.0, lo=1.0, doc="metric 'at': the exponent of |x|^p"),
     }
     needs_teacher = True
 
@@ -215,6 +300,8 @@ class FeatureTerm(LossTerm):
         for key in ("student", "teacher"):
             if not spec[key]:
                 raise ConfigError(f"{where}.{key} (a module path) is required for kind 'feature'")
+        if spec["p"] != 2.0 and spec["metric"] != "at":
+            raise ConfigError(f"{where}.p is the exponent of metric 'at'; it does not apply to metric {spec['metric']!r}")
 
     def student_paths(self) -> List[str]:
         return [self.spec["student"]]
@@ -224,6 +311,16 @@ class FeatureTerm(LossTerm):
 
     def make_regressor(self, student_feats, teacher_feats):
         s, t = student_feats[self.spec["student"]], teacher_feats[self.spec["teacher"]]
+        metric, where = self.spec["metric"], f"loss[{self.index}]"
+        if metric == "at":
+            if s.dim() < 3 or t.dim() < 3 or s.shape[2:] != t.shape[2:]:
+                raise ConfigError(
+                    f"{where}.metric 'at' needs [B, C, H, W] feature maps of equal H, W; module "
+                    f"{self.spec['student']!r} gives {tuple(s.shape)} and {self.spec['teacher']!r} {tuple(t.shape)}"
+                )
+            return None
+        if metric in RELATIONAL_METRICS:
+            return None
         if s.shape[1:] == t.shape[1:]:
             return None
         if s.dim() == 4 and t.dim() == 4 and s.shape[2:] == t.shape[2:]:
@@ -236,7 +333,7 @@ class FeatureTerm(LossTerm):
         if key in out.regressors:
             s = out.regressors[key](s.float())
         t = out.teacher.features[self.spec["teacher_index"]][self.spec["teacher"]]
-        return feature_distance(s, t, self.spec["metric"])
+        return feature_distance(s, t, self.spec["metric"], self.spec.get("p", 2.0))
 
 
 def build_terms(specs: List[dict]) -> List[LossTerm]:

@@ -22,6 +22,7 @@ from fastkd import metrics
 from fastkd.engine import checkpoint as ckpt
 from fastkd.engine import distributed as dist
 from fastkd.engine.config import ConfigError, describe_difference, fingerprint
+from fastkd.engine.losses import RELATIONAL_METRICS, relational_loss_fn
 from fastkd.engine.models import build_model, get_module
 from fastkd.engine.plans import plan
 from fastkd.engine.report import MetricsLog, plot, table
@@ -55,6 +56,10 @@ def check_module_paths(cfg: dict, splits: datamod.Splits) -> None:
     checks = []
     for i, term in enumerate(cfg["loss"]):
         if term["kind"] == "feature":
+            if term["metric"] in RELATIONAL_METRICS and relational_loss_fn(term["metric"]) is None:
+                raise ConfigError(
+                    f"loss[{i}].metric {term['metric']!r} needs fastkd.{term['metric']}_loss, which this fastkd does not have yet"
+                )
             checks.append((f"loss[{i}].student", term["student"], "student"))
             checks.append((f"loss[{i}].teacher", term["teacher"], teacher_role))
             if term["teacher_index"] >= (cfg["teacher"]["count"] if cfg["method"] == "distill" else 1):

@@ -353,7 +353,7 @@ def run_phase(ctx: Context, phase_index: int, phase: Phase, resume: Optional[dic
                         teacher = groups[key]
                     else:
                         teacher = None
-                    step = StepOutputs(logits, feats, y, teacher, l.regressors)
+                    step = StepOutputs(logits, feats, y, teacher, l.regressors, epoch)
                     values = [term(step) for term in l.spec.terms]
                     loss = sum(term.weight * v for term, v in zip(l.spec.terms, values))
                     for k, v in enumerate(values):

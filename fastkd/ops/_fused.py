@@ -7,8 +7,11 @@ family::
     fastkd::<name>(Tensor student, ..., str reduction, ..., bool compute_grad) -> (Tensor loss, Tensor grad)
 
 ``loss`` is float32 (float64 for a float64 student), ``[N]`` for ``reduction="none"`` else a
-scalar; ``grad`` is ``[N, V]`` in the student's dtype (already carrying the reduction's scale), or
+scalar; ``grad`` is shaped like the student (``[N, V]`` for logits; any ``[N, ...]``, e.g.
+``[B, C, HW]`` feature maps) in the student's dtype (already carrying the reduction's scale), or
 an empty ``[0]`` tensor when ``compute_grad`` is false. Only the student receives a gradient.
+An op whose loss is always a scalar (the relational losses: one number per batch) has no
+``reduction`` argument: it is registered with ``reduction_arg=None``.
 
 The backward, three cases:
 
@@ -55,20 +58,24 @@ class FusedLoss:
 
     ``reference(*op_args)`` is the op's differentiable composite, taking exactly the op's
     arguments (flattened ``[N, V]`` tensors and all) and returning what the op's first output is;
-    it serves double backward. ``reduction_arg`` is the index of the ``reduction`` argument.
+    it serves double backward. ``reduction_arg`` is the index of the ``reduction`` argument, or
+    None for an op without one (its loss is always a scalar).
     """
 
-    def __init__(self, name: str, reference: Callable, reduction_arg: int):
+    def __init__(self, name: str, reference: Callable, reduction_arg: Optional[int]):
         self.name = name
         self.reference = reference
         self.reduction_arg = reduction_arg
 
     # -- fake kernel: the shapes follow from the convention alone -------------------------------
 
+    def _per_row(self, op_args) -> bool:
+        return self.reduction_arg is not None and op_args[self.reduction_arg] == "none"
+
     def fake(self, student, *args):
-        reduction = args[self.reduction_arg - 1]
         compute_grad = args[-1]
-        loss = student.new_empty((student.shape[0],) if reduction == "none" else (), dtype=loss_dtype(student))
+        per_row = self._per_row((student,) + args)
+        loss = student.new_empty((student.shape[0],) if per_row else (), dtype=loss_dtype(student))
         grad = torch.empty_like(student) if compute_grad else student.new_empty((0,))
         return loss, grad
 
@@ -77,7 +84,8 @@ class FusedLoss:
     def _setup_context(self, op):
         def setup_context(ctx, inputs, output):
             grad = output[1]
-            ctx.per_row = inputs[self.reduction_arg] == "none"
+            ctx.per_row = self._per_row(inputs)
+            ctx.student_dim = inputs[0].dim()  # a per-row scale broadcasts over the other dims
             ctx.op = op
             ctx.n_inputs = len(inputs)
             # Tensors go through save_for_backward (autograd's version checks); everything else
@@ -110,7 +118,7 @@ class FusedLoss:
         nothing = (None,) * ctx.n_inputs
         if grad_loss is None:  # nothing flowed back into the loss
             return nothing
-        scale = grad_loss.unsqueeze(-1) if ctx.per_row else grad_loss
+        scale = grad_loss.reshape(grad_loss.shape + (1,) * (ctx.student_dim - 1)) if ctx.per_row else grad_loss
         if not ctx.eager:
             args, saved = self._inputs(ctx)
             return (saved[-1] * scale,) + nothing[1:]

@@ -39,7 +39,9 @@ def real(name: str, x, *, lo: Optional[float] = None, hi: Optional[float] = None
     if low_bad or high_bad:
         left = "(" if lo_open else "["
         right = ")" if hi_open else "]"
-        raise ValueError(f"{name} must be in {left}{'-inf' if lo is None else lo:g}, {'inf' if hi is None else hi:g}{right}, got {x}")
+        low = "-inf" if lo is None else f"{lo:g}"
+        high = "inf" if hi is None else f"{hi:g}"
+        raise ValueError(f"{name} must be in {left}{low}, {high}{right}, got {x}")
     return value
 
 
@@ -94,19 +96,28 @@ def same_device(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) ->
         raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
 
 
-def logits_pair(student, teacher) -> None:
-    """``student_logits`` ``[..., V]`` and ``teacher_logits`` of the same shape and device."""
+def logits_pair(student, teacher, *, ensemble: bool = False) -> Optional[int]:
+    """``student_logits`` ``[..., V]`` and ``teacher_logits`` of the same shape and device; with
+    ``ensemble``, ``teacher_logits`` may also be ``[M, *student_logits.shape]`` (M teachers).
+    Returns M for an ensemble, None for a single teacher."""
     float_tensor("student_logits", student)
     float_tensor("teacher_logits", teacher)
-    if teacher.shape != student.shape:
+    n_teachers = None
+    if ensemble and teacher.dim() == student.dim() + 1 and teacher.shape[1:] == student.shape:
+        n_teachers = teacher.shape[0]
+        if n_teachers == 0:
+            raise ValueError(f"teacher_logits of shape {tuple(teacher.shape)} is an ensemble of 0 teachers")
+    elif teacher.shape != student.shape:
         if teacher.shape[-1] != student.shape[-1]:
             raise ValueError(
                 f"teacher_logits has vocabulary size {teacher.shape[-1]} but student_logits has "
                 f"{student.shape[-1]} (shapes {tuple(teacher.shape)} and {tuple(student.shape)})"
             )
-        raise ValueError(f"teacher_logits shape {tuple(teacher.shape)} must equal student_logits shape {tuple(student.shape)}")
+        also = f" (or [M, {', '.join(map(str, student.shape))}] for an ensemble of M teachers)" if ensemble else ""
+        raise ValueError(f"teacher_logits shape {tuple(teacher.shape)} must equal student_logits shape {tuple(student.shape)}{also}")
     same_device("teacher_logits", teacher, "student_logits", student)
     nonempty_rows(student)
+    return n_teachers
 
 
 def nonempty_rows(student: torch.Tensor) -> None:

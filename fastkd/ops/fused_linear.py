@@ -62,6 +62,8 @@ def fused_linear_kd_loss_reference(
     ignore_index: int = -100,
     reduction: str = "batchmean",
     t2_scale: bool = True,
+    divergence: str = "kl",
+    beta: Optional[float] = None,
     **_unused,
 ) -> torch.Tensor:
     """``kd_loss_reference`` of the two heads' logits, computed in float32 (float64 for
@@ -76,7 +78,8 @@ def fused_linear_kd_loss_reference(
     with torch.no_grad():
         t = logits(teacher_hidden, teacher_weight, teacher_bias)
     return _kd.kd_loss_reference(
-        s, t, temperature, labels=labels, hard_weight=hard_weight, ignore_index=ignore_index, reduction=reduction, t2_scale=t2_scale
+        s, t, temperature, labels=labels, hard_weight=hard_weight, ignore_index=ignore_index, reduction=reduction,
+        t2_scale=t2_scale, divergence=divergence, beta=beta,
     )
 
 
@@ -90,8 +93,8 @@ def _row_weights(grad_rows: Optional[torch.Tensor], rows: slice):
 
 
 def _chunked_forward(
-    h_s, w_s, b_s, h_t, w_t, b_t, labels, temperature, hard_weight, ignore_index, reduction, t2_scale, chunk_size, kernel,
-    compute_grad, row_weights=None,
+    h_s, w_s, b_s, h_t, w_t, b_t, labels, temperature, hard_weight, ignore_index, reduction, t2_scale, divergence, beta,
+    chunk_size, kernel, compute_grad, row_weights=None,
 ):
     """The loss (per row or summed) and, when asked, the gradients w.r.t. h_s, w_s, b_s of
     Σ_rows row_weight · row_loss (row_weight 1 when None), chunk by chunk."""
@@ -116,7 +119,7 @@ def _chunked_forward(
         lt = ht @ wt.t() if b_t is None else torch.addmm(b_t.to(acc), ht, wt.t())
         del ht
         y = None if labels is None else labels[rows]
-        loss, g = op(ls, lt, y, "kl", temperature, hard_weight, ignore_index, "none" if per_row else "sum", t2_scale, compute_grad)
+        loss, g = op(ls, lt, y, None, divergence, beta, temperature, hard_weight, ignore_index, "none" if per_row else "sum", t2_scale, compute_grad)
         del ls, lt
         losses.append(loss)
         if compute_grad:
@@ -148,6 +151,8 @@ def _fused_linear_kd_forward(
     ignore_index: int,
     reduction: str,
     t2_scale: bool,
+    divergence: str,
+    beta: float,
     chunk_size: int,
     kernel: str,
     compute_grad: bool,
@@ -159,13 +164,13 @@ def _fused_linear_kd_forward(
     grads = compute_grad and reduction != "none"
     return _chunked_forward(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
-        temperature, hard_weight, ignore_index, reduction, t2_scale, chunk_size, kernel, grads,
+        temperature, hard_weight, ignore_index, reduction, t2_scale, divergence, beta, chunk_size, kernel, grads,
     )
 
 
 @_fused_linear_kd_forward.register_fake
 def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
-      temperature, hard_weight, ignore_index, reduction, t2_scale, chunk_size, kernel, compute_grad):
+      temperature, hard_weight, ignore_index, reduction, t2_scale, divergence, beta, chunk_size, kernel, compute_grad):
     n = student_hidden.shape[0]
     loss = student_hidden.new_empty((n,) if reduction == "none" else (), dtype=_fused.loss_dtype(student_hidden))
     def empty():
@@ -193,7 +198,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *_):
-    nothing = [None] * 15
+    nothing = [None] * 17
     if grad_loss is None:
         return tuple(nothing)
     saved = ctx.saved_tensors
@@ -207,7 +212,7 @@ def _backward(ctx, grad_loss, *_):
             loss = fused_linear_kd_loss_reference(
                 h_s, w_s, saved[3], saved[4], ctx.args[7], student_bias=b_s, teacher_bias=saved[5], labels=saved[6],
                 hard_weight=ctx.args[8], ignore_index=ctx.args[9], reduction="sum" if reduction != "none" else "none",
-                t2_scale=ctx.args[11],
+                t2_scale=ctx.args[11], divergence=ctx.args[12], beta=ctx.args[13],
             )
         inputs = [x for x, want in zip((h_s, w_s, b_s), wants[:3]) if want]
         grads = iter(torch.autograd.grad(loss, inputs, grad_loss, create_graph=True))
@@ -216,14 +221,14 @@ def _backward(ctx, grad_loss, *_):
         return tuple(nothing)
     if reduction == "none":
         # Per-row weights reach the weight gradient only through the chunk loop.
-        _, d_h, d_w, d_b = _chunked_forward(*args[:7], *args[7:14], True, row_weights=grad_loss)
+        _, d_h, d_w, d_b = _chunked_forward(*args[:7], *args[7:16], True, row_weights=grad_loss)
     else:
         if ctx.eager:
             grads, ctx.grads = ctx.grads, None
         else:
             grads = saved[7:]
         if grads is None:  # a second backward through a retained graph: recompute
-            _, d_h, d_w, d_b = _chunked_forward(*args[:7], *args[7:14], True)
+            _, d_h, d_w, d_b = _chunked_forward(*args[:7], *args[7:16], True)
         else:
             d_h, d_w, d_b = grads
         if not (ctx.eager and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):
@@ -266,7 +271,8 @@ def _check_linear(prefix: str, hidden, weight, bias):
         raise ValueError(f"empty batch: {prefix}_hidden of shape {tuple(hidden.shape)} has no rows")
 
 
-def _validate(h_s, w_s, b_s, h_t, w_t, b_t, labels, temperature, hard_weight, ignore_index, reduction, t2_scale, chunk_size):
+def _validate(h_s, w_s, b_s, h_t, w_t, b_t, labels, temperature, hard_weight, ignore_index, reduction, t2_scale, divergence, beta,
+              chunk_size):
     _check_linear("student", h_s, w_s, b_s)
     _check_linear("teacher", h_t, w_t, b_t)
     if w_t.shape[0] != w_s.shape[0]:
@@ -277,7 +283,9 @@ def _validate(h_s, w_s, b_s, h_t, w_t, b_t, labels, temperature, hard_weight, ig
     if h_t.shape[:-1] != h_s.shape[:-1]:
         raise ValueError(f"teacher_hidden's leading shape {tuple(h_t.shape[:-1])} must equal student_hidden's {tuple(h_s.shape[:-1])}")
     _validate_args.same_device("teacher_hidden", h_t, "student_hidden", h_s)
-    temperature, hard_weight, ignore_index = _kd.validate_options(temperature, hard_weight, ignore_index, reduction, t2_scale)
+    temperature, hard_weight, ignore_index, beta = _kd.validate_options(
+        temperature, hard_weight, ignore_index, reduction, t2_scale, divergence, beta
+    )
     if labels is None and hard_weight > 0:
         raise ValueError(f"hard_weight={hard_weight} > 0 needs labels (the hard term is cross-entropy with labels)")
     if labels is not None:
@@ -286,7 +294,7 @@ def _validate(h_s, w_s, b_s, h_t, w_t, b_t, labels, temperature, hard_weight, ig
         chunk_size = _validate_args.integer("chunk_size", chunk_size)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 (rows per chunk) or None, got {chunk_size}")
-    return temperature, hard_weight, ignore_index, chunk_size
+    return temperature, hard_weight, ignore_index, beta, chunk_size
 
 
 def _check_labels(labels, h_s, vocab, ignore_index):
@@ -318,6 +326,8 @@ def fused_linear_kd_loss(
     ignore_index: int = -100,
     reduction: str = "batchmean",
     t2_scale: bool = True,
+    divergence: str = "kl",
+    beta: Optional[float] = None,
     chunk_size: Optional[int] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
@@ -329,8 +339,7 @@ def fused_linear_kd_loss(
 
     The loss equals ``kd_loss(student_hidden @ student_weight.T + student_bias,
     teacher_hidden @ teacher_weight.T + teacher_bias, temperature, ...)`` with every ``kd_loss``
-    argument meaning the same (forward KL; the other divergences follow as the logit family
-    gains them). Rows are processed in chunks: per chunk, the two heads' logits are computed by
+    argument meaning the same, ``divergence`` and ``beta`` included. Rows are processed in chunks: per chunk, the two heads' logits are computed by
     torch's GEMM into float32 buffers (float32 accumulation and result, also for bf16/fp16
     inputs, whose weights are copied to float32 once per call), the ``kd`` kernel computes the chunk's loss and logit gradient in one pass, and the
     hidden-state, weight and bias gradients are accumulated in float32 before the next chunk. The
@@ -342,7 +351,8 @@ def fused_linear_kd_loss(
         student_weight: ``[V, H]``, the student head's weight (``lm_head.weight``).
         teacher_hidden: ``[..., Ht]`` with the same leading shape; Ht may differ from H.
         teacher_weight: ``[V, Ht]``, same V as the student's.
-        temperature, labels, hard_weight, ignore_index, reduction, t2_scale: as ``kd_loss``
+        temperature, labels, hard_weight, ignore_index, reduction, t2_scale, divergence, beta:
+            as ``kd_loss``
             (``labels`` shaped like the hiddens' leading dims, or flat ``[N]``).
         student_bias, teacher_bias: optional ``[V]``.
         chunk_size: rows per chunk; ``None`` picks the largest chunk whose three float32
@@ -354,13 +364,14 @@ def fused_linear_kd_loss(
     Returns:
         The loss as ``kd_loss`` returns it (float32; float64 for float64 input).
     """
-    temperature, hard_weight, ignore_index, chunk_size = _validate(
+    temperature, hard_weight, ignore_index, beta, chunk_size = _validate(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
-        temperature, hard_weight, ignore_index, reduction, t2_scale, chunk_size,
+        temperature, hard_weight, ignore_index, reduction, t2_scale, divergence, beta, chunk_size,
     )
     _fused.note_constant_teacher("fused_linear_kd_loss", (teacher_hidden, teacher_weight, teacher_bias))
     name = backends.choose("fused_linear_kd_loss", _kd._CHECKS, student_hidden.device, backend, student_hidden, teacher_hidden)
-    kwargs = dict(labels=labels, hard_weight=hard_weight, ignore_index=ignore_index, reduction=reduction, t2_scale=t2_scale)
+    kwargs = dict(labels=labels, hard_weight=hard_weight, ignore_index=ignore_index, reduction=reduction, t2_scale=t2_scale,
+                  divergence=divergence, beta=beta)
     if name == "reference":
         return fused_linear_kd_loss_reference(
             student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(), temperature,
@@ -375,7 +386,7 @@ def fused_linear_kd_loss(
     wants = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias))
     loss, *_ = _fused_linear_kd_forward(
         h_s, student_weight, student_bias, h_t, teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
-        flat_labels, temperature, hard_weight, ignore_index, reduction, t2_scale, chunk, name, wants,
+        flat_labels, temperature, hard_weight, ignore_index, reduction, t2_scale, divergence, beta, chunk, name, wants,
     )
     if reduction == "none":
         return loss.reshape(lead)

@@ -1,0 +1,206 @@
+// Fused decoupled KD (Zhao et al. 2022) on the CPU: one row's loss and gradient, generic over the
+// vector type. Included (through kernels.h) by isa_{avx512,avx2,scalar}.cpp inside namespace
+// fastkd::<isa>, after kd_kernel.h (load_tail, store_tail, fill_row); the same algorithm is
+// thereby compiled once per instruction set.
+//
+// Math, per row, with s = student, t = teacher logits, y the label, T the temperature,
+// a = s/T, b = t/T, R = the non-target classes {j != y}:
+//
+//   q = softmax(a), p = softmax(b)                 (student, teacher)
+//   q^_j = softmax over R of a, p^_j likewise      (j in R; "the target removed, renormalised")
+//   d_s = a_y - lse_R(a), d_t = b_y - lse_R(b)     (the target's log-odds against the rest)
+//   q_y = sigmoid(d_s), 1 - q_y = sigmoid(-d_s)    (so log q_y = logsigmoid(d_s) and
+//   p_y = sigmoid(d_t), 1 - p_y = sigmoid(-d_t)     log(1 - q_y) = logsigmoid(-d_s): no 1 - x)
+//   TCKD = p_y log(p_y / q_y) + (1 - p_y) log((1 - p_y) / (1 - q_y))
+//   NCKD = sum_R p^ (log p^ - log q^)
+//   loss = T^2 (alpha TCKD + beta NCKD)
+//
+// Gradient. TCKD depends on a only through z = d_s, the logit of a two-class softmax, so
+// dTCKD/dz = q_y - p_y (the binary cross-entropy derivative; the teacher's entropy is constant).
+// dz/da_y = 1 and dz/da_j = -q^_j for j in R (d lse_R(a) / da_j = q^_j). NCKD is a KL between
+// softmaxes over R: dNCKD/da_j = q^_j - p^_j on R, 0 at y. With ds = da / T:
+//
+//   dloss/ds_y = T alpha (q_y - p_y)
+//   dloss/ds_j = T [beta (q^_j - p^_j) + alpha (p_y - q_y) q^_j]              (j in R)
+//              = cq e_s_j - cp e_t_j,   cq = T (beta + alpha (p_y - q_y)) / S_s,  cp = T beta / S_t
+//
+// where e_s_j = exp((s_j - ms)/T), S_s = sum_R e_s, ms = max_R s (likewise e_t, S_t, mt): the
+// KD kernel's sweep 3 with different coefficients. Each row's gradient sums to 0.
+//
+// Everything non-target is taken over R only: the target's entry is loaded as -inf (exp -> 0)
+// in sweeps 1 and 2, so the maxima, sums and the NCKD numerator never contain it, and a target
+// that dominates the row by any margin cannot flush the non-target sums (S_s >= 1 always).
+// Then, in double: lse_R(a) = ms/T + log S_s,
+//   NCKD = [sum_R e_t ((t - mt) - (s - ms))/T] / S_t + log S_s - log S_t     (as kd_kernel.h)
+//   d_s = (s_y - ms)/T - log S_s,   d_t = (t_y - mt)/T - log S_t
+// and TCKD and q_y - p_y from logsigmoid / sigmoid of d_s, d_t, finite for any margin.
+//
+// Sweeps and memory traffic exactly as kd_kernel.h: read 2·N·V (student, teacher), write N·V
+// (gradient, non-temporal stores when it outgrows the caches); two exp per entry.
+#pragma once
+
+#include "cpu/kd_kernel.h"
+
+// V::L entries of p (the first `count` of them; the rest pad) with entry `skip` replaced by pad.
+template <class V, class T>
+static inline V load_without(const T* p, int64_t count, int64_t skip, typename V::scalar pad) {
+  using C = typename V::scalar;
+  alignas(64) C buf[V::L];
+  for (int i = 0; i < V::L; ++i) buf[i] = i < count && i != skip ? C(to_compute<C>(p[i])) : pad;
+  return V::load(buf);
+}
+
+// log(sigmoid(x)), accurate for any x; -inf at -inf, NaN kept.
+static inline double log_sigmoid(double x) { return x >= 0 ? -std::log1p(std::exp(-x)) : x - std::log1p(std::exp(x)); }
+
+static inline double sigmoid(double x) {
+  if (x >= 0) return 1 / (1 + std::exp(-x));
+  const double e = std::exp(x);
+  return e / (1 + e);
+}
+
+// KL([p, 1 - p] || [q, 1 - q]) for p = sigmoid(d_t), q = sigmoid(d_s); a term whose teacher
+// probability is 0 is 0 (not 0 * inf).
+static inline double binary_kl(double d_t, double d_s) {
+  const double lp = log_sigmoid(d_t), lp_not = log_sigmoid(-d_t);
+  const double p = std::exp(lp), p_not = std::exp(lp_not);
+  const double on = p == 0 ? 0.0 : p * (lp - log_sigmoid(d_s));
+  const double off = p_not == 0 ? 0.0 : p_not * (lp_not - log_sigmoid(-d_s));
+  return on + off;
+}
+
+// sigmoid(d_s) - sigmoid(d_t), from whichever side of 1/2 keeps the digits: when both are near
+// 1, as (1 - sigmoid(d_t)) - (1 - sigmoid(d_s)).
+static inline double sigmoid_difference(double d_s, double d_t) {
+  if (d_s + d_t > 0) return sigmoid(-d_t) - sigmoid(-d_s);
+  return sigmoid(d_s) - sigmoid(d_t);
+}
+
+// scratch: 2 * (vocab + one vector) entries of the compute type, owned by the calling thread.
+template <class V, class TS, class TT>
+static void dkd_rows(const DkdArgs& a, int64_t row_begin, int64_t row_end, void* scratch) {
+  using C = typename V::scalar;
+  constexpr int L = V::L;
+  const int64_t n = a.vocab;
+  const int64_t n_full = n - n % L;
+  const int64_t n_tail = n - n_full;
+  const C neg_inf = -std::numeric_limits<C>::infinity();
+  const C inv_t = C(a.inv_temperature);
+  C* const exp_s = static_cast<C*>(scratch);
+  C* const exp_t = exp_s + n_full + L;
+
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const TS* s = static_cast<const TS*>(a.student) + row * n;
+    const TT* t = static_cast<const TT*>(a.teacher) + row * n;
+    TS* g = a.grad ? static_cast<TS*>(a.grad) + row * n : nullptr;
+    const int64_t label = a.labels[row];
+    if (label == a.ignore_index) {
+      a.row_loss[row] = 0;
+      if (g) fill_row(g, n, 0.f);
+      continue;
+    }
+    if (label < 0 || label >= n) {
+      // No exception can leave a parallel region: the row reports NaN instead.
+      a.row_loss[row] = std::numeric_limits<double>::quiet_NaN();
+      if (g) fill_row(g, n, std::numeric_limits<float>::quiet_NaN());
+      continue;
+    }
+    // The vector that holds the target (n_full when the target is in the tail) and its lane.
+    const int64_t ky = label - label % L;
+    const int64_t lane = label - ky;
+    const int64_t tail_skip = ky == n_full ? lane : -1;
+
+    // Sweep 1: maxima over the non-target entries.
+    V mx_s = V::set1(neg_inf), mx_t = V::set1(neg_inf);
+    for (int64_t i = 0; i < n_full; i += L) {
+      if (i == ky) [[unlikely]] {
+        mx_s = V::max(mx_s, load_without<V>(s + i, L, lane, neg_inf));
+        mx_t = V::max(mx_t, load_without<V>(t + i, L, lane, neg_inf));
+        continue;
+      }
+      mx_s = V::max(mx_s, V::load(s + i));
+      mx_t = V::max(mx_t, V::load(t + i));
+    }
+    if (n_tail) {
+      mx_s = V::max(mx_s, load_without<V>(s + n_full, n_tail, tail_skip, neg_inf));
+      mx_t = V::max(mx_t, load_without<V>(t + n_full, n_tail, tail_skip, neg_inf));
+    }
+    const C ms = mx_s.max(), mt = mx_t.max();
+    const V vms = V::set1(ms), vmt = V::set1(mt), vit = V::set1(inv_t);
+
+    // Sweep 2: non-target exponentials (kept for sweep 3), their sums, the NCKD numerator;
+    // flushed into double every kBlock entries as in kd_kernel.h.
+    V sum_s = V::set1(0), sum_t = V::set1(0), num = V::set1(0);
+    double tot_s = 0, tot_t = 0, tot_num = 0;
+    auto sweep2 = [&](V xs, V xt, int64_t i) {
+      const V ls = (xs - vms) * vit, lt = (xt - vmt) * vit;
+      const V es = V::exp(ls), et = V::exp(lt);
+      es.store(exp_s + i);
+      et.store(exp_t + i);
+      sum_s = sum_s + es;
+      sum_t = sum_t + et;
+      num = num + V::zero_where_zero(et, et * (lt - ls));
+    };
+    auto flush = [&] {
+      tot_s += double(sum_s.sum()), tot_t += double(sum_t.sum()), tot_num += double(num.sum());
+      sum_s = sum_t = num = V::set1(0);
+    };
+    constexpr int64_t kBlock = 64 * L;
+    const bool prefetch = row + 1 < row_end;
+    for (int64_t b = 0; b < n_full; b += kBlock) {
+      const int64_t e = std::min(b + kBlock, n_full);
+      for (int64_t i = b; i < e; i += L) {
+        if (prefetch) {
+          __builtin_prefetch(s + n + i, 0, 2);
+          __builtin_prefetch(t + n + i, 0, 2);
+        }
+        if (i == ky) [[unlikely]] {
+          sweep2(load_without<V>(s + i, L, lane, neg_inf), load_without<V>(t + i, L, lane, neg_inf), i);
+        } else {
+          sweep2(V::load(s + i), V::load(t + i), i);
+        }
+      }
+      flush();
+    }
+    if (n_tail) {
+      sweep2(load_without<V>(s + n_full, n_tail, tail_skip, neg_inf), load_without<V>(t + n_full, n_tail, tail_skip, neg_inf),
+             n_full);
+      flush();
+    }
+
+    // The row's loss, in double (see the top).
+    const double log_ss = std::log(tot_s), log_st = std::log(tot_t);
+    double nckd = tot_num / tot_t + log_ss - log_st;
+    nckd = nckd < 0 ? 0 : nckd;  // KL >= 0; rounding can leave -1e-16 when p^ == q^ (NaN kept)
+    const double d_s = (double(to_compute<C>(s[label])) - double(ms)) * a.inv_temperature - log_ss;
+    const double d_t = (double(to_compute<C>(t[label])) - double(mt)) * a.inv_temperature - log_st;
+    double tckd = binary_kl(d_t, d_s);
+    tckd = tckd < 0 ? 0 : tckd;
+    a.row_loss[row] = a.tckd_loss_coef * tckd + a.nckd_loss_coef * nckd;
+    if (!g) continue;
+
+    // Sweep 3: the gradient from the kept exponentials; the target's entry is written last.
+    const double dq = sigmoid_difference(d_s, d_t);  // q_y - p_y
+    const V vcq = V::set1(C((a.beta_grad_coef - a.alpha_grad_coef * dq) / tot_s));
+    const V vcp = V::set1(C(-a.beta_grad_coef / tot_t));
+    auto sweep3 = [&](int64_t i) { return V::fma(vcp, V::load(exp_t + i), vcq * V::load(exp_s + i)); };
+    const bool stream = a.stream_grad && reinterpret_cast<uintptr_t>(g) % (L * sizeof(TS)) == 0;
+    if (stream) {
+      for (int64_t i = 0; i < n_full; i += L) sweep3(i).stream(g + i);
+    } else {
+      for (int64_t i = 0; i < n_full; i += L) sweep3(i).store(g + i);
+    }
+    if (n_tail) store_tail(sweep3(n_full), g + n_full, n_tail);
+    if (stream) V::fence();
+    g[label] = from_compute<TS>(C(a.alpha_grad_coef * dq));
+  }
+}
+
+// The entry point: every storage-type pair, float64 input computing in double.
+void dkd_rows(const DkdArgs& a, int64_t begin, int64_t end, void* scratch) {
+  with_storage(a.student_dtype, a.teacher_dtype, [&](auto s, auto t) {
+    using TS = typename decltype(s)::type;
+    using TT = typename decltype(t)::type;
+    dkd_rows<VecFor<TS, TT>, TS, TT>(a, begin, end, scratch);
+  });
+}

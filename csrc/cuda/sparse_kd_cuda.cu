@@ -1,0 +1,630 @@
+// Fused KD against a sparse teacher (top-k logits or log-probabilities), with optional hard-label
+// CE: CUDA.
+//
+// One thread block per row. The teacher is known at k entries K = {idx_i} of a row of V, values
+// v_i; s is the student row, T the temperature, r = max s (0 while still -inf):
+//
+//   student   x_j = (s_j - r)/T, S = sum_j e^{x_j}, log q_j = x_j - log S        (FULL vocabulary)
+//   teacher   tail="renormalize": p_i = softmax(v/T)_i on K, 0 elsewhere
+//             tail="uniform" (v: full-vocabulary log-probabilities): the missing mass
+//             m = max(0, 1 - sum_K e^{v_i}) spread evenly over the n = V - k other entries,
+//             u = log(m / n); p proportional to e^{lp/T} over the full row. With top = max(v, u),
+//             log Z = top/T + lz, lz = log(sum_K e^{(v_i - top)/T} + n e^{(u - top)/T}),
+//             p_i = e^{(v_i - top)/T - lz}, p_b = e^{(u - top)/T - lz} (each tail entry). An empty
+//             tail (k = V, or m = 0) has p_b = 0 and contributes nothing.
+//   KL(p||q)  = sum_j p_j ((v_j - top) - (s_j - r)) / T + log S - lz     (v_j = u off K, sum p = 1)
+//             = sum_K p_i ((v_i - top) - (s_i - r)) / T
+//               + p_b (n (u - top) - sum_{j not in K} (s_j - r)) / T + log S - lz
+//             (kd_cuda.cu's form: differences before scaling, log S - lz subtracted last). The
+//             tail's student sum needs no membership test: sum_all (s - r) - sum_K (s - r), over
+//             finite entries, the -inf ones counted apart (a -inf entry in a tail of positive
+//             mass makes the loss +inf).
+//   grad      (q_j - p_j) / T over the full row (the teacher is a constant, sum_j p_j = 1):
+//             grad = scale * ((1 - a) g (q - p) + a (softmax(s) - onehot(label))), p = p_b off K
+//   CE        = logsumexp(s) - s[label]                        (T = 1; only with labels and a > 0)
+//   loss      = (1 - a) c KL + a CE,  c = T^2 if t2_scale else 1,  g = T if t2_scale else 1/T
+//
+// Pass 1 (the student row): per-thread online state in base 2, as kd_cuda.cu: the maximum, S,
+// and for the uniform tail sum (s - r) over finite entries (shifted with the reference:
+// sum (s - r') = sum (s - r) + n_finite (r - r')) and the count of -inf entries; the states are
+// merged by warp shuffles and shared memory. Pass 2: the k values, strided over the threads:
+// maximum (NaN kept), kept mass, then lz. Pass 3: the kept entries' KL terms (student gathered at
+// the indices). Pass 4: the gradient over the row (the tail's value), last chunk first; then,
+// after a barrier, each kept entry's own value at its index.
+//
+// A row whose indices leave [0, V) or repeat (found on the device by sorting each row's indices,
+// no host synchronisation) gets a NaN loss and a NaN gradient, as a label outside [0, V) does.
+// Ignored rows (label == ignore_index) read nothing: loss 0, gradient 0.
+//
+// Memory traffic: read N*V (student; pass 4 re-reads it, ideally from L2) + 2*N*k (values,
+// indices), write N*V (gradient) + N (row losses).
+//
+// Accumulation is in float, or in double for a double student (the teacher's values are read
+// in that type whatever their storage).
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <string_view>
+#include <tuple>
+#include <type_traits>
+
+namespace fastkd {
+namespace {
+
+constexpr int kMaxThreads = 512;
+constexpr int kMaxWarps = kMaxThreads / 32;
+// Elements a thread holds per chunk: kElems / VEC loads of VEC elements.
+template <int VEC, typename S>
+constexpr int kElems = VEC == 1 ? 4 : 2 * VEC;
+
+template <typename S>
+using acc_type_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+template <typename acc_t>
+struct Consts {
+  static constexpr acc_t kLog2e = acc_t(1.4426950408889634);
+  static constexpr acc_t kLn2 = acc_t(0.6931471805599453);
+};
+
+__device__ __forceinline__ float exp2_(float x) { return exp2f(x); }
+__device__ __forceinline__ double exp2_(double x) { return exp2(x); }
+__device__ __forceinline__ float exp_(float x) { return expf(x); }
+__device__ __forceinline__ double exp_(double x) { return exp(x); }
+__device__ __forceinline__ float log_(float x) { return logf(x); }
+__device__ __forceinline__ double log_(double x) { return log(x); }
+__device__ __forceinline__ float log2_(float x) { return log2f(x); }
+__device__ __forceinline__ double log2_(double x) { return log2(x); }
+__device__ __forceinline__ float max_(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double max_(double a, double b) { return fmax(a, b); }
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t neg_inf() {
+  return -static_cast<acc_t>(INFINITY);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t quiet_nan() {
+  return static_cast<acc_t>(NAN);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t ref_of(acc_t m) {
+  return m == neg_inf<acc_t>() ? acc_t(0) : m;
+}
+
+template <typename acc_t, typename T>
+__device__ __forceinline__ acc_t load_as(const T* p) {
+  if constexpr (std::is_same_v<T, acc_t>) {
+    return *p;
+  } else {
+    return static_cast<acc_t>(static_cast<float>(*p));
+  }
+}
+
+template <typename T, typename acc_t>
+__device__ __forceinline__ T store_as(acc_t v) {
+  if constexpr (std::is_same_v<T, acc_t>) {
+    return v;
+  } else {
+    return static_cast<T>(static_cast<float>(v));
+  }
+}
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+// The teacher's storage, read by a switch per entry (k entries per row: not worth a template).
+enum ValuesDtype : int { kValF32 = 0, kValBF16 = 1, kValF16 = 2, kValF64 = 3 };
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t load_value(const void* values, int dtype, int64_t i) {
+  switch (dtype) {
+    case kValF32: return static_cast<acc_t>(static_cast<const float*>(values)[i]);
+    case kValBF16: return static_cast<acc_t>(static_cast<float>(static_cast<const at::BFloat16*>(values)[i]));
+    case kValF16: return static_cast<acc_t>(static_cast<float>(static_cast<const at::Half*>(values)[i]));
+    default: return static_cast<acc_t>(static_cast<const double*>(values)[i]);
+  }
+}
+
+__device__ __forceinline__ int64_t load_index(const void* indices, bool int32, int64_t i) {
+  return int32 ? static_cast<int64_t>(static_cast<const int32_t*>(indices)[i]) : static_cast<const int64_t*>(indices)[i];
+}
+
+template <typename acc_t>
+struct SparseParams {
+  int64_t vocab;
+  int64_t k;
+  int64_t ignore_index;
+  acc_t inv_t;           // 1 / T
+  acc_t x_scale;         // log2(e) / T
+  acc_t soft_loss_coef;  // (1 - a) * (T or 1); the loss's T^2 is this times soft_loss_t
+  acc_t soft_loss_t;     // T or 1: two factors, since T^2 alone overflows float from T ~ 1.8e19
+  acc_t hard_weight;     // a
+  acc_t soft_grad_coef;  // (1 - a) * (T or 1/T), before the reduction scale
+  const acc_t* scale_ptr;  // device reduction scale (batchmean with labels), or null
+  acc_t host_scale;        // reduction scale when scale_ptr is null
+  const void* values;      // [N, k]
+  int values_dtype;        // ValuesDtype
+  const void* indices;     // [N, k] int64, or int32 when indices_int32
+  bool indices_int32;
+  const int8_t* broken;    // [N]: 1 where the row's indices leave [0, V) or repeat
+  bool has_ce;             // labels given and a > 0
+  bool same_t;             // T == 1: the CE softmax is the student softmax
+  bool uniform;            // tail="uniform"
+};
+
+// Online statistics of (part of) the student row; see the comment at the top.
+template <typename acc_t>
+struct RowState {
+  acc_t m;      // maximum of the raw logits (-inf: nothing finite yet)
+  acc_t sum_s;  // sum 2^{(s - r) x_scale}
+  acc_t sum_1;  // sum e^{s - r}, for the CE when T != 1
+  acc_t d;      // sum over finite entries of (s - r)           (uniform tail)
+  acc_t n_fin;  // number of finite (or NaN) entries           (uniform tail)
+  int n_ninf;   // number of -inf entries                       (uniform tail)
+
+  __device__ __forceinline__ static RowState empty() { return {neg_inf<acc_t>(), acc_t(0), acc_t(0), acc_t(0), acc_t(0), 0}; }
+};
+
+template <typename acc_t>
+__device__ __forceinline__ void merge(RowState<acc_t>& a, const RowState<acc_t>& b, acc_t x_scale, bool sep_ce) {
+  const acc_t m = max_(a.m, b.m);
+  const acc_t r = ref_of(m);
+  a.sum_s = a.sum_s * exp2_((a.m - r) * x_scale) + b.sum_s * exp2_((b.m - r) * x_scale);
+  if (sep_ce) {
+    a.sum_1 = a.sum_1 * exp2_((a.m - r) * Consts<acc_t>::kLog2e) + b.sum_1 * exp2_((b.m - r) * Consts<acc_t>::kLog2e);
+  }
+  a.d = (a.d + a.n_fin * (ref_of(a.m) - r)) + (b.d + b.n_fin * (ref_of(b.m) - r));
+  a.n_fin += b.n_fin;
+  a.n_ninf += b.n_ninf;
+  a.m = m;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ RowState<acc_t> shfl_xor(const RowState<acc_t>& st, int mask) {
+  RowState<acc_t> o;
+  o.m = __shfl_xor_sync(0xffffffffu, st.m, mask);
+  o.sum_s = __shfl_xor_sync(0xffffffffu, st.sum_s, mask);
+  o.sum_1 = __shfl_xor_sync(0xffffffffu, st.sum_1, mask);
+  o.d = __shfl_xor_sync(0xffffffffu, st.d, mask);
+  o.n_fin = __shfl_xor_sync(0xffffffffu, st.n_fin, mask);
+  o.n_ninf = __shfl_xor_sync(0xffffffffu, st.n_ninf, mask);
+  return o;
+}
+
+// Merges the states of all threads of the block; every thread gets the result.
+template <typename acc_t>
+__device__ __forceinline__ RowState<acc_t> block_merge(RowState<acc_t> st, acc_t x_scale, bool sep_ce, RowState<acc_t>* smem) {
+  for (int mask = 16; mask > 0; mask >>= 1) merge(st, shfl_xor(st, mask), x_scale, sep_ce);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (lane == 0) smem[warp] = st;
+  __syncthreads();
+  if (warp == 0) {
+    st = lane < static_cast<int>(blockDim.x / 32) ? smem[lane] : RowState<acc_t>::empty();
+    for (int mask = 16; mask > 0; mask >>= 1) merge(st, shfl_xor(st, mask), x_scale, sep_ce);
+    if (lane == 0) smem[kMaxWarps] = st;
+  }
+  __syncthreads();
+  const RowState<acc_t> out = smem[kMaxWarps];
+  __syncthreads();  // smem is reused by the next reduction
+  return out;
+}
+
+// Sums (or, with IS_MAX, takes the NaN-ignoring maximum of) N values over the block; every thread
+// gets the results. smem: at least (kMaxWarps + 1) * N entries.
+template <bool IS_MAX, int N, typename acc_t>
+__device__ __forceinline__ void block_reduce(acc_t (&x)[N], acc_t* smem) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    for (int mask = 16; mask > 0; mask >>= 1) {
+      const acc_t o = __shfl_xor_sync(0xffffffffu, x[i], mask);
+      x[i] = IS_MAX ? max_(x[i], o) : x[i] + o;
+    }
+  }
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int n_warps = static_cast<int>(blockDim.x / 32);
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) smem[warp * N + i] = x[i];
+  }
+  __syncthreads();
+  if (threadIdx.x < N) {
+    acc_t t = smem[threadIdx.x];
+    for (int w = 1; w < n_warps; ++w) {
+      const acc_t o = smem[w * N + threadIdx.x];
+      t = IS_MAX ? max_(t, o) : t + o;
+    }
+    smem[kMaxWarps * N + threadIdx.x] = t;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < N; ++i) x[i] = smem[kMaxWarps * N + i];
+  __syncthreads();
+}
+
+template <int VEC>
+__device__ __forceinline__ int64_t slot_index(int64_t base, int u) {
+  return base + (static_cast<int64_t>(u) * blockDim.x + threadIdx.x) * VEC;
+}
+
+// Loads this thread's N elements of the chunk at `base`; past the row end: -inf.
+template <int VEC, int N, typename T, typename acc_t>
+__device__ __forceinline__ void load_chunk(const T* __restrict__ row, int64_t vocab, int64_t base, acc_t (&out)[N]) {
+#pragma unroll
+  for (int u = 0; u < N / VEC; ++u) {
+    const int64_t i = slot_index<VEC>(base, u);
+    if (i < vocab) {
+      const Vec<T, VEC> v = *reinterpret_cast<const Vec<T, VEC>*>(row + i);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) out[u * VEC + k] = load_as<acc_t>(&v.v[k]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) out[u * VEC + k] = neg_inf<acc_t>();
+    }
+  }
+}
+
+template <int VEC, typename T>
+__device__ void fill_row(T* __restrict__ row, int64_t vocab, T value) {
+  Vec<T, VEC> v;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) v.v[k] = value;
+  for (int64_t i = static_cast<int64_t>(threadIdx.x) * VEC; i < vocab; i += static_cast<int64_t>(blockDim.x) * VEC) {
+    *reinterpret_cast<Vec<T, VEC>*>(row + i) = v;
+  }
+}
+
+// At least one block of kMaxThreads per SM, said explicitly: with the default, ptxas held the
+// sm_90 float64 scalar-load kernel to 64 registers and spilled.
+template <typename S, int VEC>
+__global__ void __launch_bounds__(kMaxThreads, 1) sparse_kd_forward_kernel(const S* __restrict__ student,
+                                                                        const int64_t* __restrict__ labels,
+                                                                        acc_type_t<S>* __restrict__ row_loss,
+                                                                        S* __restrict__ grad,
+                                                                        const SparseParams<acc_type_t<S>> p) {
+  using acc_t = acc_type_t<S>;
+  __shared__ RowState<acc_t> smem_state[kMaxWarps + 1];
+  __shared__ acc_t smem[(kMaxWarps + 1) * 3];
+  const int64_t row = blockIdx.x;
+  const int64_t vocab = p.vocab;
+  const int64_t k = p.k;
+  const S* s_row = student + row * vocab;
+  S* g_row = grad == nullptr ? nullptr : grad + row * vocab;
+  const int64_t kbase = row * k;
+
+  // The label and the broken flag are the same for the whole block: these branches are uniform.
+  int64_t label = -1;
+  bool ignored = false;
+  bool bad = p.broken[row] != 0;
+  if (labels != nullptr) {
+    label = labels[row];
+    ignored = label == p.ignore_index;
+    bad = !ignored && (bad || label < 0 || label >= vocab);
+  }
+  if (ignored || bad) {
+    if (threadIdx.x == 0) row_loss[row] = bad ? quiet_nan<acc_t>() : acc_t(0);
+    if (g_row != nullptr) fill_row<VEC>(g_row, vocab, store_as<S>(bad ? quiet_nan<acc_t>() : acc_t(0)));
+    return;
+  }
+
+  const acc_t xs = p.x_scale;
+  const acc_t inv_t = p.inv_t;
+  const acc_t log2e = Consts<acc_t>::kLog2e;
+  const bool sep_ce = p.has_ce && !p.same_t;
+  constexpr int kE = kElems<VEC, S>;
+  const int64_t chunk = static_cast<int64_t>(blockDim.x) * kE;
+  const int64_t n_chunks = (vocab + chunk - 1) / chunk;
+
+  // Pass 1: the student row.
+  RowState<acc_t> st = RowState<acc_t>::empty();
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    acc_t sv[kE];
+    load_chunk<VEC>(s_row, vocab, c * chunk, sv);
+    acc_t cm = sv[0];
+#pragma unroll
+    for (int e = 1; e < kE; ++e) cm = max_(cm, sv[e]);
+    const acc_t m = max_(st.m, cm);
+    const acc_t r = ref_of(m);
+    st.sum_s *= exp2_((st.m - r) * xs);
+    if (sep_ce) st.sum_1 *= exp2_((st.m - r) * log2e);
+    if (p.uniform) st.d += st.n_fin * (ref_of(st.m) - r);
+#pragma unroll
+    for (int u = 0; u < kE / VEC; ++u) {
+      const bool in_row = slot_index<VEC>(c * chunk, u) < vocab;  // a vector is all in or all out
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const acc_t x = sv[u * VEC + e];
+        st.sum_s += exp2_((x - r) * xs);
+        if (sep_ce) st.sum_1 += exp2_((x - r) * log2e);
+        if (p.uniform && in_row) {
+          if (x == neg_inf<acc_t>()) {
+            st.n_ninf += 1;
+          } else {
+            st.d += x - r;
+            st.n_fin += acc_t(1);
+          }
+        }
+      }
+    }
+    st.m = m;
+  }
+  const RowState<acc_t> tot = block_merge(st, xs, sep_ce, smem_state);
+  const acc_t r_s = ref_of(tot.m);
+  const acc_t sum_1 = p.same_t ? tot.sum_s : tot.sum_1;
+
+  // Pass 2: the teacher's maximum (NaN kept), kept mass, the uniform tail, lz.
+  acc_t mx[2] = {neg_inf<acc_t>(), acc_t(0)};  // max of v, NaN flag
+  acc_t sums[3] = {acc_t(0), acc_t(0), acc_t(0)};
+  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
+    const acc_t v = load_value<acc_t>(p.values, p.values_dtype, kbase + i);
+    if (v != v) mx[1] = acc_t(1);
+    else mx[0] = max_(mx[0], v);
+    if (p.uniform) sums[0] += exp_(v);
+  }
+  block_reduce<true>(mx, smem);
+  if (p.uniform) block_reduce<false>(sums, smem);
+  const acc_t mv = mx[1] != acc_t(0) ? quiet_nan<acc_t>() : mx[0];
+  const acc_t n_rest = static_cast<acc_t>(vocab - k);
+  acc_t tail_mass = acc_t(1) - sums[0];  // NaN stays NaN
+  if (tail_mass < acc_t(0)) tail_mass = acc_t(0);  // a kept mass of 1 up to rounding: no tail
+  const bool has_tail = p.uniform && vocab > k && tail_mass != acc_t(0);
+  const acc_t ub = has_tail ? log_(tail_mass / n_rest) : neg_inf<acc_t>();
+  const acc_t top = has_tail && !(ub <= mv) ? ub : mv;
+  sums[0] = acc_t(0);
+  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
+    sums[0] += exp_((load_value<acc_t>(p.values, p.values_dtype, kbase + i) - top) * inv_t);
+  }
+  block_reduce<false>(sums, smem);
+  const acc_t lz = log_(sums[0] + (has_tail ? n_rest * exp_((ub - top) * inv_t) : acc_t(0)));
+  const acc_t pb = has_tail ? exp_((ub - top) * inv_t - lz) : acc_t(0);
+
+  // Pass 3: the kept entries' KL terms; sum (s - r) over them for the tail.
+  sums[0] = sums[1] = sums[2] = acc_t(0);  // kept terms, sum (s - r) finite, -inf count
+  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
+    const acc_t v = load_value<acc_t>(p.values, p.values_dtype, kbase + i);
+    const int64_t j = load_index(p.indices, p.indices_int32, kbase + i);
+    const acc_t pv = exp_((v - top) * inv_t - lz);
+    const acc_t dj = load_as<acc_t>(s_row + j) - r_s;
+    if (pv != acc_t(0)) sums[0] += pv * (((v - top) - dj) * inv_t);  // NaN fails == 0: kept
+    if (p.uniform) {
+      if (dj == neg_inf<acc_t>()) sums[2] += acc_t(1);
+      else sums[1] += dj;
+    }
+  }
+  block_reduce<false>(sums, smem);
+
+  if (threadIdx.x == 0) {
+    acc_t kept = sums[0];
+    if (has_tail && pb != acc_t(0)) {
+      // sum over the tail of ((u - top) - (s_j - r)); +inf when a tail entry is -inf
+      const bool tail_ninf = static_cast<acc_t>(tot.n_ninf) > sums[2];
+      const acc_t tail_diff = tail_ninf ? static_cast<acc_t>(INFINITY) : n_rest * (ub - top) - (tot.d - sums[1]);
+      kept += pb * (tail_diff * inv_t);
+    }
+    acc_t kl = (kept + Consts<acc_t>::kLn2 * log2_(tot.sum_s)) - lz;
+    kl = kl < acc_t(0) ? acc_t(0) : kl;  // KL >= 0; rounding can leave a hair below 0 (NaN kept)
+    acc_t loss = p.soft_loss_coef * (p.soft_loss_t * kl);
+    if (p.has_ce) loss += p.hard_weight * (Consts<acc_t>::kLn2 * log2_(sum_1) + (r_s - load_as<acc_t>(s_row + label)));
+    row_loss[row] = loss;
+  }
+  if (g_row == nullptr) return;
+
+  // Pass 4: the gradient: the tail's value over the row, last chunk first; then the kept entries.
+  const acc_t scale = p.scale_ptr != nullptr ? static_cast<acc_t>(*p.scale_ptr) : p.host_scale;
+  const acc_t k_soft = p.soft_grad_coef * scale;
+  const acc_t k_hard = p.hard_weight * scale;
+  const acc_t inv_s = acc_t(1) / tot.sum_s;
+  const acc_t inv_1 = acc_t(1) / sum_1;
+  auto value = [&](acc_t s, acc_t p_j, int64_t j) {
+    const acc_t q = exp2_((s - r_s) * xs) * inv_s;
+    acc_t g = k_soft * (q - p_j);
+    if (p.has_ce) {
+      const acc_t sm = p.same_t ? q : exp2_((s - r_s) * log2e) * inv_1;
+      g += k_hard * (sm - (j == label ? acc_t(1) : acc_t(0)));
+    }
+    return g;
+  };
+  for (int64_t c = n_chunks - 1; c >= 0; --c) {
+    acc_t sv[kE];
+    load_chunk<VEC>(s_row, vocab, c * chunk, sv);
+#pragma unroll
+    for (int u = 0; u < kE / VEC; ++u) {
+      const int64_t i = slot_index<VEC>(c * chunk, u);
+      if (i >= vocab) continue;
+      Vec<S, VEC> out;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) out.v[e] = store_as<S>(value(sv[u * VEC + e], pb, i + e));
+      *reinterpret_cast<Vec<S, VEC>*>(g_row + i) = out;
+    }
+  }
+  // Every thread's stores above are visible to, and ordered before, the block's stores below.
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
+    const acc_t v = load_value<acc_t>(p.values, p.values_dtype, kbase + i);
+    const int64_t j = load_index(p.indices, p.indices_int32, kbase + i);
+    g_row[j] = store_as<S>(value(load_as<acc_t>(s_row + j), exp_((v - top) * inv_t - lz), j));
+  }
+}
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+template <typename F>
+void dispatch_dtype(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat: f(Tag<float>{}); break;
+    case at::kHalf: f(Tag<at::Half>{}); break;
+    case at::kBFloat16: f(Tag<at::BFloat16>{}); break;
+    case at::kDouble: f(Tag<double>{}); break;
+    default: TORCH_CHECK(false, "fastkd::sparse_kd_forward (cuda): unsupported dtype ", st);
+  }
+}
+
+int values_code(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat: return kValF32;
+    case at::kBFloat16: return kValBF16;
+    case at::kHalf: return kValF16;
+    case at::kDouble: return kValF64;
+    default: TORCH_CHECK(false, "fastkd::sparse_kd_forward (cuda): values must be float32, float16, bfloat16 or float64, got ", st);
+  }
+}
+
+bool is_float_dtype(at::ScalarType st) {
+  return st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble;
+}
+
+bool aligned(const void* ptr, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+}
+
+template <typename S>
+void launch(const at::Tensor& student, const int64_t* labels, at::Tensor& row_loss, S* grad, const SparseParams<acc_type_t<S>>& p) {
+  using acc_t = acc_type_t<S>;
+  constexpr int kVec = 4;
+  const int64_t n_rows = student.size(0);
+  const int64_t vocab = p.vocab;
+  const S* s = student.const_data_ptr<S>();
+  // Vector loads need every row to start on a vector boundary in the student and the gradient.
+  const bool vec = vocab % kVec == 0 && aligned(s, kVec * sizeof(S)) && (grad == nullptr || aligned(grad, kVec * sizeof(S)));
+  // Smallest power-of-two block (at least two warps) whose chunk covers the row, up to kMaxThreads.
+  const int64_t elems = vec ? kElems<kVec, S> : kElems<1, S>;
+  int threads = 64;
+  while (threads < kMaxThreads && threads * elems < vocab) threads *= 2;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const dim3 grid(static_cast<unsigned int>(n_rows));
+  acc_t* loss = row_loss.mutable_data_ptr<acc_t>();
+  if (vec) {
+    sparse_kd_forward_kernel<S, kVec><<<grid, threads, 0, stream>>>(s, labels, loss, grad, p);
+  } else {
+    sparse_kd_forward_kernel<S, 1><<<grid, threads, 0, stream>>>(s, labels, loss, grad, p);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_kd_forward_cuda(const at::Tensor& student, const at::Tensor& values,
+                                                          const at::Tensor& indices, const std::optional<at::Tensor>& labels_opt,
+                                                          std::string_view values_kind, std::string_view tail,
+                                                          double temperature, double hard_weight, int64_t ignore_index,
+                                                          std::string_view reduction, bool t2_scale, bool compute_grad) {
+  constexpr const char* kOp = "fastkd::sparse_kd_forward (cuda): ";
+  TORCH_CHECK(values_kind == "logits" || values_kind == "logprobs", kOp, "values must be 'logits' or 'logprobs', got '",
+              std::string(values_kind), "'");
+  TORCH_CHECK(tail == "renormalize" || tail == "uniform", kOp, "tail must be 'renormalize' or 'uniform', got '", std::string(tail), "'");
+  TORCH_CHECK(tail != "uniform" || values_kind == "logprobs", kOp, "tail='uniform' needs values='logprobs'");
+  TORCH_CHECK(reduction == "none" || reduction == "sum" || reduction == "batchmean", kOp,
+              "reduction must be 'none', 'sum' or 'batchmean', got '", std::string(reduction), "'");
+  TORCH_CHECK(student.is_cuda(), kOp, "student must be a CUDA tensor, got device ", student.device());
+  TORCH_CHECK(values.device() == student.device() && indices.device() == student.device(), kOp,
+              "values and indices must be on the student's device ", student.device());
+  TORCH_CHECK(student.dim() == 2 && student.is_contiguous(), kOp, "student must be contiguous [N, V], got shape ", student.sizes());
+  TORCH_CHECK(values.dim() == 2 && values.size(0) == student.size(0) && values.is_contiguous(), kOp,
+              "values must be contiguous [N, k] with N = ", student.size(0), ", got ", values.sizes());
+  TORCH_CHECK(indices.sizes() == values.sizes() && indices.is_contiguous(), kOp, "indices must be contiguous and shaped like values ",
+              values.sizes());
+  TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt, kOp, "indices must be int64 or int32, got ",
+              indices.scalar_type());
+  TORCH_CHECK(values.size(1) >= 1, kOp, "the teacher needs k >= 1 entries per row");
+  TORCH_CHECK(is_float_dtype(student.scalar_type()), kOp, "student must be float32, float16, bfloat16 or float64, got ",
+              student.scalar_type());
+  TORCH_CHECK(temperature > 0, kOp, "temperature must be > 0, got ", temperature);
+  TORCH_CHECK(hard_weight >= 0 && hard_weight <= 1, kOp, "hard_weight must be in [0, 1], got ", hard_weight);
+  const int64_t n_rows = student.size(0);
+  const int64_t vocab = student.size(1);
+  const int64_t k = values.size(1);
+  TORCH_CHECK(n_rows <= std::numeric_limits<int32_t>::max(), kOp, "at most 2^31 - 1 rows, got ", n_rows);
+  const at::Tensor* labels = labels_opt.has_value() && labels_opt->defined() ? &*labels_opt : nullptr;
+  if (labels != nullptr) {
+    TORCH_CHECK(labels->scalar_type() == at::kLong, kOp, "labels must be int64, got ", labels->scalar_type());
+    TORCH_CHECK(labels->dim() == 1 && labels->size(0) == n_rows, kOp, "labels must have shape [", n_rows, "], got ", labels->sizes());
+    TORCH_CHECK(labels->device() == student.device(), kOp, "labels are on ", labels->device(), ", student on ", student.device());
+    TORCH_CHECK(labels->is_contiguous(), kOp, "labels must be contiguous");
+  }
+  TORCH_CHECK(hard_weight == 0 || labels != nullptr, kOp, "hard_weight > 0 needs labels");
+
+  const c10::cuda::CUDAGuard guard(student.device());
+  const auto opts = student.options();
+  const bool acc_double = student.scalar_type() == at::kDouble;
+  const at::ScalarType acc_dtype = acc_double ? at::kDouble : at::kFloat;
+  at::Tensor row_loss = at::empty({n_rows}, opts.dtype(acc_dtype));
+  at::Tensor grad = compute_grad ? at::empty_like(student) : at::empty({0}, opts);
+
+  // Rows whose indices leave [0, V) or repeat, found on the device (a sort per row): the kernel
+  // gives them a NaN loss and gradient. No host synchronisation.
+  at::Tensor broken = indices.lt(0).logical_or_(indices.ge(vocab)).any(-1);
+  if (k > 1) {
+    const at::Tensor ordered = std::get<0>(indices.sort(-1));
+    broken.logical_or_(ordered.slice(1, 1).eq(ordered.slice(1, 0, k - 1)).any(-1));
+  }
+  broken = broken.to(at::kChar).contiguous();
+
+  // batchmean divides by the number of non-ignored rows, known only on the device. With none of
+  // them every row loss and gradient row is 0, so any finite scale will do: clamp to 1.
+  const bool batchmean = reduction == "batchmean";
+  at::Tensor scale_t;
+  if (batchmean && labels != nullptr) scale_t = labels->ne(ignore_index).sum().clamp_min(1).to(acc_dtype).reciprocal();
+  const double host_scale = batchmean && labels == nullptr ? 1.0 / static_cast<double>(n_rows) : 1.0;
+
+  if (n_rows > 0) {
+    dispatch_dtype(student.scalar_type(), [&](auto s_tag) {
+      using S = typename decltype(s_tag)::type;
+      using acc_t = acc_type_t<S>;
+      SparseParams<acc_t> p;
+      p.vocab = vocab;
+      p.k = k;
+      p.ignore_index = ignore_index;
+      p.inv_t = static_cast<acc_t>(1.0 / temperature);
+      p.x_scale = static_cast<acc_t>(1.4426950408889634 / temperature);
+      p.soft_loss_coef = static_cast<acc_t>((1.0 - hard_weight) * (t2_scale ? temperature : 1.0));
+      p.soft_loss_t = static_cast<acc_t>(t2_scale ? temperature : 1.0);
+      p.hard_weight = static_cast<acc_t>(hard_weight);
+      p.soft_grad_coef = static_cast<acc_t>((1.0 - hard_weight) * (t2_scale ? temperature : 1.0 / temperature));
+      p.scale_ptr = scale_t.defined() ? scale_t.const_data_ptr<acc_t>() : nullptr;
+      p.host_scale = static_cast<acc_t>(host_scale);
+      p.values = values.const_data_ptr();
+      p.values_dtype = values_code(values.scalar_type());
+      p.indices = indices.const_data_ptr();
+      p.indices_int32 = indices.scalar_type() == at::kInt;
+      p.broken = broken.const_data_ptr<int8_t>();
+      p.has_ce = labels != nullptr && hard_weight > 0;
+      p.same_t = temperature == 1.0;
+      p.uniform = tail == "uniform";
+      launch<S>(student, labels != nullptr ? labels->const_data_ptr<int64_t>() : nullptr, row_loss,
+                compute_grad ? grad.mutable_data_ptr<S>() : nullptr, p);
+    });
+  }
+
+  const at::ScalarType loss_dtype = acc_double ? at::kDouble : at::kFloat;
+  at::Tensor loss;
+  if (reduction == "none") {
+    loss = row_loss;
+  } else if (reduction == "sum") {
+    loss = row_loss.sum();
+  } else if (scale_t.defined()) {
+    loss = row_loss.sum() * scale_t;
+  } else {
+    loss = row_loss.sum() / static_cast<double>(n_rows);
+  }
+  return {loss.to(loss_dtype), grad};
+}
+
+}  // namespace
+}  // namespace fastkd
+
+TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
+  m.impl("sparse_kd_forward", &fastkd::sparse_kd_forward_cuda);
+}

@@ -1,0 +1,457 @@
+"""Feature-matching losses (FitNets hint, attention transfer): Triton.
+
+hint_forward, features flattened to rows [B, D] (one row per sample), e = s - t:
+
+    mse        sum e^2                                   grad 2e
+    l1         sum |e|                                   grad sign(e)   (sign(NaN) = 0, as torch)
+    smooth_l1  sum (|e| < 1 ? e^2/2 : |e| - 1/2)         grad clamp(e, -1, 1)
+    cosine     1 - cos, cos = <s,t>/(Ns Nt), Ns = max(|s|, 1e-8)       grad -v/Ns + cos u/|s|
+    normalized_mse  sum (u - v)^2, u = s/Ns, v = t/Nt, Ns = max(|s|, 1e-12)
+                                                          grad 2/Ns ((1 - [|s|>=eps]<u,u-v>) u - v)
+
+Every launch is over a 1-D grid of B * n_chunks programs, each one chunk of BLOCK entries of one
+row (so that few large samples still fill the GPU). The elementwise kinds take one launch
+(_hint_kernel: the chunk's loss and its gradient). cosine and normalized_mse take two: the
+chunks' partial |s|^2, |t|^2, <s,t> (_hint_sums_kernel; each product kept exactly as its
+rounded value and its fma rounding error), combined per row in float64 by torch
+([B] values: the norms and the gradient's two coefficients), then _hint_kernel, which sums
+(u - v)^2 entry by entry (1 - cos = |u - v|^2 / 2 for unclamped norms: no cancellation when cos is
+near 1) and writes the gradient coef_u * u + coef_v * v. Chunk losses are summed per row by torch.
+Memory traffic: read 2 B*D (twice for cosine/normalized_mse: the second pass finds the chunk in
+L2 only for small batches), write B*D (gradient).
+
+attention_transfer_forward, student x [B, Cs, HW], teacher y [B, Ct, HW]:
+
+    Q[b, j] = mean_c |x[b, c, j]|^p   (_at_channel_mean_kernel, once for x and once for y)
+    a = Q / max(|Q|, 1e-12); row loss = sum_j (a_s - a_t)^2; the [B, HW] algebra (norms, loss,
+    w = dL/dQs * p/Cs) by torch in float64
+    grad[b, c, j] = w[b, j] * |x|^(p-1) sign(x)   (_at_grad_kernel)
+
+p = 1, 2, 3, 4 are exact polynomial forms (P_MODE); any other p >= 1 uses exp2(p log2 |x|).
+Memory traffic: read B*Cs*HW twice and B*Ct*HW once, write B*Cs*HW.
+
+Accumulation is in float32 (the launchers refuse float64: that runs on the cuda, cpu or reference
+backend). No host synchronisation anywhere: the launchers run inside torch.library.triton_op.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+COSINE_EPS = 1e-8
+NORMALIZE_EPS = 1e-12
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration: every choice the launchers below make (block sizes, num_warps, constexpr
+# switches) is made here and only here, so that a static check can enumerate and compile each
+# one (static_launch_specs()).
+# ----------------------------------------------------------------------------------------------
+
+# Entries of a row one hint program handles: a power of two in [MIN, MAX] on a GPU. Under the
+# interpreter (CPU tensors) a smaller chunk makes small test shapes run several chunks per row.
+HINT_BLOCK_MIN_GPU = 128
+HINT_BLOCK_MAX_GPU = 2048
+HINT_BLOCK_MAX_INTERPRETER = 64
+
+# Attention transfer tiles: BLOCK_C channels x BLOCK_J spatial positions, BLOCK_J a power of two
+# in [MIN, MAX] on a GPU.
+AT_BLOCK_J_MIN_GPU = 32
+AT_BLOCK_J_MAX_GPU = 256
+AT_BLOCK_C_GPU = 8
+AT_BLOCK_J_MAX_INTERPRETER = 16
+AT_BLOCK_C_INTERPRETER = 4
+
+# kind -> the KIND constexpr of the hint kernels; KINDS_WITH_SUMS need _hint_sums_kernel first.
+HINT_KIND_CODES = {"mse": 0, "l1": 1, "smooth_l1": 2, "cosine": 3, "normalized_mse": 4}
+KINDS_WITH_SUMS = ("cosine", "normalized_mse")
+
+# p -> the P_MODE constexpr of the attention kernels: exact forms for 1..4, 0 for any other p.
+AT_P_MODES = {1.0: 1, 2.0: 2, 3.0: 3, 4.0: 4}
+
+
+def _pow2_between(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(triton.next_power_of_2(n), hi))
+
+
+def hint_num_warps(block: int) -> int:
+    return 4 if block >= 1024 else 2 if block >= 256 else 1
+
+
+def at_num_warps(block_c: int, block_j: int) -> int:
+    return 4 if block_c * block_j >= 1024 else 2 if block_c * block_j >= 256 else 1
+
+
+def hint_launch_shape(dim: int, on_gpu: bool = True) -> tuple[int, int]:
+    """(BLOCK, num_warps) for rows of ``dim`` entries."""
+    block = _pow2_between(dim, HINT_BLOCK_MIN_GPU, HINT_BLOCK_MAX_GPU) if on_gpu else _pow2_between(dim, 1, HINT_BLOCK_MAX_INTERPRETER)
+    return block, hint_num_warps(block)
+
+
+def at_launch_shape(spatial: int, on_gpu: bool = True) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_J, num_warps) for maps of ``spatial`` positions."""
+    if on_gpu:
+        block_c, block_j = AT_BLOCK_C_GPU, _pow2_between(spatial, AT_BLOCK_J_MIN_GPU, AT_BLOCK_J_MAX_GPU)
+    else:
+        block_c, block_j = AT_BLOCK_C_INTERPRETER, _pow2_between(spatial, 1, AT_BLOCK_J_MAX_INTERPRETER)
+    return block_c, block_j, at_num_warps(block_c, block_j)
+
+
+def at_p_mode(p: float) -> int:
+    return AT_P_MODES.get(float(p), 0)
+
+
+def _pow2_range(lo: int, hi: int) -> list[int]:
+    out = [lo]
+    while out[-1] < hi:
+        out.append(out[-1] * 2)
+    return out
+
+
+def static_launch_specs() -> list[dict]:
+    """The launches the launchers can make on a GPU, one dict per launch with the fields of
+    ``kernels.StaticLaunch`` (kernel, args, num_warps, label, variant, row_bytes).
+
+    Covered: with fp32 inputs, every kernel at every block size the shape rules above can give
+    (hint BLOCK 128..2048, attention BLOCK_J 32..256) with every KIND / P_MODE and the gradient
+    on; the no-gradient hint variants at the largest block; with bf16 inputs (fp16 converts
+    alike), every variant at the largest block only. Not covered: bf16/fp16 at the smaller
+    blocks (the same code with a narrower load and store). Row lengths and spatial sizes are odd,
+    as a real launch's may be, so no divisible-by-16 specialisation is assumed."""
+    specs = []
+
+    def hint(dtype, block, kinds, grads):
+        size, name = torch.empty((), dtype=dtype).element_size(), str(dtype).removeprefix("torch.")
+        warps = hint_num_warps(block)
+        label = f"hint · {name} · BLOCK={block} · {warps} warps"
+        specs.append(dict(
+            kernel=_hint_sums_kernel, args=dict(s_ptr=dtype, t_ptr=dtype, part_ptr=torch.float32, D=4097, n_chunks=3, BLOCK=block),
+            num_warps=warps, label=label, variant="sums", row_bytes=(2 * size, 0),
+        ))
+        for kind in kinds:
+            for grad in grads:
+                specs.append(dict(
+                    kernel=_hint_kernel,
+                    args=dict(s_ptr=dtype, t_ptr=dtype, g_ptr=dtype if grad else None, part_ptr=torch.float32,
+                              row_ptr=torch.float32 if kind in KINDS_WITH_SUMS else None, D=4097, n_chunks=3,
+                              grad_coef=0.5, KIND=HINT_KIND_CODES[kind], COMPUTE_GRAD=grad, BLOCK=block),
+                    num_warps=warps, label=label, variant=f"{kind}{', grad' if grad else ''}",
+                    row_bytes=((3 if grad else 2) * size, 0),
+                ))
+
+    def attention(dtype, block_j):
+        size, name = torch.empty((), dtype=dtype).element_size(), str(dtype).removeprefix("torch.")
+        block_c = AT_BLOCK_C_GPU
+        warps = at_num_warps(block_c, block_j)
+        label = f"attention · {name} · BLOCK_C={block_c} · BLOCK_J={block_j} · {warps} warps"
+        for p, mode in list(AT_P_MODES.items()) + [(2.5, 0)]:
+            common = dict(C=37, HW=1023, n_jb=3, p=p, P_MODE=mode, BLOCK_C=block_c, BLOCK_J=block_j)
+            specs.append(dict(
+                kernel=_at_channel_mean_kernel, args=dict(x_ptr=dtype, q_ptr=torch.float32, inv_c=1 / 37, **common),
+                num_warps=warps, label=label, variant=f"channel mean, p={p:g}", row_bytes=(size, 0),
+            ))
+            specs.append(dict(
+                kernel=_at_grad_kernel, args=dict(x_ptr=dtype, w_ptr=torch.float32, g_ptr=dtype, n_cb=5, **common),
+                num_warps=warps, label=label, variant=f"gradient, p={p:g}", row_bytes=(2 * size, 0),
+            ))
+
+    kinds = list(HINT_KIND_CODES)
+    for block in _pow2_range(HINT_BLOCK_MIN_GPU, HINT_BLOCK_MAX_GPU):
+        hint(torch.float32, block, kinds, (True,) if block < HINT_BLOCK_MAX_GPU else (True, False))
+    hint(torch.bfloat16, HINT_BLOCK_MAX_GPU, kinds, (True, False))
+    for block_j in _pow2_range(AT_BLOCK_J_MIN_GPU, AT_BLOCK_J_MAX_GPU):
+        attention(torch.float32, block_j)
+    attention(torch.bfloat16, AT_BLOCK_J_MAX_GPU)
+    return specs
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _hint_sums_kernel(
+    s_ptr,  # [B, D] student
+    t_ptr,  # [B, D] teacher
+    part_ptr,  # [B * n_chunks, 6] float32: |s|^2, |t|^2, <s, t> of each chunk, then their low parts
+    D,
+    n_chunks,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // n_chunks
+    offs = (pid % n_chunks) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < D
+    s = tl.load(s_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
+    # Each product as its rounded value plus its rounding error, fma(a, b, -a*b), summed apart
+    # (joined in float64 by the launcher): a row of one entry then gets cos = +-1 exactly.
+    ss = s * s
+    tt = t * t
+    st = s * t
+    tl.store(part_ptr + pid * 6, tl.sum(ss, axis=0))
+    tl.store(part_ptr + pid * 6 + 1, tl.sum(tt, axis=0))
+    tl.store(part_ptr + pid * 6 + 2, tl.sum(st, axis=0))
+    tl.store(part_ptr + pid * 6 + 3, tl.sum(tl.fma(s, s, -ss), axis=0))
+    tl.store(part_ptr + pid * 6 + 4, tl.sum(tl.fma(t, t, -tt), axis=0))
+    tl.store(part_ptr + pid * 6 + 5, tl.sum(tl.fma(s, t, -st), axis=0))
+
+
+@triton.jit
+def _hint_kernel(
+    s_ptr,  # [B, D] student
+    t_ptr,  # [B, D] teacher
+    g_ptr,  # [B, D] student dtype, or None when COMPUTE_GRAD is False
+    part_ptr,  # [B * n_chunks] float32: each chunk's part of its row's raw loss
+    row_ptr,  # [B, 4] float32 Ns, Nt, coef_u, coef_v for cosine / normalized_mse, else None
+    D,
+    n_chunks,
+    grad_coef,  # the reduction's scale of an elementwise kind's gradient
+    KIND: tl.constexpr,  # HINT_KIND_CODES
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // n_chunks
+    offs = (pid % n_chunks) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < D
+    s = tl.load(s_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
+    if KIND == 0:
+        e = s - t
+        loss = e * e
+        g = (e + e) * grad_coef
+    elif KIND == 1:
+        e = s - t
+        loss = tl.abs(e)
+        g = tl.where(e > 0, 1.0, tl.where(e < 0, -1.0, 0.0)) * grad_coef
+    elif KIND == 2:
+        e = s - t
+        a = tl.abs(e)
+        m = tl.where(a > 1.0, 1.0, a)  # min(|e|, 1), NaN kept
+        loss = 0.5 * m * m + (a - m)
+        g = tl.where(e > 1.0, 1.0, tl.where(e < -1.0, -1.0, e)) * grad_coef
+    else:
+        n_s = tl.load(row_ptr + row * 4)
+        n_t = tl.load(row_ptr + row * 4 + 1)
+        c_u = tl.load(row_ptr + row * 4 + 2)
+        c_v = tl.load(row_ptr + row * 4 + 3)
+        u = s / n_s
+        v = t / n_t
+        d = u - v
+        loss = tl.where(mask, d * d, 0.0)
+        g = c_u * u + c_v * v
+    tl.store(part_ptr + pid, tl.sum(loss, axis=0))
+    if COMPUTE_GRAD:
+        tl.store(g_ptr + row * D + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _at_power(x, p, P_MODE: tl.constexpr):
+    """|x|^p."""
+    a = tl.abs(x)
+    if P_MODE == 1:
+        r = a
+    elif P_MODE == 2:
+        r = x * x
+    elif P_MODE == 3:
+        r = a * x * x
+    elif P_MODE == 4:
+        r = (x * x) * (x * x)
+    else:
+        r = tl.where(a == 0.0, 0.0, tl.exp2(p * tl.log2(tl.where(a == 0.0, 1.0, a))))
+    return r
+
+
+@triton.jit
+def _at_power_slope(x, p, P_MODE: tl.constexpr):
+    """|x|^(p-1) sign(x), the derivative of |x|^p over p (sign(NaN) = 0 for p = 1, as torch)."""
+    a = tl.abs(x)
+    if P_MODE == 1:
+        r = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
+    elif P_MODE == 2:
+        r = x
+    elif P_MODE == 3:
+        r = a * x
+    elif P_MODE == 4:
+        r = x * x * x
+    else:
+        m = tl.where(a == 0.0, 0.0, tl.exp2((p - 1.0) * tl.log2(tl.where(a == 0.0, 1.0, a))))
+        r = tl.where(x > 0, m, tl.where(x < 0, -m, x * 0.0))
+    return r
+
+
+@triton.jit
+def _at_channel_mean_kernel(
+    x_ptr,  # [B, C, HW]
+    q_ptr,  # [B, HW] float32: mean over C of |x|^p
+    C,
+    HW,
+    n_jb,  # spatial blocks per row
+    inv_c,
+    p,
+    P_MODE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // n_jb
+    j = (pid % n_jb) * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_mask = j < HW
+    cs = tl.arange(0, BLOCK_C)
+    base = x_ptr + row * C * HW
+    acc = tl.zeros((BLOCK_J,), tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + cs
+        mask = (c < C)[:, None] & j_mask[None, :]
+        x = tl.load(base + c.to(tl.int64)[:, None] * HW + j[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(_at_power(x, p, P_MODE), axis=0)
+    tl.store(q_ptr + row * HW + j, acc * inv_c, mask=j_mask)
+
+
+@triton.jit
+def _at_grad_kernel(
+    x_ptr,  # [B, C, HW] student
+    w_ptr,  # [B, HW] float32: dL/dQ * p / C
+    g_ptr,  # [B, C, HW] student dtype
+    C,
+    HW,
+    n_jb,
+    n_cb,
+    p,
+    P_MODE: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // (n_jb * n_cb)
+    rest = pid % (n_jb * n_cb)
+    c = (rest // n_jb) * BLOCK_C + tl.arange(0, BLOCK_C)
+    j = (rest % n_jb) * BLOCK_J + tl.arange(0, BLOCK_J)
+    j_mask = j < HW
+    mask = (c < C)[:, None] & j_mask[None, :]
+    offs = row * C * HW + c.to(tl.int64)[:, None] * HW + j[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + row * HW + j, mask=j_mask, other=0.0)
+    g = w[None, :] * _at_power_slope(x, p, P_MODE)
+    tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers (the ops' Triton implementations, registered in fastkd/ops/feature.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def _reduce(raw: torch.Tensor, reduction: str, row_scale: float) -> torch.Tensor:
+    """The op's float32 loss from float64 raw row losses."""
+    if reduction == "none":
+        return (raw * row_scale).to(torch.float32)
+    if reduction == "sum":
+        return raw.sum().to(torch.float32)
+    return (raw.sum() * (row_scale / raw.shape[0])).to(torch.float32)
+
+
+def _grad_coef(reduction: str, row_scale: float, n_rows: int) -> float:
+    return row_scale if reduction == "none" else 1.0 if reduction == "sum" else row_scale / n_rows
+
+
+def _check_reduction(op: str, reduction: str) -> None:
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"{op} (triton): reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def hint_forward(
+    student: torch.Tensor, teacher: torch.Tensor, kind: str, reduction: str, compute_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fastkd::hint_forward on Triton: (loss float32, grad in the student's dtype or empty [0]).
+    Inputs are expected validated by the caller (contiguous [B, D], same shape)."""
+    if kind not in HINT_KIND_CODES:
+        raise ValueError(f"hint_forward (triton): kind must be one of {', '.join(HINT_KIND_CODES)}, got {kind!r}")
+    _check_reduction("hint_forward", reduction)
+    n, d = student.shape
+    device = student.device
+    block, num_warps = hint_launch_shape(d, device.type == "cuda")
+    n_chunks = triton.cdiv(d, block)
+    grid = (n * n_chunks,)
+    row_scale = 1.0 if kind == "cosine" else 1.0 / d
+    grad_coef = _grad_coef(reduction, row_scale, n)
+    grad = torch.empty_like(student) if compute_grad else torch.empty(0, dtype=student.dtype, device=device)
+    part = torch.empty(n * n_chunks, dtype=torch.float32, device=device)
+
+    row_params = None
+    if kind in KINDS_WITH_SUMS:
+        sums_part = torch.empty(n * n_chunks, 6, dtype=torch.float32, device=device)
+        torch.library.wrap_triton(_hint_sums_kernel)[grid](student, teacher, sums_part, d, n_chunks, BLOCK=block, num_warps=num_warps)
+        sums = sums_part.view(n, n_chunks, 2, 3).double().sum((1, 2))
+        ss, tt, st = sums.unbind(1)
+        eps = COSINE_EPS if kind == "cosine" else NORMALIZE_EPS
+        n_s, n_t = ss.sqrt(), tt.sqrt()
+        c_s, c_t = n_s.clamp_min(eps), n_t.clamp_min(eps)  # NaN stays NaN
+        if kind == "cosine":
+            cosine = st / (c_s * c_t)
+            # cos * u / |s|, 0 when |s| = 0 (NaN kept)
+            coef_u = torch.where(n_s > 0, grad_coef * cosine / n_s, torch.where(n_s == 0, torch.zeros_like(n_s), n_s))
+            coef_v = -grad_coef / c_s
+        else:
+            ur = ss / (c_s * c_s) - st / (c_s * c_t)
+            keep = torch.where(n_s >= eps, ur, torch.where(n_s < eps, torch.zeros_like(ur), n_s))
+            coef_u = 2 * grad_coef / c_s * (1 - keep)
+            coef_v = -2 * grad_coef / c_s
+        row_params = torch.stack([c_s, c_t, coef_u, coef_v], 1).to(torch.float32).contiguous()
+
+    torch.library.wrap_triton(_hint_kernel)[grid](
+        student, teacher, grad if compute_grad else None, part, row_params, d, n_chunks, grad_coef,
+        KIND=HINT_KIND_CODES[kind], COMPUTE_GRAD=compute_grad, BLOCK=block, num_warps=num_warps,
+    )
+    raw = part.view(n, n_chunks).double().sum(1)
+    if kind == "cosine":
+        # 1 - cos = |u - v|^2 / 2 + (1 - (|u|^2 + |v|^2) / 2), the second term 0 unless clamped
+        clamped = (n_s < COSINE_EPS) | (n_t < COSINE_EPS)
+        correction = 1 - 0.5 * (ss / (c_s * c_s) + tt / (c_t * c_t))
+        raw = 0.5 * raw + torch.where(clamped, correction, torch.zeros_like(correction))
+    return _reduce(raw, reduction, row_scale), grad
+
+
+def attention_transfer_forward(
+    student: torch.Tensor, teacher: torch.Tensor, p: float, reduction: str, compute_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fastkd::attention_transfer_forward on Triton. student [B, Cs, HW], teacher [B, Ct, HW],
+    contiguous, validated by the caller."""
+    _check_reduction("attention_transfer_forward", reduction)
+    if not p >= 1:
+        raise ValueError(f"attention_transfer_forward (triton): p must be >= 1, got {p}")
+    n, cs, hw = student.shape
+    ct = teacher.shape[1]
+    device = student.device
+    on_gpu = device.type == "cuda"
+    block_c, block_j, num_warps = at_launch_shape(hw, on_gpu)
+    mode = at_p_mode(p)
+    n_jb = triton.cdiv(hw, block_j)
+    q_s = torch.empty(n, hw, dtype=torch.float32, device=device)
+    q_t = torch.empty(n, hw, dtype=torch.float32, device=device)
+    for x, q, c in ((student, q_s, cs), (teacher, q_t, ct)):
+        torch.library.wrap_triton(_at_channel_mean_kernel)[(n * n_jb,)](
+            x, q, c, hw, n_jb, 1.0 / c, float(p), P_MODE=mode, BLOCK_C=block_c, BLOCK_J=block_j, num_warps=num_warps,
+        )
+    qs, qt = q_s.double(), q_t.double()
+    n_s, n_t = torch.linalg.vector_norm(qs, dim=1), torch.linalg.vector_norm(qt, dim=1)
+    c_s, c_t = n_s.clamp_min(NORMALIZE_EPS), n_t.clamp_min(NORMALIZE_EPS)
+    a_s = qs / c_s[:, None]
+    r = a_s - qt / c_t[:, None]
+    raw = (r * r).sum(1)
+    row_scale = 1.0 / hw
+    if compute_grad:
+        grad = torch.empty_like(student)
+        ar = (a_s * r).sum(1)
+        keep = torch.where(n_s >= NORMALIZE_EPS, ar, torch.where(n_s < NORMALIZE_EPS, torch.zeros_like(ar), n_s))
+        k = _grad_coef(reduction, row_scale, n) * 2.0 * float(p) / cs
+        w = ((k / c_s)[:, None] * (r - a_s * keep[:, None])).to(torch.float32).contiguous()
+        n_cb = triton.cdiv(cs, block_c)
+        torch.library.wrap_triton(_at_grad_kernel)[(n * n_jb * n_cb,)](
+            student, w, grad, cs, hw, n_jb, n_cb, float(p), P_MODE=mode, BLOCK_C=block_c, BLOCK_J=block_j, num_warps=num_warps,
+        )
+    else:
+        grad = torch.empty(0, dtype=student.dtype, device=device)
+    return _reduce(raw, reduction, row_scale), grad

@@ -1,0 +1,502 @@
+"""Fused KD against a sparse teacher (top-k logits or log-probabilities), with optional hard-label
+CE: Triton.
+
+One program per row. The teacher is known at k entries K = {idx_i} of a row of V, values v_i;
+s is the student row, T the temperature, r = max s (0 while it is still -inf):
+
+    student   x_j = (s_j - r)/T,  S = sum_j e^{x_j},  log q_j = x_j - log S   (FULL vocabulary)
+    teacher   tail="renormalize":  p_i = softmax(v/T)_i on K, 0 elsewhere
+              tail="uniform" (v: full-vocabulary log-probabilities): the missing mass
+              m = max(0, 1 - sum_K e^{v_i}) spread evenly over the n = V - k other entries,
+              u = log(m / n); p proportional to e^{lp/T} over the full row:
+              log Z = LSE((v_1..v_k)/T, u/T + log n),  p_i = e^{v_i/T - log Z},  p_b = e^{u/T - log Z}
+              (each tail entry). An empty tail (k = V, or m = 0) has p_b = 0 and contributes nothing.
+    KL(p||q)  = sum_j p_j (log p_j - log q_j) = sum_j p_j ((v_j - top) - (s_j - r)) / T + log S - lz
+              with top the teacher's maximum (of v, and of u on the uniform tail), log Z = top/T + lz,
+              v_j = u off K, and sum_j p_j = 1: kernels/kd.py's form, each term a difference taken
+              before scaling, and log S - lz (both near log V) subtracted last. The tail's part is
+              p_b (n (u - top) - sum_{j not in K} (s_j - r)) / T, and its student sum needs no
+              membership test:
+              sum_{j not in K} (s_j - r) = sum_all (s_j - r) - sum_K (s_j - r), summed over finite
+              entries with the -inf ones counted apart (-inf - -inf is undefined): a -inf student
+              entry in a tail of positive mass makes the loss +inf.
+    grad      d KL / d s_j = (q_j - p_j) / T over the full row (the teacher is a constant,
+              sum_j p_j = 1), so with p_j = p_b off K (0 for "renormalize"):
+              grad = scale * ((1 - a) * g * (q - p) + a * (softmax(s) - onehot(label)))
+    CE        = logsumexp(s) - s[label]                          (T = 1, only with labels, a > 0)
+    loss      = (1 - a) * c * KL + a * CE,  c = T^2 if t2_scale else 1, g = T if t2_scale else 1/T
+
+Pass 1 streams the student row in BLOCK_V chunks with an online maximum (base 2, as
+kernels/kd.py), keeping S and, for the uniform tail, sum (s - r) over the finite entries (shifted
+with the reference: sum (s - r') = sum (s - r) + n_finite (r - r')) and the count of -inf ones.
+Pass 2 reads the k values (BLOCK_K chunks) for the teacher's maximum and normaliser; pass 3 the
+k values, indices and the student at those indices for the KL's kept terms. Pass 4 writes the
+gradient over the row (the tail's value soft (q - p_b) everywhere), then, after a barrier, the k
+kept entries' own value soft (q_i - p_i) at their indices.
+
+A row whose indices leave [0, V) or repeat (found by the launcher with device-side torch ops,
+no host synchronisation) gets a NaN loss and a NaN gradient, as a label outside [0, V) does.
+Ignored rows (label == ignore_index) read nothing: loss 0, gradient 0.
+
+Memory traffic: read N*V (student; passes 1 and 4, ideally the second from L2) + 2*N*k
+(values, indices), write N*V (gradient) + N (row losses).
+"""
+
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+# ----------------------------------------------------------------------------------------------
+# Launch configurations: sparse_kd_forward chooses only through launch_shape() and switches(),
+# and static_launches() enumerates them (every launch compiled for sm_80 and sm_90 by the static
+# GPU checks; see kernels/__init__.py on a branch that has them).
+# ----------------------------------------------------------------------------------------------
+
+# Largest chunk of a row (BLOCK_V) and of the k teacher entries (BLOCK_K) held at once. Under
+# the interpreter (CPU tensors) smaller chunks keep the blocked paths exercised by small shapes.
+_BLOCK_V_MAX_GPU = 4096
+_BLOCK_K_MAX_GPU = 1024
+_BLOCK_V_MAX_INTERPRETER = 256
+_BLOCK_K_MAX_INTERPRETER = 16
+
+
+def launch_shape(v: int, k: int, on_gpu: bool = True) -> tuple[int, int, int]:
+    """(BLOCK_V, BLOCK_K, num_warps) for rows of v entries and k teacher entries (k <= v)."""
+    cap_v, cap_k = (_BLOCK_V_MAX_GPU, _BLOCK_K_MAX_GPU) if on_gpu else (_BLOCK_V_MAX_INTERPRETER, _BLOCK_K_MAX_INTERPRETER)
+    block_v = min(triton.next_power_of_2(v), cap_v)
+    block_k = min(triton.next_power_of_2(k), cap_k)
+    num_warps = 8 if block_v >= 2048 else 4 if block_v >= 512 else 2 if block_v >= 128 else 1
+    return block_v, block_k, num_warps
+
+
+def switches(has_labels: bool, hard_weight: float, temperature: float, reduction: str, compute_grad: bool, uniform: bool) -> dict:
+    """The kernel's constexpr switches other than the block sizes, for one call."""
+    # batchmean divides by the number of non-ignored rows: with labels that count is only known
+    # on the device (SCALE_MODE 2 reads it from a tensor), without it is n_rows (SCALE_MODE 1).
+    scale_mode = 0 if reduction != "batchmean" else 2 if has_labels else 1
+    has_ce = has_labels and hard_weight > 0
+    return dict(
+        HAS_LABELS=has_labels,
+        HAS_CE=has_ce,
+        # Only the CE term reads SAME_T; without it, one value means one compiled kernel, not two.
+        SAME_T=has_ce and temperature == 1.0,
+        UNIFORM=uniform,
+        SCALE_MODE=scale_mode,
+        COMPUTE_GRAD=compute_grad,
+    )
+
+
+# For each input of switches(), values that reach every result it can give.
+SWITCH_INPUTS = dict(
+    has_labels=(False, True),
+    hard_weight=(0.0, 0.5),
+    temperature=(1.0, 2.0),
+    reduction=("none", "sum", "batchmean"),
+    compute_grad=(False, True),
+    uniform=(False, True),
+)
+
+
+@triton.jit
+def _sparse_kd_forward_kernel(
+    s_ptr,  # [N, V] student logits
+    v_ptr,  # [N, K] teacher values
+    idx_ptr,  # [N, K] int64 or int32 vocabulary indices
+    labels_ptr,  # [N] int64, or None when HAS_LABELS is False
+    broken_ptr,  # [N] int8: 1 where the row's indices leave [0, V) or repeat
+    row_loss_ptr,  # [N] float32
+    grad_ptr,  # [N, V] student dtype, or None when COMPUTE_GRAD is False
+    scale_ptr,  # [] float32 reduction scale when SCALE_MODE == 2, else None
+    n_rows,
+    V,
+    K,
+    ignore_index,
+    inv_t,  # 1 / T
+    x_scale,  # log2(e) / T
+    soft_loss_coef,  # (1 - a) * (T or 1); the loss's T^2 is this times soft_loss_t
+    soft_loss_t,  # T or 1: two float32 factors, since T^2 alone overflows float32 from T ~ 1.8e19
+    hard_weight,  # a
+    soft_grad_coef,  # (1 - a) * (T or 1/T), before the reduction scale
+    HAS_LABELS: tl.constexpr,
+    HAS_CE: tl.constexpr,
+    SAME_T: tl.constexpr,  # T == 1: the CE softmax is the student softmax
+    UNIFORM: tl.constexpr,  # tail="uniform"
+    SCALE_MODE: tl.constexpr,  # gradient scale: 0 -> 1, 1 -> 1 / n_rows, 2 -> *scale_ptr
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+    NEG_INF: tl.constexpr = float("-inf")
+
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * V
+    v_row = v_ptr + row * K
+    i_row = idx_ptr + row * K
+    cols = tl.arange(0, BLOCK_V)
+    kcols = tl.arange(0, BLOCK_K)
+    broken = tl.load(broken_ptr + row) != 0
+
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row)
+        valid = label != ignore_index
+        in_range = (label >= 0) & (label < V)
+        compute = valid & in_range & (~broken)
+        bad = valid & ((~in_range) | broken)
+    else:
+        label = -1
+        compute = ~broken
+        bad = broken
+
+    # Pass 1: the student row: online maximum, S, sum (s - r) over finite entries, -inf count.
+    m_s = tl.full((), NEG_INF, tl.float32)
+    sum_s = tl.zeros((), tl.float32)
+    sum_1 = tl.zeros((), tl.float32)
+    d_all = tl.zeros((), tl.float32)
+    n_fin = tl.zeros((), tl.float32)
+    n_ninf = tl.zeros((), tl.int32)
+    if compute:
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            mask = offs < V
+            # evict_last: keep the row in L2 for the gradient pass.
+            s = tl.load(s_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_last").to(tl.float32)
+            new_m = tl.maximum(m_s, tl.max(s, axis=0))
+            old_r = tl.where(m_s == NEG_INF, 0.0, m_s)
+            r = tl.where(new_m == NEG_INF, 0.0, new_m)
+            # Rescale factor of the old sums: 2^(-inf) = 0 while nothing finite was seen yet.
+            sum_s = sum_s * tl.exp2((m_s - r) * x_scale) + tl.sum(tl.exp2((s - r) * x_scale), axis=0)
+            if HAS_CE and not SAME_T:
+                sum_1 = sum_1 * tl.exp2((m_s - r) * LOG2E) + tl.sum(tl.exp2((s - r) * LOG2E), axis=0)
+            if UNIFORM:
+                fin = mask & (s != NEG_INF)
+                d_all = d_all + n_fin * (old_r - r) + tl.sum(tl.where(fin, s - r, 0.0), axis=0)
+                n_fin += tl.sum(fin.to(tl.float32), axis=0)
+                n_ninf += tl.sum((mask & (s == NEG_INF)).to(tl.int32), axis=0)
+            m_s = new_m
+    r_s = tl.where(m_s == NEG_INF, 0.0, m_s)
+
+    # Pass 2: the teacher's maximum (NaN kept), the uniform tail, log Z = top / T + lz. Differences
+    # are taken before scaling by 1/T.
+    mv = tl.full((), NEG_INF, tl.float32)
+    n_nan = tl.zeros((), tl.int32)
+    mass = tl.zeros((), tl.float32)
+    if compute:
+        for kstart in range(0, K, BLOCK_K):
+            ko = kstart + kcols
+            km = ko < K
+            v = tl.load(v_row + ko, mask=km, other=NEG_INF).to(tl.float32)
+            mv = tl.maximum(mv, tl.max(tl.where(v == v, v, NEG_INF), axis=0))
+            n_nan += tl.sum((v != v).to(tl.int32), axis=0)
+            if UNIFORM:
+                mass += tl.sum(tl.exp(v), axis=0)
+    mv = tl.where(n_nan > 0, float("nan"), mv)
+    n_rest = (V - K) * 1.0
+    if UNIFORM:
+        tail_mass = 1.0 - mass  # NaN stays NaN
+        tail_mass = tl.where(tail_mass < 0.0, 0.0, tail_mass)  # kept mass 1 up to rounding: no tail
+        has_tail = (tail_mass != 0.0) & (V > K)
+        ub = tl.where(has_tail, tl.log(tail_mass / n_rest), NEG_INF)
+        top = tl.where(has_tail & (~(ub <= mv)), ub, mv)
+        z = tl.where(has_tail, n_rest * tl.exp((ub - top) * inv_t), 0.0)
+    else:
+        has_tail = False
+        top = mv
+        z = tl.zeros((), tl.float32)
+    if compute:
+        for kstart in range(0, K, BLOCK_K):
+            ko = kstart + kcols
+            km = ko < K
+            v = tl.load(v_row + ko, mask=km, other=NEG_INF).to(tl.float32)
+            z += tl.sum(tl.where(km, tl.exp((v - top) * inv_t), 0.0), axis=0)
+    lz = tl.log(z)
+    if UNIFORM:
+        pb = tl.where(has_tail, tl.exp((ub - top) * inv_t - lz), 0.0)
+    else:
+        pb = tl.zeros((), tl.float32)
+
+    # Pass 3: the kept entries' KL terms, and sum (s - r) over them for the tail. As in
+    # kernels/kd.py, KL = sum_j p_j ((v_j - top) - (s_j - r)) / T + log S - lz: each term is a
+    # difference taken before scaling, and log S - lz, both near log V, are subtracted last.
+    kept = tl.zeros((), tl.float32)
+    d_kept = tl.zeros((), tl.float32)
+    n_ninf_kept = tl.zeros((), tl.int32)
+    if compute:
+        for kstart in range(0, K, BLOCK_K):
+            ko = kstart + kcols
+            km = ko < K
+            v = tl.load(v_row + ko, mask=km, other=NEG_INF).to(tl.float32)
+            j = tl.load(i_row + ko, mask=km, other=0).to(tl.int64)
+            sj = tl.load(s_row + j, mask=km, other=0.0).to(tl.float32)
+            p = tl.exp((v - top) * inv_t - lz)
+            dj = sj - r_s
+            # where the teacher has no mass the term is 0, not 0 * inf (NaN fails p == 0: kept)
+            kept += tl.sum(tl.where(km & (p != 0.0), p * (((v - top) - dj) * inv_t), 0.0), axis=0)
+            if UNIFORM:
+                d_kept += tl.sum(tl.where(km & (sj != NEG_INF), dj, 0.0), axis=0)
+                n_ninf_kept += tl.sum((km & (sj == NEG_INF)).to(tl.int32), axis=0)
+
+    if UNIFORM:
+        # sum over the tail of ((u - top) - (s_j - r)); +inf when a tail entry is -inf
+        tail_diff = tl.where(n_ninf > n_ninf_kept, float("inf"), n_rest * (ub - top) - (d_all - d_kept))
+        kept += tl.where(has_tail & (pb != 0.0), pb * (tail_diff * inv_t), 0.0)
+    kl = (kept + LN2 * tl.log2(sum_s)) - lz
+    kl = tl.where(kl < 0.0, 0.0, kl)  # KL >= 0; rounding can leave a hair below 0 (NaN kept)
+    loss = soft_loss_coef * (soft_loss_t * kl)
+    if HAS_CE:
+        if SAME_T:
+            sum_1 = sum_s
+        safe_label = tl.where(compute, label, 0)
+        s_label = tl.load(s_row + safe_label).to(tl.float32)
+        loss += hard_weight * (LN2 * tl.log2(sum_1) + (r_s - s_label))
+    loss = tl.where(compute, loss, tl.where(bad, float("nan"), 0.0))
+    tl.store(row_loss_ptr + row, loss)
+
+    # Pass 4: the gradient: the tail's value over the row (last chunk first: the one most likely
+    # still in L2), then the kept entries' own.
+    if COMPUTE_GRAD:
+        g_row = grad_ptr + row * V
+        if SCALE_MODE == 2:
+            scale = tl.load(scale_ptr)
+        elif SCALE_MODE == 1:
+            scale = 1.0 / n_rows
+        else:
+            scale = 1.0
+        k_soft = soft_grad_coef * scale
+        k_hard = hard_weight * scale
+        inv_s = 1.0 / sum_s
+        inv_1 = 1.0 / sum_1
+        last = ((V - 1) // BLOCK_V) * BLOCK_V
+        if compute:
+            for start in range(0, V, BLOCK_V):
+                offs = (last - start) + cols
+                mask = offs < V
+                s = tl.load(s_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_first").to(tl.float32)
+                q = tl.exp2((s - r_s) * x_scale) * inv_s
+                g = k_soft * (q - pb)
+                if HAS_CE:
+                    if SAME_T:
+                        sm = q
+                    else:
+                        sm = tl.exp2((s - r_s) * LOG2E) * inv_1
+                    g += k_hard * (sm - tl.where(offs == label, 1.0, 0.0))
+                tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+            # The kept entries are written after every thread's store above has landed.
+            tl.debug_barrier()
+            for kstart in range(0, K, BLOCK_K):
+                ko = kstart + kcols
+                km = ko < K
+                v = tl.load(v_row + ko, mask=km, other=NEG_INF).to(tl.float32)
+                j = tl.load(i_row + ko, mask=km, other=0).to(tl.int64)
+                sj = tl.load(s_row + j, mask=km, other=NEG_INF).to(tl.float32)
+                p = tl.exp((v - top) * inv_t - lz)
+                q = tl.exp2((sj - r_s) * x_scale) * inv_s
+                g = k_soft * (q - p)
+                if HAS_CE:
+                    if SAME_T:
+                        sm = q
+                    else:
+                        sm = tl.exp2((sj - r_s) * LOG2E) * inv_1
+                    g += k_hard * (sm - tl.where(j == label, 1.0, 0.0))
+                tl.store(g_row + j, g.to(grad_ptr.dtype.element_ty), mask=km)
+        else:
+            fill = tl.where(bad, float("nan"), 0.0).to(grad_ptr.dtype.element_ty)
+            for start in range(0, V, BLOCK_V):
+                offs = start + cols
+                tl.store(g_row + offs, tl.zeros((BLOCK_V,), grad_ptr.dtype.element_ty) + fill, mask=offs < V)
+
+
+def broken_rows(indices: torch.Tensor, vocab: int) -> torch.Tensor:
+    """int8 [N]: 1 where a row's indices leave [0, vocab) or repeat. Device-side torch ops only
+    (a sort per row), no host synchronisation."""
+    outside = ((indices < 0) | (indices >= vocab)).any(-1)
+    if indices.shape[-1] > 1:
+        ordered = indices.sort(-1).values
+        outside = outside | (ordered[:, 1:] == ordered[:, :-1]).any(-1)
+    return outside.to(torch.int8)
+
+
+def sparse_kd_forward(
+    student: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    labels: torch.Tensor | None,
+    values_kind: str,
+    tail: str,
+    temperature: float,
+    hard_weight: float,
+    ignore_index: int,
+    reduction: str,
+    t2_scale: bool,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fastkd::sparse_kd_forward on Triton: (loss float32, grad in the student's dtype or empty [0]).
+
+    Inputs are expected validated by the caller (contiguous [N, V] and [N, k], labels int64 [N]
+    or None). Uses only torch ops and one wrap_triton launch, with no host synchronisation, so
+    that it can run inside torch.library.triton_op.
+    """
+    if values_kind not in ("logits", "logprobs"):
+        raise ValueError(f"sparse_kd_forward (triton): values must be 'logits' or 'logprobs', got {values_kind!r}")
+    if tail not in ("renormalize", "uniform"):
+        raise ValueError(f"sparse_kd_forward (triton): tail must be 'renormalize' or 'uniform', got {tail!r}")
+    if tail == "uniform" and values_kind != "logprobs":
+        raise ValueError("sparse_kd_forward (triton): tail='uniform' needs values='logprobs'")
+    if reduction not in ("none", "sum", "batchmean"):
+        raise ValueError(f"sparse_kd_forward (triton): reduction must be 'none', 'sum' or 'batchmean', got {reduction!r}")
+    n, v = student.shape
+    k = values.shape[1]
+    device = student.device
+    row_loss = torch.empty(n, dtype=torch.float32, device=device)
+    grad = torch.empty_like(student) if compute_grad else torch.empty(0, dtype=student.dtype, device=device)
+    broken = broken_rows(indices, v)
+
+    has_labels = labels is not None
+    sw = switches(has_labels, hard_weight, temperature, reduction, compute_grad, tail == "uniform")
+    # batchmean with labels: the count of non-ignored rows, on the device. With none of them,
+    # every row loss and gradient row is 0, so any finite scale will do.
+    scale_t = labels.ne(ignore_index).sum().clamp_min(1).to(torch.float32).reciprocal() if sw["SCALE_MODE"] == 2 else None
+    block_v, block_k, num_warps = launch_shape(v, k, on_gpu=device.type == "cuda")
+
+    torch.library.wrap_triton(_sparse_kd_forward_kernel)[(n,)](
+        student,
+        values,
+        indices,
+        labels,
+        broken,
+        row_loss,
+        grad if compute_grad else None,
+        scale_t,
+        n,
+        v,
+        k,
+        ignore_index,
+        1.0 / temperature,
+        _LOG2E / temperature,
+        (1.0 - hard_weight) * (temperature if t2_scale else 1.0),
+        temperature if t2_scale else 1.0,
+        hard_weight,
+        (1.0 - hard_weight) * (temperature if t2_scale else 1.0 / temperature),
+        BLOCK_V=block_v,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
+        **sw,
+    )
+
+    if reduction == "none":
+        loss = row_loss
+    elif reduction == "sum":
+        loss = row_loss.sum()
+    elif scale_t is not None:
+        loss = row_loss.sum() * scale_t
+    else:
+        loss = row_loss.sum() / n
+    return loss, grad
+
+
+# ----------------------------------------------------------------------------------------------
+# Static launches (the convention of kernels/__init__.py on the branch with the GPU checks)
+# ----------------------------------------------------------------------------------------------
+
+RICHEST_SWITCHES = dict(HAS_LABELS=True, HAS_CE=True, SAME_T=False, UNIFORM=True, SCALE_MODE=2, COMPUTE_GRAD=True)
+STATIC_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def static_launches() -> list:
+    """Every launch sparse_kd_forward can make on a GPU, or the reduction below.
+
+    The full product is 32 switch combinations x 9 (student, values) dtype pairs x 2 index dtypes
+    x ~24 (BLOCK_V, BLOCK_K) shapes x 2 architectures: far too many compilations. This list has
+    ~240 launches:
+
+    * every switch combination, fp32 (values fp32, int64 indices), at the largest block of each
+      warp count (BLOCK_V 64/1, 256/2, 1024/4, 4096/8 warps) with the largest BLOCK_K it can take
+      there (min(BLOCK_V, 1024)), where a thread holds the most elements and register pressure
+      is highest; bf16 and fp16 there at the richest switches (RICHEST_SWITCHES);
+    * every BLOCK_V (1, 2, ..., 4096) with its warp count and BLOCK_K = min(BLOCK_V, 1024), and
+      every BLOCK_K (1, ..., 1024) at BLOCK_V 4096, each dtype, at the richest switches;
+    * int32 indices, a row length that is not a multiple of 16, and every mixed (student,
+      values) dtype pair: richest switches, the largest block of each warp count.
+
+    Row lengths are the block size (k = BLOCK_K), or one less; n_rows = 64, ignore_index = -100.
+    Not compiled: switch combinations other than the richest with a 16-bit student, at smaller
+    blocks, with int32 indices, mixed dtypes or a row length that is not a multiple of 16;
+    n_rows == 1; 64-bit scalars. Not verified on this branch (its kernels/__init__.py has no
+    StaticLaunch yet): only that every launch names exactly the kernel's parameters.
+    """
+    from . import StaticLaunch  # defined on the branch with the GPU checks
+
+    combos = []
+    for vals in itertools.product(*SWITCH_INPUTS.values()):
+        combo = switches(**dict(zip(SWITCH_INPUTS, vals)))
+        if combo not in combos:
+            combos.append(combo)
+    assert RICHEST_SWITCHES in combos, "RICHEST_SWITCHES must be a combination switches() can return"
+    shapes = sorted({launch_shape(1 << e, 1 << e) for e in range(0, 31)})
+    largest = [max(s for s in shapes if s[2] == w) for w in sorted({w for _, _, w in shapes})]
+    k_shapes = [(_BLOCK_V_MAX_GPU, 1 << e, launch_shape(_BLOCK_V_MAX_GPU, 1)[2]) for e in range(0, 11)]
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64", torch.int32: "i32"}
+
+    def launch(student, vals, index, shape, combo, v):
+        block_v, block_k, num_warps = shape
+        args = dict(
+            s_ptr=student,
+            v_ptr=vals,
+            idx_ptr=index,
+            labels_ptr=torch.int64 if combo["HAS_LABELS"] else None,
+            broken_ptr=torch.int8,
+            row_loss_ptr=torch.float32,
+            grad_ptr=student if combo["COMPUTE_GRAD"] else None,
+            scale_ptr=torch.float32 if combo["SCALE_MODE"] == 2 else None,
+            n_rows=64,
+            V=v,
+            K=min(block_k, v),
+            ignore_index=-100,
+            inv_t=0.5,
+            x_scale=_LOG2E / 2.0,
+            soft_loss_coef=0.5,
+            soft_loss_t=2.0,
+            hard_weight=0.5,
+            soft_grad_coef=0.5,
+            **combo,
+            BLOCK_V=block_v,
+            BLOCK_K=block_k,
+        )
+        dt = names[student] if student == vals else f"{names[student]}/{names[vals]}"
+        per_entry = student.itemsize + (student.itemsize if combo["COMPUTE_GRAD"] else 0)
+        per_row = min(block_k, v) * (vals.itemsize + index.itemsize) + 4 + 1 + (8 if combo["HAS_LABELS"] else 0)
+        variant = [
+            "labels" if combo["HAS_LABELS"] else "no labels",
+            *(["CE"] if combo["HAS_CE"] else []),
+            "T = 1" if combo["SAME_T"] else "T != 1",
+            "uniform" if combo["UNIFORM"] else "renormalize",
+            "grad" if combo["COMPUTE_GRAD"] else "loss only",
+            f"scale mode {combo['SCALE_MODE']}",
+        ]
+        return StaticLaunch(
+            kernel=_sparse_kd_forward_kernel,
+            args=args,
+            num_warps=num_warps,
+            label=f"{dt} · {names[index]} · BLOCK_V={block_v} · BLOCK_K={block_k} · {num_warps} warp{'s' if num_warps > 1 else ''}"
+            + ("" if v % 16 == 0 or v < 16 else " · V % 16 != 0"),
+            variant=", ".join(variant),
+            row_bytes=(per_entry, per_row),
+        )
+
+    out = []
+    for dtype in STATIC_DTYPES:
+        for shape in largest:
+            out += [launch(dtype, dtype, torch.int64, shape, combo, shape[0]) for combo in (combos if dtype == torch.float32 else [RICHEST_SWITCHES])]
+            out.append(launch(dtype, dtype, torch.int32, shape, RICHEST_SWITCHES, shape[0]))
+            out.append(launch(dtype, dtype, torch.int64, shape, RICHEST_SWITCHES, shape[0] - 1))
+        out += [launch(dtype, dtype, torch.int64, shape, RICHEST_SWITCHES, shape[0]) for shape in shapes if shape not in largest]
+        out += [launch(dtype, dtype, torch.int64, shape, RICHEST_SWITCHES, shape[0]) for shape in k_shapes if shape not in largest]
+        for vals in STATIC_DTYPES:
+            if vals != dtype:
+                out += [launch(dtype, vals, torch.int64, shape, RICHEST_SWITCHES, shape[0]) for shape in largest]
+    return out

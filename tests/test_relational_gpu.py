@@ -1,0 +1,105 @@
+"""The relational losses' GPU backends (CUDA C++ and Triton, compiled) against the references, on a
+CUDA device. Skipped where none exists: these run, and must pass, wherever one does."""
+
+import pytest
+import torch
+
+import fastkd
+from fastkd import _ext
+from kd_helpers import assert_within_tolerance
+from relational_helpers import OPS, check_against_reference, loss_and_grad, make_embeddings, public, reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+SCHEMA = {"rkd_distance": "rkd_distance_forward", "rkd_angle": "rkd_angle_forward", "sp": "sp_forward", "pkt": "pkt_forward"}
+
+
+def cuda_param():
+    built = _ext.LOAD_ERROR is None and _ext.has_kernel("rkd_angle_forward", "CUDA")
+    return pytest.param("cuda", marks=pytest.mark.skipif(not built, reason="built without CUDA"))
+
+
+BACKENDS = [cuda_param(), "triton"]
+SHAPES = [(2, 1, 3), (37, 513, 200), (300, 70, 129), (8, (4, 3, 3), 5)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_gpu_matches_reference(backend, op, shape, dtype):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels compute in float32 and refuse float64")
+    b, ds, dt = shape
+    s, t = make_embeddings(b, ds, dt, dtype, seed=b, device="cuda")
+    check_against_reference(op, backend, s, t)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("kind", ["duplicates", "student_duplicates", "all_equal", "zero_row"])
+def test_gpu_degenerate_batches(backend, op, kind):
+    s, t = make_embeddings(70, 33, 20, kind=kind, seed=5, device="cuda")
+    loss, grad = check_against_reference(op, backend, s, t)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    if kind == "student_duplicates":
+        rows = list(range(2, 69))
+        _, exact = loss_and_grad(reference(op), s.cpu().double(), t.cpu().double())
+        _, lowp = loss_and_grad(reference(op), s.cpu(), t.cpu())
+        assert_within_tolerance(f"{op} grad of rows without a duplicate", grad[rows].cpu(), exact[rows], lowp[rows], s.dtype)
+    if kind == "all_equal" and op in ("rkd_distance", "rkd_angle"):
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_gpu_cuda_float64_and_gradcheck(op):
+    if not (_ext.LOAD_ERROR is None and _ext.has_kernel(SCHEMA[op], "CUDA")):
+        pytest.skip("built without CUDA")
+    s, t = make_embeddings(13, 33, 21, torch.float64, kind="duplicates", seed=11, device="cuda")
+    a, b = s.clone().requires_grad_(True), s.cpu().clone().requires_grad_(True)
+    got, expected = public(op)(a, t, backend="cuda"), reference(op)(b, t.cpu())
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-12, atol=1e-15)
+    got.backward()
+    expected.backward()
+    torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-9, atol=1e-15)
+    x, tt = make_embeddings(4, 3, 5, torch.float64, seed=8, device="cuda")
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda y: public(op)(y, tt, backend="cuda"), (x,))
+    assert torch.autograd.gradgradcheck(lambda y: public(op)(y, tt, backend="cuda"), (x,))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_gpu_torch_compile_fullgraph(backend, op):
+    torch._dynamo.reset()
+    s, t = make_embeddings(40, (3, 7), 12, seed=3, device="cuda")
+
+    def step(student):
+        return public(op)(student, t, backend=backend) * 1.5
+
+    a, b = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    step(a).backward()
+    torch.compile(step, fullgraph=True)(b).backward()
+    torch.testing.assert_close(b.grad, a.grad)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_gpu_opcheck(op):
+    s, t = make_embeddings(9, 17, 5, device="cuda")
+    s.requires_grad_(True)
+    args = (s, t, 1e-7, True) if op == "pkt" else (s, t, True)
+    if _ext.LOAD_ERROR is None and _ext.has_kernel(SCHEMA[op], "CUDA"):
+        torch.library.opcheck(getattr(torch.ops.fastkd, SCHEMA[op]).default, args)
+    torch.library.opcheck(getattr(torch.ops.fastkd, SCHEMA[op] + "_triton").default, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_angle_large_batch_agrees_with_cpu(backend):
+    """A batch spanning many tiles and row blocks of every kernel, against the cpu backend."""
+    s, t = make_embeddings(700, 64, 48, seed=21)
+    a, b = s.clone().cuda().requires_grad_(True), s.clone().requires_grad_(True)
+    got, expected = fastkd.rkd_angle_loss(a, t.cuda(), backend=backend), fastkd.rkd_angle_loss(b, t, backend="cpu")
+    torch.testing.assert_close(got.cpu(), expected, rtol=2e-5, atol=0)
+    got.backward()
+    expected.backward()
+    torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-3, atol=1e-4 * float(b.grad.abs().max()))

@@ -1,0 +1,98 @@
+"""The relational losses' Triton kernels against the references. Without a GPU they run in
+Triton's interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1), which is slow:
+batches stay small, but larger than the interpreter's blocks (row chunks of 8, angle tiles of 8×8)
+so that every chunked path and tile edge runs."""
+
+import math
+import os
+
+import pytest
+import torch
+
+import fastkd
+from fastkd.ops import relational as rel
+from kd_helpers import assert_within_tolerance
+from relational_helpers import OPS, check_against_reference, loss_and_grad, make_embeddings, public, reference
+
+_errors = {e for e in rel.TRITON_ERRORS.values() if e is not None}
+if _errors:
+    pytest.skip(_errors.pop(), allow_module_level=True)
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SCHEMA = {"rkd_distance": "rkd_distance_forward_triton", "rkd_angle": "rkd_angle_forward_triton", "sp": "sp_forward_triton", "pkt": "pkt_forward_triton"}
+
+CASES = [
+    # b, ds, dt, dtype, kind
+    (2, 1, 3, torch.float32, "random"),
+    (11, 6, 5, torch.float32, "random"),
+    (9, (2, 3), 4, torch.bfloat16, "random"),
+    (10, 7, 9, torch.float16, "random"),
+    (10, 6, 4, torch.float32, "duplicates"),
+    (10, 6, 4, torch.float32, "student_duplicates"),
+    (9, 5, 4, torch.float32, "all_equal"),
+    (9, 5, 4, torch.float32, "zero_row"),
+]
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("b,ds,dt,dtype,kind", CASES, ids=[f"{c[0]}-{c[3]}-{c[4]}".replace("torch.", "") for c in CASES])
+def test_triton_matches_reference(op, b, ds, dt, dtype, kind):
+    s, t = make_embeddings(b, ds, dt, dtype, kind=kind, seed=b, device=DEVICE)
+    loss, grad = check_against_reference(op, "triton", s, t)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    if kind == "student_duplicates":
+        rows = list(range(2, b - 1))
+        _, exact = loss_and_grad(reference(op), s.cpu().double(), t.cpu().double())
+        _, lowp = loss_and_grad(reference(op), s.cpu(), t.cpu())
+        assert_within_tolerance(f"{op} grad of rows without a duplicate", grad[rows], exact[rows], lowp[rows], s.dtype)
+    if kind == "all_equal" and op in ("rkd_distance", "rkd_angle"):
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("op", ["sp", "pkt"])
+def test_triton_batch_of_one(op):
+    s, t = make_embeddings(1, 6, 4, device=DEVICE)
+    loss, grad = check_against_reference(op, "triton", s, t)
+    assert loss == 0 and torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_triton_nan_and_no_grad(op):
+    s, t = make_embeddings(6, 5, 4, device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(public(op)(s, t, backend="triton"), reference(op)(s, t))
+    out = getattr(torch.ops.fastkd, SCHEMA[op])(*((s, t, 1e-7, False) if op == "pkt" else (s, t, False)))
+    assert out[1].numel() == 0
+    t = t.clone()
+    t[3, 2] = math.nan
+    assert torch.isnan(public(op)(s, t, backend="triton"))
+
+
+def test_triton_refuses_float64():
+    s, t = make_embeddings(4, 3, 3, torch.float64, device=DEVICE)
+    with pytest.raises(RuntimeError, match="computes in float32; float64 input runs on"):
+        fastkd.rkd_angle_loss(s, t, backend="triton")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_triton_opcheck(op):
+    s, t = make_embeddings(6, 5, 4, device=DEVICE)
+    args = (s.requires_grad_(True), t, 1e-7, True) if op == "pkt" else (s.requires_grad_(True), t, True)
+    # AOT dispatch traces into a triton_op's launcher, and the interpreter would then run the
+    # kernels on fake tensors: that check runs on GPU only (test_relational_gpu.py).
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    if DEVICE == "cuda":
+        utils += ("test_aot_dispatch_dynamic",)
+    torch.library.opcheck(getattr(torch.ops.fastkd, SCHEMA[op]).default, args, test_utils=utils)
+
+
+def test_launch_configurations_cover_the_kernels():
+    from fastkd.kernels import relational as kr
+
+    names = {name for name, _, _ in kr.launch_configurations()}
+    jitted = {name for name in dir(kr) if name.endswith("_kernel")}
+    assert names == jitted
+    for name, meta, warps in kr.launch_configurations():
+        assert warps in (1, 2, 4, 8) and all(isinstance(v, (int, bool)) for v in meta.values())

@@ -6,6 +6,9 @@
 #   make bench   kernel microbenchmarks; BENCHMARKS.md regenerated from a measured run
 #
 # FASTKD_NO_CUDA=1 skips the CUDA sources in the build (fast local iteration).
+# .gpu-static-cache/ holds the cubins and resource reports of fastkd/gpu_static.py (the GPU
+# kernels compiled for sm_80/sm_90 by tests/test_gpu_static.py and make bench), keyed by source
+# hash; make clean removes it.
 
 PYTHON ?= python3
 VENV := .venv
@@ -44,4 +47,4 @@ $(STAMPS)/cuda-%:
 	@touch $@
 
 clean:
-	rm -rf $(STAMPS) build *.egg-info fastkd/_C*.so
+	rm -rf $(STAMPS) build *.egg-info fastkd/_C*.so .gpu-static-cache

@@ -3,6 +3,7 @@
     python -m bench.report                      # full run (~10 min on 2 cores), writes BENCHMARKS.md
     python -m bench.report --quick --out /tmp/x.md    # tiny shapes, seconds: a smoke test
     python -m bench.report --from-json run.json       # re-render a saved run, no measuring
+    python -m bench.report --no-gpu-static            # without the "GPU kernels, statically" section
 
 The measurements are the pytest-benchmark suite in ``bench/`` (one ``test_bench_<op>.py`` per
 op, run in a subprocess with ``--benchmark-json``); this module only reads that JSON and does
@@ -13,6 +14,7 @@ from the run's own records. Nothing in BENCHMARKS.md is typed by hand.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -52,6 +54,29 @@ def run_suite(json_path: Path, quick: bool, extra: List[str]) -> int:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)
     return subprocess.run(cmd, cwd=ROOT, env=env).returncode
+
+
+def _gpu_static_module():
+    # Loaded from its file rather than through the fastkd package, whose import needs torch:
+    # re-rendering a saved JSON must not.
+    name = "_fastkd_gpu_static"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "fastkd" / "gpu_static.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def run_gpu_static(data: Dict) -> None:
+    """Adds the static GPU report (``fastkd/gpu_static.py``) to the run's data, or why it failed."""
+    print("+ python -m fastkd.gpu_static (GPU kernels compiled for sm_80/sm_90, resources)", flush=True)
+    try:
+        data["gpu_static"] = _gpu_static_module().collect()
+    except Exception as exc:  # noqa: BLE001 - the measured results are still worth writing
+        msg = str(exc).strip().splitlines()
+        data["gpu_static_error"] = f"{type(exc).__name__}: {msg[0] if msg else ''}"
+        print(f"bench.report: the static GPU check failed: {exc}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,6 +433,11 @@ def render(data: Dict, command: str, elapsed_s: Optional[float]) -> str:
               "(relative; gradient error is max |Δ| / max |ref|). Check `tests/` before trusting these times.")
             w("")
 
+    w(_gpu_static_module().render_markdown(data.get("gpu_static")))
+    if data.get("gpu_static_error"):
+        w(f"The static check failed: `{data['gpu_static_error']}`")
+        w("")
+
     # Method
     w("## How this is measured")
     w("")
@@ -469,6 +499,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--from-json", default=None, help="render this saved JSON instead of running")
     ap.add_argument("--cases", default="", help="passed to --bench-cases")
     ap.add_argument("--providers", default="", help="passed to --bench-providers")
+    ap.add_argument("--no-gpu-static", action="store_true", help="skip the static GPU kernel report")
     args = ap.parse_args(argv)
 
     shown = "python -m bench.report" + (" --quick" if args.quick else "")
@@ -496,6 +527,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if rc not in (0,):
             print(f"bench.report: pytest exit code {rc}; writing the report from what was measured", file=sys.stderr)
     data = json.loads(json_path.read_text())
+    if not args.from_json and not args.no_gpu_static:
+        run_gpu_static(data)
+        if args.json:
+            json_path.write_text(json.dumps(data, indent=1))
     text = render(data, shown, elapsed)
     out = Path(args.out)
     out.write_text(text + "\n")

@@ -39,6 +39,8 @@ Memory traffic: read 2*N*V (student, teacher; pass 2 re-reads them, ideally from
 write N*V (gradient) + N (row losses); forward alone (no gradient): read 2*N*V.
 """
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -270,3 +272,52 @@ def dkd_forward(
     else:
         loss = row_loss.sum() * scale_t
     return loss, grad
+
+
+def static_launches() -> list:
+    """The launches dkd_forward can make on a GPU (convention: kernels/__init__.py), 37 of them:
+
+    * both switches (HAS_SCALE, COMPUTE_GRAD) in every combination at the largest block of each
+      warp count (BLOCK_V 64/1, 256/2, 1024/4, 4096/8 warps; the most elements per thread), fp32;
+    * both switches on at every other block of LAUNCH_CONFIGS, fp32; at the largest block of each
+      warp count for bf16 and fp16, and there with a row length that is not a multiple of 16
+      (fp32); fp32 student with a bf16 teacher and the reverse at BLOCK_V 4096.
+
+    Not compiled: the other switch combinations at the smaller blocks (fewer live values than
+    the ones listed) and mixed dtypes below BLOCK_V 4096.
+    """
+    from . import StaticLaunch, dtype_label, largest_per_warp_count, shape_label
+
+    f32, b16 = torch.float32, torch.bfloat16
+    largest = largest_per_warp_count(LAUNCH_CONFIGS)
+    both = dict(HAS_SCALE=True, COMPUTE_GRAD=True)
+
+    def launch(student, teacher, shape, switch, v):
+        block_v, num_warps = shape
+        args = dict(
+            s_ptr=student, t_ptr=teacher, labels_ptr=torch.int64, row_loss_ptr=torch.float32,
+            grad_ptr=student if switch["COMPUTE_GRAD"] else None,
+            scale_ptr=torch.float32 if switch["HAS_SCALE"] else None,
+            V=v, ignore_index=-100, x_scale=_LOG2E / 4.0, temperature=4.0, alpha=1.0, beta=8.0,
+            BLOCK_V=block_v, **switch,
+        )
+        per_entry = student.itemsize + teacher.itemsize + (student.itemsize if switch["COMPUTE_GRAD"] else 0)
+        return StaticLaunch(
+            kernel=_dkd_forward_kernel, args=args, num_warps=num_warps,
+            label=f"{dtype_label(student, teacher)} · {shape_label(block_v, num_warps)}"
+            + ("" if v % 16 == 0 or v < 16 else " · V % 16 != 0"),
+            variant=", ".join(["batchmean scale" if switch["HAS_SCALE"] else "no scale",
+                               "grad" if switch["COMPUTE_GRAD"] else "loss only"]),
+            row_bytes=(per_entry, 12),
+        )
+
+    out = []
+    for shape in largest:
+        for values in itertools.product(*CONSTEXPR_SWITCHES.values()):
+            out.append(launch(f32, f32, shape, dict(zip(CONSTEXPR_SWITCHES, values)), shape[0]))
+    out += [launch(f32, f32, shape, both, shape[0]) for shape in LAUNCH_CONFIGS if shape not in largest]
+    for dtype in (b16, torch.float16):
+        out += [launch(dtype, dtype, shape, both, shape[0]) for shape in largest]
+    out += [launch(f32, f32, shape, both, shape[0] - 1) for shape in largest]
+    out += [launch(a, b, largest[-1], both, largest[-1][0]) for a, b in ((f32, b16), (b16, f32))]
+    return out

@@ -46,7 +46,7 @@ NORMALIZE_EPS = 1e-12
 # ----------------------------------------------------------------------------------------------
 # Launch configuration: every choice the launchers below make (block sizes, num_warps, constexpr
 # switches) is made here and only here, so that a static check can enumerate and compile each
-# one (static_launch_specs()).
+# one (static_launches()).
 # ----------------------------------------------------------------------------------------------
 
 # Entries of a row one hint program handles: a power of two in [MIN, MAX] on a GPU. Under the
@@ -109,16 +109,19 @@ def _pow2_range(lo: int, hi: int) -> list[int]:
     return out
 
 
-def static_launch_specs() -> list[dict]:
-    """The launches the launchers can make on a GPU, one dict per launch with the fields of
-    ``kernels.StaticLaunch`` (kernel, args, num_warps, label, variant, row_bytes).
+def static_launches() -> list:
+    """The launches the launchers can make on a GPU (convention: kernels/__init__.py).
 
     Covered: with fp32 inputs, every kernel at every block size the shape rules above can give
-    (hint BLOCK 128..2048, attention BLOCK_J 32..256) with every KIND / P_MODE and the gradient
-    on; the no-gradient hint variants at the largest block; with bf16 inputs (fp16 converts
-    alike), every variant at the largest block only. Not covered: bf16/fp16 at the smaller
-    blocks (the same code with a narrower load and store). Row lengths and spatial sizes are odd,
-    as a real launch's may be, so no divisible-by-16 specialisation is assumed."""
+    (hint BLOCK 128..2048, attention BLOCK_J 32..256) with the gradient on: every hint KIND, and
+    the attention kernels at p = 2 and at a p with no exact form (P_MODE 0, the general power);
+    at the largest block, every KIND without the gradient and every P_MODE; with bf16 inputs
+    (fp16 converts alike), every variant at the largest block only. Not covered: bf16/fp16 at
+    the smaller blocks (the same code with a narrower load and store), P_MODE 1, 3, 4 below the
+    largest attention block (fewer live values than P_MODE 0). Row lengths and spatial sizes
+    are odd, as a real launch's may be, so no divisible-by-16 specialisation is assumed."""
+    from . import StaticLaunch
+
     specs = []
 
     def hint(dtype, block, kinds, grads):
@@ -140,12 +143,12 @@ def static_launch_specs() -> list[dict]:
                     row_bytes=((3 if grad else 2) * size, 0),
                 ))
 
-    def attention(dtype, block_j):
+    def attention(dtype, block_j, p_modes):
         size, name = torch.empty((), dtype=dtype).element_size(), str(dtype).removeprefix("torch.")
         block_c = AT_BLOCK_C_GPU
         warps = at_num_warps(block_c, block_j)
         label = f"attention · {name} · BLOCK_C={block_c} · BLOCK_J={block_j} · {warps} warps"
-        for p, mode in list(AT_P_MODES.items()) + [(2.5, 0)]:
+        for p, mode in p_modes:
             common = dict(C=37, HW=1023, n_jb=3, p=p, P_MODE=mode, BLOCK_C=block_c, BLOCK_J=block_j)
             specs.append(dict(
                 kernel=_at_channel_mean_kernel, args=dict(x_ptr=dtype, q_ptr=torch.float32, inv_c=1 / 37, **common),
@@ -160,10 +163,11 @@ def static_launch_specs() -> list[dict]:
     for block in _pow2_range(HINT_BLOCK_MIN_GPU, HINT_BLOCK_MAX_GPU):
         hint(torch.float32, block, kinds, (True,) if block < HINT_BLOCK_MAX_GPU else (True, False))
     hint(torch.bfloat16, HINT_BLOCK_MAX_GPU, kinds, (True, False))
+    every_p = list(AT_P_MODES.items()) + [(2.5, 0)]
     for block_j in _pow2_range(AT_BLOCK_J_MIN_GPU, AT_BLOCK_J_MAX_GPU):
-        attention(torch.float32, block_j)
-    attention(torch.bfloat16, AT_BLOCK_J_MAX_GPU)
-    return specs
+        attention(torch.float32, block_j, every_p if block_j == AT_BLOCK_J_MAX_GPU else [(2.0, 2), (2.5, 0)])
+    attention(torch.bfloat16, AT_BLOCK_J_MAX_GPU, every_p)
+    return [StaticLaunch(**spec) for spec in specs]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,6 +35,8 @@ Memory traffic: read 2*N*V (student, teacher; pass 2 re-reads them, ideally from
 write N*V (gradient) + N (row losses).
 """
 
+import inspect
+import itertools
 import math
 
 import torch
@@ -65,17 +67,36 @@ def num_warps_for(block_v: int) -> int:
     return 8 if block_v >= 2048 else 4 if block_v >= 512 else 2 if block_v >= 128 else 1
 
 
-# The constexpr switches of each kernel and every value each takes (M_PAD: the next power of two
-# of the number of teachers, at least 2; any power of two can occur, these are the ones to check).
-CONSTEXPR_SWITCHES = {
-    "_kd_forward_kernel": dict(
-        HAS_LABELS=(False, True), HAS_CE=(False, True), SAME_T=(False, True), SCALE_MODE=(0, 1, 2), COMPUTE_GRAD=(False, True)
-    ),
-    "_kd_div_kernel": dict(
-        DIVERGENCE=(0, 1, 2, 3, 4, 5), MIX=(False, True), M_PAD=(2, 4, 8), HAS_WEIGHTS=(False, True),
-        HAS_LABELS=(False, True), HAS_CE=(False, True), SAME_T=(False, True), SCALE_MODE=(0, 1, 2), COMPUTE_GRAD=(False, True),
-    ),
-}
+def switches(has_labels: bool, hard_weight: float, temperature: float, reduction: str, compute_grad: bool) -> dict:
+    """The constexpr switches both kernels share, for one call."""
+    # batchmean divides by the number of non-ignored rows: with labels that count is only known
+    # on the device (SCALE_MODE 2 reads it from a tensor), without it is n_rows (SCALE_MODE 1).
+    scale_mode = 0 if reduction != "batchmean" else 2 if has_labels else 1
+    has_ce = has_labels and hard_weight > 0
+    return dict(
+        HAS_LABELS=has_labels,
+        HAS_CE=has_ce,
+        # Only the CE term reads SAME_T; without it, one value means one compiled kernel, not two.
+        SAME_T=has_ce and temperature == 1.0,
+        SCALE_MODE=scale_mode,
+        COMPUTE_GRAD=compute_grad,
+    )
+
+
+# For each input of switches(), values that reach every result it can give.
+SWITCH_INPUTS = dict(
+    has_labels=(False, True),
+    hard_weight=(0.0, 0.5),
+    temperature=(1.0, 2.0),
+    reduction=("none", "sum", "batchmean"),
+    compute_grad=(False, True),
+)
+
+
+def m_pad_for(n_teachers: int) -> int:
+    """_kd_div_kernel's M_PAD: the teachers' [M_PAD] register vectors, a power of two >= 2."""
+    return max(2, triton.next_power_of_2(n_teachers))
+
 
 # DIVERGENCE codes of _kd_div_kernel (kl comes here only for an ensemble).
 DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3, "skew_kl": 4, "skew_reverse_kl": 5}
@@ -535,19 +556,13 @@ def kd_forward(
     has_labels = labels is not None
     # batchmean divides by the number of non-ignored rows, which is only known on the device.
     # With none of them, every row loss and gradient row is 0, so any finite scale will do.
+    common = switches(has_labels, hard_weight, temperature, reduction, compute_grad)
     scale_t = None
-    scale_mode = 0
-    if reduction == "batchmean":
-        if has_labels:
-            scale_t = labels.ne(ignore_index).sum().clamp_min(1).to(torch.float32).reciprocal()
-            scale_mode = 2
-        else:
-            scale_mode = 1
+    if common["SCALE_MODE"] == 2:
+        scale_t = labels.ne(ignore_index).sum().clamp_min(1).to(torch.float32).reciprocal()
 
     soft_loss_coef = (1.0 - hard_weight) * (temperature if t2_scale else 1.0)
     soft_grad_coef = (1.0 - hard_weight) * (temperature if t2_scale else 1.0 / temperature)
-    common = dict(HAS_LABELS=has_labels, HAS_CE=has_labels and hard_weight > 0, SAME_T=temperature == 1.0,
-                  SCALE_MODE=scale_mode, COMPUTE_GRAD=compute_grad)
     if divergence == "kl" and not mix:
         block_v = block_v_for("_kd_forward_kernel", v, device.type)
         torch.library.wrap_triton(_kd_forward_kernel)[(n,)](
@@ -568,7 +583,7 @@ def kd_forward(
             temperature if t2_scale else 1.0, hard_weight, soft_grad_coef * factor, beta,
             math.log2(beta) if has_beta else 0.0, math.log2(1.0 - beta) if has_beta else 0.0,
             -math.log2(n_teachers),
-            DIVERGENCE=DIVERGENCE_CODES[divergence], MIX=mix, M_PAD=max(2, triton.next_power_of_2(n_teachers)),
+            DIVERGENCE=DIVERGENCE_CODES[divergence], MIX=mix, M_PAD=m_pad_for(n_teachers),
             HAS_WEIGHTS=log2_w is not None, BLOCK_V=block_v, num_warps=num_warps_for(block_v), **common,
         )
 
@@ -581,3 +596,147 @@ def kd_forward(
     else:
         loss = row_loss.sum() / n
     return loss, grad
+
+
+# ----------------------------------------------------------------------------------------------
+# Every launch kd_forward can make, for the static GPU check (convention: kernels/__init__.py).
+# ----------------------------------------------------------------------------------------------
+
+# The switch combination with the most work and live values: the CE at T != 1 (a second
+# exponential sum), the label loads, the device-side scale, the gradient pass.
+RICHEST_SWITCHES = dict(HAS_LABELS=True, HAS_CE=True, SAME_T=False, SCALE_MODE=2, COMPUTE_GRAD=True)
+STATIC_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _switch_combos() -> list:
+    combos = []
+    for values in itertools.product(*SWITCH_INPUTS.values()):
+        combo = switches(**dict(zip(SWITCH_INPUTS, values)))
+        if combo not in combos:
+            combos.append(combo)
+    assert RICHEST_SWITCHES in combos, "RICHEST_SWITCHES must be a combination switches() can return"
+    return combos
+
+
+def _shapes(kernel: str) -> tuple:
+    """(BLOCK_V, num_warps) of every row length, and the largest block of each warp count."""
+    from . import largest_per_warp_count
+
+    shapes = sorted({(b, num_warps_for(b)) for b in (block_v_for(kernel, 1 << k, "cuda") for k in range(31))})
+    return shapes, largest_per_warp_count(shapes)
+
+
+def static_launches() -> list:
+    """The launches kd_forward can make on a GPU, reduced as follows (the full product is some
+    ten thousand compilations, far beyond the few minutes the check may take on 2 cores).
+
+    ``_kd_forward_kernel`` (forward KL, one teacher), 87 launches:
+
+    * every switch combination switches() can return (16) at the largest block of each warp
+      count (BLOCK_V 64/1, 256/2, 1024/4, 4096/8 warps), fp32;
+    * the richest combination (RICHEST_SWITCHES) at every block shape (BLOCK_V 1 .. 4096), fp32;
+      at the largest block of each warp count for bf16 and fp16, and there also with a row length
+      that is not a multiple of 16 (fp32: Triton cannot then vectorise the loads);
+    * fp32 student with a bf16 teacher and the reverse, richest combination, BLOCK_V 4096.
+
+    ``_kd_div_kernel`` (the other divergences, and ensembles), 47 launches:
+
+    * every divergence, one teacher and an ensemble of 4 with weights (M_PAD 4), richest
+      combination, BLOCK_V 1024/4 warps and 2048/8 warps (the two largest, equally loaded per
+      thread), fp32; the same at 2048 for bf16, one teacher;
+    * jsd at 2048, fp32: every other switch combination, and ensembles with M_PAD 2 and 8
+      (uniform weights).
+
+    Not compiled: the smaller blocks below the largest of each warp count except as listed
+    (fewer elements per thread: never more registers), fp16 where bf16 is (the same code but
+    the conversions), n_rows == 1 (Triton makes it a constant; it only removes a division), and
+    ignore_index or row counts past 2**31 (64-bit scalars).
+    """
+    from . import StaticLaunch, dtype_label, shape_label
+
+    combos = _switch_combos()
+    # Scalar arguments by parameter name; Triton specialises integers on their value (1, or a
+    # multiple of 16), so these are values real launches have.
+    scalars = dict(
+        n_rows=64, ignore_index=-100, x_scale=_LOG2E / 2.0, soft_loss_coef=0.5, soft_loss_t=2.0,
+        hard_weight=0.5, soft_grad_coef=0.5, M=4, teacher_stride=64 * 4096, beta=0.5, log2_b=-1.0,
+        log2_1mb=-1.0, log2_uniform=-2.0,
+    )
+
+    def launch(kernel, student, teacher, shape, combo, v, extra=None, variant_extra=()):
+        block_v, num_warps = shape
+        params = inspect.signature(kernel.fn).parameters
+        extra = extra or {}
+        args = dict(
+            s_ptr=student,
+            t_ptr=teacher,
+            labels_ptr=torch.int64 if combo["HAS_LABELS"] else None,
+            row_loss_ptr=torch.float32,
+            grad_ptr=student if combo["COMPUTE_GRAD"] else None,
+            scale_ptr=torch.float32 if combo["SCALE_MODE"] == 2 else None,
+            V=v,
+            BLOCK_V=block_v,
+            **combo,
+            **{k: x for k, x in scalars.items() if k in params},
+        )
+        if "lw_ptr" in params:
+            args["lw_ptr"] = torch.float32 if extra.get("HAS_WEIGHTS") else None
+        args.update(extra)
+        m = extra.get("M_PAD", 1) if extra.get("MIX") else 1
+        per_entry = student.itemsize + m * teacher.itemsize + (student.itemsize if combo["COMPUTE_GRAD"] else 0)
+        variant = [
+            *variant_extra,
+            "labels" if combo["HAS_LABELS"] else "no labels",
+            *(["CE"] if combo["HAS_CE"] else []),
+            *(["T = 1"] if combo["SAME_T"] else []),
+            "grad" if combo["COMPUTE_GRAD"] else "loss only",
+            f"scale mode {combo['SCALE_MODE']}",
+        ]
+        return StaticLaunch(
+            kernel=kernel,
+            args=args,
+            num_warps=num_warps,
+            label=f"{dtype_label(student, teacher)} · {shape_label(block_v, num_warps)}"
+            + ("" if v % 16 == 0 or v < 16 else " · V % 16 != 0"),
+            variant=", ".join(variant),
+            row_bytes=(per_entry, 4 + (8 if combo["HAS_LABELS"] else 0)),
+        )
+
+    out = []
+    f32, b16 = torch.float32, torch.bfloat16
+    kl = _kd_forward_kernel
+    shapes, largest = _shapes("_kd_forward_kernel")
+    for shape in largest:
+        out += [launch(kl, f32, f32, shape, combo, shape[0]) for combo in combos]
+    out += [launch(kl, f32, f32, shape, RICHEST_SWITCHES, shape[0]) for shape in shapes if shape not in largest]
+    for dtype in STATIC_DTYPES[1:]:
+        out += [launch(kl, dtype, dtype, shape, RICHEST_SWITCHES, shape[0]) for shape in largest]
+    out += [launch(kl, f32, f32, shape, RICHEST_SWITCHES, shape[0] - 1) for shape in largest]
+    out += [launch(kl, a, b, largest[-1], RICHEST_SWITCHES, largest[-1][0]) for a, b in ((f32, b16), (b16, f32))]
+
+    div = _kd_div_kernel
+    _, largest = _shapes("_kd_div_kernel")
+    top = largest[-2:]
+    names = {code: name for name, code in DIVERGENCE_CODES.items()}
+
+    def div_extra(code, mix, m_pad=2, weights=False):
+        return dict(DIVERGENCE=code, MIX=mix, M_PAD=m_pad, HAS_WEIGHTS=weights), (
+            names[code] + (f" · ensemble (M_PAD {m_pad}{', weights' if weights else ''})" if mix else ""),
+        )
+
+    for code in names:
+        for shape in top:
+            for mix, m_pad, weights in ((False, 2, False), (True, 4, True)):
+                extra, tag = div_extra(code, mix, m_pad, weights)
+                out.append(launch(div, f32, f32, shape, RICHEST_SWITCHES, shape[0], extra, tag))
+        extra, tag = div_extra(code, False)
+        out.append(launch(div, b16, b16, top[-1], RICHEST_SWITCHES, top[-1][0], extra, tag))
+    jsd = DIVERGENCE_CODES["jsd"]
+    for combo in combos:
+        if combo != RICHEST_SWITCHES:
+            extra, tag = div_extra(jsd, False)
+            out.append(launch(div, f32, f32, top[-1], combo, top[-1][0], extra, tag))
+    for m_pad in (2, 8):
+        extra, tag = div_extra(jsd, True, m_pad)
+        out.append(launch(div, f32, f32, top[-1], RICHEST_SWITCHES, top[-1][0], extra, tag))
+    return out

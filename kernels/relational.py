@@ -27,7 +27,8 @@ matrices (RKD angle: 2·B³ triplets from cache-resident tiles).
 
 Launchers use torch ops and wrap_triton launches only, with no host synchronisation, so that they
 run inside torch.library.triton_op. The launch configuration is chosen in one place,
-``launch_config``; ``launch_configurations()`` lists every configuration a GPU run can use.
+``launch_config``; ``static_launches()`` lists the launches a GPU run can make, for the static
+GPU check (kernels/__init__.py).
 """
 
 import torch
@@ -72,27 +73,57 @@ def launch_config(n: int, device: torch.device) -> dict:
     }
 
 
-def launch_configurations():
-    """Every (kernel, constexpr arguments, num_warps) a GPU launch can use, for static checks
-    (register spills) that compile them all; the dtype-dependent pointer types are those of
-    float32 embeddings, plus a float64 Gram matrix for the pair kernel."""
-    rows = [1 << p for p in range(0, 11)]  # 1 .. ROW_BLOCK_MAX_GPU
-    bj, bk = ANGLE_TILE_GPU
+def _row_shapes() -> list:
+    """(ROW_BLOCK, row_warps) of every batch size on a GPU."""
+    return sorted({(r, _row_warps(r)) for r in (launch_config(1 << e, torch.device("cuda"))["ROW_BLOCK"] for e in range(31))})
+
+
+def static_launches() -> list:
+    """The launches a GPU run can make (convention: kernels/__init__.py), 47 of them.
+
+    Every row kernel, with every value of its switches (PASS, COMPUTE_GRAD), at the largest
+    ROW_BLOCK of each warp count (32/1, 128/2, 512/4, 1024/8: the most elements per thread), on
+    the float32 matrices the launchers make; the pair kernel also with a float64 Gram matrix and
+    bf16 rows; the two angle kernels at their one tile. Not compiled: the row kernels at the
+    smaller blocks (fewer live values per thread than those listed) and the pair kernel's other
+    input dtypes (fp16 converts as bf16 does).
+    """
+    from . import StaticLaunch, largest_per_warp_count
+
+    f32 = torch.float32
+    n, d = 4099, 515  # odd: no divisibility specialisation
     out = []
-    for r in rows:
-        w = _row_warps(r)
-        out.append(("_pair_sq_dist_kernel", dict(BLOCK=r, BLOCK_D=FEATURE_BLOCK_GPU), w))
-        out.append(("_rkd_distance_sums_kernel", dict(BLOCK=r), w))
-        for p in (1, 2):
-            out.append(("_rkd_distance_rows_kernel", dict(PASS=p, BLOCK=r), w))
-        for g in (False, True):
-            out.append(("_sp_rows_kernel", dict(COMPUTE_GRAD=g, BLOCK=r), w))
-            out.append(("_pkt_rows_kernel", dict(COMPUTE_GRAD=g, BLOCK=r), w))
-        out.append(("_symmetrise_kernel", dict(BLOCK=r), w))
-        out.append(("_pkt_grad_kernel", dict(BLOCK=r), w))
-        out.append(("_angle_assemble_kernel", dict(BLOCK=r), w))
-    out.append(("_angle_rows_kernel", dict(BLOCK_J=bj, BLOCK_K=bk), ANGLE_WARPS))
-    out.append(("_angle_pairs_kernel", dict(BLOCK_J=bj, BLOCK_K=bk), ANGLE_WARPS))
+
+    def add(kernel, args, warps, label, variant="", row_bytes=(0, 0)):
+        out.append(StaticLaunch(kernel=kernel, args=args, num_warps=warps, label=label, variant=variant, row_bytes=row_bytes))
+
+    for block, warps in largest_per_warp_count(_row_shapes()):
+        label = f"BLOCK={block} · {warps} warp{'s' if warps > 1 else ''}"
+        add(_pair_sq_dist_kernel, dict(gram_ptr=f32, x_ptr=f32, out_ptr=f32, n=n, d=d, tau=1e-3, scale=0.5,
+                                       BLOCK=block, BLOCK_D=FEATURE_BLOCK_GPU), warps, label, "fp32 Gram", (8, 0))
+        add(_rkd_distance_sums_kernel, dict(ds_ptr=f32, dt_ptr=f32, sums_ptr=f32, n=n, BLOCK=block), warps, label, "", (8, 8))
+        for pass_ in (1, 2):
+            add(_rkd_distance_rows_kernel, dict(ds_ptr=f32, dt_ptr=f32, sums_ptr=f32, loss_ptr=f32, c_ptr=f32, n=n,
+                                                PASS=pass_, BLOCK=block), warps, label, f"pass {pass_}", (8 + 4 * (pass_ - 1), 8))
+        for grad in (False, True):
+            add(_sp_rows_kernel, dict(gs_ptr=f32, gt_ptr=f32, loss_ptr=f32, n=n, k=1e-6, COMPUTE_GRAD=grad, BLOCK=block),
+                warps, label, "grad" if grad else "loss only", (8 + 4 * grad, 4))
+            add(_pkt_rows_kernel, dict(gs_ptr=f32, gt_ptr=f32, dk_ptr=f32 if grad else None, loss_ptr=f32, n=n, eps=1e-7,
+                                       inv_b2=1e-6, COMPUTE_GRAD=grad, BLOCK=block),
+                warps, label, "grad" if grad else "loss only", (8 + 4 * grad, 4))
+        add(_symmetrise_kernel, dict(a_ptr=f32, out_ptr=f32, n=n, BLOCK=block), warps, label, "", (12, 0))
+        add(_pkt_grad_kernel, dict(gs_ptr=f32, dk_ptr=f32, m_ptr=f32, n=n, eps=1e-7, BLOCK=block), warps, label, "", (16, 0))
+        add(_angle_assemble_kernel, dict(p_ptr=f32, s_ptr=f32, t_ptr=f32, corr_ptr=f32, n=n, scale=1e-9, BLOCK=block),
+            warps, label, "", (20, 0))
+    block, warps = _row_shapes()[-1]
+    label = f"BLOCK={block} · {warps} warps"
+    add(_pair_sq_dist_kernel, dict(gram_ptr=torch.float64, x_ptr=torch.bfloat16, out_ptr=f32, n=n, d=d, tau=1e-3,
+                                   scale=0.5, BLOCK=block, BLOCK_D=FEATURE_BLOCK_GPU), warps, label, "fp64 Gram, bf16 rows", (12, 0))
+    bj, bk = ANGLE_TILE_GPU
+    label = f"BLOCK_J={bj} · BLOCK_K={bk} · {ANGLE_WARPS} warps"
+    add(_angle_rows_kernel, dict(hs_ptr=f32, ht_ptr=f32, s_ptr=f32, t_ptr=f32, corr_ptr=f32, loss_ptr=f32, n=n, n_jb=129,
+                                 BLOCK_J=bj, BLOCK_K=bk), ANGLE_WARPS, label, "", (8, 0))
+    add(_angle_pairs_kernel, dict(hs_ptr=f32, ht_ptr=f32, p_ptr=f32, n=n, BLOCK_J=bj, BLOCK_K=bk), ANGLE_WARPS, label, "", (12, 0))
     return out
 
 

@@ -408,28 +408,23 @@ STATIC_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def static_launches() -> list:
-    """Every launch sparse_kd_forward can make on a GPU, or the reduction below.
+    """The launches sparse_kd_forward can make on a GPU, reduced as follows (convention:
+    kernels/__init__.py). The full product is 32 switch combinations x 9 (student, values) dtype
+    pairs x 2 index dtypes x ~24 (BLOCK_V, BLOCK_K) shapes x 2 architectures; this list has 69:
 
-    The full product is 32 switch combinations x 9 (student, values) dtype pairs x 2 index dtypes
-    x ~24 (BLOCK_V, BLOCK_K) shapes x 2 architectures: far too many compilations. This list has
-    ~240 launches:
-
-    * every switch combination, fp32 (values fp32, int64 indices), at the largest block of each
-      warp count (BLOCK_V 64/1, 256/2, 1024/4, 4096/8 warps) with the largest BLOCK_K it can take
-      there (min(BLOCK_V, 1024)), where a thread holds the most elements and register pressure
-      is highest; bf16 and fp16 there at the richest switches (RICHEST_SWITCHES);
-    * every BLOCK_V (1, 2, ..., 4096) with its warp count and BLOCK_K = min(BLOCK_V, 1024), and
-      every BLOCK_K (1, ..., 1024) at BLOCK_V 4096, each dtype, at the richest switches;
-    * int32 indices, a row length that is not a multiple of 16, and every mixed (student,
-      values) dtype pair: richest switches, the largest block of each warp count.
+    * every switch combination at BLOCK_V 4096, BLOCK_K 1024, 8 warps (the most elements per
+      thread), fp32 with int64 indices; the richest (RICHEST_SWITCHES) at the largest block of
+      the other warp counts (BLOCK_V 64/1, 256/2, 1024/4);
+    * the richest switches at every other BLOCK_V (1 .. 4096, BLOCK_K = min(BLOCK_V, 1024)) and
+      every BLOCK_K (1 .. 1024) at BLOCK_V 4096, fp32; at the largest block of each warp count
+      for bf16 and fp16, and there with a row length that is not a multiple of 16 (fp32);
+    * int32 indices, and an fp32 student with bf16 values and the reverse, at BLOCK_V 4096.
 
     Row lengths are the block size (k = BLOCK_K), or one less; n_rows = 64, ignore_index = -100.
-    Not compiled: switch combinations other than the richest with a 16-bit student, at smaller
-    blocks, with int32 indices, mixed dtypes or a row length that is not a multiple of 16;
-    n_rows == 1; 64-bit scalars. Not verified on this branch (its kernels/__init__.py has no
-    StaticLaunch yet): only that every launch names exactly the kernel's parameters.
+    Not compiled: switch combinations other than the richest below BLOCK_V 4096 or with 16-bit
+    inputs, other mixed dtype pairs, n_rows == 1, 64-bit scalars.
     """
-    from . import StaticLaunch  # defined on the branch with the GPU checks
+    from . import StaticLaunch
 
     combos = []
     for vals in itertools.product(*SWITCH_INPUTS.values()):
@@ -488,15 +483,14 @@ def static_launches() -> list:
             row_bytes=(per_entry, per_row),
         )
 
-    out = []
-    for dtype in STATIC_DTYPES:
-        for shape in largest:
-            out += [launch(dtype, dtype, torch.int64, shape, combo, shape[0]) for combo in (combos if dtype == torch.float32 else [RICHEST_SWITCHES])]
-            out.append(launch(dtype, dtype, torch.int32, shape, RICHEST_SWITCHES, shape[0]))
-            out.append(launch(dtype, dtype, torch.int64, shape, RICHEST_SWITCHES, shape[0] - 1))
-        out += [launch(dtype, dtype, torch.int64, shape, RICHEST_SWITCHES, shape[0]) for shape in shapes if shape not in largest]
-        out += [launch(dtype, dtype, torch.int64, shape, RICHEST_SWITCHES, shape[0]) for shape in k_shapes if shape not in largest]
-        for vals in STATIC_DTYPES:
-            if vals != dtype:
-                out += [launch(dtype, vals, torch.int64, shape, RICHEST_SWITCHES, shape[0]) for shape in largest]
+    f32, b16, i64 = torch.float32, torch.bfloat16, torch.int64
+    top = largest[-1]
+    out = [launch(f32, f32, i64, top, combo, top[0]) for combo in combos]
+    out += [launch(f32, f32, i64, shape, RICHEST_SWITCHES, shape[0]) for shape in largest[:-1]]
+    out += [launch(f32, f32, i64, shape, RICHEST_SWITCHES, shape[0]) for shape in shapes + k_shapes if shape not in largest]
+    for dtype in STATIC_DTYPES[1:]:
+        out += [launch(dtype, dtype, i64, shape, RICHEST_SWITCHES, shape[0]) for shape in largest]
+    out += [launch(f32, f32, i64, shape, RICHEST_SWITCHES, shape[0] - 1) for shape in largest]
+    out.append(launch(f32, f32, torch.int32, top, RICHEST_SWITCHES, top[0]))
+    out += [launch(a, b, i64, top, RICHEST_SWITCHES, top[0]) for a, b in ((f32, b16), (b16, f32))]
     return out

@@ -33,6 +33,8 @@ def test_quick_report_is_complete(tmp_path):
     assert not any("⚠" in row for row in table_rows), "a provider's answer was flagged wrong"
     assert not any(re.search(r"\bnan\b", row.lower()) for row in table_rows)
     assert any(status in text for status in ("met", "not met"))
+    # The static GPU section (fastkd/gpu_static.py): resources of every GPU kernel, no GPU needed.
+    assert "## GPU kernels, statically" in text and "| Triton `_kd_forward_kernel` | sm_90 |" in text
 
     data = json.loads(js.read_text())
     ops = [b for b in data["benchmarks"] if b["extra_info"].get("kind") == "op"]
@@ -47,4 +49,6 @@ def test_quick_report_is_complete(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert again.returncode == 0, again.stderr[-3000:]
-    assert (tmp_path / "again.md").read_text().startswith("# fastkd benchmarks")
+    again_text = (tmp_path / "again.md").read_text()
+    assert again_text.startswith("# fastkd benchmarks")
+    assert "| Triton `_kd_forward_kernel` | sm_90 |" in again_text, "the static section was not kept in the JSON"

@@ -88,11 +88,18 @@ def test_triton_opcheck(op):
     torch.library.opcheck(getattr(torch.ops.fastkd, SCHEMA[op]).default, args, test_utils=utils)
 
 
-def test_launch_configurations_cover_the_kernels():
+def test_static_launches_cover_the_launchers_choices():
+    """Every (ROW_BLOCK, warps) and angle tile a GPU batch can choose is among the statically
+    compiled launches of every row kernel (tests/test_gpu_static.py compiles them)."""
     from fastkd.kernels import relational as kr
 
-    names = {name for name, _, _ in kr.launch_configurations()}
-    jitted = {name for name in dir(kr) if name.endswith("_kernel")}
-    assert names == jitted
-    for name, meta, warps in kr.launch_configurations():
-        assert warps in (1, 2, 4, 8) and all(isinstance(v, (int, bool)) for v in meta.values())
+    launches = kr.static_launches()
+    compiled = {(l.kernel, l.args.get("BLOCK"), l.num_warps) for l in launches}
+    largest = {w: b for b, w in kr._row_shapes()}
+    for n in (2, 3, 37, 100, 513, 1024, 5000):
+        cfg = kr.launch_config(n, torch.device("cuda"))
+        for kernel in (kr._rkd_distance_sums_kernel, kr._sp_rows_kernel, kr._pkt_grad_kernel):
+            # the largest block of the launch's warp count stands for the smaller ones
+            assert (kernel, largest[cfg["row_warps"]], cfg["row_warps"]) in compiled, (n, kernel)
+        assert (cfg["BLOCK_J"], cfg["BLOCK_K"], cfg["angle_warps"]) == (
+            *kr.ANGLE_TILE_GPU, kr.ANGLE_WARPS), "the angle tile is fixed on a GPU"

@@ -49,15 +49,26 @@
 
 #include <cmath>
 #include <cstdint>
+#include <iterator>
 #include <limits>
 #include <string_view>
 #include <tuple>
 #include <type_traits>
 
+#include "gpu_kernel_info.h"
+
 namespace fastkd {
 namespace {
 
-constexpr int kMaxThreads = 512;
+// Block sizes the launcher chooses from (the smallest whose chunk covers the row), recorded in
+// the library for the static occupancy report. The largest is the kernel's __launch_bounds__;
+// all are multiples of 32 (block_reduce needs whole warps).
+#define FASTKD_DKD_THREADS 64, 128, 256, 512
+constexpr int kBlockThreads[] = {FASTKD_DKD_THREADS};
+// Reads each row's student and teacher, writes its gradient, reads its label, writes its loss.
+FASTKD_GPU_KERNEL_INFO(dkd_forward_kernel, "V*(2*$0+$1)+$2+8", FASTKD_DKD_THREADS);
+constexpr int kMaxThreads = kBlockThreads[std::size(kBlockThreads) - 1];
+static_assert(valid_block_table(kBlockThreads), "kBlockThreads must be increasing multiples of 32");
 constexpr int kMaxWarps = kMaxThreads / 32;
 // Elements of each input a thread holds per chunk: kElems<VEC> / VEC loads of VEC elements.
 template <int VEC>
@@ -387,10 +398,7 @@ void launch(const at::Tensor& student, const at::Tensor& teacher, const int64_t*
   // Vector loads need every row to start on a vector boundary in all three arrays.
   const bool vec = vocab % kVec == 0 && aligned(s, kVec * sizeof(S)) && aligned(t, kVec * sizeof(T)) &&
                    (grad == nullptr || aligned(grad, kVec * sizeof(S)));
-  // Smallest power-of-two block (at least two warps) whose chunk covers the row, up to kMaxThreads.
-  const int64_t elems = vec ? kElems<kVec> : kElems<1>;
-  int threads = 64;
-  while (threads < kMaxThreads && threads * elems < vocab) threads *= 2;
+  const int threads = block_for_row(kBlockThreads, vocab, vec ? kElems<kVec> : kElems<1>);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned int>(n_rows));
   acc_t* loss = row_loss.mutable_data_ptr<acc_t>();

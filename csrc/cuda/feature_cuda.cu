@@ -41,16 +41,33 @@
 #include <tuple>
 #include <type_traits>
 
+#include "gpu_kernel_info.h"
+
 namespace fastkd {
 namespace {
 
-constexpr int kThreads = 256;
+// Every kernel here runs blocks of this many threads (the attention tiles as kAtJ x kAtRows).
+#define FASTKD_FEATURE_THREADS 256
+constexpr int kThreads = FASTKD_FEATURE_THREADS;
 constexpr int kWarps = kThreads / 32;
 // Entries of a row one hint block handles (16 per thread).
 constexpr int64_t kHintChunk = 16 * kThreads;
 // Attention tiles: kAtJ spatial positions (one per thread of a warp) x kAtRows channel lanes.
 constexpr int kAtJ = 32;
 constexpr int kAtRows = kThreads / kAtJ;
+static_assert(kThreads % 32 == 0 && kAtJ * kAtRows == kThreads, "whole warps, and attention tiles of kThreads threads");
+
+// Bytes per row for the static report. hint: a row of [B, D], V = D; each of its chunks of
+// kHintChunk entries also writes its partial sums (6, or 1 for hint_kernel), counted once here.
+// hint_kernel reads s and t and writes the gradient; for cosine and normalized_mse it also reads
+// the row's 4 parameters (4 * $2, not counted), after hint_sums_kernel has read s and t once more.
+FASTKD_GPU_KERNEL_INFO(hint_sums_kernel, "V*($0+$1)+6*$2", FASTKD_FEATURE_THREADS);
+FASTKD_GPU_KERNEL_INFO(hint_kernel, "V*(2*$0+$1)+$2", FASTKD_FEATURE_THREADS);
+// Attention transfer: a row is one sample's feature map [C, HW], V = C * HW. The channel mean
+// reads it and writes HW entries of q (HW * $1 on top); the gradient reads x and writes grad, its
+// weights w[row, :] (HW * $1, shared by the channels) on top.
+FASTKD_GPU_KERNEL_INFO(at_channel_mean_kernel, "V*$0", FASTKD_FEATURE_THREADS);
+FASTKD_GPU_KERNEL_INFO(at_grad_kernel, "V*2*$0", FASTKD_FEATURE_THREADS);
 
 constexpr double kCosineEps = 1e-8;
 constexpr double kNormalizeEps = 1e-12;

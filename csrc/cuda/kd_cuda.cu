@@ -42,18 +42,31 @@
 
 #include <cmath>
 #include <cstdint>
+#include <iterator>
 #include <limits>
 #include <optional>
 #include <string_view>
 #include <tuple>
 #include <type_traits>
 
+#include "gpu_kernel_info.h"
 #include "kd_args.h"
 
 namespace fastkd {
 namespace {
 
-constexpr int kMaxThreads = 512;
+// Block sizes the launcher chooses from (the smallest whose chunk covers the row), recorded in
+// the library for the static occupancy report. The largest is the kernel's __launch_bounds__;
+// all are multiples of 32 (block_reduce needs whole warps).
+#define FASTKD_KD_THREADS 64, 128, 256, 512
+constexpr int kBlockThreads[] = {FASTKD_KD_THREADS};
+// Reads and writes each row's student, teacher and gradient once, its label and its loss.
+FASTKD_GPU_KERNEL_INFO(kd_forward_kernel, "V*(2*$0+$1)+$2+8", FASTKD_KD_THREADS);
+// The same for one teacher; an ensemble of M teachers reads M teacher rows (V*(2*$0+M*$1)+$2+8),
+// which a formula in V and the template arguments cannot say.
+FASTKD_GPU_KERNEL_INFO(kd_div_kernel, "V*(2*$0+$1)+$2+8", FASTKD_KD_THREADS);
+constexpr int kMaxThreads = kBlockThreads[std::size(kBlockThreads) - 1];
+static_assert(valid_block_table(kBlockThreads), "kBlockThreads must be increasing multiples of 32");
 constexpr int kMaxWarps = kMaxThreads / 32;
 // Elements of each input a thread holds per chunk: kElems<VEC> / VEC loads of VEC elements.
 // Scalar loads take fewer, to stay within the 128 registers that kMaxThreads threads allow.
@@ -737,10 +750,7 @@ void launch(const at::Tensor& student, const at::Tensor& teacher, const int64_t*
   // Vector loads need every row to start on a vector boundary in all three arrays.
   const bool vec = vocab % kVec == 0 && aligned(s, kVec * sizeof(S)) && aligned(t, kVec * sizeof(T)) &&
                    (grad == nullptr || aligned(grad, kVec * sizeof(S)));
-  // Smallest power-of-two block (at least two warps) whose chunk covers the row, up to kMaxThreads.
-  const int64_t elems = vec ? kElems<kVec> : kElems<1>;
-  int threads = 64;
-  while (threads < kMaxThreads && threads * elems < vocab) threads *= 2;
+  const int threads = block_for_row(kBlockThreads, vocab, vec ? kElems<kVec> : kElems<1>);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned int>(n_rows));
   acc_t* loss = row_loss.mutable_data_ptr<acc_t>();
@@ -765,9 +775,7 @@ void launch_div(const at::Tensor& student, const at::Tensor& teacher, const int6
   // aligned bases give that (the teacher stride N V is then a multiple of 4 too).
   const bool vec = vocab % kVec == 0 && aligned(s, kVec * sizeof(S)) && aligned(t, kVec * sizeof(T)) &&
                    (grad == nullptr || aligned(grad, kVec * sizeof(S)));
-  const int64_t elems = vec ? kElems<kVec> : kElems<1>;
-  int threads = 64;
-  while (threads < kMaxThreads && threads * elems < vocab) threads *= 2;
+  const int threads = block_for_row(kBlockThreads, vocab, vec ? kElems<kVec> : kElems<1>);
   const size_t smem = p.mix ? 2 * static_cast<size_t>(p.n_teachers) * sizeof(acc_t) : 0;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned int>(n_rows));

@@ -30,10 +30,46 @@
 #include <tuple>
 #include <type_traits>
 
+#include "gpu_kernel_info.h"
+
 namespace fastkd {
 namespace {
 
-constexpr int kThreads = 256;
+// Every kernel here runs blocks of this many threads (a multiple of 32: block_sum and the warp
+// per row need whole warps).
+#define FASTKD_RELATIONAL_THREADS 256
+constexpr int kThreads = FASTKD_RELATIONAL_THREADS;
+static_assert(kThreads % 32 == 0 && kThreads <= 1024, "whole warps, at most 1024 threads");
+
+// Bytes per row for the static report. A row is a row of a B x B matrix, so V means B here, and
+// $0 is the compute type (pair_sq_dist_kernel: $0 the Gram matrix, $2 the output). Every B x B
+// row or column a block reads or writes counts once, re-reads within the block not again; vectors
+// that every row reads (the Gram matrices' diagonals, the row sums) stay in L2 and are not counted.
+// pair_sq_dist_kernel: G's upper triangle along row and column i, out's row (the rare fallback
+// that recomputes a distance from two rows of x reads 2 D entries more).
+FASTKD_GPU_KERNEL_INFO(pair_sq_dist_kernel, "V*($0+$2)", FASTKD_RELATIONAL_THREADS);
+// ds and dt rows in, two sums out.
+FASTKD_GPU_KERNEL_INFO(rkd_distance_sums_kernel, "V*2*$0+2*$0", FASTKD_RELATIONAL_THREADS);
+// PASS 2 (with a gradient): ds and dt rows in, ds's row rewritten; PASS 1 moves V*2*$0+2*$0.
+FASTKD_GPU_KERNEL_INFO(rkd_distance_rows_kernel, "V*3*$0", FASTKD_RELATIONAL_THREADS);
+// hs and ht rows i in, S, T and corr rows out (and B/8 loss parts); the triplet loop's rows j
+// (2 B^2 entries per vertex i, from L2: the kernel is bound by its B^3 arithmetic) are not affine
+// in B.
+FASTKD_GPU_KERNEL_INFO(angle_rows_kernel, "V*5*$0", FASTKD_RELATIONAL_THREADS);
+// A row j of P: hs and ht entries (j, k) in, P's row out; the staged vertex quantities are read
+// again for every tile, from L2.
+FASTKD_GPU_KERNEL_INFO(angle_pairs_kernel, "V*3*$0", FASTKD_RELATIONAL_THREADS);
+// P, S, T rows and S, corr columns in, P's row rewritten.
+FASTKD_GPU_KERNEL_INFO(angle_assemble_kernel, "V*6*$0", FASTKD_RELATIONAL_THREADS);
+// Gs and Gt rows in (re-read from L1/L2 by the later passes), dG's row over Gt's, the loss.
+FASTKD_GPU_KERNEL_INFO(sp_rows_kernel, "V*3*$0+$0", FASTKD_RELATIONAL_THREADS);
+// A row and a column in, a row out.
+FASTKD_GPU_KERNEL_INFO(symmetrise_kernel, "V*3*$0", FASTKD_RELATIONAL_THREADS);
+// Gs and Gt rows in, dK's row and the loss out.
+FASTKD_GPU_KERNEL_INFO(pkt_rows_kernel, "V*3*$0+$0", FASTKD_RELATIONAL_THREADS);
+// Gs's row, dK's row and column in, M's row out.
+FASTKD_GPU_KERNEL_INFO(pkt_grad_kernel, "V*4*$0", FASTKD_RELATIONAL_THREADS);
+
 constexpr double kPdistEps = 1e-12;  // torchdistill's clamp of squared distances
 constexpr double kNormEps = 1e-12;   // F.normalize's eps
 
@@ -319,6 +355,8 @@ __global__ void angle_rows_kernel(const C* __restrict__ hs, const C* __restrict_
 
 constexpr int kTile = 32;     // angle_pairs_kernel: a 32×32 (j, k) tile per block
 constexpr int kVertices = 8;  // vertices i staged per step
+// Its thread mapping (16×16 threads of 2×2 entries; one staged entry a thread) is for this block.
+static_assert(kThreads == kVertices * kTile && kThreads * 4 == kTile * kTile, "angle_pairs_kernel assumes 256 threads");
 
 // Grid (ceil(n/32), ceil(n/32)), 256 threads, each a 2×2 sub-tile. P[j, k] = Σ_i H^i_jk p_j q_k.
 template <typename C>

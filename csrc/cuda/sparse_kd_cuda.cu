@@ -50,16 +50,30 @@
 
 #include <cmath>
 #include <cstdint>
+#include <iterator>
 #include <limits>
 #include <optional>
 #include <string_view>
 #include <tuple>
 #include <type_traits>
 
+#include "gpu_kernel_info.h"
+
 namespace fastkd {
 namespace {
 
-constexpr int kMaxThreads = 512;
+// Block sizes the launcher chooses from (the smallest whose chunk covers the row), recorded in
+// the library for the static occupancy report. The largest is the kernel's __launch_bounds__;
+// all are multiples of 32 (the block reductions need whole warps).
+#define FASTKD_SPARSE_KD_THREADS 64, 128, 256, 512
+constexpr int kBlockThreads[] = {FASTKD_SPARSE_KD_THREADS};
+// Reads the student row and writes its gradient; reads the label and the broken flag, writes the
+// loss (4 bytes: the accumulation type, 8 for a float64 student, is no template argument). The
+// k teacher values and k indices, k * (sizeof value + sizeof index) bytes, come on top: k is a
+// run-time size, not V.
+FASTKD_GPU_KERNEL_INFO(sparse_kd_forward_kernel, "V*2*$0+8+1+4", FASTKD_SPARSE_KD_THREADS);
+constexpr int kMaxThreads = kBlockThreads[std::size(kBlockThreads) - 1];
+static_assert(valid_block_table(kBlockThreads), "kBlockThreads must be increasing multiples of 32");
 constexpr int kMaxWarps = kMaxThreads / 32;
 // Elements a thread holds per chunk: kElems / VEC loads of VEC elements.
 template <int VEC, typename S>
@@ -501,10 +515,7 @@ void launch(const at::Tensor& student, const int64_t* labels, at::Tensor& row_lo
   const S* s = student.const_data_ptr<S>();
   // Vector loads need every row to start on a vector boundary in the student and the gradient.
   const bool vec = vocab % kVec == 0 && aligned(s, kVec * sizeof(S)) && (grad == nullptr || aligned(grad, kVec * sizeof(S)));
-  // Smallest power-of-two block (at least two warps) whose chunk covers the row, up to kMaxThreads.
-  const int64_t elems = vec ? kElems<kVec, S> : kElems<1, S>;
-  int threads = 64;
-  while (threads < kMaxThreads && threads * elems < vocab) threads *= 2;
+  const int threads = block_for_row(kBlockThreads, vocab, vec ? kElems<kVec, S> : kElems<1, S>);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned int>(n_rows));
   acc_t* loss = row_loss.mutable_data_ptr<acc_t>();

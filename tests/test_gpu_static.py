@@ -1,0 +1,278 @@
+"""GPU readiness without a GPU (fastkd/gpu_static.py).
+
+Every Triton launch the launchers can make (``static_launches()`` of each ``kernels/<family>.py``)
+must compile for sm_80 and sm_90 with no register spill, and so must every CUDA kernel in the
+compiled extension; the checker itself must catch a spill and a compile error. Nothing here needs a
+GPU or the network. The first run compiles a few hundred kernels (minutes on 2 cores); later runs
+read them from ``.gpu-static-cache/`` (``make clean`` removes it).
+"""
+
+import dataclasses
+import inspect
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="Triton is not installed: there are no Triton kernels to compile")
+import triton.language as tl  # noqa: E402
+
+from fastkd import gpu_static  # noqa: E402
+from fastkd.kernels import kd as kd_kernels  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def report():
+    return gpu_static.collect()
+
+
+@pytest.fixture(scope="module")
+def found(report):
+    return gpu_static.problems(report)
+
+
+def _listing(items, limit=25):
+    shown = "\n  ".join(items[:limit])
+    return f"\n  {shown}" + (f"\n  ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
+# ----------------------------------------------------------------------------------------------
+# The real kernels
+# ----------------------------------------------------------------------------------------------
+
+
+def test_every_triton_launch_compiles_for_sm80_and_sm90(report, found):
+    assert not found["compile"], "GPU kernels that do not compile:" + _listing(found["compile"])
+    launches = report["triton_kernels"]["launches"]
+    archs = {}
+    for r in launches:
+        archs.setdefault((r["module"], r["label"], r["variant"]), set()).add(r["arch"])
+    missing = [f"{k}: {sorted(set(gpu_static.ARCHS) - a)}" for k, a in archs.items() if a != set(gpu_static.ARCHS)]
+    assert not missing, "launches not compiled for every architecture:" + _listing(missing)
+    # The kd family is found by discovery, with every launch its static_launches() lists.
+    kd = {(r["label"], r["variant"]) for r in launches if r["module"] == "fastkd.kernels.kd"}
+    assert kd == {(l.label, l.variant) for l in kd_kernels.static_launches()}
+
+
+def test_no_register_spills(found):
+    assert not found["spill"], "kernels that spill registers to local memory:" + _listing(found["spill"])
+
+
+def test_every_block_fits_on_an_sm(found):
+    assert not found["launch"], "launches that could not start on the GPU:" + _listing(found["launch"])
+
+
+def test_kernels_follow_the_conventions(found):
+    assert not found["convention"], "see kernels/__init__.py and csrc/cuda/gpu_kernel_info.h:" + _listing(found["convention"])
+
+
+def test_cuda_kernels_of_the_extension(report):
+    ck = report["cuda_kernels"]
+    if not ck["built_with_cuda"]:
+        pytest.skip("the extension was built without CUDA (FASTKD_NO_CUDA=1 or no nvcc)")
+    kernels = {k["name"]: k for k in ck["kernels"]}
+    assert kernels, f"no CUDA kernels found in {ck['path']}"
+    for name, k in kernels.items():
+        assert sorted(k["arch"]) == [str(a) for a in gpu_static.ARCHS], f"{name}: compiled for {sorted(k['arch'])}"
+        assert k.get("threads"), f"{name}: no block sizes declared"
+    # The kd kernel, one instantiation per (student, teacher) dtype pair and load width, moves as
+    # many bytes per row as the Triton kernel with labels and a gradient.
+    kd = kernels["kd_forward_kernel<fp32, fp32, fp32, 4>"]
+    assert kd["threads"] == [64, 128, 256, 512]
+    richest_fp32 = [l for l in kd_kernels.static_launches() if _richest(l) and l.label.startswith("fp32 ·")]
+    assert kd["row_bytes"] == list(richest_fp32[0].row_bytes) == [12, 12]
+    assert kernels["kd_forward_kernel<bf16, fp32, fp32, 1>"]["row_bytes"] == [8, 12]
+    assert len([n for n in kernels if n.startswith("kd_forward_kernel<")]) == 4 * 4 * 2
+
+
+def _richest(launch):
+    return all(launch.args[k] == v for k, v in kd_kernels.RICHEST_SWITCHES.items())
+
+
+def test_report_renders(report):
+    text = gpu_static.render_markdown(report)
+    assert text.startswith("## GPU kernels, statically")
+    assert "**No problems:**" in text
+    assert "| `_kd_forward_kernel` | fp32 · BLOCK_V=4096 · 8 warps | 16 | 256 |" in text
+    assert "12·V + 12" in text
+    if report["cuda_kernels"]["built_with_cuda"]:
+        assert "| `kd_forward_kernel<fp32, fp32, fp32, 4>` |" in text and "512: " in text
+
+
+# ----------------------------------------------------------------------------------------------
+# The checker itself
+# ----------------------------------------------------------------------------------------------
+
+
+def deliberate_failures():
+    """Launches the checker must flag; fastkd.gpu_static imports this in its own process.
+
+    Neither is a configuration the launcher uses: the kd kernel at BLOCK_V=4096 with 1 warp (128
+    elements of each input per thread) runs out of registers and spills; BLOCK_V=3000 is refused by
+    tl.arange (not a power of two).
+    """
+    base = next(
+        l for l in kd_kernels.static_launches()
+        if _richest(l) and l.label == "fp32 · BLOCK_V=4096 · 8 warps"
+    )
+    return [
+        dataclasses.replace(base, num_warps=1, label="spill demo: BLOCK_V=4096 at 1 warp"),
+        dataclasses.replace(base, args={**base.args, "BLOCK_V": 3000}, label="error demo: BLOCK_V=3000"),
+    ]
+
+
+def test_checker_flags_a_spill_and_a_compile_error(report):
+    used = {(r["label"], r["num_warps"]) for r in report["triton_kernels"]["launches"]}
+    assert not any(num_warps == 1 and "BLOCK_V=4096" in label for label, num_warps in used)
+
+    demo = gpu_static.collect(select=f"{__name__}:deliberate_failures", pythonpath=[str(Path(__file__).parent)], cuda=False)
+    found = gpu_static.problems(demo)
+    for arch in gpu_static.ARCHS:
+        spills = [p for p in found["spill"] if "spill demo" in p and f"sm_{arch}:" in p]
+        assert len(spills) == 1, found
+        assert "255 registers" in spills[0] and "STACK 0 B" not in spills[0], spills[0]
+        errors = [p for p in found["compile"] if "error demo" in p and f"sm_{arch}:" in p]
+        assert len(errors) == 1 and "power of 2" in errors[0], found["compile"]
+    assert not found["launch"] and not found["convention"]
+
+
+_CACHE_DEMO = """
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _scale_kernel(p, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(p + offs, tl.load(p + offs, mask=offs < n) * FACTOR, mask=offs < n)
+
+
+def launches():
+    from fastkd.kernels import StaticLaunch
+
+    return [StaticLaunch(_scale_kernel, dict(p=torch.float32, n=100, BLOCK=128), 4, "cache demo")]
+"""
+
+
+def test_cache_follows_the_kernel_source(tmp_path):
+    """A cached result must never outlive a change to its kernel (a stale entry could hide a
+    spill), while moving the kernel down its file recompiles nothing."""
+    (tmp_path / "mods").mkdir()
+    module = tmp_path / "mods" / "gpu_static_cache_demo.py"
+
+    def run(source):
+        module.write_text(source)
+        return gpu_static.collect(
+            select="gpu_static_cache_demo:launches", pythonpath=[str(tmp_path / "mods")], cuda=False,
+            cache_dir=tmp_path / "cache", archs=(90,),
+        )["triton_kernels"]
+
+    first = run(_CACHE_DEMO.replace("FACTOR", "2"))
+    assert (first["compiled"], first["cached"]) == (1, 0), first
+    moved = run("# one more line above the kernel\n" + _CACHE_DEMO.replace("FACTOR", "2"))
+    assert (moved["compiled"], moved["cached"]) == (0, 1), moved
+    changed = run(_CACHE_DEMO.replace("FACTOR", "3"))
+    assert (changed["compiled"], changed["cached"]) == (1, 0), changed
+    assert "error" not in changed["launches"][0], changed["launches"][0]
+
+
+def test_occupancy_rules():
+    occ = gpu_static.occupancy
+    # 32 registers: 1024 per warp, 16 warps per sub-partition -> 64 warps: full.
+    assert occ(80, 32, 256) == {"blocks": 8, "warps": 64, "occupancy": 1.0, "limiter": "warps"}
+    # 33 registers: 1056 per warp, rounded up to 1280 -> 12 warps per sub-partition, 48 per SM,
+    # 6 blocks of 8 warps: the allocation granularity costs a quarter of the SM.
+    assert occ(90, 33, 256) == {"blocks": 6, "warps": 48, "occupancy": 0.75, "limiter": "registers"}
+    # 128 registers at 512 threads: 4096 per warp, 4 per sub-partition -> 16 warps: one block.
+    assert occ(80, 128, 512)["blocks"] == 1 and occ(80, 128, 512)["occupancy"] == 0.25
+    # One-warp blocks stop at 32 blocks per SM.
+    assert occ(80, 16, 32) == {"blocks": 32, "warps": 32, "occupancy": 0.5, "limiter": "blocks"}
+    # Shared memory: 48 KiB + the 1 KiB reservation per block -> 3 blocks in 164 KiB, 4 in 228 KiB.
+    assert occ(80, 32, 128, 48 * 1024)["blocks"] == 3 and occ(80, 32, 128, 48 * 1024)["limiter"] == "shared memory"
+    assert occ(90, 32, 128, 48 * 1024)["blocks"] == 4
+    # Blocks that cannot start at all.
+    assert occ(80, 255, 1024)["blocks"] == 0  # 8192 registers per warp x 32 warps > 65536
+    assert occ(80, 32, 2048)["blocks"] == 0
+    assert occ(90, 32, 128, 228 * 1024)["blocks"] == 0
+    with pytest.raises(ValueError, match="threads per block"):
+        occ(80, 32, 0)
+
+
+def test_resource_usage_parsing():
+    text = """
+Fatbin elf code:
+================
+arch = sm_80
+identifier = kd_cuda.cu
+
+Resource usage:
+ Common:
+  GLOBAL:28 CONSTANT[4]:224
+ Function _Z1kPf:
+  REG:60 STACK:16 SHARED:816 LOCAL:8 CONSTANT[2]:168 CONSTANT[0]:464 TEXTURE:0 SURFACE:0 SAMPLER:0
+
+Fatbin elf code:
+================
+arch = sm_90
+
+Resource usage:
+ Function _Z1kPf:
+  REG:64 STACK:0 SHARED:1840 LOCAL:0 CONSTANT[0]:464 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+    assert gpu_static.parse_resource_usage(text) == [
+        {"arch": 80, "function": "_Z1kPf", "regs": 60, "stack": 16, "shared": 816, "local": 8},
+        {"arch": 90, "function": "_Z1kPf", "regs": 64, "stack": 0, "shared": 1840, "local": 0},
+    ]
+
+
+def test_row_bytes_formula():
+    assert gpu_static._eval_row_bytes("V*(2*$0+$1)+$2+8", [4, 2, 4, None]) == (10, 12)
+    assert gpu_static._eval_row_bytes("V*$0", [2]) == (2, 0)
+    assert gpu_static._eval_row_bytes("V*V", []) is None  # not affine in V
+    assert gpu_static._eval_row_bytes("V*$3", [4]) is None  # no such template argument
+    assert gpu_static._eval_row_bytes("__import__('os')", []) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# kd: the launcher chooses only what static_launches() lists
+# ----------------------------------------------------------------------------------------------
+
+
+def test_kd_launcher_uses_only_listed_configurations(monkeypatch):
+    """Records what kd_forward passes to the kernel for every input that selects a configuration,
+    and checks that each launch is one static_launches() compiles."""
+    listed = kd_kernels.static_launches()
+    kernel = kd_kernels._kd_forward_kernel
+    constexprs = {n for n, p in inspect.signature(kernel.fn).parameters.items() if p.annotation is tl.constexpr}
+    listed_switches = [{k: l.args[k] for k in constexprs - {"BLOCK_V"}} for l in listed]
+    listed_shapes = {(l.args["BLOCK_V"], l.num_warps) for l in listed}
+    launches = []
+
+    class Recorder:
+        def __init__(self, launched):
+            assert launched is kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(kwargs)
+
+    monkeypatch.setattr(torch.library, "wrap_triton", Recorder)
+    inputs = kd_kernels.SWITCH_INPUTS
+    for values in itertools.product(*inputs.values()):
+        call = dict(zip(inputs, values))
+        if call["hard_weight"] > 0 and not call["has_labels"]:
+            continue  # refused by kd_loss's validation before any launch
+        s = torch.zeros(3, 7)
+        labels = torch.zeros(3, dtype=torch.int64) if call["has_labels"] else None
+        kd_kernels.kd_forward(s, s, labels, "kl", call["temperature"], call["hard_weight"], -100, call["reduction"], True, call["compute_grad"])
+        got = launches.pop()
+        assert constexprs <= set(got), f"kd_forward passed the constexprs {sorted(constexprs & set(got))} by name, not all of {sorted(constexprs)}"
+        sw = {k: got[k] for k in constexprs - {"BLOCK_V"}}
+        assert sw in listed_switches, f"kd_forward launched switches {sw} that static_launches() does not compile"
+        assert (got["BLOCK_V"], got["num_warps"]) == kd_kernels.launch_shape(7, on_gpu=False)
+    # Every row length a GPU launch can get maps to a compiled (BLOCK_V, num_warps).
+    for v in [*range(1, 5000), 32000, 50257, 131072, 2**31 - 1]:
+        assert kd_kernels.launch_shape(v) in listed_shapes, v

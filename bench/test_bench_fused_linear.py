@@ -79,8 +79,9 @@ common.register(
             ("fastkd-cpu", "peak_ratio_eager", ">=", 10.0, "≥ 10× less peak extra memory than the eager composite"),
             ("fastkd-cpu", "time_ratio_eager", "<=", 0.9, "≤ 0.9 × the eager composite's time"),
         )),
-        # The composite would need ~28 GB here: the fused op alone.
-        Case("fused_linear_kd", 32768, 32000, "fp32", only=("fastkd-cpu", "fastkd-triton", "fastkd-cuda")),
+        # N=32768 (where the composite would need ~28 GB) is left out of the full run: at ~80 s
+        # per fused fwd+bwd on 2 cores it alone would take a quarter of an hour; the peak memory
+        # of the case above already shows that no [N, V] tensor is held.
     ],
     quick=[Case("fused_linear_kd", 64, 1000, "fp32", params=(("temperature", 2.0), ("H", 64)), headline=True)],
 )

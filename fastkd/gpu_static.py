@@ -256,10 +256,16 @@ def discover_triton() -> Tuple[List[Tuple[str, Any]], List[List[str]]]:
         if not listed:
             problems.append(["convention", f"{_module_file(module)}: static_launches() returned no launches"])
         launched = {l.kernel.fn.__name__ for l in listed}
-        sources = [l.kernel.src for l in listed]
+        # What the launched kernels reach through calls, helpers of helpers included.
+        reached, frontier = set(launched), [l.kernel.src for l in listed]
+        while frontier:
+            src = frontier.pop()
+            for fname, fn in jitted.items():
+                if fname not in reached and re.search(rf"\b{re.escape(fname)}\s*\(", src):
+                    reached.add(fname)
+                    frontier.append(fn.src)
         for fname in sorted(jitted):
-            called = any(re.search(rf"\b{re.escape(fname)}\s*\(", src) for src in sources)
-            if fname not in launched and not called:
+            if fname not in reached:
                 problems.append([
                     "convention",
                     f"{_module_file(module)}: @triton.jit function {fname} is neither in static_launches() "

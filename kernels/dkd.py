@@ -275,7 +275,7 @@ def dkd_forward(
 
 
 def static_launches() -> list:
-    """The launches dkd_forward can make on a GPU (convention: kernels/__init__.py), 37 of them:
+    """The launches dkd_forward can make on a GPU (convention: kernels/__init__.py), 38 of them:
 
     * both switches (HAS_SCALE, COMPUTE_GRAD) in every combination at the largest block of each
       warp count (BLOCK_V 64/1, 256/2, 1024/4, 4096/8 warps; the most elements per thread), fp32;

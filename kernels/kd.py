@@ -94,8 +94,13 @@ SWITCH_INPUTS = dict(
 
 
 def m_pad_for(n_teachers: int) -> int:
-    """_kd_div_kernel's M_PAD: the teachers' [M_PAD] register vectors, a power of two >= 2."""
-    return max(2, triton.next_power_of_2(n_teachers))
+    """_kd_div_kernel's M_PAD: the teachers' [M_PAD] register vectors, a power of two >= 2.
+
+    8 is skipped (5 to 16 teachers take 16): at M_PAD 8, BLOCK_V 2048, 8 warps, ptxas for sm_80
+    puts 16 bytes on the stack (the static check's spill rule), at 16 it does not; the vectors
+    are tiny either way."""
+    m_pad = max(2, triton.next_power_of_2(n_teachers))
+    return 16 if m_pad == 8 else m_pad
 
 
 # DIVERGENCE codes of _kd_div_kernel (kl comes here only for an ensemble).
@@ -277,12 +282,14 @@ def _mixture_log2(t_row, offs, mask, teacher_stride, x_scale, M, r_vec, c_vec, m
     NEG_INF: tl.constexpr = float("-inf")
     best = tl.full((BLOCK_V,), NEG_INF, tl.float32)
     acc = tl.zeros((BLOCK_V,), tl.float32)
-    tm_row = t_row  # teacher m's row: advanced by the (int64 when large) stride, never m * stride in int32
+    # Teacher m's row at m * stride, in int64 (it passes 2^31 on large batches). Computed from m
+    # rather than by advancing a pointer through the loop: the pointer kept across the loop cost
+    # 8 bytes of stack on sm_80/sm_90 (the static check's spill rule).
+    stride = tl.zeros((), tl.int64) + teacher_stride
     for m in range(M):
         r_m = tl.sum(tl.where(midx == m, r_vec, 0.0), axis=0)
         c_m = tl.sum(tl.where(midx == m, c_vec, 0.0), axis=0)
-        tm = tl.load(tm_row + offs, mask=mask, other=NEG_INF).to(tl.float32)
-        tm_row += teacher_stride
+        tm = tl.load(t_row + m * stride + offs, mask=mask, other=NEG_INF).to(tl.float32)
         v = c_m + (tm - r_m) * x_scale
         new = tl.maximum(best, v)
         ref = tl.where(new == NEG_INF, 0.0, new)
@@ -395,8 +402,9 @@ def _kd_div_kernel(
                 sum_t = sum_t * tl.exp2((m_t - r_t) * x_scale) + tl.sum(tl.exp2((t - r_t) * x_scale), axis=0)
                 m_t = new_m_t
         if MIX:
-            tm_row = t_row
+            stride = tl.zeros((), tl.int64) + teacher_stride  # as in _mixture_log2
             for m in range(M):
+                tm_row = t_row + m * stride
                 mx = tl.full((), NEG_INF, tl.float32)
                 sm = tl.zeros((), tl.float32)
                 for start in range(0, V, BLOCK_V):
@@ -412,7 +420,6 @@ def _kd_div_kernel(
                     lw = log2_uniform
                 r_vec = tl.where(midx == m, tl.where(mx == NEG_INF, 0.0, mx), r_vec)
                 c_vec = tl.where(midx == m, lw - tl.log2(sm), c_vec)
-                tm_row += teacher_stride
 
     r_s = tl.where(m_s == NEG_INF, 0.0, m_s)
     r_t = tl.where(m_t == NEG_INF, 0.0, m_t)
@@ -639,12 +646,13 @@ def static_launches() -> list:
       that is not a multiple of 16 (fp32: Triton cannot then vectorise the loads);
     * fp32 student with a bf16 teacher and the reverse, richest combination, BLOCK_V 4096.
 
-    ``_kd_div_kernel`` (the other divergences, and ensembles), 47 launches:
+    ``_kd_div_kernel`` (the other divergences, and ensembles), 59 launches:
 
     * every divergence, one teacher and an ensemble of 4 with weights (M_PAD 4), richest
       combination, BLOCK_V 1024/4 warps and 2048/8 warps (the two largest, equally loaded per
-      thread), fp32; the same at 2048 for bf16, one teacher;
-    * jsd at 2048, fp32: every other switch combination, and ensembles with M_PAD 2 and 8
+      thread), fp32; the same at 2048 for bf16, one teacher; every divergence, one teacher, at
+      the largest block of the smaller warp counts (BLOCK_V 64/1, 256/2);
+    * jsd at 2048, fp32: every other switch combination, and ensembles with M_PAD 2 and 16
       (uniform weights).
 
     Not compiled: the smaller blocks below the largest of each warp count except as listed
@@ -725,6 +733,9 @@ def static_launches() -> list:
         )
 
     for code in names:
+        for shape in largest[:-2]:
+            extra, tag = div_extra(code, False)
+            out.append(launch(div, f32, f32, shape, RICHEST_SWITCHES, shape[0], extra, tag))
         for shape in top:
             for mix, m_pad, weights in ((False, 2, False), (True, 4, True)):
                 extra, tag = div_extra(code, mix, m_pad, weights)
@@ -736,7 +747,7 @@ def static_launches() -> list:
         if combo != RICHEST_SWITCHES:
             extra, tag = div_extra(jsd, False)
             out.append(launch(div, f32, f32, top[-1], combo, top[-1][0], extra, tag))
-    for m_pad in (2, 8):
+    for m_pad in (2, 16):
         extra, tag = div_extra(jsd, True, m_pad)
         out.append(launch(div, f32, f32, top[-1], RICHEST_SWITCHES, top[-1][0], extra, tag))
     return out

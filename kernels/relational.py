@@ -46,16 +46,24 @@ ROW_BLOCK_MAX_INTERPRETER = 8
 # RKD angle tiles: rows j × columns k per program.
 ANGLE_TILE_GPU = (32, 64)
 ANGLE_TILE_INTERPRETER = (8, 8)
-# Feature chunk of the exact recomputation of near-zero distances.
-FEATURE_BLOCK_GPU = 32
+# Feature chunk of the exact recomputation of near-zero distances: its [ROW_BLOCK, BLOCK_D]
+# tile holds at most 16 values a thread on a GPU (32 columns at a 1024-row block held 128 a
+# thread and spilled 2-4 KB of stack on sm_80/sm_90).
+FEATURE_BLOCK_MAX_GPU = 32
 FEATURE_BLOCK_INTERPRETER = 4
+
+
+def feature_block(row_block: int, warps: int) -> int:
+    return max(1, min(FEATURE_BLOCK_MAX_GPU, 16 * 32 * warps // row_block))
 
 
 def _row_warps(block: int) -> int:
     return 8 if block >= 1024 else 4 if block >= 256 else 2 if block >= 64 else 1
 
 
-ANGLE_WARPS = 4
+# 8 warps: at 4 the pair kernel's [32, 64] tiles (the accumulator and both h_jk, held across
+# its loop over vertices) took 255 registers a thread and spilled.
+ANGLE_WARPS = 8
 
 
 def launch_config(n: int, device: torch.device) -> dict:
@@ -69,7 +77,7 @@ def launch_config(n: int, device: torch.device) -> dict:
         "BLOCK_J": bj,
         "BLOCK_K": bk,
         "angle_warps": ANGLE_WARPS,
-        "BLOCK_D": FEATURE_BLOCK_GPU if gpu else FEATURE_BLOCK_INTERPRETER,
+        "BLOCK_D": feature_block(row, _row_warps(row)) if gpu else FEATURE_BLOCK_INTERPRETER,
     }
 
 
@@ -100,7 +108,7 @@ def static_launches() -> list:
     for block, warps in largest_per_warp_count(_row_shapes()):
         label = f"BLOCK={block} · {warps} warp{'s' if warps > 1 else ''}"
         add(_pair_sq_dist_kernel, dict(gram_ptr=f32, x_ptr=f32, out_ptr=f32, n=n, d=d, tau=1e-3, scale=0.5,
-                                       BLOCK=block, BLOCK_D=FEATURE_BLOCK_GPU), warps, label, "fp32 Gram", (8, 0))
+                                       BLOCK=block, BLOCK_D=feature_block(block, warps)), warps, label, "fp32 Gram", (8, 0))
         add(_rkd_distance_sums_kernel, dict(ds_ptr=f32, dt_ptr=f32, sums_ptr=f32, n=n, BLOCK=block), warps, label, "", (8, 8))
         for pass_ in (1, 2):
             add(_rkd_distance_rows_kernel, dict(ds_ptr=f32, dt_ptr=f32, sums_ptr=f32, loss_ptr=f32, c_ptr=f32, n=n,
@@ -118,7 +126,7 @@ def static_launches() -> list:
     block, warps = _row_shapes()[-1]
     label = f"BLOCK={block} · {warps} warps"
     add(_pair_sq_dist_kernel, dict(gram_ptr=torch.float64, x_ptr=torch.bfloat16, out_ptr=f32, n=n, d=d, tau=1e-3,
-                                   scale=0.5, BLOCK=block, BLOCK_D=FEATURE_BLOCK_GPU), warps, label, "fp64 Gram, bf16 rows", (12, 0))
+                                   scale=0.5, BLOCK=block, BLOCK_D=feature_block(block, warps)), warps, label, "fp64 Gram, bf16 rows", (12, 0))
     bj, bk = ANGLE_TILE_GPU
     label = f"BLOCK_J={bj} · BLOCK_K={bk} · {ANGLE_WARPS} warps"
     add(_angle_rows_kernel, dict(hs_ptr=f32, ht_ptr=f32, s_ptr=f32, t_ptr=f32, corr_ptr=f32, loss_ptr=f32, n=n, n_jb=129,
@@ -345,7 +353,9 @@ def _angle_rows_kernel(
     hs_ij = tl.load(hs_ptr + i * n + j, mask=mj, other=0.0)
     ht_ij = tl.load(ht_ptr + i * n + j, mask=mj, other=0.0)
     ps_j, qs_j = _inv_norms(hs_ij)
-    _, qt_j = _inv_norms(ht_ij)
+    # Distinct names for the unused halves: a name assigned before the loop and again inside it
+    # is loop-carried for the GPU compiler, which refuses its change of shape ([J] to [K]).
+    pt_j, qt_j = _inv_norms(ht_ij)
     sig = tl.zeros((BLOCK_J,), tl.float32)
     tau = tl.zeros((BLOCK_J,), tl.float32)
     cc = tl.zeros((BLOCK_J,), tl.float32)
@@ -356,7 +366,7 @@ def _angle_rows_kernel(
         hs_ik = tl.load(hs_ptr + i * n + k, mask=mk, other=0.0)
         ht_ik = tl.load(ht_ptr + i * n + k, mask=mk, other=0.0)
         ps_k, qs_k = _inv_norms(hs_ik)
-        _, qt_k = _inv_norms(ht_ik)
+        pt_k, qt_k = _inv_norms(ht_ik)
         m2 = mj[:, None] & mk[None, :]
         hs_jk = tl.load(hs_ptr + j[:, None] * n + k[None, :], mask=m2, other=0.0)
         ht_jk = tl.load(ht_ptr + j[:, None] * n + k[None, :], mask=m2, other=0.0)

@@ -243,36 +243,62 @@ def test_row_bytes_formula():
 
 
 def test_kd_launcher_uses_only_listed_configurations(monkeypatch):
-    """Records what kd_forward passes to the kernel for every input that selects a configuration,
-    and checks that each launch is one static_launches() compiles."""
+    """Records what kd_forward passes to each kernel for every input that selects a configuration
+    (the switches, every divergence, one teacher or an ensemble), and checks that each launch's
+    constexprs are a combination static_launches() compiles for that kernel."""
     listed = kd_kernels.static_launches()
-    kernel = kd_kernels._kd_forward_kernel
-    constexprs = {n for n, p in inspect.signature(kernel.fn).parameters.items() if p.annotation is tl.constexpr}
-    listed_switches = [{k: l.args[k] for k in constexprs - {"BLOCK_V"}} for l in listed]
-    listed_shapes = {(l.args["BLOCK_V"], l.num_warps) for l in listed}
+    kernels = {k.fn.__name__: k for k in (kd_kernels._kd_forward_kernel, kd_kernels._kd_div_kernel)}
+    constexprs = {
+        name: {n for n, p in inspect.signature(k.fn).parameters.items() if p.annotation is tl.constexpr} for name, k in kernels.items()
+    }
+    compiled = {name: [{c: l.args[c] for c in constexprs[name] - {"BLOCK_V"}} for l in listed if l.kernel is k] for name, k in kernels.items()}
     launches = []
 
     class Recorder:
         def __init__(self, launched):
-            assert launched is kernel
+            self.name = launched.fn.__name__
 
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append(kwargs)
+            return lambda *args, **kwargs: launches.append((self.name, kwargs))
 
     monkeypatch.setattr(torch.library, "wrap_triton", Recorder)
     inputs = kd_kernels.SWITCH_INPUTS
+    seen = set()
     for values in itertools.product(*inputs.values()):
         call = dict(zip(inputs, values))
         if call["hard_weight"] > 0 and not call["has_labels"]:
             continue  # refused by kd_loss's validation before any launch
-        s = torch.zeros(3, 7)
         labels = torch.zeros(3, dtype=torch.int64) if call["has_labels"] else None
-        kd_kernels.kd_forward(s, s, labels, "kl", call["temperature"], call["hard_weight"], -100, call["reduction"], True, call["compute_grad"])
-        got = launches.pop()
-        assert constexprs <= set(got), f"kd_forward passed the constexprs {sorted(constexprs & set(got))} by name, not all of {sorted(constexprs)}"
-        sw = {k: got[k] for k in constexprs - {"BLOCK_V"}}
-        assert sw in listed_switches, f"kd_forward launched switches {sw} that static_launches() does not compile"
-        assert (got["BLOCK_V"], got["num_warps"]) == kd_kernels.launch_shape(7, on_gpu=False)
-    # Every row length a GPU launch can get maps to a compiled (BLOCK_V, num_warps).
-    for v in [*range(1, 5000), 32000, 50257, 131072, 2**31 - 1]:
-        assert kd_kernels.launch_shape(v) in listed_shapes, v
+        # kl with one teacher, jsd with one (every switch combination of the divergence kernel
+        # is compiled for jsd), every divergence with an ensemble of 3 (M_PAD 4) at the richest.
+        for divergence, teachers in (("kl", 1), ("jsd", 1), *((d, 3) for d in kd_kernels.DIVERGENCE_CODES)):
+            richest = call == dict(has_labels=True, hard_weight=0.5, temperature=2.0, reduction="batchmean", compute_grad=True)
+            if teachers > 1 and not richest:
+                continue
+            s = torch.zeros(3, 7)
+            t = torch.zeros(teachers, 3, 7) if teachers > 1 else s
+            w = torch.full((teachers,), 1.0 / teachers) if teachers > 1 else None
+            kd_kernels.kd_forward(s, t, labels, w, divergence, 0.5 if divergence == "jsd" else 0.0, call["temperature"],
+                                  call["hard_weight"], -100, call["reduction"], True, call["compute_grad"])
+            name, got = launches.pop()
+            seen.add(name)
+            assert constexprs[name] <= set(got), f"{name}: constexprs {sorted(constexprs[name] - set(got))} not passed by name"
+            sw = {c: got[c] for c in constexprs[name] - {"BLOCK_V"}}
+            if name == "_kd_div_kernel" and sw["MIX"]:
+                # ensembles are compiled at the richest switches with weights, for every divergence
+                assert sw in compiled[name] or {**sw, "M_PAD": 4} in compiled[name], f"{name}: {sw} not compiled"
+            else:
+                assert sw in compiled[name], f"{name}: kd_forward launched switches {sw} that static_launches() does not compile"
+            assert got["num_warps"] == kd_kernels.num_warps_for(got["BLOCK_V"])
+    assert seen == set(kernels)
+    # Every row length a GPU launch can get maps to a compiled (BLOCK_V, num_warps) of each kernel.
+    for name, k in kernels.items():
+        shapes = {(l.args["BLOCK_V"], l.num_warps) for l in listed if l.kernel is k}
+        for v in [*range(1, 5000), 32000, 50257, 131072, 2**31 - 1]:
+            b = kd_kernels.block_v_for(name, v, "cuda")
+            shape = (b, kd_kernels.num_warps_for(b))
+            # the kl kernel compiles every block; the divergence kernel the largest block of each
+            # warp count, which stands for the smaller ones (its docstring says why)
+            if name == "_kd_div_kernel":
+                shape = max(s for s in kd_kernels._shapes(name)[0] if s[1] == shape[1])
+            assert shape in shapes, (name, v, shape)

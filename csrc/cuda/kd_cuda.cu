@@ -766,13 +766,16 @@ template <typename S, typename T>
 void launch_div(const at::Tensor& student, const at::Tensor& teacher, const int64_t* labels, at::Tensor& row_loss,
                 S* grad, const DivParams<acc_type_t<S, T>>& p) {
   using acc_t = acc_type_t<S, T>;
-  constexpr int kVec = 4;
+  // Double accumulation holds twice the registers per element: with 4-wide loads (8 elements a
+  // thread) the divergence kernel spills at the 128 registers kMaxThreads allows (the static
+  // check, fastkd/gpu_static.py, measured 8-32 bytes of stack), with 2-wide loads it does not.
+  constexpr int kVec = std::is_same_v<acc_t, double> ? 2 : 4;
   const int64_t n_rows = student.size(0);
   const int64_t vocab = p.vocab;
   const S* s = student.const_data_ptr<S>();
   const T* t = teacher.const_data_ptr<T>();
-  // Vector loads need every row of every teacher to start on a vector boundary: V % 4 == 0 and
-  // aligned bases give that (the teacher stride N V is then a multiple of 4 too).
+  // Vector loads need every row of every teacher to start on a vector boundary: V % kVec == 0
+  // and aligned bases give that (the teacher stride N V is then a multiple of kVec too).
   const bool vec = vocab % kVec == 0 && aligned(s, kVec * sizeof(S)) && aligned(t, kVec * sizeof(T)) &&
                    (grad == nullptr || aligned(grad, kVec * sizeof(S)));
   const int threads = block_for_row(kBlockThreads, vocab, vec ? kElems<kVec> : kElems<1>);

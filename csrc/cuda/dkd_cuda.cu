@@ -55,10 +55,13 @@
 #include <tuple>
 #include <type_traits>
 
+#include "cuda_common.cuh"
 #include "gpu_kernel_info.h"
 
 namespace fastkd {
 namespace {
+
+using namespace cuda_common;
 
 // Block sizes the launcher chooses from (the smallest whose chunk covers the row), recorded in
 // the library for the static occupancy report. The largest is the kernel's __launch_bounds__;
@@ -74,42 +77,6 @@ constexpr int kMaxWarps = kMaxThreads / 32;
 template <int VEC>
 constexpr int kElems = VEC == 1 ? 4 : 2 * VEC;
 
-template <typename S, typename T>
-using acc_type_t = std::conditional_t<std::is_same_v<S, double> || std::is_same_v<T, double>, double, float>;
-
-template <typename acc_t>
-struct Consts {
-  static constexpr acc_t kLog2e = acc_t(1.4426950408889634);
-  static constexpr acc_t kLn2 = acc_t(0.6931471805599453);
-};
-
-__device__ __forceinline__ float exp2_(float x) { return exp2f(x); }
-__device__ __forceinline__ double exp2_(double x) { return exp2(x); }
-__device__ __forceinline__ float log2_(float x) { return log2f(x); }
-__device__ __forceinline__ double log2_(double x) { return log2(x); }
-__device__ __forceinline__ float exp_(float x) { return expf(x); }
-__device__ __forceinline__ double exp_(double x) { return exp(x); }
-__device__ __forceinline__ float log1p_(float x) { return log1pf(x); }
-__device__ __forceinline__ double log1p_(double x) { return log1p(x); }
-__device__ __forceinline__ float max_(float a, float b) { return fmaxf(a, b); }
-__device__ __forceinline__ double max_(double a, double b) { return fmax(a, b); }
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t neg_inf() {
-  return -static_cast<acc_t>(INFINITY);
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t quiet_nan() {
-  return static_cast<acc_t>(NAN);
-}
-
-// Reference point for a running maximum: the maximum itself, or 0 while it is still -inf.
-template <typename acc_t>
-__device__ __forceinline__ acc_t ref_of(acc_t m) {
-  return m == neg_inf<acc_t>() ? acc_t(0) : m;
-}
-
 // log(sigmoid(x)) for any x: -inf at -inf; NaN stays NaN (the comparison fails).
 template <typename acc_t>
 __device__ __forceinline__ acc_t log_sigmoid(acc_t x) {
@@ -122,29 +89,6 @@ __device__ __forceinline__ acc_t plogp_ratio(acc_t log_p, acc_t log_q) {
   const acc_t p = exp_(log_p);
   return p == acc_t(0) ? acc_t(0) : p * (log_p - log_q);
 }
-
-template <typename acc_t, typename T>
-__device__ __forceinline__ acc_t load_as(const T* p) {
-  if constexpr (std::is_same_v<T, acc_t>) {
-    return *p;
-  } else {
-    return static_cast<acc_t>(static_cast<float>(*p));
-  }
-}
-
-template <typename T, typename acc_t>
-__device__ __forceinline__ T store_as(acc_t v) {
-  if constexpr (std::is_same_v<T, acc_t>) {
-    return v;
-  } else {
-    return static_cast<T>(static_cast<float>(v));
-  }
-}
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
 
 template <typename acc_t>
 struct DkdParams {
@@ -376,14 +320,6 @@ void dispatch_dtype(at::ScalarType st, F&& f) {
     case at::kDouble: f(Tag<double>{}); break;
     default: TORCH_CHECK(false, "fastkd::dkd_forward (cuda): unsupported dtype ", st);
   }
-}
-
-bool is_float_dtype(at::ScalarType st) {
-  return st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble;
-}
-
-bool aligned(const void* ptr, size_t bytes) {
-  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
 }
 
 template <typename S, typename T>

@@ -41,10 +41,13 @@
 #include <tuple>
 #include <type_traits>
 
+#include "cuda_common.cuh"
 #include "gpu_kernel_info.h"
 
 namespace fastkd {
 namespace {
+
+using namespace cuda_common;
 
 // Every kernel here runs blocks of this many threads (the attention tiles as kAtJ x kAtRows).
 #define FASTKD_FEATURE_THREADS 256
@@ -73,27 +76,6 @@ constexpr double kCosineEps = 1e-8;
 constexpr double kNormalizeEps = 1e-12;
 
 enum HintKind : int { kMse = 0, kL1 = 1, kSmoothL1 = 2, kCosine = 3, kNormalizedMse = 4 };
-
-template <typename S, typename T>
-using acc_type_t = std::conditional_t<std::is_same_v<S, double> || std::is_same_v<T, double>, double, float>;
-
-template <typename acc_t, typename T>
-__device__ __forceinline__ acc_t load_as(const T* p) {
-  if constexpr (std::is_same_v<T, acc_t>) {
-    return *p;
-  } else {
-    return static_cast<acc_t>(static_cast<float>(*p));
-  }
-}
-
-template <typename T, typename acc_t>
-__device__ __forceinline__ T store_as(acc_t v) {
-  if constexpr (std::is_same_v<T, acc_t>) {
-    return v;
-  } else {
-    return static_cast<T>(static_cast<float>(v));
-  }
-}
 
 // Sum over the block; every thread gets the result. smem: kWarps + 1 entries.
 template <typename acc_t>
@@ -312,10 +294,6 @@ void dispatch_p(double p, F&& f) {
   if (p == 3) return f(std::integral_constant<int, 3>{});
   if (p == 4) return f(std::integral_constant<int, 4>{});
   return f(std::integral_constant<int, 0>{});
-}
-
-bool is_float_dtype(at::ScalarType st) {
-  return st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble;
 }
 
 void check_reduction(std::string_view reduction, const char* op) {

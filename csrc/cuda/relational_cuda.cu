@@ -30,10 +30,13 @@
 #include <tuple>
 #include <type_traits>
 
+#include "cuda_common.cuh"
 #include "gpu_kernel_info.h"
 
 namespace fastkd {
 namespace {
+
+using namespace cuda_common;
 
 // Every kernel here runs blocks of this many threads (a multiple of 32: block_sum and the warp
 // per row need whole warps).
@@ -545,8 +548,6 @@ __global__ void pkt_grad_kernel(const C* __restrict__ gs, const C* __restrict__ 
 // -------------------------------------------------------------------------------------------
 // Host side
 // -------------------------------------------------------------------------------------------
-
-bool is_float_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble; }
 
 void check_pair(const at::Tensor& student, const at::Tensor& teacher, const char* op, int64_t min_batch) {
   TORCH_CHECK(student.is_cuda(), "fastkd::", op, " (cuda): student must be a CUDA tensor, got device ", student.device());

@@ -57,10 +57,13 @@
 #include <tuple>
 #include <type_traits>
 
+#include "cuda_common.cuh"
 #include "gpu_kernel_info.h"
 
 namespace fastkd {
 namespace {
+
+using namespace cuda_common;
 
 // Block sizes the launcher chooses from (the smallest whose chunk covers the row), recorded in
 // the library for the static occupancy report. The largest is the kernel's __launch_bounds__;
@@ -79,63 +82,13 @@ constexpr int kMaxWarps = kMaxThreads / 32;
 template <int VEC, typename S>
 constexpr int kElems = VEC == 1 ? 4 : 2 * VEC;
 
-template <typename S>
-using acc_type_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
-
-template <typename acc_t>
-struct Consts {
-  static constexpr acc_t kLog2e = acc_t(1.4426950408889634);
-  static constexpr acc_t kLn2 = acc_t(0.6931471805599453);
-};
-
-__device__ __forceinline__ float exp2_(float x) { return exp2f(x); }
-__device__ __forceinline__ double exp2_(double x) { return exp2(x); }
-__device__ __forceinline__ float exp_(float x) { return expf(x); }
-__device__ __forceinline__ double exp_(double x) { return exp(x); }
 __device__ __forceinline__ float log_(float x) { return logf(x); }
 __device__ __forceinline__ double log_(double x) { return log(x); }
-__device__ __forceinline__ float log2_(float x) { return log2f(x); }
-__device__ __forceinline__ double log2_(double x) { return log2(x); }
-__device__ __forceinline__ float max_(float a, float b) { return fmaxf(a, b); }
-__device__ __forceinline__ double max_(double a, double b) { return fmax(a, b); }
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t neg_inf() {
-  return -static_cast<acc_t>(INFINITY);
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t quiet_nan() {
-  return static_cast<acc_t>(NAN);
-}
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t ref_of(acc_t m) {
   return m == neg_inf<acc_t>() ? acc_t(0) : m;
 }
-
-template <typename acc_t, typename T>
-__device__ __forceinline__ acc_t load_as(const T* p) {
-  if constexpr (std::is_same_v<T, acc_t>) {
-    return *p;
-  } else {
-    return static_cast<acc_t>(static_cast<float>(*p));
-  }
-}
-
-template <typename T, typename acc_t>
-__device__ __forceinline__ T store_as(acc_t v) {
-  if constexpr (std::is_same_v<T, acc_t>) {
-    return v;
-  } else {
-    return static_cast<T>(static_cast<float>(v));
-  }
-}
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
 
 // The teacher's storage, read by a switch per entry (k entries per row: not worth a template).
 enum ValuesDtype : int { kValF32 = 0, kValBF16 = 1, kValF16 = 2, kValF64 = 3 };
@@ -496,14 +449,6 @@ int values_code(at::ScalarType st) {
     case at::kDouble: return kValF64;
     default: TORCH_CHECK(false, "fastkd::sparse_kd_forward (cuda): values must be float32, float16, bfloat16 or float64, got ", st);
   }
-}
-
-bool is_float_dtype(at::ScalarType st) {
-  return st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble;
-}
-
-bool aligned(const void* ptr, size_t bytes) {
-  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
 }
 
 template <typename S>

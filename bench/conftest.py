@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import common
+from . import common
 
 
 def pytest_addoption(parser):

@@ -25,7 +25,7 @@ import torch
 
 import fastkd
 
-from bench import common
+from . import common
 
 
 def skip_unavailable(case, provider, pass_, reason):

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench import common
-from bench.common import STANDARD_TARGETS, Case
-from bench.runner import run_case
+from . import common
+from .common import STANDARD_TARGETS, Case
+from .runner import run_case
 
 BENCH_OPS = ("dkd",)
 

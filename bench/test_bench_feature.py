@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench import common
-from bench.common import Case
-from bench.runner import run_case
+from . import common
+from .common import Case
+from .runner import run_case
 
 BENCH_OPS = ("hint", "attention_transfer")
 

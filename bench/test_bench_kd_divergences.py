@@ -17,9 +17,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from bench import common
-from bench.common import STANDARD_TARGETS, Case
-from bench.runner import run_case
+from . import common
+from .common import STANDARD_TARGETS, Case
+from .runner import run_case
 
 # (op name, divergence, beta or None, the composite as the report shows it)
 DIVERGENCES = (

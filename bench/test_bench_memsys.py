@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import common
-from bench.runner import copy_probe
+from . import common
+from .runner import copy_probe
 
 
 def test_memsys_copy_start(benchmark, memsys_device, budget):

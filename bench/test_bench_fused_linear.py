@@ -84,6 +84,9 @@ common.register(
         # of the case above already shows that no [N, V] tensor is held.
     ],
     quick=[Case("fused_linear_kd", 64, 1000, "fp32", params=(("temperature", 2.0), ("H", 64)), headline=True)],
+    # V from 4k to 64k at N = 1024 (H = 1024): the GEMMs dominate, so 128k would double the
+    # sweep's time on 2 cores for little more information.
+    sweep=common.sweep(Case("fused_linear_kd", 1024, 32000, "fp32"), [(1024, 4096), (1024, 16384), (1024, 32000), (1024, 65536)]),
 )
 
 

@@ -171,7 +171,18 @@ QUICK = {
     ))],
 }
 
+# The sweep: B from 64 to 2048 at the headline's D and Dt; RKD angle's composite stops at B = 512
+# ([B, B, D] and [B, B, B] tensors), fastkd alone runs beyond.
+SWEEP = {
+    "rkd_distance": ([64, 256, 1024, 2048], None),
+    "sp": ([64, 256, 1024, 2048], None),
+    "pkt": ([64, 256, 1024, 2048], None),
+    "rkd_angle": ([64, 128, 256, 512, 1024, 2048], 4),
+}
+
 for _name, _title, _composite, _text in OPS:
+    _head = FULL[_name][0]
+    _bs, _fused_only_from = SWEEP[_name]
     common.register(
         common.Op(
             name=_name,
@@ -185,6 +196,7 @@ for _name, _title, _composite, _text in OPS:
         ),
         full=FULL[_name],
         quick=QUICK[_name],
+        sweep=common.sweep(_head, [(b, _head.v) for b in _bs], fused_only_from=_fused_only_from),
     )
 
 

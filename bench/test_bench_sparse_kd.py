@@ -55,6 +55,7 @@ def _traffic(case: Case) -> dict:
 
 
 _PARAMS = (("temperature", 2.0), ("k", TOP_K))
+_HEAD = Case("sparse_kd", 2048, 32000, "fp32", params=_PARAMS, headline=True, targets=STANDARD_TARGETS)
 
 common.register(
     common.Op(
@@ -74,8 +75,9 @@ common.register(
         ),
         inputs=sparse_inputs,
     ),
-    full=[Case("sparse_kd", 2048, 32000, "fp32", params=_PARAMS, headline=True, targets=STANDARD_TARGETS)],
+    full=[_HEAD],
     quick=[Case("sparse_kd", 64, 1001, "fp32", params=_PARAMS, headline=True, targets=STANDARD_TARGETS)],
+    sweep=common.sweep(_HEAD, common.LOGIT_SWEEP),
 )
 
 

@@ -107,6 +107,14 @@ def sweep(base: "Case", sizes: List[Tuple[int, int]], fused_only_from: Optional[
 LOGIT_SWEEP = [(512, 4096), (512, 16384), (512, 65536), (512, 131072)]
 
 
+def parse_shape(text: str) -> Tuple[int, int]:
+    """``"2048x32000"`` (or ``×``, ``X``) -> (2048, 32000); ValueError naming the problem."""
+    parts = text.strip().lower().replace("×", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"malformed shape {text.strip()!r} (expected NxV, two positive integers, e.g. 2048x32000)")
+    return int(parts[0]), int(parts[1])
+
+
 def headline_cases() -> List["Case"]:
     """Each op's headline case of the full list: one shape per op."""
     return [c for c in FULL_CASES if c.headline]
@@ -730,6 +738,7 @@ class RunNotes:
     providers: List[str] = field(default_factory=list)
     unavailable: Dict[str, str] = field(default_factory=dict)  # "case|provider|pass" -> reason
     failed: Dict[str, str] = field(default_factory=dict)  # "case|provider|pass" -> one-line reason
+    case_info: Dict[str, Dict[str, object]] = field(default_factory=dict)  # case name -> case_info()
     machine_start: Dict[str, object] = field(default_factory=dict)
     selection: Dict[str, object] = field(default_factory=dict)  # which cases and budget
     peers: Dict[str, Dict[str, object]] = field(default_factory=dict)
@@ -741,11 +750,20 @@ class RunNotes:
             "providers": self.providers,
             "unavailable": self.unavailable,
             "failed": self.failed,
+            "case_info": self.case_info,
             "selection": self.selection,
             "peers": self.peers,
             "machine": self.machine_start,
             "loadavg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         }
+
+
+def case_info(case: Case) -> Dict[str, object]:
+    """What a report needs to know of a case, also when nothing could be measured on it."""
+    return {
+        "op": case.op, "case": case.name, "title": case.title, "headline": case.headline, "n": case.n,
+        "v": case.v, "dtype": case.dtype, "device": case.device, "params": case.kwargs(), "unit_bytes": case.unit_bytes,
+    }
 
 
 NOTES = RunNotes()

@@ -70,14 +70,6 @@ def selected_devices(config):
     return wanted or common.available_devices()
 
 
-def parse_shape(text: str):
-    """``"2048x32000"`` (or ``×``, ``X``) -> (2048, 32000); ValueError naming the problem."""
-    parts = text.strip().lower().replace("×", "x").split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise ValueError(f"malformed shape {text.strip()!r} (expected NxV with positive integers, e.g. 2048x32000)")
-    return int(parts[0]), int(parts[1])
-
-
 def budget_name(config) -> str:
     return config.getoption("bench_budget") or ("tiny" if config.getoption("bench_quick") else "full")
 
@@ -92,7 +84,7 @@ def _base_cases(config):
     shapes = _split(config.getoption("bench_shapes"))
     if shapes:
         try:
-            sizes = [parse_shape(x) for x in shapes]
+            sizes = [common.parse_shape(x) for x in shapes]
         except ValueError as exc:
             raise pytest.UsageError(f"--bench-shapes: {exc}")
         # Each op's headline case (its dtype and params) at each size.
@@ -144,6 +136,8 @@ def pytest_generate_tests(metafunc):
         cases = [c for c in selected_cases(config) if c.op in ops]
         providers = selected_providers(config)
         common.NOTES.cases += [c.name for c in cases if c.name not in common.NOTES.cases]
+        for c in cases:
+            common.NOTES.case_info.setdefault(c.name, common.case_info(c))
         common.SELECTED_CASES.extend(c for c in cases if c not in common.SELECTED_CASES)
         common.NOTES.providers = [p.name for p in providers]
         # Case, then pass, then provider innermost: the providers being compared run back to
@@ -241,7 +235,8 @@ class _Progress:
             self._close()
             self.group = label
             self.bar = tqdm(total=self.totals[label], desc=label, unit="item", leave=True, dynamic_ncols=True)
-        self.bar.set_postfix_str(nodeid.rsplit(label + "-", 1)[-1].rstrip("]"), refresh=True)
+        item = nodeid.split("::")[-1]
+        self.bar.set_postfix_str(item.rsplit(label + "-", 1)[-1].rstrip("]") if label in item else item, refresh=True)
 
     def pytest_runtest_logfinish(self, nodeid, location):
         if self.bar is not None and self.group_of.get(nodeid) == self.group:

@@ -19,9 +19,11 @@ Extending the suite
   only where a CUDA device exists (``--bench-devices``). A provider that implements only some
   ops (a peer library) names them in ``ops``; a peer library is also listed in ``PEERS`` so that
   a run says in one line when it is not compared.
-* Sizes: ``register``'s ``full`` list is what ``make bench`` (BENCHMARKS.md) measures, its
-  headline cases what ``fastkd bench --quick`` measures, ``quick`` the tiny smoke-test shapes,
-  and ``sweep`` (made with :func:`sweep`) the size sweep ``fastkd bench`` runs by default.
+* Sizes: ``register``'s ``full`` list is what ``make bench`` (BENCHMARKS.md) measures, ``quick``
+  the tiny smoke-test shapes, and ``sweep`` (made with :func:`sweep`) the size sweep ``fastkd
+  bench`` runs by default. ``fastkd bench --quick`` measures each op's headline case, on CPU at
+  ``cpu_quick_size`` where one is given (a smaller N, for the ops whose composites take seconds a
+  call on 2 cores), so that the whole suite stays within 5 minutes.
 """
 
 from __future__ import annotations
@@ -69,25 +71,37 @@ class Op:
     traffic_note: str
     composite_text: str  # the composite, as the report shows it
     inputs: Callable[["Case"], Tuple[torch.Tensor, ...]] = None  # default: logits_pair
+    # The op's case at another N x V (``--bench-shapes``), when its params depend on the size.
+    resize: Optional[Callable[["Case", int, int], "Case"]] = None
 
     def make_inputs(self, case: "Case") -> Tuple[torch.Tensor, ...]:
         return (self.inputs or logits_pair)(case)
+
+    def at_size(self, case: "Case", n: int, v: int) -> "Case":
+        return self.resize(case, n, v) if self.resize else case.with_size(n, v)
 
 
 OPS: Dict[str, Op] = {}
 FULL_CASES: List["Case"] = []
 QUICK_CASES: List["Case"] = []
 SWEEP_CASES: List["Case"] = []
+CPU_QUICK_SIZES: Dict[str, Tuple[int, int]] = {}
 
 
-def register(op: Op, full: List["Case"], quick: List["Case"], sweep: Optional[List["Case"]] = None) -> Op:
+def register(
+    op: Op, full: List["Case"], quick: List["Case"], sweep: Optional[List["Case"]] = None,
+    cpu_quick_size: Optional[Tuple[int, int]] = None,
+) -> Op:
     """Adds an op and its cases (full run: sized so the whole suite stays within ~15 minutes on 2
     cores; quick: tiny shapes, seconds; sweep: a few sizes along one dimension, see
-    :func:`sweep`) to the suite."""
+    :func:`sweep`; cpu_quick_size: the size ``fastkd bench --quick`` measures the headline case at
+    on CPU, if not its own) to the suite."""
     OPS[op.name] = op
     FULL_CASES.extend(full)
     QUICK_CASES.extend(quick)
     SWEEP_CASES.extend(sweep or [])
+    if cpu_quick_size is not None:
+        CPU_QUICK_SIZES[op.name] = cpu_quick_size
     return op
 
 
@@ -105,6 +119,9 @@ def sweep(base: "Case", sizes: List[Tuple[int, int]], fused_only_from: Optional[
 # The logit family's sweep: V from 4k to 128k at N = 512 (its largest point moves as many bytes as
 # the 2048 x 32000 headline case).
 LOGIT_SWEEP = [(512, 4096), (512, 16384), (512, 65536), (512, 131072)]
+# ... and its size for `fastkd bench --quick` on CPU: N = 256 at the headline's V = 32000 (one
+# N x V tensor, 31 MiB; a pass moves 3-6 of them, beyond the caches), an eighth of the headline's time.
+LOGIT_CPU_QUICK = (256, 32000)
 
 
 def parse_shape(text: str) -> Tuple[int, int]:
@@ -118,6 +135,14 @@ def parse_shape(text: str) -> Tuple[int, int]:
 def headline_cases() -> List["Case"]:
     """Each op's headline case of the full list: one shape per op."""
     return [c for c in FULL_CASES if c.headline]
+
+
+def short_case(head: "Case") -> "Case":
+    """What ``fastkd bench --quick`` measures for a headline case on its device: the case itself,
+    or on CPU at the op's ``cpu_quick_size`` (then without the headline's targets)."""
+    if head.device != "cpu" or head.op not in CPU_QUICK_SIZES:
+        return head
+    return head.with_size(*CPU_QUICK_SIZES[head.op])
 
 
 def logits_pair(case: "Case") -> Tuple[torch.Tensor, torch.Tensor]:

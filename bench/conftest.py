@@ -29,8 +29,9 @@ def pytest_addoption(parser):
     # What `fastkd bench` (fastkd/bench_cli.py) adds; without them the suite runs as before.
     group.addoption("--bench-ops", default="", help="comma-separated op names (Op.name; default: all)")
     group.addoption(
-        "--bench-set", default="full", choices=("full", "headline", "sweep"),
-        help="which registered cases: full (BENCHMARKS.md's), headline (one per op), sweep (sizes per op)",
+        "--bench-set", default="full", choices=("full", "headline", "short", "sweep"),
+        help="which registered cases: full (BENCHMARKS.md's), headline (one per op), short (the headline "
+             "cases, smaller on CPU where the op registers a cpu_quick_size), sweep (sizes per op)",
     )
     group.addoption(
         "--bench-budget", default="", choices=("", "full", "short", "tiny"),
@@ -78,9 +79,8 @@ def _base_cases(config):
     if config.getoption("bench_quick"):
         base = common.QUICK_CASES
     else:
-        base = {"full": common.FULL_CASES, "headline": common.headline_cases(), "sweep": common.SWEEP_CASES}[
-            config.getoption("bench_set")
-        ]
+        base = {"full": common.FULL_CASES, "headline": common.headline_cases(), "short": common.headline_cases(),
+                "sweep": common.SWEEP_CASES}[config.getoption("bench_set")]
     shapes = _split(config.getoption("bench_shapes"))
     if shapes:
         try:
@@ -92,7 +92,7 @@ def _base_cases(config):
         for c in (common.QUICK_CASES if config.getoption("bench_quick") else common.FULL_CASES):
             if c.headline:
                 heads.setdefault(c.op, c)
-        base = [h.with_size(n, v) for h in heads.values() for n, v in sizes]
+        base = [common.OPS[h.op].at_size(h, n, v) for h in heads.values() for n, v in sizes]
     dtypes = _split(config.getoption("bench_dtypes"))
     unknown = [d for d in dtypes if d not in common.DTYPES]
     if unknown:
@@ -105,11 +105,10 @@ def _base_cases(config):
 def selected_cases(config):
     base = _base_cases(config)
     filters = _split(config.getoption("bench_cases"))
-    ops = _split(config.getoption("bench_ops"))
-    unknown = [o for o in ops if o not in common.OPS]
-    if unknown:
-        raise pytest.UsageError(f"--bench-ops: unknown {unknown}; known: {list(common.OPS)}")
+    ops = _split(config.getoption("bench_ops"))  # checked once every op is registered (below)
     cases = [c.with_device(d) for d in selected_devices(config) for c in base]
+    if config.getoption("bench_set") == "short" and not config.getoption("bench_shapes"):
+        cases = [common.short_case(c) for c in cases]
     return [
         c for c in cases
         if (not filters or any(f in c.name for f in filters)) and (not ops or c.op in ops)
@@ -169,6 +168,9 @@ def _run_order(item) -> int:
 
 
 def pytest_collection_modifyitems(config, items):
+    unknown = [o for o in _split(config.getoption("bench_ops")) if o not in common.OPS]
+    if unknown:
+        raise pytest.UsageError(f"--bench-ops: unknown {unknown}; known: {list(common.OPS)}")
     items.sort(key=_run_order)  # stable: each group keeps its collection order
     bs = getattr(config, "_benchmarksession", None)
     if bs is None or not bs.disabled or config.getoption("bench_quick"):
@@ -192,7 +194,7 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     params = getattr(getattr(item, "callspec", None), "params", {})
-    if report.failed and "bench_item" in params and call.excinfo is not None:
+    if report.failed and isinstance(params.get("bench_item"), tuple) and call.excinfo is not None:
         case, pass_, provider = params["bench_item"]
         common.NOTES.failed.setdefault(f"{case.name}|{provider.name}|{pass_}", _one_line(call.excinfo))
 
@@ -216,6 +218,8 @@ class _Progress:
     def pytest_collection_modifyitems(self, config, items):
         for item in items:
             params = getattr(getattr(item, "callspec", None), "params", {})
+            if "bench_item" in params and not isinstance(params["bench_item"], tuple):
+                continue  # an op module none of whose cases was selected: skipped at once
             if "bench_item" in params:
                 label = params["bench_item"][0].name
             elif getattr(item, "originalname", item.name) == "test_memsys_copy_end":

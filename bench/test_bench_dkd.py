@@ -83,6 +83,7 @@ common.register(
     full=[_HEAD],
     quick=[Case("dkd", 64, 1001, "fp32", params=_PARAMS, headline=True, targets=STANDARD_TARGETS)],
     sweep=common.sweep(_HEAD, common.LOGIT_SWEEP),
+    cpu_quick_size=common.LOGIT_CPU_QUICK,
 )
 
 

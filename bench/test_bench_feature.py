@@ -33,6 +33,14 @@ def _shape(case: Case):
     return (case.n, 1, case.v)
 
 
+def resize(case: Case, n: int, v: int) -> Case:
+    """The case at B = n, C·H·W = v (``--bench-shapes``): the headline's C channels of v / C
+    positions where C divides v, else one channel."""
+    c = dict(case.params)["C"]
+    c = c if v % c == 0 else 1
+    return Case(case.op, n, v, case.dtype, (("C", c), ("H", 1), ("W", v // c)), False, case.device)
+
+
 def feature_inputs(case: Case):
     """Student and teacher feature maps ~ N(0, 1), same shape, in the case's dtype."""
     g = torch.Generator().manual_seed(0)
@@ -89,6 +97,7 @@ common.register(
         traffic_note=_NOTE,
         composite_text="F.mse_loss(s, t)",
         inputs=feature_inputs,
+        resize=resize,
     ),
     full=[_HINT],
     quick=[Case("hint", 8, 24 * 7 * 9, "fp32", params=(("C", 24), ("H", 7), ("W", 9)), headline=True, targets=SPEEDUP_COMPILE_2)],
@@ -105,6 +114,7 @@ common.register(
         traffic_note=_NOTE,
         composite_text="at = lambda x: F.normalize(x.pow(2).mean(1).flatten(1)); (at(s) - at(t)).pow(2).mean()",
         inputs=feature_inputs,
+        resize=resize,
     ),
     full=[_AT],
     quick=[Case("attention_transfer", 8, 16 * 9 * 11, "fp32", params=(("C", 16), ("H", 9), ("W", 11)), headline=True, targets=SPEEDUP_COMPILE_2)],

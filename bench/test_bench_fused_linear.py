@@ -87,6 +87,8 @@ common.register(
     # V from 4k to 64k at N = 1024 (H = 1024): the GEMMs dominate, so 128k would double the
     # sweep's time on 2 cores for little more information.
     sweep=common.sweep(Case("fused_linear_kd", 1024, 32000, "fp32"), [(1024, 4096), (1024, 16384), (1024, 32000), (1024, 65536)]),
+    # fastkd bench --quick on CPU: N = 256 (the eager composite takes ~10 s a call at 8192).
+    cpu_quick_size=(256, 32000),
 )
 
 

@@ -64,6 +64,7 @@ common.register(
         Case("kd", 32, 517, "bf16"),
     ],
     sweep=common.sweep(HEADLINE, common.LOGIT_SWEEP),
+    cpu_quick_size=common.LOGIT_CPU_QUICK,
 )
 
 

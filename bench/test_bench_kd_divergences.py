@@ -135,6 +135,7 @@ for _name, _div, _beta, _text in DIVERGENCES:
         full=[_head],
         quick=[Case(_name, 64, 1001, "fp32", params=_params(_beta), headline=True, targets=STANDARD_TARGETS)],
         sweep=common.sweep(_head, common.LOGIT_SWEEP),
+        cpu_quick_size=common.LOGIT_CPU_QUICK,
     )
 
 
@@ -194,6 +195,7 @@ common.register(
     full=[_ENSEMBLE_HEAD],
     quick=[Case("kd_ensemble", 33, 517, "fp32", params=_ENSEMBLE_PARAMS, headline=True, targets=STANDARD_TARGETS)],
     sweep=common.sweep(_ENSEMBLE_HEAD, common.LOGIT_SWEEP),
+    cpu_quick_size=common.LOGIT_CPU_QUICK,
 )
 
 

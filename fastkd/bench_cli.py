@@ -50,7 +50,8 @@ PUBLIC_OPS: Dict[str, Tuple[str, ...]] = {
 EXTRA_BENCH_OPS = ("linear_ce",)
 PUBLIC_OF = {b: p for p, bs in PUBLIC_OPS.items() for b in bs}
 DEVICES = ("cpu", "cuda")
-SUITES = ("sweep", "headline", "report")
+SUITES = ("sweep", "headline", "quick", "report")
+_SETS = {"sweep": "sweep", "headline": "headline", "quick": "short", "report": "full"}  # conftest's --bench-set
 PROVIDER_ORDER = ("eager", "compile", "fastkd-cpu", "fastkd-triton", "fastkd-cuda", "liger")
 PASSES = ("fwd", "bwd", "fwdbwd")
 
@@ -64,7 +65,8 @@ def add_parser(sub) -> None:
                    help="public ops (kd_loss, dkd_loss, ...; kd_loss = every divergence and an ensemble) "
                         "or bench op names (kd_jsd, ...); default: all")
     b.add_argument("--quick", action="store_true",
-                   help="each op's headline shape only, few rounds (minutes on 2 cores)")
+                   help="one shape per op (its headline; on CPU a smaller N for the logit family, "
+                        "fused_linear_kd and rkd_angle), few rounds: under 5 minutes on 2 cores")
     b.add_argument("--device", default=None,
                    help="cpu or cuda (default: cuda if available, else cpu); cpu,cuda or all for both")
     b.add_argument("--dtype", default="", metavar="DT,...", help="fp32, bf16, fp16 (default: each case's own)")
@@ -75,8 +77,9 @@ def add_parser(sub) -> None:
                    help="only these providers besides the baselines eager and compile "
                         "(fastkd-cpu, fastkd-triton, fastkd-cuda, liger)")
     b.add_argument("--suite", default=None, choices=SUITES,
-                   help="which sizes: sweep (a size sweep per op; the default), headline (one shape per "
-                        "op; the default with --quick), report (the cases of BENCHMARKS.md: make bench)")
+                   help="which sizes: sweep (a size sweep per op; the default), quick (one shape per op: the "
+                        "headline, smaller on CPU for the slowest composites; the default with --quick), "
+                        "headline (each op's headline shape), report (the cases of BENCHMARKS.md: make bench)")
     b.add_argument("--out", default=None, metavar="DIR", help="output folder (default: bench-<time>/)")
 
 
@@ -190,9 +193,9 @@ def plan_from_args(args, argv: List[str]) -> Plan:
         if p not in common.PROVIDER_BY_NAME:
             raise ConfigError(f"--providers: unknown provider {p!r} (known: {', '.join(common.PROVIDER_BY_NAME)})")
 
-    suite = args.suite or ("headline" if args.quick else "sweep")
+    suite = args.suite or ("quick" if args.quick else "sweep")
     budget = "short" if args.quick else "full"
-    out = Path(args.out) if args.out else Path(f"bench-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = (Path(args.out) if args.out else Path(f"bench-{time.strftime('%Y%m%d-%H%M%S')}")).absolute()
     if (out / "results.json").exists():
         raise ConfigError(f"--out {out}: the folder already holds a run (results.json); choose another")
     if out.exists() and not out.is_dir():
@@ -215,7 +218,7 @@ def pytest_command(plan: Plan, json_path: Path) -> List[str]:
     cmd = [
         sys.executable, "-m", "pytest", str(bench_dir()), "--benchmark-only", f"--benchmark-json={json_path}",
         "-p", "no:cacheprovider", "-q", "-rs", "--bench-progress",
-        f"--bench-set={'full' if plan.suite == 'report' else plan.suite}", f"--bench-budget={plan.budget}",
+        f"--bench-set={_SETS[plan.suite]}", f"--bench-budget={plan.budget}",
         f"--bench-devices={','.join(plan.devices)}",
     ]
     if plan.ops:
@@ -246,9 +249,11 @@ def run(args, argv: List[str]) -> int:
         rc = subprocess.run(cmd, cwd=plan.out, env=env, stdout=log, stderr=None).returncode
     elapsed = time.time() - t0
     if not json_path.exists():
-        tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["(empty log)"]
+        lines = log_path.read_text(errors="replace").strip().splitlines()
+        errors = [x for x in lines if x.startswith(("E ", "ERROR", "INTERNALERROR"))]
+        why = (errors or lines or ["(empty log)"])[-1].lstrip("E ").strip()
         print(f"fastkd bench: the benchmark run stopped before writing results (pytest exit code {rc}): "
-              f"{tail[0]}; see {log_path}", file=sys.stderr)
+              f"{why}; see {log_path}", file=sys.stderr)
         return 1
     data = json.loads(json_path.read_text())
     json_path.unlink()  # kept inside results.json
@@ -318,7 +323,7 @@ def reduce_results(plan: Plan, data: Dict, analysed: Dict, elapsed: float, rc: i
                 "case": name, "n": info["n"], "v": info["v"], "shape": f"{info['n']}x{info['v']}",
                 "dtype": info["dtype"], "device": info["device"], "params": info.get("params", {}),
                 "headline": bool(info.get("headline")), "provider": prov,
-                "provider_title": rec.get("title"),
+                "provider_title": rec.get("title") or getattr(_load("common").PROVIDER_BY_NAME.get(prov), "title", None),
             }
             for p in PASSES:
                 r = rec.get(p)
@@ -416,7 +421,7 @@ def _summary_rows(results: Dict):
     return header, rows
 
 
-def _notes_lines(results: Dict) -> List[str]:
+def _notes_lines(results: Dict, peers: bool = True) -> List[str]:
     lines = []
     for r in results["results"]:
         if r["status"] == "failed":
@@ -428,7 +433,7 @@ def _notes_lines(results: Dict) -> List[str]:
     for (prov, reason), cases in unavailable.items():
         lines.append(f"{prov} not measured on {len(cases)} case{'s' if len(cases) > 1 else ''} ({cases[0]}"
                      f"{', ...' if len(cases) > 1 else ''}): {reason}")
-    for peer in results.get("peers", {}).values():
+    for peer in (results.get("peers", {}) if peers else {}).values():
         lines.append(f"Peer library: {peer['line']}")
     return lines
 
@@ -454,7 +459,7 @@ def summary_markdown(results: Dict) -> str:
     L.append("|" + "---|" * len(header))
     L += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     L.append("")
-    for line in _notes_lines(results):
+    for line in _notes_lines(results, peers=False):  # the report below says it
         L.append(f"- {line}")
     if results.get("plots"):
         L += ["", "![fastkd's speed-up over torch.compile](overview.png)", ""]

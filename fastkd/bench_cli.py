@@ -507,7 +507,11 @@ def write_plots(out: Path, results: Dict) -> List[Path]:
         rows = [r for r in ok if r["op"] == op]
         sizes = sorted({(r["n"], r["v"]) for r in rows})
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        title = f"{rows[0]['title']}\n{stamp}"
+        if len(sizes) == 1:
+            title = f"{rows[0]['title']}\n{stamp}"
+        else:  # the op, its params, not one size
+            params = ", ".join(f"{k}={v}" for k, v in rows[0]["params"].items() if k not in ("C", "H", "W"))
+            title = f"{op} ({rows[0]['public_op']}{', ' + params if params else ''})\n{stamp}"
         if len(sizes) == 1:
             provs = list(dict.fromkeys(who(r) for r in rows))
             dtypes = list(dict.fromkeys(r["dtype"] for r in rows))

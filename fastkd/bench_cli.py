@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -257,6 +258,10 @@ def run(args, argv: List[str]) -> int:
         return 1
     data = json.loads(json_path.read_text())
     json_path.unlink()  # kept inside results.json
+    try:
+        (plan.out / ".benchmarks").rmdir()  # pytest-benchmark's storage folder, left empty
+    except OSError:
+        pass
 
     report = _load("report")
     analysed = report.analyse(data)
@@ -603,7 +608,8 @@ def _overview(plt, out: Path, results: Dict, stamp: str) -> Optional[Path]:
     ax.set_yscale("log")
     ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("speed-up over torch.compile\n(forward+backward medians)")
-    ax.set_title(f"fastkd vs torch.compile, {stamp}\n{results['command']}", fontsize=9)
+    shown = re.sub(r"\s--out(\s+|=)\S+", "", results["command"])  # where it was written says nothing
+    ax.set_title(f"fastkd vs torch.compile, {stamp}\n{shown}", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(True, axis="y", which="both", alpha=0.3)
     fig.tight_layout()

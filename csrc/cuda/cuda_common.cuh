@@ -76,6 +76,24 @@ struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
+// Index of the first of the VEC elements this thread handles in vector slot u of the chunk at
+// `base` (one block per row, the row read in chunks of blockDim.x * VEC * slots).
+template <int VEC>
+__device__ __forceinline__ int64_t slot_index(int64_t base, int u) {
+  return base + (static_cast<int64_t>(u) * blockDim.x + threadIdx.x) * VEC;
+}
+
+// Every entry of a row set to value (an ignored row's zero gradient, a broken row's NaN).
+template <int VEC, typename T>
+__device__ void fill_row(T* __restrict__ row, int64_t vocab, T value) {
+  Vec<T, VEC> v;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) v.v[k] = value;
+  for (int64_t i = static_cast<int64_t>(threadIdx.x) * VEC; i < vocab; i += static_cast<int64_t>(blockDim.x) * VEC) {
+    *reinterpret_cast<Vec<T, VEC>*>(row + i) = v;
+  }
+}
+
 inline bool is_float_dtype(at::ScalarType st) {
   return st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble;
 }

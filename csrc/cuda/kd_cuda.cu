@@ -159,12 +159,6 @@ __device__ RowState<acc_t> block_reduce(RowState<acc_t> st, acc_t x_scale, bool 
   return smem[kMaxWarps];
 }
 
-// Index of the first of the VEC elements this thread handles in vector slot u of the chunk at `base`.
-template <int VEC>
-__device__ __forceinline__ int64_t slot_index(int64_t base, int u) {
-  return base + (static_cast<int64_t>(u) * blockDim.x + threadIdx.x) * VEC;
-}
-
 // Loads this thread's kElems<VEC> elements of the chunk at `base`; past the row end: -inf.
 // With VEC > 1 the host guarantees V % VEC == 0 and aligned rows, so a vector is all in or all out.
 template <int VEC, typename T, typename acc_t>
@@ -180,16 +174,6 @@ __device__ __forceinline__ void load_chunk(const T* __restrict__ row, int64_t vo
 #pragma unroll
       for (int k = 0; k < VEC; ++k) out[u * VEC + k] = neg_inf<acc_t>();
     }
-  }
-}
-
-template <int VEC, typename T>
-__device__ void fill_row(T* __restrict__ row, int64_t vocab, T value) {
-  Vec<T, VEC> v;
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) v.v[k] = value;
-  for (int64_t i = static_cast<int64_t>(threadIdx.x) * VEC; i < vocab; i += static_cast<int64_t>(blockDim.x) * VEC) {
-    *reinterpret_cast<Vec<T, VEC>*>(row + i) = v;
   }
 }
 

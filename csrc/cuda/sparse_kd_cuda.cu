@@ -221,11 +221,6 @@ __device__ __forceinline__ void block_reduce(acc_t (&x)[N], acc_t* smem) {
   __syncthreads();
 }
 
-template <int VEC>
-__device__ __forceinline__ int64_t slot_index(int64_t base, int u) {
-  return base + (static_cast<int64_t>(u) * blockDim.x + threadIdx.x) * VEC;
-}
-
 // Loads this thread's N elements of the chunk at `base`; past the row end: -inf.
 template <int VEC, int N, typename T, typename acc_t>
 __device__ __forceinline__ void load_chunk(const T* __restrict__ row, int64_t vocab, int64_t base, acc_t (&out)[N]) {
@@ -240,16 +235,6 @@ __device__ __forceinline__ void load_chunk(const T* __restrict__ row, int64_t vo
 #pragma unroll
       for (int k = 0; k < VEC; ++k) out[u * VEC + k] = neg_inf<acc_t>();
     }
-  }
-}
-
-template <int VEC, typename T>
-__device__ void fill_row(T* __restrict__ row, int64_t vocab, T value) {
-  Vec<T, VEC> v;
-#pragma unroll
-  for (int k = 0; k < VEC; ++k) v.v[k] = value;
-  for (int64_t i = static_cast<int64_t>(threadIdx.x) * VEC; i < vocab; i += static_cast<int64_t>(blockDim.x) * VEC) {
-    *reinterpret_cast<Vec<T, VEC>*>(row + i) = v;
   }
 }
 

@@ -3,7 +3,8 @@
 #
 #   make run     the main job: a distillation run on the embedded default
 #   make test    the whole test suite
-#   make bench   kernel microbenchmarks; BENCHMARKS.md regenerated from a measured run
+#   make bench   kernel microbenchmarks (`fastkd bench` on BENCHMARKS.md's cases, every device
+#                here); BENCHMARKS.md and docs/bench-overview.png regenerated from the measured run
 #
 # FASTKD_NO_CUDA=1 skips the CUDA sources in the build (fast local iteration).
 # .gpu-static-cache/ holds the cubins and resource reports of fastkd/gpu_static.py (the GPU
@@ -24,8 +25,14 @@ run: build
 test: build
 	$(PY) -m pytest tests -q $(ARGS)
 
+# The run's folder (results.json, results.md, plots, pytest.log) is kept in $(BENCH_OUT).
+BENCH_OUT := .bench/make-bench
+
 bench: build
-	$(PY) -m bench.report $(ARGS)
+	rm -rf $(BENCH_OUT)
+	$(PY) -m fastkd bench --suite report --device all --out $(BENCH_OUT) $(ARGS)
+	$(PY) -m bench.report --from-json $(BENCH_OUT)/results.json --gpu-static --out BENCHMARKS.md
+	cp $(BENCH_OUT)/overview.png docs/bench-overview.png
 
 venv: $(STAMPS)/venv
 build: $(STAMPS)/build

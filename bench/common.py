@@ -16,7 +16,14 @@ Extending the suite
   ``PROVIDERS``. ``check`` returns ``None`` when it can run a case, else the reason it cannot;
   such a provider is reported as unavailable, never crashed on. The fastkd ``triton`` and
   ``cuda`` backends are already listed: they run on CUDA tensors, and CUDA cases are selected
-  only where a CUDA device exists (``--bench-devices``).
+  only where a CUDA device exists (``--bench-devices``). A provider that implements only some
+  ops (a peer library) names them in ``ops``; a peer library is also listed in ``PEERS`` so that
+  a run says in one line when it is not compared.
+* Sizes: ``register``'s ``full`` list is what ``make bench`` (BENCHMARKS.md) measures, ``quick``
+  the tiny smoke-test shapes, and ``sweep`` (made with :func:`sweep`) the size sweep ``fastkd
+  bench`` runs by default. ``fastkd bench --quick`` measures each op's headline case, on CPU at
+  ``cpu_quick_size`` where one is given (a smaller N, for the ops whose composites take seconds a
+  call on 2 cores), so that the whole suite stays within 5 minutes.
 """
 
 from __future__ import annotations
@@ -64,23 +71,78 @@ class Op:
     traffic_note: str
     composite_text: str  # the composite, as the report shows it
     inputs: Callable[["Case"], Tuple[torch.Tensor, ...]] = None  # default: logits_pair
+    # The op's case at another N x V (``--bench-shapes``), when its params depend on the size.
+    resize: Optional[Callable[["Case", int, int], "Case"]] = None
 
     def make_inputs(self, case: "Case") -> Tuple[torch.Tensor, ...]:
         return (self.inputs or logits_pair)(case)
+
+    def at_size(self, case: "Case", n: int, v: int) -> "Case":
+        return self.resize(case, n, v) if self.resize else case.with_size(n, v)
 
 
 OPS: Dict[str, Op] = {}
 FULL_CASES: List["Case"] = []
 QUICK_CASES: List["Case"] = []
+SWEEP_CASES: List["Case"] = []
+CPU_QUICK_SIZES: Dict[str, Tuple[int, int]] = {}
 
 
-def register(op: Op, full: List["Case"], quick: List["Case"]) -> Op:
+def register(
+    op: Op, full: List["Case"], quick: List["Case"], sweep: Optional[List["Case"]] = None,
+    cpu_quick_size: Optional[Tuple[int, int]] = None,
+) -> Op:
     """Adds an op and its cases (full run: sized so the whole suite stays within ~15 minutes on 2
-    cores; quick: tiny shapes, seconds) to the suite."""
+    cores; quick: tiny shapes, seconds; sweep: a few sizes along one dimension, see
+    :func:`sweep`; cpu_quick_size: the size ``fastkd bench --quick`` measures the headline case at
+    on CPU, if not its own) to the suite."""
     OPS[op.name] = op
     FULL_CASES.extend(full)
     QUICK_CASES.extend(quick)
+    SWEEP_CASES.extend(sweep or [])
+    if cpu_quick_size is not None:
+        CPU_QUICK_SIZES[op.name] = cpu_quick_size
     return op
+
+
+def sweep(base: "Case", sizes: List[Tuple[int, int]], fused_only_from: Optional[int] = None) -> List["Case"]:
+    """``base`` (an op's headline case: its dtype and params) at each ``(n, v)`` of ``sizes``, the
+    points of a time-against-size curve. From the ``fused_only_from``-th size on, only fastkd's
+    providers run (the composite would exhaust memory there)."""
+    out = []
+    for i, (n, v) in enumerate(sizes):
+        only = FASTKD_PROVIDERS if fused_only_from is not None and i >= fused_only_from else ()
+        out.append(Case(base.op, n, v, base.dtype, base.params, False, base.device, (), only))
+    return out
+
+
+# The logit family's sweep: V from 4k to 128k at N = 512 (its largest point moves as many bytes as
+# the 2048 x 32000 headline case).
+LOGIT_SWEEP = [(512, 4096), (512, 16384), (512, 65536), (512, 131072)]
+# ... and its size for `fastkd bench --quick` on CPU: N = 256 at the headline's V = 32000 (one
+# N x V tensor, 31 MiB; a pass moves 3-6 of them, beyond the caches), an eighth of the headline's time.
+LOGIT_CPU_QUICK = (256, 32000)
+
+
+def parse_shape(text: str) -> Tuple[int, int]:
+    """``"2048x32000"`` (or ``×``, ``X``) -> (2048, 32000); ValueError naming the problem."""
+    parts = text.strip().lower().replace("×", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"malformed shape {text.strip()!r} (expected NxV, two positive integers, e.g. 2048x32000)")
+    return int(parts[0]), int(parts[1])
+
+
+def headline_cases() -> List["Case"]:
+    """Each op's headline case of the full list: one shape per op."""
+    return [c for c in FULL_CASES if c.headline]
+
+
+def short_case(head: "Case") -> "Case":
+    """What ``fastkd bench --quick`` measures for a headline case on its device: the case itself,
+    or on CPU at the op's ``cpu_quick_size`` (then without the headline's targets)."""
+    if head.device != "cpu" or head.op not in CPU_QUICK_SIZES:
+        return head
+    return head.with_size(*CPU_QUICK_SIZES[head.op])
 
 
 def logits_pair(case: "Case") -> Tuple[torch.Tensor, torch.Tensor]:
@@ -155,6 +217,12 @@ class Case:
     def with_size(self, n: int, v: int) -> "Case":
         return Case(self.op, n, v, self.dtype, self.params, False, self.device)
 
+    def with_dtype(self, dtype: str) -> "Case":
+        if dtype == self.dtype:
+            return self
+        # Targets are set for the registered dtype; another dtype is measured without them.
+        return Case(self.op, self.n, self.v, dtype, self.params, self.headline, self.device, (), self.only)
+
 
 # ----------------------------------------------------------------------------------------------
 # Providers
@@ -169,6 +237,7 @@ class Provider:
     build: Callable[[Op, Case], Callable[..., torch.Tensor]]
     check: Callable[[Op, Case], Optional[str]] = lambda op, case: None
     is_baseline: bool = False
+    ops: Optional[Tuple[str, ...]] = None  # the ops it implements (None: all)
 
 
 def _build_eager(op: Op, case: Case):
@@ -242,15 +311,120 @@ def _fastkd_provider(backend: str, devices: Tuple[str, ...]) -> Provider:
     return Provider(f"fastkd-{backend}", f"fastkd `backend=\"{backend}\"`", devices, build, check)
 
 
+# ----------------------------------------------------------------------------------------------
+# Peer libraries
+# ----------------------------------------------------------------------------------------------
+
+# Liger-Kernel (linkedin/Liger-Kernel): Triton kernels for the divergence itself; the
+# log-softmaxes stay in PyTorch, as a user of Liger writes it. Each call follows the composite's
+# conventions (batchmean over rows, times T²), so the run's sanity check against the float32
+# composite flags (⚠) any mismatch of convention.
+
+
+def _liger_call(op_name: str, kw: Dict[str, object]):
+    import liger_kernel.transformers as lk
+
+    T = float(kw["temperature"])
+    if op_name == "kd":
+        kl = lk.LigerKLDIVLoss(reduction="batchmean", log_target=True)
+        return lambda s, t: kl(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)) * T * T
+    if op_name in ("kd_jsd", "kd_reverse_kl"):
+        # Liger's generalized JSD: beta weights KL(teacher || mixture), as TRL's and kd_loss's;
+        # beta = 1 is the reverse KL.
+        jsd = lk.LigerJSD(beta=float(kw.get("beta", 1.0)) if op_name == "kd_jsd" else 1.0)
+        return lambda s, t: jsd(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)) * T * T
+    if op_name == "kd_tvd":
+        tvd = lk.LigerTVDLoss(reduction="batchmean")
+        return lambda s, t: tvd(F.softmax(s / T, -1), F.softmax(t / T, -1)) * T * T
+    if op_name == "fused_linear_kd":
+        # jsd_beta = 0 is the forward KL(teacher || student), logits never materialised.
+        fl = lk.LigerFusedLinearJSD(jsd_beta=0.0, temperature=T)
+        return lambda h_s, w_s, h_t, w_t: fl(h_s, w_s, h_t, w_t, None) * T * T
+    raise NotImplementedError(f"Liger-Kernel has no kernel for {op_name}")
+
+
+LIGER_OPS = ("kd", "kd_reverse_kl", "kd_jsd", "kd_tvd", "fused_linear_kd")
+
+
+@functools.lru_cache(maxsize=None)
+def liger_unavailable() -> Optional[str]:
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure is a reason to report
+        first = str(exc).strip().splitlines()
+        return f"not importable ({type(exc).__name__}: {first[0] if first else ''}; pip install liger-kernel)"
+    return None
+
+
+def _check_liger(op: Op, case: Case) -> Optional[str]:
+    if case.device != "cuda":
+        return "Liger-Kernel runs on CUDA tensors only"
+    return liger_unavailable()
+
+
+def _build_liger(op: Op, case: Case):
+    return _liger_call(op.name, case.kwargs())
+
+
+# name -> (what it is, the ops it covers, the devices it runs on, why it cannot be compared here)
+PEERS: Dict[str, Tuple[str, Tuple[str, ...], Tuple[str, ...], Callable[[], Optional[str]]]] = {
+    "liger": ("Liger-Kernel", LIGER_OPS, ("cuda",), liger_unavailable),
+}
+
+
+def peer_status(devices: List[str]) -> Dict[str, Dict[str, object]]:
+    """For each peer library: whether it is compared in a run on ``devices``, and if not, one line
+    saying why (not importable, or no device it runs on)."""
+    out = {}
+    for name, (title, ops, on, unavailable) in PEERS.items():
+        reasons = []
+        why = unavailable()
+        if why:
+            reasons.append(why)
+        if not set(on) & set(devices):
+            reasons.append(f"it runs on {'/'.join(on)} and this run is on {'/'.join(devices)}")
+        out[name] = {
+            "title": title, "ops": list(ops), "devices": list(on), "compared": not reasons,
+            "line": f"{title} ({', '.join(ops)}): " + ("compared (provider `%s`)" % name if not reasons
+                                                      else "not compared: " + "; ".join(reasons)),
+        }
+    return out
+
+
 PROVIDERS: List[Provider] = [
     Provider("eager", "eager composite (PyTorch)", ("cpu", "cuda"), _build_eager, is_baseline=True),
     Provider("compile", "torch.compile(composite)", ("cpu", "cuda"), _build_compile, _check_compile, is_baseline=True),
     _fastkd_provider("cpu", ("cpu",)),
     _fastkd_provider("triton", ("cuda",)),
     _fastkd_provider("cuda", ("cuda",)),
+    Provider("liger", "Liger-Kernel (its divergence kernel after PyTorch's log-softmax; fused linear JSD with beta=0)",
+             ("cuda",), _build_liger, _check_liger, ops=LIGER_OPS),
 ]
 PROVIDER_BY_NAME = {p.name: p for p in PROVIDERS}
 BASELINES = ("eager", "compile")
+FASTKD_PROVIDERS = tuple(p.name for p in PROVIDERS if p.name.startswith("fastkd-"))
+
+
+def runs(provider: Provider, case: Case) -> bool:
+    """Whether ``provider`` is offered ``case`` at all (device, the ops it implements, Case.only)."""
+    return (
+        case.device in provider.devices
+        and (provider.ops is None or case.op in provider.ops)
+        and (not case.only or provider.name in case.only)
+    )
+
+
+# A test-only hook: FASTKD_BENCH_FAIL="provider[:op],..." makes that provider raise when it is
+# built for that op (every op if none is given), to check that a failing provider is reported
+# and the run goes on. Never set outside tests.
+FAIL_ENV = "FASTKD_BENCH_FAIL"
+
+
+def injected_failure(provider: Provider, case: Case) -> None:
+    for item in filter(None, (x.strip() for x in os.environ.get(FAIL_ENV, "").split(","))):
+        name, _, op = item.partition(":")
+        if name == provider.name and (not op or op == case.op):
+            raise RuntimeError(f"failure injected by {FAIL_ENV}={os.environ[FAIL_ENV]}")
 
 
 def available_devices() -> List[str]:
@@ -464,6 +638,10 @@ class Budget:
 # [B, B, D] composite) take 10-20 s a call on 2 cores, and their ratios are far from any target.
 FULL_BUDGET = Budget(seconds=3.0, min_rounds=3, max_rounds=50, copy_mib=512, copy_rounds=15)
 QUICK_BUDGET = Budget(seconds=0.05, min_rounds=3, max_rounds=5, copy_mib=16, copy_rounds=5)
+# `fastkd bench --quick`: real shapes, few rounds (the copy probe keeps a buffer far larger than
+# the caches, so that the traffic bound stays meaningful).
+SHORT_BUDGET = Budget(seconds=0.5, min_rounds=3, max_rounds=10, copy_mib=512, copy_rounds=5)
+BUDGETS = {"full": FULL_BUDGET, "short": SHORT_BUDGET, "tiny": QUICK_BUDGET}
 
 
 def time_once(fn: Callable[[], object], setup: Optional[Callable[[], object]] = None, device: str = "cpu") -> float:
@@ -584,7 +762,11 @@ class RunNotes:
     cases: List[str] = field(default_factory=list)
     providers: List[str] = field(default_factory=list)
     unavailable: Dict[str, str] = field(default_factory=dict)  # "case|provider|pass" -> reason
+    failed: Dict[str, str] = field(default_factory=dict)  # "case|provider|pass" -> one-line reason
+    case_info: Dict[str, Dict[str, object]] = field(default_factory=dict)  # case name -> case_info()
     machine_start: Dict[str, object] = field(default_factory=dict)
+    selection: Dict[str, object] = field(default_factory=dict)  # which cases and budget
+    peers: Dict[str, Dict[str, object]] = field(default_factory=dict)
 
     def as_dict(self) -> Dict[str, object]:
         return {
@@ -592,9 +774,23 @@ class RunNotes:
             "cases": self.cases,
             "providers": self.providers,
             "unavailable": self.unavailable,
+            "failed": self.failed,
+            "case_info": self.case_info,
+            "selection": self.selection,
+            "peers": self.peers,
             "machine": self.machine_start,
             "loadavg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         }
 
 
+def case_info(case: Case) -> Dict[str, object]:
+    """What a report needs to know of a case, also when nothing could be measured on it."""
+    return {
+        "op": case.op, "case": case.name, "title": case.title, "headline": case.headline, "n": case.n,
+        "v": case.v, "dtype": case.dtype, "device": case.device, "params": case.kwargs(), "unit_bytes": case.unit_bytes,
+    }
+
+
 NOTES = RunNotes()
+# The cases this run measures (conftest.py sets it), for the probes that size themselves on them.
+SELECTED_CASES: List[Case] = []

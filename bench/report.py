@@ -4,6 +4,7 @@
     python -m bench.report --quick --out /tmp/x.md    # tiny shapes, seconds: a smoke test
     python -m bench.report --from-json run.json       # re-render a saved run, no measuring
     python -m bench.report --no-gpu-static            # without the "GPU kernels, statically" section
+    python -m bench.report --from-json DIR/results.json --gpu-static   # from a `fastkd bench` run (make bench)
 
 The measurements are the pytest-benchmark suite in ``bench/`` (one ``test_bench_<op>.py`` per
 op, run in a subprocess with ``--benchmark-json``); this module only reads that JSON and does
@@ -82,6 +83,9 @@ def run_gpu_static(data: Dict) -> None:
 # ----------------------------------------------------------------------------------------------
 # Arithmetic on the JSON
 # ----------------------------------------------------------------------------------------------
+
+
+PASS_NAMES = {"fwd": "fwd", "bwd": "bwd", "fwdbwd": "fwd+bwd"}
 
 
 def _ms(seconds: Optional[float]) -> str:
@@ -189,11 +193,15 @@ def analyse(data: Dict) -> Dict:
                     r[f"time_ratio_{base}_min"] = r["min"] / b["min"] if b else None
                     mine, theirs = _peak(r), _peak(b) if b else None
                     r[f"peak_ratio_{base}"] = theirs / mine if mine and theirs else None
-    # Unavailable: case|provider|pass -> reason; fold passes that share a reason.
+    # Unavailable (the provider cannot run such a case) or failed (it raised on this one):
+    # case|provider|pass -> reason; fold passes that share a reason.
     unavailable: Dict[str, Dict[str, str]] = defaultdict(dict)
     for key, reason in notes.get("unavailable", {}).items():
         case, prov, pass_ = key.split("|")
         unavailable[case].setdefault(prov, reason)
+    for key, reason in notes.get("failed", {}).items():
+        case, prov, pass_ = key.split("|")
+        unavailable[case].setdefault(prov, f"failed ({PASS_NAMES.get(pass_, pass_)}): {reason}")
     return {
         "memsys": dict(memsys),
         "bandwidth": bandwidth,
@@ -250,7 +258,9 @@ def evaluate_targets(analysed: Dict) -> List[Dict]:
 # ----------------------------------------------------------------------------------------------
 
 
-def render(data: Dict, command: str, elapsed_s: Optional[float]) -> str:
+def render(data: Dict, command: str, elapsed_s: Optional[float], gpu_static: bool = True) -> str:
+    """BENCHMARKS.md from a run's pytest-benchmark JSON; ``gpu_static=False`` leaves out the
+    "GPU kernels, statically" section (``fastkd bench``'s results.md, which does not run it)."""
     a = analyse(data)
     notes = a["notes"]
     m = notes.get("machine", {})
@@ -268,6 +278,10 @@ def render(data: Dict, command: str, elapsed_s: Optional[float]) -> str:
         w("> **Quick run** (`--quick`): tiny shapes and few rounds, a smoke test of the harness. "
           "The numbers say nothing about performance, and the RSS memory probe is not meaningful "
           "at these sizes.")
+    elif (notes.get("selection") or {}).get("budget") == "short":
+        w("")
+        w("> **Short run** (`fastkd bench --quick`): real shapes, few rounds (3 to 10 per benchmark), "
+          "so the spreads (± half the IQR) are wider than a full run's.")
     w("")
 
     # Machine
@@ -299,6 +313,9 @@ def render(data: Dict, command: str, elapsed_s: Optional[float]) -> str:
     w("A load average above the core count means other processes competed for the cores during "
       "the run; all comparisons below are ratios between providers timed back to back in this run.")
     w("")
+    for peer in (notes.get("peers") or {}).values():
+        w(f"Peer library: {peer['line']}.")
+        w("")
 
     # Memory system
     w("## Memory system (measured in this run)")
@@ -433,10 +450,11 @@ def render(data: Dict, command: str, elapsed_s: Optional[float]) -> str:
               "(relative; gradient error is max |Δ| / max |ref|). Check `tests/` before trusting these times.")
             w("")
 
-    w(_gpu_static_module().render_markdown(data.get("gpu_static")))
-    if data.get("gpu_static_error"):
-        w(f"The static check failed: `{data['gpu_static_error']}`")
-        w("")
+    if gpu_static:
+        w(_gpu_static_module().render_markdown(data.get("gpu_static")))
+        if data.get("gpu_static_error"):
+            w(f"The static check failed: `{data['gpu_static_error']}`")
+            w("")
 
     # Method
     w("## How this is measured")
@@ -496,7 +514,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny shapes, few rounds (smoke test, seconds)")
     ap.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="markdown file to write (default: BENCHMARKS.md)")
     ap.add_argument("--json", default=None, help="also keep the pytest-benchmark JSON here")
-    ap.add_argument("--from-json", default=None, help="render this saved JSON instead of running")
+    ap.add_argument("--from-json", default=None,
+                    help="render this saved JSON instead of running: a pytest-benchmark JSON of the suite, "
+                         "or the results.json of `fastkd bench`")
+    ap.add_argument("--gpu-static", action="store_true",
+                    help="with --from-json: run the static GPU kernel report now and add it")
     ap.add_argument("--cases", default="", help="passed to --bench-cases")
     ap.add_argument("--providers", default="", help="passed to --bench-providers")
     ap.add_argument("--no-gpu-static", action="store_true", help="skip the static GPU kernel report")
@@ -508,6 +530,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.from_json:
         json_path = Path(args.from_json)
         shown = f"python -m bench.report --from-json {json_path.name}"
+        saved = json.loads(json_path.read_text())
+        if "pytest_benchmark" in saved:  # a `fastkd bench` run: its own command and duration
+            shown = saved.get("command", shown)
+            elapsed = saved.get("elapsed_s")
     else:
         tmpdir = tempfile.mkdtemp(prefix="fastkd-bench-")
         json_path = Path(args.json) if args.json else Path(tmpdir) / "bench.json"
@@ -527,10 +553,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if rc not in (0,):
             print(f"bench.report: pytest exit code {rc}; writing the report from what was measured", file=sys.stderr)
     data = json.loads(json_path.read_text())
-    if not args.from_json and not args.no_gpu_static:
+    data = data.get("pytest_benchmark", data)
+    if (not args.from_json or args.gpu_static) and not args.no_gpu_static:
         run_gpu_static(data)
         if args.json:
-            json_path.write_text(json.dumps(data, indent=1))
+            Path(args.json).write_text(json.dumps(data, indent=1))
     text = render(data, shown, elapsed)
     out = Path(args.out)
     out.write_text(text + "\n")

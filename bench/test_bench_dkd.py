@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench import common
-from bench.common import STANDARD_TARGETS, Case
-from bench.runner import run_case
+from . import common
+from .common import STANDARD_TARGETS, Case
+from .runner import run_case
 
 BENCH_OPS = ("dkd",)
 
@@ -59,6 +59,7 @@ def _traffic(case: Case) -> dict:
 
 
 _PARAMS = (("temperature", 2.0), ("alpha", 1.0), ("beta", 8.0))
+_HEAD = Case("dkd", 2048, 32000, "fp32", params=_PARAMS, headline=True, targets=STANDARD_TARGETS)
 
 common.register(
     common.Op(
@@ -79,8 +80,10 @@ common.register(
         ),
         inputs=dkd_inputs,
     ),
-    full=[Case("dkd", 2048, 32000, "fp32", params=_PARAMS, headline=True, targets=STANDARD_TARGETS)],
+    full=[_HEAD],
     quick=[Case("dkd", 64, 1001, "fp32", params=_PARAMS, headline=True, targets=STANDARD_TARGETS)],
+    sweep=common.sweep(_HEAD, common.LOGIT_SWEEP),
+    cpu_quick_size=common.LOGIT_CPU_QUICK,
 )
 
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench import common
-from bench.common import Case
-from bench.runner import run_case
+from . import common
+from .common import Case
+from .runner import run_case
 
 BENCH_OPS = ("hint", "attention_transfer")
 
@@ -31,6 +31,14 @@ def _shape(case: Case):
         return (case.n, c, h, w)
     # A case resized for the availability probe (common.Case.with_size): one channel, V positions.
     return (case.n, 1, case.v)
+
+
+def resize(case: Case, n: int, v: int) -> Case:
+    """The case at B = n, C·H·W = v (``--bench-shapes``): the headline's C channels of v / C
+    positions where C divides v, else one channel."""
+    c = dict(case.params)["C"]
+    c = c if v % c == 0 else 1
+    return Case(case.op, n, v, case.dtype, (("C", c), ("H", 1), ("W", v // c)), False, case.device)
 
 
 def feature_inputs(case: Case):
@@ -68,6 +76,11 @@ def at_fused(s, t, *, backend: str, C: int, H: int, W: int) -> torch.Tensor:
     return fastkd.attention_transfer_loss([s], [t], p=2, backend=backend)
 
 
+# Headline cases; the sweep varies the batch B at the headline's C, H, W.
+_HINT = Case("hint", 64, 512 * 16 * 16, "fp32", params=(("C", 512), ("H", 16), ("W", 16)), headline=True, targets=SPEEDUP_COMPILE_2)
+_AT = Case("attention_transfer", 64, 256 * 32 * 32, "fp32", params=(("C", 256), ("H", 32), ("W", 32)), headline=True, targets=SPEEDUP_COMPILE_2)
+FEATURE_SWEEP_B = (16, 64, 128, 256)
+
 _NOTE = (
     "fwd: read student + teacher feature maps = 2 units; fwd+bwd: also write the gradient = 3 "
     "units; bwd alone: read the saved gradient and write it scaled = 2 units (unit: one student "
@@ -84,9 +97,11 @@ common.register(
         traffic_note=_NOTE,
         composite_text="F.mse_loss(s, t)",
         inputs=feature_inputs,
+        resize=resize,
     ),
-    full=[Case("hint", 64, 512 * 16 * 16, "fp32", params=(("C", 512), ("H", 16), ("W", 16)), headline=True, targets=SPEEDUP_COMPILE_2)],
+    full=[_HINT],
     quick=[Case("hint", 8, 24 * 7 * 9, "fp32", params=(("C", 24), ("H", 7), ("W", 9)), headline=True, targets=SPEEDUP_COMPILE_2)],
+    sweep=common.sweep(_HINT, [(b, _HINT.v) for b in FEATURE_SWEEP_B]),
 )
 
 common.register(
@@ -99,9 +114,11 @@ common.register(
         traffic_note=_NOTE,
         composite_text="at = lambda x: F.normalize(x.pow(2).mean(1).flatten(1)); (at(s) - at(t)).pow(2).mean()",
         inputs=feature_inputs,
+        resize=resize,
     ),
-    full=[Case("attention_transfer", 64, 256 * 32 * 32, "fp32", params=(("C", 256), ("H", 32), ("W", 32)), headline=True, targets=SPEEDUP_COMPILE_2)],
+    full=[_AT],
     quick=[Case("attention_transfer", 8, 16 * 9 * 11, "fp32", params=(("C", 16), ("H", 9), ("W", 11)), headline=True, targets=SPEEDUP_COMPILE_2)],
+    sweep=common.sweep(_AT, [(b, _AT.v) for b in FEATURE_SWEEP_B]),
 )
 
 

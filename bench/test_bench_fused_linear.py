@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench import common
-from bench.common import Case
-from bench.runner import run_case
+from . import common
+from .common import Case
+from .runner import run_case
 
 BENCH_OPS = ("fused_linear_kd", "linear_ce")
 
@@ -84,6 +84,11 @@ common.register(
         # of the case above already shows that no [N, V] tensor is held.
     ],
     quick=[Case("fused_linear_kd", 64, 1000, "fp32", params=(("temperature", 2.0), ("H", 64)), headline=True)],
+    # V from 4k to 64k at N = 1024 (H = 1024): the GEMMs dominate, so 128k would double the
+    # sweep's time on 2 cores for little more information.
+    sweep=common.sweep(Case("fused_linear_kd", 1024, 32000, "fp32"), [(1024, 4096), (1024, 16384), (1024, 32000), (1024, 65536)]),
+    # fastkd bench --quick on CPU: N = 256 (the eager composite takes ~10 s a call at 8192).
+    cpu_quick_size=(256, 32000),
 )
 
 

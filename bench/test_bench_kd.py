@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench import common
-from bench.common import STANDARD_TARGETS, Case
-from bench.runner import run_case
+from . import common
+from .common import STANDARD_TARGETS, Case
+from .runner import run_case
 
 BENCH_OPS = ("kd",)
 
@@ -31,6 +31,8 @@ def kd_fused(s: torch.Tensor, t: torch.Tensor, *, backend: str, temperature: flo
 
     return fastkd.kd_loss(s, t, temperature, backend=backend)
 
+
+HEADLINE = Case("kd", 2048, 32000, "fp32", headline=True, targets=STANDARD_TARGETS)
 
 common.register(
     common.Op(
@@ -51,7 +53,7 @@ common.register(
     ),
     # The headline first; the others change the row/vocabulary balance and the dtype.
     full=[
-        Case("kd", 2048, 32000, "fp32", headline=True, targets=STANDARD_TARGETS),
+        HEADLINE,
         Case("kd", 4096, 8192, "fp32"),
         Case("kd", 512, 131072, "fp32"),
         Case("kd", 2048, 32000, "bf16", targets=(("fastkd-cpu", "pct_bound", ">=", 70.0, "bf16: ≥ 70 % of the memory-traffic bound"),)),
@@ -61,6 +63,8 @@ common.register(
         Case("kd", 64, 1000, "fp32", headline=True, targets=STANDARD_TARGETS),
         Case("kd", 32, 517, "bf16"),
     ],
+    sweep=common.sweep(HEADLINE, common.LOGIT_SWEEP),
+    cpu_quick_size=common.LOGIT_CPU_QUICK,
 )
 
 

@@ -17,9 +17,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from bench import common
-from bench.common import STANDARD_TARGETS, Case
-from bench.runner import run_case
+from . import common
+from .common import STANDARD_TARGETS, Case
+from .runner import run_case
 
 # (op name, divergence, beta or None, the composite as the report shows it)
 DIVERGENCES = (
@@ -121,6 +121,7 @@ _TRAFFIC_NOTE = (
 )
 
 for _name, _div, _beta, _text in DIVERGENCES:
+    _head = Case(_name, 2048, 32000, "fp32", params=_params(_beta), headline=True, targets=STANDARD_TARGETS)
     common.register(
         common.Op(
             name=_name,
@@ -131,8 +132,10 @@ for _name, _div, _beta, _text in DIVERGENCES:
             traffic_note=_TRAFFIC_NOTE,
             composite_text=_text,
         ),
-        full=[Case(_name, 2048, 32000, "fp32", params=_params(_beta), headline=True, targets=STANDARD_TARGETS)],
+        full=[_head],
         quick=[Case(_name, 64, 1001, "fp32", params=_params(_beta), headline=True, targets=STANDARD_TARGETS)],
+        sweep=common.sweep(_head, common.LOGIT_SWEEP),
+        cpu_quick_size=common.LOGIT_CPU_QUICK,
     )
 
 
@@ -170,6 +173,7 @@ def _ensemble_traffic(case: Case) -> dict:
 
 
 _ENSEMBLE_PARAMS = (("temperature", 2.0), ("M", N_TEACHERS))
+_ENSEMBLE_HEAD = Case("kd_ensemble", 2048, 32000, "fp32", params=_ENSEMBLE_PARAMS, headline=True, targets=STANDARD_TARGETS)
 
 common.register(
     common.Op(
@@ -188,8 +192,10 @@ common.register(
         ),
         inputs=ensemble_inputs,
     ),
-    full=[Case("kd_ensemble", 2048, 32000, "fp32", params=_ENSEMBLE_PARAMS, headline=True, targets=STANDARD_TARGETS)],
+    full=[_ENSEMBLE_HEAD],
     quick=[Case("kd_ensemble", 33, 517, "fp32", params=_ENSEMBLE_PARAMS, headline=True, targets=STANDARD_TARGETS)],
+    sweep=common.sweep(_ENSEMBLE_HEAD, common.LOGIT_SWEEP),
+    cpu_quick_size=common.LOGIT_CPU_QUICK,
 )
 
 

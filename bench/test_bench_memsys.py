@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import common
-from bench.runner import copy_probe
+from . import common
+from .runner import copy_probe
 
 
 def test_memsys_copy_start(benchmark, memsys_device, budget):
@@ -17,7 +17,7 @@ def test_memsys_copy_start(benchmark, memsys_device, budget):
     if memsys_device == "cpu":
         # Validate the memory probes on this run's own shapes: one kept N x V tensor must read 1.
         seen = {}
-        for case in common.QUICK_CASES if common.NOTES.quick else common.FULL_CASES:
+        for case in common.SELECTED_CASES:
             key = (case.n, case.v, case.dtype)
             if key not in seen:
                 seen[key] = common.memory_calibration(case.n, case.v, case.torch_dtype)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench import common
-from bench.common import Case
-from bench.runner import run_case
+from . import common
+from .common import Case
+from .runner import run_case
 
 BENCH_OPS = ("rkd_distance", "rkd_angle", "sp", "pkt")
 
@@ -171,7 +171,18 @@ QUICK = {
     ))],
 }
 
+# The sweep: B from 64 to 2048 at the headline's D and Dt; RKD angle's composite stops at B = 512
+# ([B, B, D] and [B, B, B] tensors), fastkd alone runs beyond.
+SWEEP = {
+    "rkd_distance": ([64, 256, 1024, 2048], None),
+    "sp": ([64, 256, 1024, 2048], None),
+    "pkt": ([64, 256, 1024, 2048], None),
+    "rkd_angle": ([64, 128, 256, 512, 1024, 2048], 4),
+}
+
 for _name, _title, _composite, _text in OPS:
+    _head = FULL[_name][0]
+    _bs, _fused_only_from = SWEEP[_name]
     common.register(
         common.Op(
             name=_name,
@@ -185,6 +196,9 @@ for _name, _title, _composite, _text in OPS:
         ),
         full=FULL[_name],
         quick=QUICK[_name],
+        sweep=common.sweep(_head, [(b, _head.v) for b in _bs], fused_only_from=_fused_only_from),
+        # fastkd bench --quick on CPU: RKD angle at B = 128 (its composite takes ~10 s a call at 512).
+        cpu_quick_size=(128, 512) if _name == "rkd_angle" else None,
     )
 
 

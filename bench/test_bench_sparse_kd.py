@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench import common
-from bench.common import STANDARD_TARGETS, Case
-from bench.runner import run_case
+from . import common
+from .common import STANDARD_TARGETS, Case
+from .runner import run_case
 
 BENCH_OPS = ("sparse_kd",)
 TOP_K = 64
@@ -55,6 +55,7 @@ def _traffic(case: Case) -> dict:
 
 
 _PARAMS = (("temperature", 2.0), ("k", TOP_K))
+_HEAD = Case("sparse_kd", 2048, 32000, "fp32", params=_PARAMS, headline=True, targets=STANDARD_TARGETS)
 
 common.register(
     common.Op(
@@ -74,8 +75,10 @@ common.register(
         ),
         inputs=sparse_inputs,
     ),
-    full=[Case("sparse_kd", 2048, 32000, "fp32", params=_PARAMS, headline=True, targets=STANDARD_TARGETS)],
+    full=[_HEAD],
     quick=[Case("sparse_kd", 64, 1001, "fp32", params=_PARAMS, headline=True, targets=STANDARD_TARGETS)],
+    sweep=common.sweep(_HEAD, common.LOGIT_SWEEP),
+    cpu_quick_size=common.LOGIT_CPU_QUICK,
 )
 
 

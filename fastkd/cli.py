@@ -6,6 +6,9 @@ any) over the embedded defaults, then the flags over the file. With no arguments
 default job (ensemble distillation on scikit-learn's digits). ``--resume`` continues the run in
 ``--out`` (or in DIR) from its last checkpoint; the saved config is used when no file is given.
 
+``fastkd bench [--ops ...] [--quick] [--device cpu|cuda] [--dtype ...] [--shapes NxV,...] [--out DIR]``
+runs the kernel microbenchmarks on this machine (see ``fastkd/bench_cli.py``).
+
 A configuration problem prints one line ``fastkd: error: ...`` and exits with status 2.
 """
 
@@ -45,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set train.lr=0.001 (TOML value syntax)")
+    from fastkd import bench_cli
+
+    bench_cli.add_parser(sub)
     return p
 
 
@@ -90,6 +96,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command is None:
             build_parser().print_help()
             return EXIT_CONFIG
+        if args.command == "bench":
+            from fastkd import bench_cli
+
+            return bench_cli.run(args, argv[1:])
         cfg, resume = config_from_args(args)
         from fastkd.engine.runner import run_job
 

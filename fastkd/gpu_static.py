@@ -413,8 +413,60 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _frontend_job(job: Dict[str, Any]) -> Dict[str, Any]:
+    """Lowers one launch to Triton IR under torch.compile's argument types, stopping there.
+
+    Inductor types a Python float passed to a user's Triton kernel as fp64 (torch/_inductor/
+    codegen/triton_utils.py, signature_of), where a direct launch gives fp32. A kernel that mixes
+    such a scalar into a float32 loop-carried value then fails to compile under torch.compile
+    alone, on a GPU (first seen on an H200). Typing is settled in the front end, so the later
+    stages (LLVM, ptxas) add nothing here and are skipped. Lowered with the direct launch's
+    types too, to compare the fp64 arithmetic of both.
+    """
+    from triton._C.libtriton import ir
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+
+    result = dict(job["record"])
+    t0 = time.perf_counter()
+    try:
+        module = importlib.import_module(job["module"])
+        kernel = getattr(module, job["kernel"])
+        constexprs = {tuple(k): v for k, v in job["constexprs"]}
+        attrs = {tuple(k): v for k, v in job["attrs"]}
+        target = GPUTarget("cuda", job["arch"], 32)
+        backend = make_backend(target)
+
+        def f64_ops(signature) -> List[str]:
+            src = ASTSource(kernel, signature, constexprs, attrs)
+            options = backend.parse_options(dict(job["options"], **src.parse_options()))
+            context = ir.context()
+            ir.load_dialects(context)
+            backend.load_dialects(context)
+            ttir = src.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(), context)
+            return [ln.strip() for ln in str(ttir).splitlines() if "f64" in ln and "tt.func" not in ln
+                    and not re.search(r"arith\.truncf %\w+ : f64 to f32", ln)]
+
+        compiled_typing = f64_ops(job["signature"])
+        result["lowered"] = True
+        # A kernel may compute in fp64 on purpose; more fp64 than under a direct launch's types
+        # means a float scalar left uncast (kernels/__init__.py).
+        extra = len(compiled_typing) - len(f64_ops(job["eager_signature"]))
+        if extra > 0:
+            result["error"] = (f"{extra} more fp64 ops than a direct launch compiles (a float scalar not cast to "
+                               "fp32), e.g. " + " | ".join(compiled_typing[:3])[:600])
+    except Exception as exc:  # noqa: BLE001 - a compile error is a result, reported per launch
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        result["error"] = f"{type(exc).__name__}: " + " | ".join(lines[-6:])[:1500]
+    result["compile_s"] = round(time.perf_counter() - t0, 3)
+    _write_atomic(Path(job["cache_dir"]) / f"{job['key']}.json", json.dumps(result, sort_keys=True).encode())
+    return result
+
+
 def _compile_job(job: Dict[str, Any]) -> Dict[str, Any]:
     """Compiles one launch for one architecture (in a worker process) and reads its resources."""
+    if job.get("frontend"):
+        return _frontend_job(job)
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -449,9 +501,12 @@ def _compile_job(job: Dict[str, Any]) -> Dict[str, Any]:
     return result
 
 
-def _plan(launches, archs, cache: Path, results: List[Dict[str, Any]], todo: List[Dict[str, Any]]) -> None:
-    """For each launch and arch: its cached result into ``results``, or a compile job into ``todo``."""
+def _plan(launches, archs, cache: Path, results: List[Dict[str, Any]], frontend: List[Dict[str, Any]],
+          todo: List[Dict[str, Any]]) -> None:
+    """For each launch and arch: its cached result into ``results``, or a compile job into
+    ``todo``; likewise, once a launch, its torch.compile-typed lowering into ``frontend``."""
     for _, launch in launches:
+        spec = None
         for arch in archs:
             record = {
                 "module": launch.kernel.fn.__module__, "kernel": launch.kernel.fn.__name__, "label": launch.label,
@@ -462,6 +517,7 @@ def _plan(launches, archs, cache: Path, results: List[Dict[str, Any]], todo: Lis
                 spec = _specialize(launch, arch)
             except Exception as exc:  # noqa: BLE001
                 results.append(dict(record, error=f"{type(exc).__name__}: {exc}", cached=False))
+                spec = None
                 continue
             record["signature"] = ", ".join(
                 f"{k}={spec['constexprs'].get((i,), '?')!r}" if v == "constexpr" else f"{k}:{v}"
@@ -483,6 +539,36 @@ def _plan(launches, archs, cache: Path, results: List[Dict[str, Any]], todo: Lis
                 "attrs": [[list(k), v] for k, v in spec["attrs"].items()], "options": spec["options"],
                 "key": key, "cache_dir": str(cache),
             })
+        if spec is not None and any(_is_float_scalar(v) for v in spec["signature"].values()):
+            _plan_frontend(launch, spec, archs[-1], record, cache, frontend, todo)
+
+
+def _is_float_scalar(typ: str) -> bool:
+    return typ in ("fp32", "fp16", "bf16")
+
+
+def _plan_frontend(launch, spec, arch, record, cache: Path, frontend: List[Dict[str, Any]], todo: List[Dict[str, Any]]) -> None:
+    """The launch again with its float scalars typed as torch.compile types them (fp64): see
+    :func:`_frontend_job`. One arch: typing does not depend on it."""
+    eager_signature = spec["signature"]
+    signature = {k: ("fp64" if _is_float_scalar(v) else v) for k, v in eager_signature.items()}
+    spec = dict(spec, signature=signature)
+    key = _cache_key(launch, spec, arch) + "-frontend"
+    record = {k: record[k] for k in ("module", "kernel", "label", "variant")}
+    record["arch"] = arch
+    hit = cache / f"{key}.json"
+    if hit.exists():
+        try:
+            frontend.append(dict(json.loads(hit.read_text()), **record, cached=True))
+            return
+        except (OSError, ValueError):
+            pass
+    todo.append({
+        "frontend": True, "record": record, "module": record["module"], "kernel": record["kernel"], "arch": arch,
+        "signature": signature, "eager_signature": eager_signature, "constexprs": [[list(k), v] for k, v in spec["constexprs"].items()],
+        "attrs": [[list(k), v] for k, v in spec["attrs"].items()], "options": spec["options"],
+        "key": key, "cache_dir": str(cache),
+    })
 
 
 def check_triton(
@@ -506,11 +592,12 @@ def check_triton(
         launches, problems = discover_triton()
 
     results: List[Dict[str, Any]] = []
+    frontend: List[Dict[str, Any]] = []
     todo: List[Dict[str, Any]] = []
     jit_modules = {m for m in sys.modules if m.startswith(_kernels_package().__name__)}
     jit_modules |= {l.kernel.fn.__module__ for _, l in launches}
     with _keys_without_line_numbers(jit_modules):
-        _plan(launches, archs, cache, results, todo)
+        _plan(launches, archs, cache, results, frontend, todo)
 
     n_jobs = jobs or default_jobs()
     # Largest integer constexprs (block sizes) first: those compile longest, and a pool ends
@@ -539,17 +626,21 @@ def check_triton(
                 os.environ.pop("TRITON_CACHE_DIR", None)
             else:
                 os.environ["TRITON_CACHE_DIR"] = old
-    results += [dict(r, cached=False) for r in fresh]
+    for job, r in zip(todo, fresh):
+        (frontend if job.get("frontend") else results).append(dict(r, cached=False))
     for r in results:
         if "regs" in r:
             r["shared"] = r["shared_static"] + r["shared_dynamic"]
             r["occupancy"] = occupancy(r["arch"], r["regs"], r["threads"], r["shared"])
     order = {(l.kernel.fn.__module__, l.label, l.variant): i for i, (_, l) in enumerate(launches)}
     results.sort(key=lambda r: (order.get((r["module"], r["label"], r["variant"]), 0), r["arch"]))
+    frontend.sort(key=lambda r: order.get((r["module"], r["label"], r["variant"]), 0))
     return {
         "launches": results,
+        "torch_compile_typing": frontend,
         "problems": problems,
-        "compiled": len(todo),
+        "compiled": sum(1 for j in todo if not j.get("frontend")),
+        "lowered": sum(1 for j in todo if j.get("frontend")),
         "cached": sum(1 for r in results if r.get("cached")),
         "compile_wall_s": round(time.perf_counter() - t0, 1),
         "jobs": n_jobs,
@@ -817,6 +908,12 @@ def problems(report: Dict[str, Any]) -> Dict[str, List[str]]:
             out["spill"].append(f"{where}: {r['regs']} registers, STACK {r['stack']} B, LOCAL {r['local']} B")
         if r["occupancy"]["blocks"] == 0:
             out["launch"].append(f"{where}: cannot start ({r['occupancy']['limiter']})")
+    for r in tk.get("torch_compile_typing", []):
+        if "error" in r:
+            out["compile"].append(
+                f"{r['kernel']} [{r['label']}; {r['variant']}] with torch.compile's argument types "
+                f"(Python floats as fp64): {r['error']}"
+            )
     ck = report.get("cuda_kernels") or {}
     for kind, message in ck.get("problems", []):
         out[kind].append(message)
@@ -1052,6 +1149,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         ck = report["cuda_kernels"] or {}
         print(f"fastkd.gpu_static: {len(tk['launches'])} Triton compilations ({tk['compiled']} now with {tk['jobs']} "
               f"processes in {tk['compile_wall_s']} s, {tk['cached']} cached in {tk['cache_dir']}); "
+              f"{len(tk.get('torch_compile_typing', []))} lowered with torch.compile's argument types; "
               f"{len(ck.get('kernels', []))} CUDA kernels; {report['elapsed_s']} s")
         for kind, ps in probs.items():
             for p in ps:

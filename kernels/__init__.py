@@ -23,6 +23,12 @@ it, with no change to the test or the report:
   each ``tl.constexpr``. Triton specialises on the values of integers (an int equal to 1 becomes
   a constant; one divisible by 16 lets loads vectorise), so choose them as real launches would,
   and add a launch with a non-multiple of 16 where the row length can be one.
+* A float scalar parameter is cast to fp32 on the kernel's first lines, with
+  ``x = tl.cast(x, tl.float32)`` (the interpreter passes a Python float, which has no ``.to``).
+  A direct launch types a Python float as fp32, but torch.compile, which launches these kernels
+  from the graphs it traces, types it as fp64: without the cast, a loop-carried fp32 value
+  updated with such a scalar fails to compile, and other arithmetic silently runs in fp64 (slow
+  on most GPUs). The test lowers every launch with fp64 scalars as well and fails on either.
 * If literally every combination is too slow to compile (the whole check must stay within a few
   minutes of ``make test`` on 2 cores), reduce it the way ``kernels/kd.py`` does and say in that
   module's ``static_launches`` docstring exactly what is covered and what is not.

@@ -113,6 +113,11 @@ def _dkd_forward_kernel(
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
+    # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
+    alpha = tl.cast(alpha, tl.float32)
+    beta = tl.cast(beta, tl.float32)
+    temperature = tl.cast(temperature, tl.float32)
+    x_scale = tl.cast(x_scale, tl.float32)
     LN2: tl.constexpr = 0.6931471805599453
     NEG_INF: tl.constexpr = float("-inf")
 

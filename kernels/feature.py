@@ -217,6 +217,8 @@ def _hint_kernel(
     COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
+    grad_coef = tl.cast(grad_coef, tl.float32)
     pid = tl.program_id(0).to(tl.int64)
     row = pid // n_chunks
     offs = (pid % n_chunks) * BLOCK + tl.arange(0, BLOCK)
@@ -300,6 +302,9 @@ def _at_channel_mean_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
+    # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
+    inv_c = tl.cast(inv_c, tl.float32)
+    p = tl.cast(p, tl.float32)
     pid = tl.program_id(0).to(tl.int64)
     row = pid // n_jb
     j = (pid % n_jb) * BLOCK_J + tl.arange(0, BLOCK_J)
@@ -329,6 +334,8 @@ def _at_grad_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
+    # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
+    p = tl.cast(p, tl.float32)
     pid = tl.program_id(0).to(tl.int64)
     row = pid // (n_jb * n_cb)
     rest = pid % (n_jb * n_cb)

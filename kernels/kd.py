@@ -130,6 +130,12 @@ def _kd_forward_kernel(
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
+    # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
+    hard_weight = tl.cast(hard_weight, tl.float32)
+    soft_grad_coef = tl.cast(soft_grad_coef, tl.float32)
+    soft_loss_coef = tl.cast(soft_loss_coef, tl.float32)
+    soft_loss_t = tl.cast(soft_loss_t, tl.float32)
+    x_scale = tl.cast(x_scale, tl.float32)
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
     NEG_INF: tl.constexpr = float("-inf")
@@ -355,6 +361,16 @@ def _kd_div_kernel(
     where their weight (p or q) is nonzero. Memory traffic: read 3 (M+1) N V (passes 2 and 3
     re-read the row, from L2 where it stays), write N V.
     """
+    # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
+    beta = tl.cast(beta, tl.float32)
+    hard_weight = tl.cast(hard_weight, tl.float32)
+    log2_1mb = tl.cast(log2_1mb, tl.float32)
+    log2_b = tl.cast(log2_b, tl.float32)
+    log2_uniform = tl.cast(log2_uniform, tl.float32)
+    soft_grad_coef = tl.cast(soft_grad_coef, tl.float32)
+    soft_loss_coef = tl.cast(soft_loss_coef, tl.float32)
+    soft_loss_t = tl.cast(soft_loss_t, tl.float32)
+    x_scale = tl.cast(x_scale, tl.float32)
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
     NEG_INF: tl.constexpr = float("-inf")

@@ -157,6 +157,9 @@ def _pair_sq_dist_kernel(
     BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
+    scale = tl.cast(scale, tl.float32)
+    tau = tl.cast(tau, tl.float32)
     i = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK).to(tl.int64)
     g_i = tl.load(gram_ptr + i * (n + 1)).to(tl.float64)
@@ -424,6 +427,8 @@ def _angle_assemble_kernel(
     scale,  # 2 / B³
     BLOCK: tl.constexpr,
 ):
+    # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
+    scale = tl.cast(scale, tl.float32)
     j = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK).to(tl.int64)
     acc_s = tl.zeros((BLOCK,), tl.float32)
@@ -486,6 +491,8 @@ def _sp_rows_kernel(
     COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
+    k = tl.cast(k, tl.float32)
     i = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK).to(tl.int64)
     acc_s = tl.zeros((BLOCK,), tl.float32)
@@ -571,6 +578,9 @@ def _pkt_rows_kernel(
     COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
+    eps = tl.cast(eps, tl.float32)
+    inv_b2 = tl.cast(inv_b2, tl.float32)
     i = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK).to(tl.int64)
     ns_i = tl.sqrt(tl.load(gs_ptr + i * (n + 1))) + eps
@@ -621,6 +631,8 @@ def _pkt_grad_kernel(
     eps,
     BLOCK: tl.constexpr,
 ):
+    # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
+    eps = tl.cast(eps, tl.float32)
     i = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK).to(tl.int64)
     root_i = tl.sqrt(tl.load(gs_ptr + i * (n + 1)))

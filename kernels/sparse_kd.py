@@ -130,6 +130,13 @@ def _sparse_kd_forward_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
+    hard_weight = tl.cast(hard_weight, tl.float32)
+    inv_t = tl.cast(inv_t, tl.float32)
+    soft_grad_coef = tl.cast(soft_grad_coef, tl.float32)
+    soft_loss_coef = tl.cast(soft_loss_coef, tl.float32)
+    soft_loss_t = tl.cast(soft_loss_t, tl.float32)
+    x_scale = tl.cast(x_scale, tl.float32)
     LOG2E: tl.constexpr = 1.4426950408889634
     LN2: tl.constexpr = 0.6931471805599453
     NEG_INF: tl.constexpr = float("-inf")

@@ -1,8 +1,9 @@
 """GPU readiness without a GPU (fastkd/gpu_static.py).
 
 Every Triton launch the launchers can make (``static_launches()`` of each ``kernels/<family>.py``)
-must compile for sm_80 and sm_90 with no register spill, and so must every CUDA kernel in the
-compiled extension; the checker itself must catch a spill and a compile error. Nothing here needs a
+must compile for sm_80 and sm_90 with no register spill, and lower with torch.compile's argument
+types (Python floats as fp64) to no more fp64 arithmetic than a direct launch; every CUDA kernel in
+the compiled extension must compile with no spill; the checker itself must catch each failure. Nothing here needs a
 GPU or the network. The first run compiles a few hundred kernels (minutes on 2 cores); later runs
 read them from ``.gpu-static-cache/`` (``make clean`` removes it).
 """
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton", reason="Triton is not installed: there are no Triton kernels to compile")
+import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from fastkd import gpu_static  # noqa: E402
@@ -122,6 +124,50 @@ def deliberate_failures():
         dataclasses.replace(base, num_warps=1, label="spill demo: BLOCK_V=4096 at 1 warp"),
         dataclasses.replace(base, args={**base.args, "BLOCK_V": 3000}, label="error demo: BLOCK_V=3000"),
     ]
+
+
+@triton.jit
+def _uncast_loop_demo(x_ptr, out_ptr, n, scale, BLOCK: tl.constexpr):
+    # fp32 accumulator updated with an uncast scalar: fine launched directly, a compile error
+    # under torch.compile (scale arrives as fp64), as _kd_forward_kernel was on an H200.
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc = acc + tl.load(x_ptr + offs, mask=offs < n, other=0.0) * scale
+    tl.store(out_ptr + tl.arange(0, BLOCK), acc)
+
+
+@triton.jit
+def _uncast_scale_demo(x_ptr, out_ptr, n, scale, BLOCK: tl.constexpr):
+    # Compiles either way, but under torch.compile the product is computed in fp64.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * scale, mask=offs < n)
+
+
+@triton.jit
+def _cast_scale_demo(x_ptr, out_ptr, n, scale, BLOCK: tl.constexpr):
+    scale = tl.cast(scale, tl.float32)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) * scale, mask=offs < n)
+
+
+def scalar_typing_demos():
+    from fastkd.kernels import StaticLaunch
+
+    args = dict(x_ptr=torch.float32, out_ptr=torch.float32, n=1000, scale=0.5, BLOCK=128)
+    return [StaticLaunch(k, args, 4, k.fn.__name__) for k in (_uncast_loop_demo, _uncast_scale_demo, _cast_scale_demo)]
+
+
+def test_checker_flags_uncast_float_scalars():
+    demo = gpu_static.collect(select=f"{__name__}:scalar_typing_demos", pythonpath=[str(Path(__file__).parent)], cuda=False)
+    assert not any("error" in r for r in demo["triton_kernels"]["launches"]), "all three compile when launched directly"
+    typing = {r["kernel"]: r for r in demo["triton_kernels"]["torch_compile_typing"]}
+    assert set(typing) == {"_uncast_loop_demo", "_uncast_scale_demo", "_cast_scale_demo"}
+    assert "Loop-carried variable acc" in typing["_uncast_loop_demo"]["error"], typing["_uncast_loop_demo"]
+    assert "more fp64 ops than a direct launch" in typing["_uncast_scale_demo"]["error"], typing["_uncast_scale_demo"]
+    assert "error" not in typing["_cast_scale_demo"], typing["_cast_scale_demo"]
+    flagged = gpu_static.problems(demo)["compile"]
+    assert len(flagged) == 2 and all("torch.compile's argument types" in p for p in flagged), flagged
 
 
 def test_checker_flags_a_spill_and_a_compile_error(report):

@@ -31,7 +31,7 @@ BENCH_OUT := .bench/make-bench
 bench: build
 	rm -rf $(BENCH_OUT)
 	$(PY) -m fastkd bench --suite report --device all --out $(BENCH_OUT) $(ARGS)
-	$(PY) -m bench.report --from-json $(BENCH_OUT)/results.json --gpu-static --out BENCHMARKS.md
+	$(PY) -m bench.report --from-json $(BENCH_OUT)/results.json --gpu-static --gpu-runs $(wildcard bench/measured/*.json) --out BENCHMARKS.md
 	cp $(BENCH_OUT)/overview.png docs/bench-overview.png
 
 venv: $(STAMPS)/venv

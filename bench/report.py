@@ -509,6 +509,63 @@ def render(data: Dict, command: str, elapsed_s: Optional[float], gpu_static: boo
     return "\n".join(L)
 
 
+def render_gpu_runs(paths: List[Path]) -> str:
+    """A section for GPU runs kept in the repository (``bench/measured/*.json``, each the
+    ``results.json`` of a ``fastkd bench`` run on a machine with a GPU), so that BENCHMARKS.md
+    shows GPU figures although the machine that runs ``make bench`` has no GPU."""
+    from fastkd.bench_cli import summary_rows
+
+    L: List[str] = ["## Measured on a GPU (committed runs)", ""]
+    if not paths:
+        return "\n".join(L + ["None yet: `fastkd bench --device cuda --out DIR` on a GPU host, then keep "
+                               "`DIR/results.json` as `bench/measured/<gpu>-<date>.json`.", ""])
+    L += ["Each run below was measured on another machine and kept as `bench/measured/<file>`; "
+          "`make bench` copies it here unchanged. Ratios are between providers timed back to back in "
+          "that run. % of bound: the fused pass's time against its bytes moved at the copy bandwidth "
+          "measured in the same run.", ""]
+    for path in paths:
+        r = json.loads(Path(path).read_text())
+        m = r.get("machine", {})
+        bw = (r.get("bandwidth_bytes_per_s") or {}).get("cuda")
+        L.append(f"### {m.get('gpu', '?')}: `{r.get('command', '?')}` (`{Path(path).name}`)")
+        L.append("")
+        L.append(f"{m.get('date_utc', '?')}; torch {m.get('torch', '?')}; git {m.get('git_commit', '?')}"
+                 f"{' (+ uncommitted changes)' if m.get('git_dirty') else ''}"
+                 + (f"; copy bandwidth {bw / 1e9:.0f} GB/s (read + write)" if bw else "") + ".")
+        if r.get("note"):
+            L += ["", r["note"]]
+        L.append("")
+        header, rows = summary_rows(r)
+        L.append("Forward+backward medians, ms; last column: the best fastkd backend's speed-up over `torch.compile`.")
+        L.append("")
+        L.append("| " + " | ".join(header) + " |")
+        L.append("|" + "---|" * len(header))
+        L += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+        L.append("")
+        L.append("Per pass, fastkd's CUDA backend (the fused forward computes the gradient; the backward "
+                 "scales it by grad_output):")
+        L.append("")
+        L.append("| op | fwd ms | fwd % of bound | bwd ms | fwd+bwd ms | fwd+bwd % of bound | grad error vs fp32 composite | check |")
+        L.append("|---|---|---|---|---|---|---|---|")
+        for e in r["results"]:
+            if e["provider"] != "fastkd-cuda":
+                continue
+            f, b, fb = e.get("fwd") or {}, e.get("bwd") or {}, e.get("fwdbwd") or {}
+
+            def ms(d):
+                return f"{d['median_ms']:.3f}" if d.get("median_ms") is not None else "n/a"
+
+            def pct(d):
+                return f"{d['pct_bound']:.1f} %" if d.get("pct_bound") is not None else "n/a"
+
+            err = e.get("grad_rel_err")
+            L.append(f"| {e['op']} | {ms(f)} | {pct(f)} | {ms(b)} | {ms(fb)} | {pct(fb)} | "
+                     f"{err:.1e} | {'ok' if e.get('check_ok') else '⚠'} |" if err is not None else
+                     f"| {e['op']} | {ms(f)} | {pct(f)} | {ms(b)} | {ms(fb)} | {pct(fb)} | n/a | {'ok' if e.get('check_ok') else '⚠'} |")
+        L.append("")
+    return "\n".join(L)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes, few rounds (smoke test, seconds)")
@@ -522,6 +579,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--cases", default="", help="passed to --bench-cases")
     ap.add_argument("--providers", default="", help="passed to --bench-providers")
     ap.add_argument("--no-gpu-static", action="store_true", help="skip the static GPU kernel report")
+    ap.add_argument("--gpu-runs", nargs="*", default=[], metavar="RESULTS_JSON",
+                    help="results.json files of fastkd bench runs on GPU hosts to include (make bench: bench/measured/*.json)")
     args = ap.parse_args(argv)
 
     shown = "python -m bench.report" + (" --quick" if args.quick else "")
@@ -559,6 +618,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(data, indent=1))
     text = render(data, shown, elapsed)
+    if args.gpu_runs:
+        text = text.rstrip("\n") + "\n\n" + render_gpu_runs(sorted(Path(p) for p in args.gpu_runs))
     out = Path(args.out)
     out.write_text(text + "\n")
     print(f"bench.report: wrote {out}")

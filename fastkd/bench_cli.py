@@ -399,7 +399,7 @@ def _providers_in(results: Dict) -> List[str]:
     return sorted(seen, key=lambda p: (PROVIDER_ORDER.index(p) if p in PROVIDER_ORDER else 99, p))
 
 
-def _summary_rows(results: Dict):
+def summary_rows(results: Dict):
     provs = _providers_in(results)
     by_case: Dict[str, Dict[str, Dict]] = {}
     for r in results["results"]:
@@ -444,7 +444,7 @@ def _notes_lines(results: Dict, peers: bool = True) -> List[str]:
 
 
 def summary_text(results: Dict) -> str:
-    header, rows = _summary_rows(results)
+    header, rows = summary_rows(results)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
     fmt = lambda cells: "  ".join(str(c).rjust(w) if i >= 4 else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     out = ["fwd+bwd median, ms (lower is better); last column: the best fastkd backend's speed-up over torch.compile",
@@ -455,7 +455,7 @@ def summary_text(results: Dict) -> str:
 
 
 def summary_markdown(results: Dict) -> str:
-    header, rows = _summary_rows(results)
+    header, rows = summary_rows(results)
     L = ["## Summary", "",
          "Forward+backward medians in ms (lower is better); the last column is the best fastkd backend's "
          "speed-up over `torch.compile`. A `*` marks a provider that failed on one of the passes. Every "

@@ -1004,6 +1004,12 @@ def render_markdown(report: Optional[Dict[str, Any]], heading: str = "##") -> st
       "combinations are compiled). CUDA C++ kernels: every kernel in the compiled extension `fastkd/_C`, "
       "at each block size its launcher chooses from.")
     w("")
+    n_typed = len(tk.get("torch_compile_typing", []))
+    if n_typed:
+        w(f"Every Triton launch with float arguments ({n_typed}) is also lowered to Triton IR with the "
+          "types torch.compile gives them (a Python float as fp64, where a direct launch passes fp32): it "
+          "must compile and do no more fp64 arithmetic than the direct launch (`kernels/__init__.py`).")
+        w("")
     w("*Registers* are per thread; *stack* (spill stack) and *local* are bytes of local memory per "
       "thread, which must be 0 (`tests/test_gpu_static.py` fails otherwise); *shared* is static "
       "shared memory plus, for Triton, the dynamic shared memory its launch requests, per block. "
@@ -1027,7 +1033,7 @@ def render_markdown(report: Optional[Dict[str, Any]], heading: str = "##") -> st
             w(f"- … and {len(bad) - 40} more (run `python -m fastkd.gpu_static`)")
     else:
         w("**No problems:** every launch compiled for every architecture, with no spill, and every "
-          "block fits on an SM.")
+          "block fits on an SM" + (", and lowered with torch.compile's types." if n_typed else "."))
     w("")
 
     summary = summary_rows(report)

@@ -16,7 +16,8 @@ An op whose loss is always a scalar (the relational losses: one number per batch
 The backward, three cases:
 
 * ordinary ``backward()``: multiply the saved gradient by ``grad_output`` and nothing else (no
-  host synchronisation; on CPU a ``grad_output`` of exactly 1 skips even the multiply). The
+  host synchronisation; a scalar ``grad_output`` of exactly 1 skips even the multiply: on CPU
+  read directly, on a GPU by a kernel that reads it on the device, ``kernels/scale.py``). The
   saved buffer is handed out once and may be scaled in place, so no second ``[N, V]`` tensor is
   allocated.
 * a second backward through a retained graph (``retain_graph=True``): the buffer was handed out,
@@ -141,6 +142,9 @@ class FusedLoss:
             # The common `loss.backward()`: nothing to scale. Reading a CPU scalar is no device
             # synchronisation, and it saves a read and write of the whole [N, V] gradient.
             return (grad,) + nothing[1:]
+        if not ctx.per_row and grad.is_cuda and grad.is_contiguous() and _scale_kernels() is not None:
+            # The same skip on the GPU, decided on the device (kernels/scale.py).
+            return (_scale_kernels().scale_unless_one_(grad, grad_loss),) + nothing[1:]
         return (grad.mul_(scale),) + nothing[1:]
 
     # -- registration ---------------------------------------------------------------------------
@@ -162,6 +166,16 @@ class FusedLoss:
         tri_op = getattr(torch.ops.fastkd, f"{self.name}_triton").default
         tri.register_autograd(self._backward, setup_context=self._setup_context(tri_op))
         return None
+
+
+_SCALE = []
+
+
+def _scale_kernels():
+    """kernels/scale.py, or None without Triton (the backward then multiplies with torch)."""
+    if not _SCALE:
+        _SCALE.append(import_triton("fastkd.kernels.scale")[0])
+    return _SCALE[0]
 
 
 def import_triton(module: str):

@@ -43,6 +43,7 @@ def _model_table(arch, hidden, channels, dropout, count=None):
     }
     if count is not None:
         t["count"] = Field("int", count, lo=1, doc="ensemble size (teachers trained from seeds seed+1000+i)")
+        t["epochs"] = Field("int", 0, lo=0, doc="epochs of the teachers' phase (0: train.epochs)")
         t["independent_batches"] = Field("bool", False, doc="each teacher its own batch order (default: only the init differs)")
     return t
 
@@ -123,6 +124,21 @@ DEFAULT_LOSS = {
     "self_distill": [{"kind": "kd", "temperature": 4.0}],
     "mutual": [{"kind": "ce"}, {"kind": "kd", "temperature": 1.0}],
     "stagewise": [],
+}
+
+
+# The language-model job, configs/lm.toml as a table: `fastkd distill --data lm` runs it with no
+# file at hand (an installed fastkd has no configs/ folder). tests/test_engine_lm.py checks that
+# the two are the same job.
+LM_JOB = {
+    "name": "lm", "method": "distill", "seed": 0,
+    "data": {"name": "lm", "documents": 40, "vocab_size": 8192, "context": 128, "val_fraction": 0.02,
+             "test_fraction": 0.08},
+    "teacher": {"arch": "gpt2", "n_layer": 4, "n_embd": 256, "n_head": 4, "count": 1, "epochs": 2},
+    "student": {"arch": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 2},
+    "train": {"epochs": 1, "batch_size": 8, "lr": 0.001, "warmup_steps": 20, "threads": 1, "checkpoint_every": 50,
+              "eval_every": 100, "measure_memory": True},
+    "loss": [{"kind": "kd", "temperature": 1.0, "hard_weight": 0.2, "fused_head": True}],
 }
 
 

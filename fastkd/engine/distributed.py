@@ -116,6 +116,25 @@ def no_sync(wrapped: nn.Module):
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def gathered(wrapped: nn.Module):
+    """Inside, a sharded model's parameters are whole, so that it can be run outside its
+    training forward (evaluation reads the model and its lm_head directly)."""
+    if not (world_size() > 1 and is_sharded(wrapped)):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = [m for m in wrapped.modules() if isinstance(m, FSDPModule)]
+    for m in groups:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in groups:
+            m.reshard()
+
+
 def clip_grad_norm(wrapped: nn.Module, params: List[torch.Tensor], max_norm: float) -> None:
     # Sharded gradients are DTensors: clip_grad_norm_ computes their global norm itself.
     torch.nn.utils.clip_grad_norm_(params, max_norm)

@@ -81,6 +81,8 @@ def _offline_transformers():
     import transformers
 
     transformers.logging.set_verbosity_error()
+    # Its loading bars would break the engine's one-line errors and clutter the job's output.
+    transformers.logging.disable_progress_bar()
     return transformers
 
 

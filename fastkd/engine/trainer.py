@@ -387,7 +387,11 @@ class PhaseRun:
                 reference = [Member(n, lambda n=n: self.by_name[n].model, False) if n in self.by_name
                              else Member(n, lambda n=n: self.teacher_models.get(n) or frozen_model(self.ctx, n))
                              for n in l.spec.reference]
-            m = self.task.evaluate(self.ctx.val, [Member(l.spec.name, lambda l=l: l.model, False)], reference, self.eval_cache)
+            with contextlib.ExitStack() as stack:
+                for other in self.learners:
+                    stack.enter_context(dist.gathered(other.wrapped))
+                m = self.task.evaluate(self.ctx.val, [Member(l.spec.name, lambda l=l: l.model, False)], reference,
+                                       self.eval_cache)
             line = {"phase": self.phase.name, "model": l.spec.name, "epoch": epoch + 1, "step": self.opt_steps, "split": "val",
                     "train_loss": l.loss_sum / max(1, l.loss_count), "terms": l.term_means()}
             line.update(m)

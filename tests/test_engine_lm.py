@@ -32,11 +32,12 @@ def write_corpus(folder, documents=9, words=45, seed=0):
 
 def tiny(corpus, **extra) -> dict:
     """Overrides that shrink configs/lm.toml to seconds: the corpus above, a 300-entry BPE,
-    windows of 16 tokens, 2-layer models (teacher 32 wide, student 16)."""
+    windows of 16 tokens, 2-layer models (teacher 32 wide, student 16) at a learning rate
+    tiny models take."""
     o = {"data.path": str(corpus), "data.vocab_size": 300, "data.context": 16,
-         "teacher.n_layer": 2, "teacher.n_embd": 32, "teacher.n_head": 2,
+         "teacher.n_layer": 2, "teacher.n_embd": 32, "teacher.n_head": 2, "teacher.epochs": 3,
          "student.n_layer": 2, "student.n_embd": 16, "student.n_head": 2,
-         "train.batch_size": 4, "train.epochs": 3, "train.warmup_steps": 2, "train.threads": 1,
+         "train.batch_size": 4, "train.epochs": 3, "train.warmup_steps": 2, "train.lr": 0.003, "train.threads": 1,
          "train.measure_memory": False, "train.checkpoint_every": 4, "train.eval_every": 0}
     o.update(extra)
     return o
@@ -117,26 +118,28 @@ def test_fused_head_equals_the_materialised_logits_on_a_batch(tmp_path, corpus):
     assert (y == -100).any() and (y != -100).any()
     with torch.no_grad():
         tv = task.view(teacher, task.forward(teacher, x), y)
-    results = []
-    for fused in (True, False):
-        student.zero_grad()
-        view = task.view(student, task.forward(student, x), y)
-        spec = dict(cfg["loss"][0], fused_head=fused, hard_weight=0.3)
-        term = KDTerm(spec, 0)
-        loss = term(StepOutputs(None, {}, view.labels, TeacherOutputs(None, [{}], hidden=[tv.hidden], heads=[tv.head]),
-                                torch.nn.ModuleDict(), hidden=view.hidden, head=view.head, masked=True))
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters()}))
-    (l_fused, g_fused), (l_mat, g_mat) = results
-    torch.testing.assert_close(l_fused, l_mat, rtol=1e-5, atol=1e-6)
-    for name in g_mat:
-        torch.testing.assert_close(g_fused[name], g_mat[name], rtol=1e-4, atol=1e-6, msg=name)
-    # The padded rows are left out: the loss equals the one over the valid rows alone.
-    keep = view.labels != -100
-    expected = KDTerm(dict(cfg["loss"][0], fused_head=False, hard_weight=0.3), 0)(StepOutputs(
-        view.head(view.hidden)[keep].detach(), {}, view.labels[keep], TeacherOutputs([tv.head(tv.hidden)[keep]]),
-        torch.nn.ModuleDict()))
-    torch.testing.assert_close(l_mat, expected, rtol=1e-5, atol=1e-6)
+    for hard_weight in (0.0, 0.3):
+        results = []
+        # The fused head in one chunk and in chunks of 7 rows (the last one short), then logits.
+        for fused, chunk in ((True, 0), (True, 7), (False, 0)):
+            student.zero_grad()
+            view = task.view(student, task.forward(student, x), y)
+            term = KDTerm(dict(cfg["loss"][0], fused_head=fused, hard_weight=hard_weight, chunk_size=chunk), 0)
+            loss = term(StepOutputs(None, {}, view.labels, TeacherOutputs(None, [{}], hidden=[tv.hidden], heads=[tv.head]),
+                                    torch.nn.ModuleDict(), hidden=view.hidden, head=view.head, masked=True))
+            loss.backward()
+            results.append((loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters()}))
+        l_mat, g_mat = results[-1]
+        for l_fused, g_fused in results[:-1]:
+            torch.testing.assert_close(l_fused, l_mat, rtol=1e-5, atol=1e-6)
+            for name in g_mat:
+                torch.testing.assert_close(g_fused[name], g_mat[name], rtol=1e-4, atol=1e-6, msg=name)
+        # The padded rows are left out: the loss equals the one over the valid rows alone.
+        keep = view.labels != -100
+        valid = KDTerm(dict(cfg["loss"][0], fused_head=False, hard_weight=hard_weight), 0)(StepOutputs(
+            view.head(view.hidden)[keep].detach(), {}, view.labels[keep], TeacherOutputs([tv.head(tv.hidden)[keep]]),
+            torch.nn.ModuleDict()))
+        torch.testing.assert_close(l_fused, valid, rtol=1e-5, atol=1e-6)
 
 
 def _cli(tmp_path, *args, timeout=300):

@@ -138,7 +138,7 @@ LM_JOB = {
     "student": {"arch": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 2},
     "train": {"epochs": 1, "batch_size": 8, "lr": 0.001, "warmup_steps": 20, "threads": 1, "checkpoint_every": 50,
               "eval_every": 100, "measure_memory": True},
-    "loss": [{"kind": "kd", "temperature": 1.0, "hard_weight": 0.2, "fused_head": True}],
+    "loss": [{"kind": "kd", "temperature": 1.0, "hard_weight": 0.2, "fused_head": True, "chunk_size": 128}],
 }
 
 

@@ -171,6 +171,8 @@ class KDTerm(LossTerm):
         "student_head": Field("str", "", doc="module path of the student's output layer (fused_head)"),
         "teacher_head": Field("str", "", doc="module path of the teacher's output layer (fused_head)"),
         "teacher_index": Field("int", 0, lo=0, doc="the teacher whose head fused_head reads"),
+        "chunk_size": Field("int", 0, lo=0, doc="fused_head: rows per chunk (0: the op's choice, sized for a GPU: "
+                            "up to 256 MiB of [rows, V] buffers)"),
     }
     needs_teacher = True
 
@@ -213,7 +215,8 @@ class KDTerm(LossTerm):
                 h_s, head_s = out.hidden, out.head
                 h_t, head_t = out.teacher.hidden[self.spec["teacher_index"]], out.teacher.heads[self.spec["teacher_index"]]
             return fastkd.fused_linear_kd_loss(
-                h_s, head_s.weight, h_t, head_t.weight, t, student_bias=head_s.bias, teacher_bias=head_t.bias, **kwargs
+                h_s, head_s.weight, h_t, head_t.weight, t, student_bias=head_s.bias, teacher_bias=head_t.bias,
+                chunk_size=self.spec.get("chunk_size") or None, **kwargs
             )
         # The teacher stays float32 whatever the student's dtype: the kernels read mixed dtypes.
         return fastkd.kd_loss(out.logits, out.teacher.ensemble(), t, **kwargs)

@@ -82,14 +82,16 @@ def plot(metrics_path: str, summary: dict, out_path: str) -> None:
     for line in read_metrics(metrics_path):
         if line.get("split") == "val":
             curves.setdefault((line["phase"], line["model"]), []).append(line)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for (phase, model), pts in curves.items():
         label = model if phase in (model, "students", "teachers", "mutual") else f"{model} ({phase})"
         if lm:
-            # Language models: the curves of the two questions, how well each model
-            # predicts text and how closely each student follows the teacher, per step.
-            acc_ax.plot([p["step"] for p in pts], [p["perplexity"] for p in pts], label=label, lw=1.2, marker=".")
+            # How well each model predicts text and how closely each student follows the
+            # teacher, per step; a model keeps its colour in every panel, bars included.
+            c = colors[next((i for i, n in enumerate(names) if model == n or model.startswith(n + "_")), 3) % len(colors)]
+            acc_ax.plot([p["step"] for p in pts], [p["perplexity"] for p in pts], label=label, lw=1.2, marker=".", color=c)
             if "agreement" in pts[0]:
-                loss_ax.plot([p["step"] for p in pts], [p["agreement"] for p in pts], label=label, lw=1.2, marker=".")
+                loss_ax.plot([p["step"] for p in pts], [p["agreement"] for p in pts], label=label, lw=1.2, marker=".", color=c)
         else:
             acc_ax.plot([p["epoch"] for p in pts], [p["accuracy"] for p in pts], label=label, lw=1.2)
             loss_ax.plot([p["epoch"] for p in pts], [p["train_loss"] for p in pts], label=label, lw=1.2)
@@ -102,7 +104,6 @@ def plot(metrics_path: str, summary: dict, out_path: str) -> None:
         loss_ax.set(title="training loss", xlabel="epoch", ylabel="loss", yscale="log")
     acc_ax.legend(fontsize=7, ncol=2)
 
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     better = {"accuracy": "higher", "agreement": "higher", "nll": "lower", "ece": "lower", "predictive_kl": "lower",
               "perplexity": "lower"}
     for j, key in enumerate(keys):

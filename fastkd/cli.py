@@ -3,7 +3,8 @@
 ``fastkd distill [CONFIG.toml] [--data NAME|FILE.npz] [--out DIR] [--resume [DIR]] [--epochs N]
 [--batch-size N] [--seed N] [--set KEY=VALUE ...]`` runs a distillation job: the config file (if
 any) over the embedded defaults, then the flags over the file. With no arguments it runs the
-default job (ensemble distillation on scikit-learn's digits). ``--resume`` continues the run in
+default job (ensemble distillation on scikit-learn's digits); ``--data lm`` with no config runs the
+language-model job (``configs/lm.toml``). ``--resume`` continues the run in
 ``--out`` (or in DIR) from its last checkpoint; the saved config is used when no file is given.
 
 ``fastkd bench [--ops ...] [--quick] [--device cpu|cuda] [--dtype ...] [--shapes NxV,...] [--out DIR]``
@@ -15,12 +16,13 @@ A configuration problem prints one line ``fastkd: error: ...`` and exits with st
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
 from typing import List, Optional
 
-from fastkd.engine.config import ConfigError, load_config, parse_value
+from fastkd.engine.config import LM_JOB, ConfigError, load_config, parse_value
 
 EXIT_CONFIG = 2
 
@@ -37,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     d = sub.add_parser("distill", help="run a distillation job (default: ensemble distillation on digits)")
     d.add_argument("config", nargs="?", help="TOML config (default: the embedded default job)")
-    d.add_argument("--data", help="dataset: digits, multiview, or a path to an .npz with x and y")
+    d.add_argument("--data", help="dataset: digits, multiview, lm (the language-model job), or a path to an .npz with x and y")
     d.add_argument("--out", help="run directory (default: runs/<name>-<time>)")
     d.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
                    help="continue the run in --out (or DIR) from its last checkpoint")
@@ -79,6 +81,9 @@ def config_from_args(args) -> tuple:
     if out is not None:
         overrides.append(("out", out))
     base = None
+    if args.data == "lm" and args.config is None and not resume:
+        # `--data lm` alone runs the language-model job (configs/lm.toml, embedded).
+        base = copy.deepcopy(LM_JOB)
     if resume and args.config is None:
         saved = os.path.join(out, "config.json")
         if not os.path.isfile(saved):

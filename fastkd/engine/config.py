@@ -20,65 +20,30 @@ import os
 import tomllib
 from typing import Any, Dict, List, Optional, Tuple
 
+from fastkd.engine.losses import LOSS_TERMS
+from fastkd.engine.schema import ConfigError, Field
+from fastkd.engine.tasks import TASKS, task_name
 
-class ConfigError(Exception):
-    """A configuration problem, reported by the CLI as one line and exit status 2."""
 
 
 METHODS = ("distill", "self_distill", "mutual", "stagewise")
 
 
-class Field:
-    """One config key: its type, default and constraints.
-
-    ``kind`` is one of ``int``, ``float`` (ints accepted), ``bool``, ``str``, ``list_int``,
-    ``list_str``, ``list_float``. ``choices`` restricts strings; ``lo``/``hi`` bound numbers
-    (inclusive unless ``lo_open``).
-    """
-
-    def __init__(self, kind: str, default: Any, *, choices=None, lo=None, hi=None, lo_open=False, doc=""):
-        self.kind, self.default, self.choices = kind, default, choices
-        self.lo, self.hi, self.lo_open, self.doc = lo, hi, lo_open, doc
-
-    def check(self, key: str, value: Any) -> Any:
-        names = {"int": "an integer", "float": "a number", "bool": "a boolean (true/false)", "str": "a string",
-                 "list_int": "a list of integers", "list_str": "a list of strings", "list_float": "a list of numbers"}
-        ok = {
-            "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-            "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-            "bool": lambda v: isinstance(v, bool),
-            "str": lambda v: isinstance(v, str),
-            "list_int": lambda v: isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v),
-            "list_str": lambda v: isinstance(v, list) and all(isinstance(i, str) for i in v),
-            "list_float": lambda v: isinstance(v, list)
-            and all(isinstance(i, (int, float)) and not isinstance(i, bool) for i in v),
-        }[self.kind]
-        if not ok(value):
-            raise ConfigError(f"{key} must be {names[self.kind]}, got {type(value).__name__} {value!r}")
-        if self.kind == "float":
-            value = float(value)
-        if self.choices is not None and value not in self.choices:
-            raise ConfigError(f"{key} must be one of {', '.join(map(repr, self.choices))}, got {value!r}")
-        for v in value if isinstance(value, list) else [value]:
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
-                    raise ConfigError(f"{key} must be {'>' if self.lo_open else '>='} {self.lo}, got {v!r}")
-                if self.hi is not None and v > self.hi:
-                    raise ConfigError(f"{key} must be <= {self.hi}, got {v!r}")
-        if self.kind.startswith("list") and not value and self.lo is not None:
-            raise ConfigError(f"{key} must not be empty")
-        return value
-
-
 def _model_table(arch, hidden, channels, dropout, count=None):
     t = {
-        "arch": Field("str", arch, choices=("mlp", "cnn"), doc="model family"),
+        "arch": Field("str", arch, choices=("mlp", "cnn", "gpt2"), doc="model family (gpt2: data.name = 'lm' only)"),
         "hidden": Field("list_int", hidden, lo=1, doc="mlp: hidden widths (stem, then one block each)"),
         "channels": Field("list_int", channels, lo=1, doc="cnn: channels (stem, then one block each)"),
         "dropout": Field("float", dropout, lo=0.0, hi=0.9),
+        "n_layer": Field("int", 2, lo=1, doc="gpt2: transformer blocks"),
+        "n_embd": Field("int", 128, lo=1, doc="gpt2: width (a multiple of n_head)"),
+        "n_head": Field("int", 2, lo=1, doc="gpt2: attention heads"),
+        "n_positions": Field("int", 0, lo=0, doc="gpt2: context length the model supports (0: data.context)"),
+        "path": Field("str", "", doc="gpt2: a local from_pretrained directory to start from (never a hub)"),
     }
     if count is not None:
         t["count"] = Field("int", count, lo=1, doc="ensemble size (teachers trained from seeds seed+1000+i)")
+        t["epochs"] = Field("int", 0, lo=0, doc="epochs of the teachers' phase (0: train.epochs)")
         t["independent_batches"] = Field("bool", False, doc="each teacher its own batch order (default: only the init differs)")
     return t
 
@@ -89,7 +54,12 @@ SCHEMA: Dict[str, Any] = {
     "seed": Field("int", 0, lo=0),
     "out": Field("str", "", doc="run directory; empty: runs/<name>-<timestamp>"),
     "data": {
-        "name": Field("str", "digits", doc="digits, multiview, or a path to an .npz with x and y"),
+        "name": Field("str", "digits", doc="digits, multiview, lm (language modelling), or a path to an .npz with x and y"),
+        "path": Field("str", "", doc="lm: your text (a folder of files, one file) or a .npy of token ids; empty: the embedded corpus"),
+        "tokenizer": Field("str", "", doc="lm: a saved tokenizer.json (empty: a byte-level BPE trained on the training split)"),
+        "vocab_size": Field("int", 8192, lo=258, doc="lm: the trained BPE's vocabulary size"),
+        "context": Field("int", 128, lo=2, doc="lm: tokens per training window"),
+        "documents": Field("int", 0, lo=0, doc="lm: embedded corpus: the first N modules of the fixed list (0: all)"),
         "val_fraction": Field("float", 0.2, lo=0.0, hi=0.5, lo_open=True),
         "test_fraction": Field("float", 0.3, lo=0.0, hi=0.5, lo_open=True),
         "fraction": Field("float", 1.0, lo=0.0, hi=1.0, lo_open=True, doc="fraction of the training split used"),
@@ -130,10 +100,13 @@ SCHEMA: Dict[str, Any] = {
         "bf16": Field("bool", False, doc="bf16 autocast for forward passes"),
         "device": Field("str", "cpu", choices=("cpu", "cuda", "auto")),
         "checkpoint_every": Field("int", 100, lo=0, doc="optimizer steps between checkpoints (0: phase ends only)"),
+        "eval_every": Field("int", 0, lo=0, doc="optimizer steps between validations inside an epoch (0: epoch ends only)"),
         "progress": Field("bool", True),
         "deterministic": Field("bool", True, doc="torch.use_deterministic_algorithms"),
         "threads": Field("int", 1, lo=0, doc="torch.set_num_threads (0: leave as is; tiny models run fastest on one thread)"),
         "plot": Field("bool", True),
+        "shard": Field("bool", False, doc="under torchrun: FSDP2 (fully_shard) instead of DDP"),
+        "measure_memory": Field("bool", False, doc="profile one step per learner and phase for its peak memory"),
     },
     "self_distill": {"generations": Field("int", 2, lo=1, doc="distilled generations after generation 0")},
     "mutual": {"peers": Field("int", 2, lo=2)},
@@ -151,6 +124,21 @@ DEFAULT_LOSS = {
     "self_distill": [{"kind": "kd", "temperature": 4.0}],
     "mutual": [{"kind": "ce"}, {"kind": "kd", "temperature": 1.0}],
     "stagewise": [],
+}
+
+
+# The language-model job, configs/lm.toml as a table: `fastkd distill --data lm` runs it with no
+# file at hand (an installed fastkd has no configs/ folder). tests/test_engine_lm.py checks that
+# the two are the same job.
+LM_JOB = {
+    "name": "lm", "method": "distill", "seed": 0,
+    "data": {"name": "lm", "documents": 40, "vocab_size": 8192, "context": 128, "val_fraction": 0.02,
+             "test_fraction": 0.08},
+    "teacher": {"arch": "gpt2", "n_layer": 4, "n_embd": 256, "n_head": 4, "count": 1, "epochs": 2},
+    "student": {"arch": "gpt2", "n_layer": 2, "n_embd": 128, "n_head": 2},
+    "train": {"epochs": 1, "batch_size": 8, "lr": 0.001, "warmup_steps": 20, "threads": 1, "checkpoint_every": 50,
+              "eval_every": 100, "measure_memory": True},
+    "loss": [{"kind": "kd", "temperature": 1.0, "hard_weight": 0.2, "fused_head": True, "chunk_size": 128}],
 }
 
 
@@ -182,8 +170,6 @@ def _merge(schema: dict, base: dict, user: dict, where: str) -> None:
 
 
 def _check_losses(losses: Any) -> List[dict]:
-    from fastkd.engine.losses import LOSS_TERMS
-
     if not isinstance(losses, list) or not all(isinstance(t, dict) for t in losses):
         raise ConfigError("loss must be an array of tables ([[loss]] entries)")
     out = []
@@ -207,10 +193,7 @@ def validate(cfg: dict) -> dict:
     """Cross-field checks on a merged config; returns it (loss terms filled with defaults)."""
     cfg["loss"] = _check_losses(cfg["loss"])
     method = cfg["method"]
-    for role in ("teacher", "student"):
-        key = "hidden" if cfg[role]["arch"] == "mlp" else "channels"
-        if not cfg[role][key]:
-            raise ConfigError(f"{role}.{key} must not be empty for arch {cfg[role]['arch']!r}")
+    TASKS[task_name(cfg)].validate(cfg)
     if cfg["data"]["val_fraction"] + cfg["data"]["test_fraction"] >= 0.9:
         raise ConfigError("data.val_fraction + data.test_fraction must leave at least 10% for training")
     kinds = [t["kind"] for t in cfg["loss"]]
@@ -227,6 +210,8 @@ def validate(cfg: dict) -> dict:
             )
     if cfg["student"]["prune_amount"] > 0 and cfg["student"]["quant_bits"] > 0:
         raise ConfigError("student.prune_amount and student.quant_bits cannot be combined (choose one)")
+    if cfg["train"]["shard"] and (cfg["student"]["prune_amount"] > 0 or cfg["student"]["quant_bits"] > 0):
+        raise ConfigError("train.shard (FSDP2) cannot be combined with a pruned or quantized student")
     if cfg["student"]["quant_bits"] == 1:
         raise ConfigError("student.quant_bits must be 0 (off) or at least 2")
     return cfg
@@ -291,7 +276,7 @@ def load_config(
 def fingerprint(cfg: dict) -> str:
     """A hash of everything that determines a run's results (not where it is written)."""
     relevant = {k: v for k, v in cfg.items() if k not in ("out",)}
-    relevant["train"] = {k: v for k, v in cfg["train"].items() if k not in ("progress", "threads", "plot")}
+    relevant["train"] = {k: v for k, v in cfg["train"].items() if k not in ("progress", "threads", "plot", "measure_memory")}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

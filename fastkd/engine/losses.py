@@ -11,7 +11,6 @@ in fastkd later plugs in as one more registered term.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastkd
-from fastkd.engine.config import ConfigError, Field
+from fastkd.engine.schema import ConfigError, Field
 from fastkd.ops import kd as kd_ops
 
 LOSS_TERMS: Dict[str, type] = {}
@@ -41,18 +40,32 @@ def register_loss_term(kind: str) -> Callable[[type], type]:
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
 class TeacherOutputs:
     """The frozen teachers' outputs on one batch, computed once and shared by every student.
 
-    ``logits``: one ``[B, V]`` float32 tensor per ensemble member (no grad); ``features``: per
-    member, module path -> captured output.
+    Per ensemble member either its ``logits`` ``[N, V]`` (float32, no grad) or, where the task
+    splits the output layer off (language models), its ``hidden`` states ``[N, H]`` and output
+    layer ``heads``, from which the logits are formed only when a term asks for them (a fused
+    head never does); ``features``: per member, module path -> captured output.
     """
 
-    logits: List[torch.Tensor]
-    features: List[Dict[str, torch.Tensor]] = field(default_factory=list)
-    _stacked: Optional[torch.Tensor] = None
-    _combined: Dict[float, torch.Tensor] = field(default_factory=dict)
+    def __init__(self, logits: Optional[List[torch.Tensor]] = None, features: Optional[List[Dict[str, torch.Tensor]]] = None,
+                 hidden: Optional[List[torch.Tensor]] = None, heads: Optional[List[nn.Module]] = None):
+        self._logits, self.features = logits, features or []
+        self.hidden, self.heads = hidden, heads
+        self._stacked: Optional[torch.Tensor] = None
+        self._combined: Dict[float, torch.Tensor] = {}
+
+    @property
+    def count(self) -> int:
+        return len(self._logits if self._logits is not None else self.hidden)
+
+    @property
+    def logits(self) -> List[torch.Tensor]:
+        if self._logits is None:
+            with torch.no_grad():
+                self._logits = [head(h).float() for h, head in zip(self.hidden, self.heads)]
+        return self._logits
 
     def ensemble(self) -> torch.Tensor:
         """The teacher as :func:`fastkd.kd_loss` takes it: a single member's ``[B, V]`` logits, or
@@ -78,18 +91,30 @@ class TeacherOutputs:
         return self._combined[temperature]
 
 
-@dataclass
 class StepOutputs:
-    """One student's view of a batch: its logits ``[B, V]`` (with grad), its captured
-    features, the labels ``[B]``, the teacher outputs (or None), its regressors, and the
-    phase's epoch (counted from 0; for terms with a schedule, such as DKD's warm-up)."""
+    """One student's view of a batch: its logits ``[N, V]`` (with grad), its captured
+    features, the labels ``[N]``, the teacher outputs (or None), its regressors, and the
+    phase's epoch (counted from 0; for terms with a schedule, such as DKD's warm-up).
 
-    logits: torch.Tensor
-    features: Dict[str, torch.Tensor]
-    labels: torch.Tensor
-    teacher: Optional[TeacherOutputs]
-    regressors: nn.ModuleDict
-    epoch: int = 0
+    A task that splits the output layer off gives ``hidden`` ``[N, H]`` and ``head`` instead of
+    logits; ``logits`` are then formed on first use (a fused head reads ``hidden`` and never
+    asks). ``masked`` says that labels may hold ``IGNORE_INDEX`` rows (padding), which every
+    term must leave out."""
+
+    def __init__(self, logits: Optional[torch.Tensor], features: Dict[str, torch.Tensor], labels: torch.Tensor,
+                 teacher: Optional[TeacherOutputs], regressors: nn.ModuleDict, epoch: int = 0, *,
+                 hidden: Optional[torch.Tensor] = None, head: Optional[nn.Module] = None, masked: bool = False):
+        self._logits, self.features, self.labels, self.teacher = logits, features, labels, teacher
+        self.regressors, self.epoch, self.hidden, self.head, self.masked = regressors, epoch, hidden, head, masked
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            self._logits = self.head(self.hidden)
+        return self._logits
+
+
+IGNORE_INDEX = -100
 
 
 class LossTerm:
@@ -128,10 +153,12 @@ class KDTerm(LossTerm):
     default); ``hard_weight > 0`` fuses the cross-entropy with the labels into the same pass.
 
     ``fused_head = true`` distils through the output layers instead, with
-    :func:`fastkd.fused_linear_kd_loss` (any divergence): the hidden states entering the modules named
-    by ``student_head`` and ``teacher_head`` (an ``nn.Linear`` each) are captured by forward hooks,
-    and the loss never holds the batch's logits. It needs a single teacher (an ensemble's
-    mixture is defined on probabilities, not on one output layer)."""
+    :func:`fastkd.fused_linear_kd_loss` (any divergence), and the loss never holds the batch's
+    logits. The hidden states and output layers are the task's where it splits the output layer
+    off (a language model's ``lm_head``: ``student_head``/``teacher_head`` stay empty); otherwise
+    the inputs of the modules named by ``student_head`` and ``teacher_head`` (an ``nn.Linear``
+    each), captured by forward hooks. It needs a single teacher (an ensemble's mixture is
+    defined on probabilities, not on one output layer)."""
 
     SCHEMA = {
         "weight": Field("float", 1.0, lo=0.0),
@@ -144,6 +171,8 @@ class KDTerm(LossTerm):
         "student_head": Field("str", "", doc="module path of the student's output layer (fused_head)"),
         "teacher_head": Field("str", "", doc="module path of the teacher's output layer (fused_head)"),
         "teacher_index": Field("int", 0, lo=0, doc="the teacher whose head fused_head reads"),
+        "chunk_size": Field("int", 0, lo=0, doc="fused_head: rows per chunk (0: the op's choice, sized for a GPU: "
+                            "up to 256 MiB of [rows, V] buffers)"),
     }
     needs_teacher = True
 
@@ -153,35 +182,41 @@ class KDTerm(LossTerm):
             kd_ops.validate_divergence(spec["divergence"], cls._beta(spec))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{where}: {exc}") from None
-        if spec["fused_head"]:
-            for key in ("student_head", "teacher_head"):
-                if not spec[key]:
-                    raise ConfigError(f"{where}.{key} (the output layer's module path) is required with fused_head = true")
+        if bool(spec.get("student_head")) != bool(spec.get("teacher_head")):
+            raise ConfigError(f"{where}.student_head and {where}.teacher_head are named together or not at all")
 
     @staticmethod
     def _beta(spec: dict) -> Optional[float]:
         return None if spec["beta"] == -1.0 else spec["beta"]
 
+    def _tapped(self) -> bool:
+        return self.spec["fused_head"] and bool(self.spec.get("student_head"))
+
     def student_paths(self) -> List[str]:
-        return [INPUT_OF + self.spec["student_head"]] if self.spec["fused_head"] else []
+        return [INPUT_OF + self.spec["student_head"]] if self._tapped() else []
 
     def teacher_paths(self) -> List[str]:
-        return [INPUT_OF + self.spec["teacher_head"]] if self.spec["fused_head"] else []
+        return [INPUT_OF + self.spec["teacher_head"]] if self._tapped() else []
 
     def __call__(self, out: StepOutputs) -> torch.Tensor:
         t = self.spec["temperature"]
         kwargs = dict(hard_weight=self.spec["hard_weight"], t2_scale=self.spec["t2_scale"])
-        if self.spec["hard_weight"] > 0:
+        if self.spec["hard_weight"] > 0 or out.masked:
             kwargs["labels"] = out.labels
         if self.spec["divergence"] != "kl":
             kwargs.update(divergence=self.spec["divergence"], beta=self._beta(self.spec))
         if self.spec["fused_head"]:
-            if len(out.teacher.logits) != 1:
-                raise ConfigError(f"loss.{self.index}.fused_head needs one teacher, the run has {len(out.teacher.logits)}")
-            h_s, head_s = out.features[INPUT_OF + self.spec["student_head"]]
-            h_t, head_t = out.teacher.features[self.spec["teacher_index"]][INPUT_OF + self.spec["teacher_head"]]
+            if out.teacher.count != 1:
+                raise ConfigError(f"loss.{self.index}.fused_head needs one teacher, the run has {out.teacher.count}")
+            if self._tapped():
+                h_s, head_s = out.features[INPUT_OF + self.spec["student_head"]]
+                h_t, head_t = out.teacher.features[self.spec["teacher_index"]][INPUT_OF + self.spec["teacher_head"]]
+            else:
+                h_s, head_s = out.hidden, out.head
+                h_t, head_t = out.teacher.hidden[self.spec["teacher_index"]], out.teacher.heads[self.spec["teacher_index"]]
             return fastkd.fused_linear_kd_loss(
-                h_s, head_s.weight, h_t, head_t.weight, t, student_bias=head_s.bias, teacher_bias=head_t.bias, **kwargs
+                h_s, head_s.weight, h_t, head_t.weight, t, student_bias=head_s.bias, teacher_bias=head_t.bias,
+                chunk_size=self.spec.get("chunk_size") or None, **kwargs
             )
         # The teacher stays float32 whatever the student's dtype: the kernels read mixed dtypes.
         return fastkd.kd_loss(out.logits, out.teacher.ensemble(), t, **kwargs)
@@ -232,7 +267,8 @@ class CETerm(LossTerm):
     SCHEMA = {"weight": Field("float", 1.0, lo=0.0), "label_smoothing": Field("float", 0.0, lo=0.0, hi=0.99)}
 
     def __call__(self, out: StepOutputs) -> torch.Tensor:
-        return F.cross_entropy(out.logits.float(), out.labels, label_smoothing=self.spec["label_smoothing"])
+        return F.cross_entropy(out.logits.float(), out.labels, ignore_index=IGNORE_INDEX,
+                               label_smoothing=self.spec["label_smoothing"])
 
 
 # Hint metrics: fastkd.hint_loss(kind=...) between equal-shape features (a learnable regressor

@@ -9,6 +9,7 @@ that ``model.get_submodule`` accepts works, e.g. ``blocks.0.0`` for a block's fi
 from __future__ import annotations
 
 import math
+import os
 from typing import Sequence, Tuple
 
 import torch
@@ -66,7 +67,56 @@ class ConvNet(nn.Module):
         return self.head(h)
 
 
-ARCHS = ("mlp", "cnn")
+ARCHS = ("mlp", "cnn", "gpt2")
+
+
+def _offline_transformers():
+    """Import ``transformers`` with the hub switched off: a model is built from its config or
+    read from a local directory, and nothing may ever be downloaded."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    # Its loading bars would break the engine's one-line errors and clutter the job's output.
+    transformers.logging.disable_progress_bar()
+    return transformers
+
+
+def build_gpt2(spec: dict, vocab_size: int, context: int, eos_id: int, seed: int) -> nn.Module:
+    """A GPT-2 language model (``GPT2LMHeadModel``): from ``spec["path"]``, a local
+    ``from_pretrained`` directory, or built from the config keys with a random initialisation
+    from ``seed``. Raises ``ValueError`` for a directory that holds no model, a head width that
+    does not divide, and ``LookupError`` when the model's vocabulary or context does not fit
+    the data (``vocab_size`` tokens, windows of ``context``)."""
+    tf = _offline_transformers()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if spec["path"]:
+            if not os.path.isfile(os.path.join(spec["path"], "config.json")):
+                raise ValueError(f"path {spec['path']} is not a from_pretrained directory (no config.json)")
+            try:
+                model = tf.GPT2LMHeadModel.from_pretrained(spec["path"], local_files_only=True)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"path {spec['path']}: cannot load a GPT-2 model ({str(exc).splitlines()[0]})") from None
+        else:
+            if spec["n_embd"] % spec["n_head"]:
+                raise ValueError(f"n_embd={spec['n_embd']} must be a multiple of n_head={spec['n_head']}")
+            p = spec["dropout"]
+            config = tf.GPT2Config(
+                vocab_size=vocab_size, n_positions=spec["n_positions"] or context, n_embd=spec["n_embd"],
+                n_layer=spec["n_layer"], n_head=spec["n_head"], resid_pdrop=p, embd_pdrop=p, attn_pdrop=p,
+                bos_token_id=eos_id, eos_token_id=eos_id,
+            )
+            model = tf.GPT2LMHeadModel(config)
+    if model.config.vocab_size != vocab_size:
+        raise LookupError(f"the model's vocabulary has {model.config.vocab_size} entries, the tokenizer's {vocab_size}")
+    if model.config.n_positions < context:
+        raise LookupError(f"data.context={context} is longer than the model's context of {model.config.n_positions} tokens")
+    return model
 
 
 def build_model(spec: dict, input_shape: Tuple[int, ...], num_classes: int, seed: int) -> nn.Module:

@@ -7,7 +7,7 @@ same initialisation and on the same batches where possible) and, where the metho
 ``reference``.
 
 - ``distill`` (Hinton KD, ensembles, feature losses, weighted sums): teachers ``teacher_0..M-1``
-  trained from seeds ``seed+1000+i``; then ``student_baseline`` and ``student_kd`` train
+  trained from seeds ``seed+1000+i`` for ``teacher.epochs`` (default: ``train.epochs``); then ``student_baseline`` and ``student_kd`` train
   together, the latter on the configured ``[[loss]]`` terms against the teachers' averaged
   output.
 - ``self_distill`` (born-again): ``generation_0`` trained on labels, ``generation_k`` distilled
@@ -44,7 +44,8 @@ class Entry:
 def _teacher_phase(cfg: dict, fraction: float = 1.0) -> tuple:
     names = [f"teacher_{i}" for i in range(cfg["teacher"]["count"])]
     learners = [LearnerSpec(n, "teacher", cfg["seed"] + 1000 + i, ce_only()) for i, n in enumerate(names)]
-    return Phase("teachers", learners, cfg["train"]["epochs"], fraction, shared_batches=not cfg["teacher"]["independent_batches"]), names
+    epochs = cfg["teacher"]["epochs"] or cfg["train"]["epochs"]
+    return Phase("teachers", learners, epochs, fraction, shared_batches=not cfg["teacher"]["independent_batches"]), names
 
 
 def plan(cfg: dict) -> tuple:

@@ -7,6 +7,12 @@ import os
 from typing import Dict, List
 
 COLUMNS = ("accuracy", "nll", "ece", "agreement", "predictive_kl")
+# A language model's test metrics are per token; perplexity leads, ECE is not measured.
+LM_COLUMNS = ("perplexity", "nll", "accuracy", "agreement", "predictive_kl")
+
+
+def columns(summary: dict) -> tuple:
+    return LM_COLUMNS if summary.get("task") == "lm" else COLUMNS
 
 
 class MetricsLog:
@@ -43,13 +49,13 @@ def read_metrics(path: str) -> List[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def table(models: Dict[str, dict]) -> str:
+def table(models: Dict[str, dict], cols: tuple = COLUMNS) -> str:
     """A fixed-width table of the summary's models (``-`` where a metric does not apply)."""
     width = max(len("model"), *(len(n) for n in models))
-    head = f"{'model':<{width}}  " + "  ".join(f"{c:>13}" for c in COLUMNS)
+    head = f"{'model':<{width}}  " + "  ".join(f"{c:>13}" for c in cols)
     rows = [head, "-" * len(head)]
     for name, m in models.items():
-        cells = [f"{m[c]:>13.4f}" if c in m else f"{'-':>13}" for c in COLUMNS]
+        cells = [f"{m[c]:>13.4f}" if c in m else f"{'-':>13}" for c in cols]
         rows.append(f"{name:<{width}}  " + "  ".join(cells))
     return "\n".join(rows)
 
@@ -64,8 +70,9 @@ def plot(metrics_path: str, summary: dict, out_path: str) -> None:
     import matplotlib.pyplot as plt
 
     models = summary["models"]
+    lm = summary.get("task") == "lm"
     names = [n for n in ("teacher", "student_baseline", "student_kd") if n in models] or list(models)
-    keys = [k for k in COLUMNS if any(k in models[n] for n in names)]
+    keys = [k for k in columns(summary) if any(k in models[n] for n in names)]
     fig = plt.figure(figsize=(16, 8.2))
     grid = fig.add_gridspec(2, 2 * len(keys), height_ratios=(1.25, 1))
     half = len(keys)
@@ -75,16 +82,30 @@ def plot(metrics_path: str, summary: dict, out_path: str) -> None:
     for line in read_metrics(metrics_path):
         if line.get("split") == "val":
             curves.setdefault((line["phase"], line["model"]), []).append(line)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for (phase, model), pts in curves.items():
         label = model if phase in (model, "students", "teachers", "mutual") else f"{model} ({phase})"
-        acc_ax.plot([p["epoch"] for p in pts], [p["accuracy"] for p in pts], label=label, lw=1.2)
-        loss_ax.plot([p["epoch"] for p in pts], [p["train_loss"] for p in pts], label=label, lw=1.2)
-    acc_ax.set(title="validation accuracy", xlabel="epoch", ylabel="accuracy")
-    loss_ax.set(title="training loss", xlabel="epoch", ylabel="loss", yscale="log")
+        if lm:
+            # How well each model predicts text and how closely each student follows the
+            # teacher, per step; a model keeps its colour in every panel, bars included.
+            c = colors[next((i for i, n in enumerate(names) if model == n or model.startswith(n + "_")), 3) % len(colors)]
+            acc_ax.plot([p["step"] for p in pts], [p["perplexity"] for p in pts], label=label, lw=1.2, marker=".", color=c)
+            if "agreement" in pts[0]:
+                loss_ax.plot([p["step"] for p in pts], [p["agreement"] for p in pts], label=label, lw=1.2, marker=".", color=c)
+        else:
+            acc_ax.plot([p["epoch"] for p in pts], [p["accuracy"] for p in pts], label=label, lw=1.2)
+            loss_ax.plot([p["epoch"] for p in pts], [p["train_loss"] for p in pts], label=label, lw=1.2)
+    if lm:
+        acc_ax.set(title="validation perplexity (per token)", xlabel="optimizer step of the phase", ylabel="perplexity", yscale="log")
+        loss_ax.set(title="validation top-1 agreement with the teacher", xlabel="optimizer step of the phase", ylabel="agreement")
+        loss_ax.legend(fontsize=7)
+    else:
+        acc_ax.set(title="validation accuracy", xlabel="epoch", ylabel="accuracy")
+        loss_ax.set(title="training loss", xlabel="epoch", ylabel="loss", yscale="log")
     acc_ax.legend(fontsize=7, ncol=2)
 
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    better = {"accuracy": "higher", "agreement": "higher", "nll": "lower", "ece": "lower", "predictive_kl": "lower"}
+    better = {"accuracy": "higher", "agreement": "higher", "nll": "lower", "ece": "lower", "predictive_kl": "lower",
+              "perplexity": "lower"}
     for j, key in enumerate(keys):
         ax = fig.add_subplot(grid[1, 2 * j : 2 * j + 2])
         shown = [n for n in names if key in models[n]]
@@ -94,7 +115,8 @@ def plot(metrics_path: str, summary: dict, out_path: str) -> None:
         low, high = min(values), max(values)
         pad = (high - low) * 0.6 or abs(high) * 0.05 or 1e-3
         # Accuracy-like metrics differ in the third digit: zoom the axis onto the values.
-        ax.set_ylim(max(0.0, low - pad) if key in ("accuracy", "agreement") else 0.0, high + pad)
+        zoom = key in ("accuracy", "agreement") or (lm and key in ("perplexity", "nll"))
+        ax.set_ylim(max(0.0, low - pad) if zoom else 0.0, high + pad)
         ax.set_xticks(range(len(shown)), [n.replace("student_", "") for n in shown], fontsize=8)
         ax.set_title(f"{key} ({better.get(key, '')} is better)", fontsize=9)
     fig.suptitle(f"fastkd distill: {summary['method']} on {summary['data']['name']} (bottom row: test split)")

@@ -17,63 +17,15 @@ from typing import Optional
 
 import torch
 
-from fastkd import data as datamod
-from fastkd import metrics
 from fastkd.engine import checkpoint as ckpt
 from fastkd.engine import distributed as dist
 from fastkd.engine.config import ConfigError, describe_difference, fingerprint
-from fastkd.engine.losses import RELATIONAL_METRICS, relational_loss_fn
-from fastkd.engine.models import build_model, get_module
 from fastkd.engine.plans import plan
-from fastkd.engine.report import MetricsLog, plot, table
-from fastkd.engine.trainer import Context, frozen_model, predict_log_probs, run_phase
+from fastkd.engine.report import MetricsLog, columns, plot, table
+from fastkd.engine.tasks import Member, make_task
+from fastkd.engine.trainer import Context, frozen_model, run_phase
 
 CHECKPOINT = "checkpoint.pt"
-
-
-def load_splits(cfg: dict) -> datamod.Splits:
-    """The job's data, with data errors reported as :class:`ConfigError`."""
-    d = cfg["data"]
-    try:
-        return datamod.load_dataset(
-            d["name"], d["multiview"] if d["name"] == "multiview" else {}, seed=cfg["seed"],
-            val_fraction=d["val_fraction"], test_fraction=d["test_fraction"], fraction=d["fraction"],
-            imbalance_ratio=d["imbalance"], noise=d["label_noise"],
-        )
-    except datamod.DataError as exc:
-        raise ConfigError(f"data.name: {exc}") from None
-
-
-def check_module_paths(cfg: dict, splits: datamod.Splits) -> None:
-    """Every module path a loss term or a stage names must exist in its model."""
-    shape, classes = splits.input_shape, splits.num_classes
-    try:
-        models = {r: build_model(cfg[r], shape, classes, seed=0) for r in ("teacher", "student")}
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    # In self-distillation the teacher is an earlier student.
-    teacher_role = "student" if cfg["method"] == "self_distill" else "teacher"
-    checks = []
-    for i, term in enumerate(cfg["loss"]):
-        if term["kind"] == "feature":
-            if term["metric"] in RELATIONAL_METRICS and relational_loss_fn(term["metric"]) is None:
-                raise ConfigError(
-                    f"loss[{i}].metric {term['metric']!r} needs fastkd.{term['metric']}_loss, which this fastkd does not have yet"
-                )
-            checks.append((f"loss[{i}].student", term["student"], "student"))
-            checks.append((f"loss[{i}].teacher", term["teacher"], teacher_role))
-            if term["teacher_index"] >= (cfg["teacher"]["count"] if cfg["method"] == "distill" else 1):
-                raise ConfigError(f"loss[{i}].teacher_index={term['teacher_index']} but there are fewer teachers")
-    if cfg["method"] == "stagewise":
-        for sp in cfg["stagewise"]["student_stages"]:
-            checks.append(("stagewise.student_stages", sp, "student"))
-        for tp in cfg["stagewise"]["teacher_stages"]:
-            checks.append(("stagewise.teacher_stages", tp, "teacher"))
-    for key, path, role in checks:
-        try:
-            get_module(models[role], path, role)
-        except LookupError as exc:
-            raise ConfigError(f"{key}: {exc}") from None
 
 
 def default_out(cfg: dict) -> str:
@@ -118,13 +70,16 @@ def _device(cfg: dict) -> torch.device:
 
 
 def prepare(cfg: dict, resume: bool = False):
-    """All checks that need no training: data, module paths, output directory. Returns
-    ``(splits, out_dir, device)``; raises :class:`ConfigError` before anything is written."""
-    splits = load_splits(cfg)
-    check_module_paths(cfg, splits)
+    """All checks that need no training: data, models and module paths (the task's), output
+    directory. Returns ``(task, splits, out_dir, device)``; raises :class:`ConfigError` before
+    anything is written."""
+    device = _device(cfg)
+    task = make_task(cfg).to(device)
+    splits = task.load()
+    task.check(splits)
     out = cfg["out"] or default_out(cfg)
     check_out_dir(out, {**cfg, "out": out}, resume)
-    return splits, out, _device(cfg)
+    return task, splits, out, device
 
 
 def run_job(cfg: dict, resume: bool = False, quiet: bool = False) -> dict:
@@ -137,11 +92,12 @@ def run_job(cfg: dict, resume: bool = False, quiet: bool = False) -> dict:
     device = _device(cfg)
     dist.init(device)
     try:
-        splits, out, device = prepare(cfg, resume)
+        task, splits, out, device = prepare(cfg, resume)
         cfg = {**cfg, "out": out}
+        task.cfg = cfg
         dist.barrier()  # every rank has checked the directory before rank 0 creates it
         try:
-            return _run(cfg, splits, out, device, resume, quiet, t_start)
+            return _run(cfg, task, splits, out, device, resume, quiet, t_start)
         except KeyboardInterrupt as exc:
             raise Interrupted(out) from exc
     finally:
@@ -157,7 +113,7 @@ class Interrupted(KeyboardInterrupt):
         self.out = out
 
 
-def _run(cfg, splits, out, device, resume, quiet, t_start) -> dict:
+def _run(cfg, task, splits, out, device, resume, quiet, t_start) -> dict:
     # Process-wide torch settings are restored afterwards: a job may run inside a larger program.
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     t = cfg["train"]
@@ -166,13 +122,13 @@ def _run(cfg, splits, out, device, resume, quiet, t_start) -> dict:
     if t["deterministic"] and device.type == "cpu":
         torch.use_deterministic_algorithms(True)
     try:
-        return _run_phases(cfg, splits, out, device, resume, quiet, t_start)
+        return _run_phases(cfg, task, splits, out, device, resume, quiet, t_start)
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
 
 
-def _run_phases(cfg, splits, out, device, resume, quiet, t_start) -> dict:
+def _run_phases(cfg, task, splits, out, device, resume, quiet, t_start) -> dict:
     main = dist.is_main()
     t = cfg["train"]
     state = None
@@ -205,14 +161,15 @@ def _run_phases(cfg, splits, out, device, resume, quiet, t_start) -> dict:
     start = state["phase"] if state else 0
     for i in range(start, len(phases)):
         phase = phases[i]
-        ctx = Context(cfg, splits.train, splits.val, device, store, log, lambda ps, i=i: save_checkpoint(i, ps))
+        ctx = Context(cfg, task, splits.train, splits.val, device, store, log, lambda ps, i=i: save_checkpoint(i, ps))
         resume_state = state["phase_state"] if (state and i == start) else None
-        finished = run_phase(ctx, i, phase, resume_state)
+        finished, costs = run_phase(ctx, i, phase, resume_state)
         for spec in phase.learners:
-            store[spec.name] = {"role": spec.role, "state": {k: v.cpu() for k, v in finished[spec.name].state_dict().items()}}
+            store[spec.name] = {"role": spec.role, "state": {k: v.cpu() for k, v in finished[spec.name].state_dict().items()},
+                                "cost": costs[spec.name]}
         save_checkpoint(i + 1, None)
 
-    summary = evaluate(cfg, splits, store, entries, device, log)
+    summary = evaluate(cfg, task, splits, store, entries, device, log)
     summary["wall_time_s"] = round(elapsed_before + time.perf_counter() - t_start, 2)
     log.close()
     if main:
@@ -224,51 +181,49 @@ def _run_phases(cfg, splits, out, device, resume, quiet, t_start) -> dict:
             plot(os.path.join(out, "metrics.jsonl"), summary, tmp)
             os.replace(tmp, os.path.join(out, "report.png"))
         if not quiet:
-            print(table(summary["models"]))
+            print(table(summary["models"], columns(summary)))
             print(f"run directory: {out} (summary.json, metrics.jsonl, report.png, models/)  "
                   f"wall time {summary['wall_time_s']:.1f} s")
             sys.stdout.flush()
     return summary
 
 
-def evaluate(cfg, splits, store, entries, device, log) -> dict:
+def evaluate(cfg, task, splits, store, entries, device, log) -> dict:
     """Test-split metrics of every summary entry (an entry of several models is their
-    probability-averaged ensemble); each is also logged as a ``split: test`` line."""
+    probability-averaged ensemble), measured by the task, with what training a single model
+    cost; each is also logged as a ``split: test`` line."""
     from fastkd.engine import compress
 
-    ctx = Context(cfg, splits.train, splits.val, device, store, log, lambda ps: None)
-    cache = {}
-    extra = {}
+    ctx = Context(cfg, task, splits.train, splits.val, device, store, log, lambda ps: None)
+    cache: dict = {}
 
-    def lp(name):
-        if name not in cache:
-            model = frozen_model(ctx, name)
-            cache[name] = predict_log_probs(model, splits.test.x, device, cfg["train"]["bf16"])
-            if store[name]["role"] == "student":
-                if cfg["student"]["prune_amount"] > 0:
-                    extra[name] = {"sparsity": compress.sparsity(model)}
-                elif cfg["student"]["quant_bits"] > 0:
-                    extra[name] = {"quant_levels": compress.quant_levels(model)}
-        return cache[name]
+    def members(names):
+        return [Member(n, lambda n=n: frozen_model(ctx, n)) for n in names]
 
-    def ens(names):
-        return lp(names[0]) if len(names) == 1 else metrics.ensemble_log_probs([lp(n) for n in names])
-
-    models = {}
+    models, training = {}, {}
     for e in entries:
-        m = metrics.classification_metrics(ens(e.models), splits.test.y, ens(e.reference) if e.reference else None)
+        m = task.evaluate(splits.test, members(e.models), members(e.reference) if e.reference else None, cache)
         if len(e.models) == 1:
-            m.update(extra.get(e.models[0], {}))
+            name = e.models[0]
+            if store[name]["role"] == "student" and cfg["student"]["prune_amount"] > 0:
+                m["sparsity"] = compress.sparsity(frozen_model(ctx, name))
+            elif store[name]["role"] == "student" and cfg["student"]["quant_bits"] > 0:
+                m["quant_levels"] = compress.quant_levels(frozen_model(ctx, name))
+            cost = store[name].get("cost") or {}
+            if cost.get("seconds"):
+                # Kept apart from the metrics: timings differ between identical runs.
+                training[e.name] = {f"{task.UNIT}_per_s": round(cost["units"] / cost["seconds"], 1),
+                                    "step_peak_mb": cost.get("peak_mb")}
         if e.reference:
             m["reference"] = "+".join(e.reference) if len(e.reference) < 3 else f"ensemble of {len(e.reference)}"
         models[e.name] = m
         log({"phase": "final", "model": e.name, "split": "test", **{k: v for k, v in m.items() if k != "reference"}})
-    counts = torch.bincount(splits.train.y, minlength=splits.num_classes).tolist()
     return {
         "method": cfg["method"],
+        "task": task.NAME,
         "seed": cfg["seed"],
-        "data": {"name": cfg["data"]["name"], "train": len(splits.train.y), "val": len(splits.val.y),
-                 "test": len(splits.test.y), "train_class_counts": counts, "noisy_labels": splits.noisy_labels},
+        "data": task.describe(splits),
         "fingerprint": fingerprint(cfg),
         "models": models,
+        "training": training,
     }

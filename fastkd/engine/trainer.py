@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastkd import metrics
-from fastkd.data import Dataset, augment, stratified_fraction
+from fastkd.data import Dataset
 from fastkd.engine import compress, distributed as dist
-from fastkd.engine.losses import FeatureTap, LossTerm, StepOutputs, TeacherOutputs
-from fastkd.engine.models import build_model, get_module
+from fastkd.engine.checkpoint import set_rng_state
+from fastkd.engine.losses import IGNORE_INDEX, FeatureTap, LossTerm, StepOutputs, TeacherOutputs
+from fastkd.engine.models import get_module
+from fastkd.engine.tasks import Member, Task
 
 
 @dataclass
@@ -65,10 +66,11 @@ class Phase:
 
 @dataclass
 class Context:
-    """What a phase needs from the job: config, data, device, the store of finished models
+    """What a phase needs from the job: config, task, data, device, the store of finished models
     (name -> ``{"role", "state"}``), a metrics sink and a checkpoint callback."""
 
     cfg: dict
+    task: Task
     train: Dataset
     val: Dataset
     device: torch.device
@@ -78,20 +80,21 @@ class Context:
 
 
 class LearnerModule(nn.Module):
-    """A model and its regressors as one module, so that one DDP wrapper syncs both."""
+    """A model and its regressors as one module, so that one DDP wrapper syncs both; its
+    forward is the task's (for a language model, the body without ``lm_head``)."""
 
-    def __init__(self, model: nn.Module, regressors: nn.ModuleDict):
+    def __init__(self, model: nn.Module, regressors: nn.ModuleDict, forward: Callable):
         super().__init__()
-        self.model, self.regressors = model, regressors
+        self.model, self.regressors, self._forward = model, regressors, forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        return self._forward(self.model, x)
 
 
 def frozen_model(ctx: Context, name: str) -> nn.Module:
     """A finished model from the store, in eval mode, without gradients."""
     entry = ctx.store[name]
-    model = build_model(ctx.cfg[entry["role"]], ctx.train.input_shape, ctx.train.num_classes, seed=0)
+    model = ctx.task.build(entry["role"], seed=0)
     model.load_state_dict(entry["state"])
     model.to(ctx.device).eval()
     for p in model.parameters():
@@ -116,13 +119,14 @@ def _lr_lambda(cfg: dict, total_steps: int):
 
 
 class Learner:
-    """A model being trained: the module, hooks, regressors, optimizer and LR schedule."""
+    """A model being trained: the module, hooks, regressors, optimizer and LR schedule, and
+    what its training steps cost (time, units seen, peak memory of one step)."""
 
     def __init__(self, spec: LearnerSpec, ctx: Context, teacher_models: Dict[str, nn.Module], total_steps: int):
         cfg, dev = ctx.cfg, ctx.device
         self.spec = spec
         role_cfg = cfg[spec.role]
-        self.model = build_model(role_cfg, ctx.train.input_shape, ctx.train.num_classes, spec.seed)
+        self.model = ctx.task.build(spec.role, spec.seed)
         if spec.init_from is not None:
             self.model.load_state_dict(ctx.store[spec.init_from]["state"])
         self.compressed = spec.compress and (role_cfg.get("prune_amount", 0) > 0 or role_cfg.get("quant_bits", 0) > 0)
@@ -132,8 +136,8 @@ class Learner:
         self._set_trainable()
         self.tap = FeatureTap(self.model, [p for t in spec.terms for p in t.student_paths()], spec.role)
         self.regressors = self._make_regressors(ctx, teacher_models)
-        self.module = LearnerModule(self.model, self.regressors).to(dev)
-        self.wrapped = dist.wrap(self.module, dev)
+        self.module = LearnerModule(self.model, self.regressors, ctx.task.forward).to(dev)
+        self.wrapped = dist.wrap(self.module, dev, shard=cfg["train"]["shard"], units=ctx.task.shard_units(self.model))
         params = [p for p in self.module.parameters() if p.requires_grad]
         t = cfg["train"]
         if t["optimizer"] == "adamw":
@@ -143,6 +147,9 @@ class Learner:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(t, total_steps))
         self.loss_sum, self.loss_count = 0.0, 0
         self.term_sums = [0.0] * len(spec.terms)  # per-term sums, logged per epoch
+        # Seconds spent in this learner's forward, loss, backward and optimizer step, the units
+        # (samples or tokens) they covered, and the peak memory of one profiled step.
+        self.cost = {"seconds": 0.0, "units": 0, "peak_mb": None}
 
     def term_means(self) -> dict:
         """Mean value of each loss term over the epoch so far, keyed ``<kind><index>``."""
@@ -189,40 +196,22 @@ class Learner:
 
     def state(self) -> dict:
         return {
-            "module": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "module": dist.full_state_dict(self.wrapped, self.module),
+            "optimizer": dist.full_optimizer_state_dict(self.wrapped, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "loss": [self.loss_sum, self.loss_count, list(self.term_sums)],
+            "cost": dict(self.cost),
         }
 
     def load(self, state: dict) -> None:
-        self.module.load_state_dict(state["module"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        dist.load_full_state_dict(self.wrapped, self.module, state["module"])
+        dist.load_full_optimizer_state_dict(self.wrapped, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.loss_sum, self.loss_count, self.term_sums = state["loss"]
+        self.cost = dict(state["cost"])
 
     def trainable_params(self) -> List[torch.Tensor]:
         return [p for p in self.module.parameters() if p.requires_grad]
-
-
-@torch.no_grad()
-def predict_log_probs(model: nn.Module, x: torch.Tensor, device: torch.device, bf16: bool = False) -> torch.Tensor:
-    """Float64 log-probabilities ``[N, V]`` of ``model`` on ``x`` in eval mode (mode restored)."""
-    was = model.training
-    model.eval()
-    outs = []
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        for i in range(0, len(x), 1024):
-            outs.append(model(x[i : i + 1024].to(device)).float().cpu())
-    model.train(was)
-    return metrics.log_probs(torch.cat(outs))
-
-
-def phase_train_set(ctx: Context, phase: Phase) -> Dataset:
-    """The training data of a phase: a stratified ``fraction`` of the training split, the same
-    subset for every phase with that fraction."""
-    rng = np.random.default_rng(ctx.cfg["seed"] + 31337)
-    return stratified_fraction(ctx.train, phase.fraction, rng)
 
 
 def _epoch_order(seed: int, phase_index: int, epoch: int, n: int) -> torch.Tensor:
@@ -231,177 +220,247 @@ def _epoch_order(seed: int, phase_index: int, epoch: int, n: int) -> torch.Tenso
     return torch.randperm(n, generator=g)
 
 
-def run_phase(ctx: Context, phase_index: int, phase: Phase, resume: Optional[dict] = None) -> Dict[str, nn.Module]:
-    """Train ``phase`` to its end and return its trained models by name (compression baked in).
+class PhaseRun:
+    """One phase in progress: its learners, frozen teachers and position. :func:`run_phase`
+    drives it; the task (``ctx.task``) decides what a batch is, what the loss terms see of a
+    model's output and what the evaluation measures."""
+
+    def __init__(self, ctx: Context, phase_index: int, phase: Phase, resume: Optional[dict]):
+        cfg, t = ctx.cfg, ctx.cfg["train"]
+        self.ctx, self.task, self.phase, self.index = ctx, ctx.task, phase, phase_index
+        self.dev, self.bf16 = ctx.device, t["bf16"]
+        self.data = ctx.task.subset(ctx.train, phase.fraction, cfg["seed"])
+        world = dist.world_size()
+        self.batch = max(1, t["batch_size"] // world)
+        n_rank = len(self.data.y) if world == 1 else len(self.data.y) // world
+        self.batches = math.ceil(n_rank / self.batch)
+        self.accum = t["grad_accum"]
+        total_steps = phase.epochs * math.ceil(self.batches / self.accum)
+
+        names = list(dict.fromkeys(n for s in phase.learners for n in s.teachers))
+        self.teacher_models = {n: frozen_model(ctx, n) for n in names}
+        paths: Dict[str, List[str]] = {n: [] for n in names}
+        for s in phase.learners:
+            for term in s.terms:
+                for path in term.teacher_paths():
+                    paths[s.teachers[term.spec["teacher_index"]]].append(path)
+        self.learners = [Learner(s, ctx, self.teacher_models, total_steps) for s in phase.learners]
+        self.by_name = {l.spec.name: l for l in self.learners}
+        self.teacher_taps = {n: FeatureTap(m, paths[n], "teacher") for n, m in self.teacher_models.items()}
+        self.prune_at: Dict[int, float] = {}
+        if any(l.compressed for l in self.learners) and cfg["student"]["prune_amount"] > 0:
+            self.prune_at = compress.pruning_schedule(cfg["student"]["prune_amount"], phase.epochs, cfg["student"]["prune_epochs"])
+        self.eval_cache: dict = {}  # predictions of finished models on the validation split
+
+        self.start_epoch, self.start_batch, self.opt_steps = 0, 0, 0
+        torch.manual_seed(cfg["seed"] * 7919 + phase_index * 104_729 + dist.rank())
+        if resume is not None:
+            for l in self.learners:
+                l.load(resume["learners"][l.spec.name])
+            self.start_epoch, self.start_batch, self.opt_steps = resume["epoch"], resume["batch"], resume["opt_steps"]
+            set_rng_state(resume["rng"][dist.rank()])
+
+    def state(self, epoch: int, next_batch: int) -> dict:
+        return {
+            "learners": {l.spec.name: l.state() for l in self.learners},
+            "epoch": epoch,
+            "batch": next_batch,
+            "opt_steps": self.opt_steps,
+            "rng": None,  # filled in by the job with every rank's RNG state
+        }
+
+    def orders(self, epoch: int) -> List[torch.Tensor]:
+        phase, seed = self.phase, self.ctx.cfg["seed"]
+        count = 1 if phase.shared_batches else len(self.learners)
+        return [dist.shard(_epoch_order(seed + (0 if phase.shared_batches else 7 * j), self.index, epoch, len(self.data.y)))
+                for j in range(count)]
+
+    def teacher_outputs(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, tuple]:
+        """Frozen teachers: eval mode, no_grad, once per batch for all learners. Per teacher,
+        the task's view of its output and its captured features."""
+        out = {}
+        with torch.no_grad(), torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.bf16):
+            for n, m in self.teacher_models.items():
+                view = self.task.view(m, self.task.forward(m, x), y)
+                if view.logits is not None:
+                    view.logits = view.logits.float()
+                out[n] = (view, self.teacher_taps[n].take())
+        return out
+
+    def teacher_for(self, l: Learner, teachers: Dict[str, tuple], outs: Dict[str, tuple], groups: dict) -> Optional[TeacherOutputs]:
+        if l.spec.peers:
+            # Mutual learning: the other peers' current outputs, as constants.
+            return TeacherOutputs([outs[p][0].logits.detach().float() for p in l.spec.peers])
+        if not l.spec.teachers:
+            return None
+        key = tuple(l.spec.teachers)
+        if key not in groups:
+            views = [teachers[n][0] for n in key]
+            feats = [teachers[n][1] for n in key]
+            if views[0].logits is not None:
+                groups[key] = TeacherOutputs([v.logits for v in views], feats)
+            else:
+                groups[key] = TeacherOutputs(None, feats, hidden=[v.hidden for v in views], heads=[v.head for v in views])
+        return groups[key]
+
+    def forward(self, l: Learner, x: torch.Tensor, y: torch.Tensor) -> tuple:
+        with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = l.wrapped(x)
+        return self.task.view(l.model, out, y), l.tap.take()
+
+    def learner_loss(self, l: Learner, view, feats, teacher: Optional[TeacherOutputs], epoch: int) -> torch.Tensor:
+        step = StepOutputs(view.logits, feats, view.labels, teacher, l.regressors, epoch,
+                           hidden=view.hidden, head=view.head, masked=view.masked)
+        values = [term(step) for term in l.spec.terms]
+        loss = sum(term.weight * v for term, v in zip(l.spec.terms, values))
+        units = int((view.labels != IGNORE_INDEX).sum()) if view.masked else len(view.labels)
+        for k, v in enumerate(values):
+            l.term_sums[k] += float(v.detach()) * units
+        l.loss_sum += float(loss.detach()) * units
+        l.loss_count += units
+        return loss
+
+    def train_batch(self, epoch: int, b: int, orders: List[torch.Tensor], profile: bool) -> int:
+        """One micro-batch for every learner (an optimizer step at the end of an accumulation
+        window); returns the units (samples or tokens) of the batch on this rank."""
+        t = self.ctx.cfg["train"]
+        batch = self.batch
+        xy = []
+        for order in orders:
+            x, y = self.task.batch(self.data, order[b * batch : (b + 1) * batch])
+            xy.append((x.to(self.dev), y.to(self.dev)))
+        x, y = xy[0]
+        last_micro = (b + 1) % self.accum == 0 or b == self.batches - 1
+        # Weight each micro-batch by its share of the accumulation window's units, so that
+        # accumulating equals one large batch even when the epoch's last batch is short.
+        first = b - b % self.accum
+        window = sum(self.task.units(self.data.y[orders[0][i * batch : (i + 1) * batch]])
+                     for i in range(first, min(first + self.accum, self.batches)))
+        teachers = self.teacher_outputs(x, y) if self.teacher_models else {}
+        groups: Dict[tuple, TeacherOutputs] = {}
+        mutual = any(l.spec.peers for l in self.learners)
+        with contextlib.ExitStack() as stack:
+            if not last_micro:
+                for l in self.learners:
+                    stack.enter_context(dist.no_sync(l.wrapped))
+            outs: Dict[str, tuple] = {}
+            if mutual:  # peers read each other's outputs of this batch: all forwards first
+                for j, l in enumerate(self.learners):
+                    outs[l.spec.name] = self.forward(l, *xy[j % len(xy)])
+            for j, l in enumerate(self.learners):
+                lx, ly = xy[j % len(xy)]
+                units = self.task.units(ly)
+                with _cost(l, self.dev, profile, units):
+                    if l.spec.name not in outs:
+                        outs[l.spec.name] = self.forward(l, lx, ly)
+                    view, feats = outs[l.spec.name]
+                    loss = self.learner_loss(l, view, feats, self.teacher_for(l, teachers, outs, groups), epoch)
+                    # One backward per learner (their parameters are disjoint, and a fused KD
+                    # loss must not be backpropagated twice).
+                    (loss * (units / window)).backward()
+                if not mutual:
+                    del outs[l.spec.name]  # its activations are freed before the next learner runs
+        if last_micro:
+            for l in self.learners:
+                started = time.perf_counter()
+                if t["grad_clip"] > 0:
+                    dist.clip_grad_norm(l.wrapped, l.trainable_params(), t["grad_clip"])
+                l.optimizer.step()
+                l.scheduler.step()
+                l.optimizer.zero_grad(set_to_none=True)
+                l.cost["seconds"] += time.perf_counter() - started
+            self.opt_steps += 1
+            # Before the checkpoint, so that a run resumed from it does not lose the line.
+            if t["eval_every"] and self.opt_steps % t["eval_every"] == 0 and b != self.batches - 1:
+                self.validate(epoch)
+            if t["checkpoint_every"] and self.opt_steps % t["checkpoint_every"] == 0:
+                self.ctx.save_checkpoint(self.state(epoch, b + 1))
+        return self.task.units(y)
+
+    def validate(self, epoch: int) -> None:
+        """Every learner on the validation split, logged as one line each (at the end of an
+        epoch and every ``train.eval_every`` optimizer steps); ``train_loss`` is the mean since
+        the previous line."""
+        for l in self.learners:
+            reference = None
+            if l.spec.reference:
+                reference = [Member(n, lambda n=n: self.by_name[n].model, False) if n in self.by_name
+                             else Member(n, lambda n=n: self.teacher_models.get(n) or frozen_model(self.ctx, n))
+                             for n in l.spec.reference]
+            with contextlib.ExitStack() as stack:
+                for other in self.learners:
+                    stack.enter_context(dist.gathered(other.wrapped))
+                m = self.task.evaluate(self.ctx.val, [Member(l.spec.name, lambda l=l: l.model, False)], reference,
+                                       self.eval_cache)
+            line = {"phase": self.phase.name, "model": l.spec.name, "epoch": epoch + 1, "step": self.opt_steps, "split": "val",
+                    "train_loss": l.loss_sum / max(1, l.loss_count), "terms": l.term_means()}
+            line.update(m)
+            self.ctx.log(line)
+            l.loss_sum, l.loss_count, l.term_sums = 0.0, 0, [0.0] * len(l.term_sums)
+
+    def finish(self) -> tuple:
+        for tap in self.teacher_taps.values():
+            tap.remove()
+        finished = {}
+        for l in self.learners:
+            l.tap.remove()
+            if l.compressed:
+                compress.finalize(l.model)
+            finished[l.spec.name] = dist.unwrap_model(l.wrapped, l.module, lambda l=l: self.task.build(l.spec.role, 0)).cpu().eval()
+        return finished, {l.spec.name: dict(l.cost) for l in self.learners}
+
+
+@contextlib.contextmanager
+def _cost(l: Learner, device: torch.device, profile: bool, units: int):
+    """Time a learner's share of a step; with ``profile``, also its peak memory (the first
+    step measured per learner: on CUDA the allocator's peak, on the CPU the profiler's
+    allocation trace), that step's time left out."""
+    if profile and l.cost["peak_mb"] is None:
+        from fastkd.engine.memory import peak_memory_mb
+
+        with peak_memory_mb(device) as peak:
+            yield
+        l.cost["peak_mb"] = round(peak.value, 2)
+        return
+    started = time.perf_counter()
+    yield
+    l.cost["seconds"] += time.perf_counter() - started
+    l.cost["units"] += units
+
+
+def run_phase(ctx: Context, phase_index: int, phase: Phase, resume: Optional[dict] = None) -> tuple:
+    """Train ``phase`` to its end; returns its trained models by name (compression baked in)
+    and, by name, what training each cost (seconds, units, peak MiB of one step).
 
     ``resume`` is the ``"phase_state"`` of a checkpoint taken inside this phase: learner states,
     RNG states, position (epoch, next batch) and optimizer-step count.
     """
-    cfg, t = ctx.cfg, ctx.cfg["train"]
-    dev, bf16 = ctx.device, t["bf16"]
-    data = phase_train_set(ctx, phase)
-    world = dist.world_size()
-    batch = max(1, t["batch_size"] // world)
-    n_rank = len(data.y) if world == 1 else len(data.y) // world
-    batches = math.ceil(n_rank / batch)
-    accum = t["grad_accum"]
-    steps_per_epoch = math.ceil(batches / accum)
-    total_steps = phase.epochs * steps_per_epoch
-
-    teacher_names = list(dict.fromkeys(n for s in phase.learners for n in s.teachers))
-    teacher_models = {n: frozen_model(ctx, n) for n in teacher_names}
-    teacher_paths: Dict[str, List[str]] = {n: [] for n in teacher_names}
-    for s in phase.learners:
-        for term in s.terms:
-            for path in term.teacher_paths():
-                teacher_paths[s.teachers[term.spec["teacher_index"]]].append(path)
-    learners = [Learner(s, ctx, teacher_models, total_steps) for s in phase.learners]
-    by_name = {l.spec.name: l for l in learners}
-    teacher_taps = {n: FeatureTap(m, teacher_paths[n], "teacher") for n, m in teacher_models.items()}
-
-    prune_at: Dict[int, float] = {}
-    if any(l.compressed for l in learners) and cfg["student"]["prune_amount"] > 0:
-        prune_at = compress.pruning_schedule(cfg["student"]["prune_amount"], phase.epochs, cfg["student"]["prune_epochs"])
-
-    start_epoch, start_batch, opt_steps = 0, 0, 0
-    torch.manual_seed(cfg["seed"] * 7919 + phase_index * 104_729 + dist.rank())
-    if resume is not None:
-        for l in learners:
-            l.load(resume["learners"][l.spec.name])
-        start_epoch, start_batch, opt_steps = resume["epoch"], resume["batch"], resume["opt_steps"]
-        from fastkd.engine.checkpoint import set_rng_state
-
-        set_rng_state(resume["rng"][dist.rank()])
-
-    ref_cache: Dict[str, torch.Tensor] = {}
-
-    def reference_log_probs(names: List[str]) -> Optional[torch.Tensor]:
-        if not names:
-            return None
-        members = []
-        for n in names:
-            if n in by_name:  # a model of this phase, still changing
-                members.append(predict_log_probs(by_name[n].model, ctx.val.x, dev, bf16))
-            else:  # a finished model: computed once per phase
-                if n not in ref_cache:
-                    model = teacher_models[n] if n in teacher_models else frozen_model(ctx, n)
-                    ref_cache[n] = predict_log_probs(model, ctx.val.x, dev, bf16)
-                members.append(ref_cache[n])
-        return members[0] if len(members) == 1 else metrics.ensemble_log_probs(members)
-
-    def phase_state(epoch: int, next_batch: int) -> dict:
-        return {
-            "learners": {l.spec.name: l.state() for l in learners},
-            "epoch": epoch,
-            "batch": next_batch,
-            "opt_steps": opt_steps,
-            "rng": None,  # filled in by the job with every rank's RNG state
-        }
-
-    show = t["progress"] and dist.is_main()
+    run = PhaseRun(ctx, phase_index, phase, resume)
+    t = ctx.cfg["train"]
     bar = None
-    if show:
+    if t["progress"] and dist.is_main():
         from tqdm import tqdm
 
-        bar = tqdm(total=phase.epochs * batches, initial=start_epoch * batches + start_batch, desc=phase.name,
-                   unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True)
+        bar = tqdm(total=phase.epochs * run.batches, initial=run.start_epoch * run.batches + run.start_batch,
+                   desc=phase.name, unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True)
     seen, t0 = 0, time.perf_counter()
-
-    for epoch in range(start_epoch, phase.epochs):
-        orders = [dist.shard(_epoch_order(cfg["seed"] + (0 if phase.shared_batches else 7 * j), phase_index, epoch, len(data.y)))
-                  for j in range(1 if phase.shared_batches else len(learners))]
-        if start_batch == 0 and epoch in prune_at:
-            for l in learners:
+    start_batch = run.start_batch
+    for epoch in range(run.start_epoch, phase.epochs):
+        orders = run.orders(epoch)
+        if start_batch == 0 and epoch in run.prune_at:
+            for l in run.learners:
                 if l.compressed:
-                    compress.prune_to(l.model, prune_at[epoch])
-        for b in range(start_batch, batches):
-            batches_xy = []
-            for order in orders:
-                idx = order[b * batch : (b + 1) * batch]
-                xb = augment(data.x[idx], t["augment"], data.input_shape, t["augment_strength"]).to(dev)
-                batches_xy.append((xb, data.y[idx].to(dev)))
-            x, y = batches_xy[0]
-            last_micro = (b + 1) % accum == 0 or b == batches - 1
-            # Frozen teachers: eval mode, no_grad, once per batch for all learners.
-            t_logits: Dict[str, torch.Tensor] = {}
-            t_feats: Dict[str, Dict[str, torch.Tensor]] = {}
-            with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                for n, m in teacher_models.items():
-                    t_logits[n] = m(x).float()
-                    t_feats[n] = teacher_taps[n].take()
-            groups: Dict[tuple, TeacherOutputs] = {}
-            with contextlib.ExitStack() as stack:
-                if not last_micro:
-                    for l in learners:
-                        if l.wrapped is not l.module:
-                            stack.enter_context(l.wrapped.no_sync())
-                outs = {}
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                    for j, l in enumerate(learners):
-                        outs[l.spec.name] = (l.wrapped(batches_xy[j % len(batches_xy)][0]), l.tap.take())
-                total = 0.0
-                for j, l in enumerate(learners):
-                    logits, feats = outs[l.spec.name]
-                    y = batches_xy[j % len(batches_xy)][1]
-                    if l.spec.peers:
-                        # Mutual learning: the other peers' current outputs, as constants.
-                        teacher = TeacherOutputs([outs[p][0].detach().float() for p in l.spec.peers])
-                    elif l.spec.teachers:
-                        key = tuple(l.spec.teachers)
-                        if key not in groups:
-                            groups[key] = TeacherOutputs([t_logits[n] for n in key], [t_feats[n] for n in key])
-                        teacher = groups[key]
-                    else:
-                        teacher = None
-                    step = StepOutputs(logits, feats, y, teacher, l.regressors, epoch)
-                    values = [term(step) for term in l.spec.terms]
-                    loss = sum(term.weight * v for term, v in zip(l.spec.terms, values))
-                    for k, v in enumerate(values):
-                        l.term_sums[k] += float(v.detach()) * len(y)
-                    l.loss_sum += float(loss.detach()) * len(y)
-                    l.loss_count += len(y)
-                    total = total + loss
-                # Weight each micro-batch by its share of the accumulation window's samples, so
-                # that accumulating equals one large batch even when the epoch's last batch is
-                # short. One backward for all learners (their parameters are disjoint); fused
-                # KD losses must not be backpropagated twice.
-                first = b - b % accum
-                window = sum(len(orders[0][i * batch : (i + 1) * batch]) for i in range(first, min(first + accum, batches)))
-                (total * (len(y) / window)).backward()
-            seen += len(y) * world
-            if last_micro:
-                for l in learners:
-                    if t["grad_clip"] > 0:
-                        torch.nn.utils.clip_grad_norm_(l.trainable_params(), t["grad_clip"])
-                    l.optimizer.step()
-                    l.scheduler.step()
-                    l.optimizer.zero_grad(set_to_none=True)
-                opt_steps += 1
-                if t["checkpoint_every"] and opt_steps % t["checkpoint_every"] == 0:
-                    ctx.save_checkpoint(phase_state(epoch, b + 1))
+                    compress.prune_to(l.model, run.prune_at[epoch])
+        for b in range(start_batch, run.batches):
+            # The second batch a process runs is profiled: the first pays one-time costs.
+            seen += run.train_batch(epoch, b, orders, profile=t["measure_memory"] and b == start_batch + 1) * dist.world_size()
             if bar is not None:
                 bar.update(1)
-                if b % 5 == 0 or b == batches - 1:
-                    running = np.mean([l.loss_sum / max(1, l.loss_count) for l in learners])
-                    bar.set_postfix(loss=f"{running:.4f}", samples_s=f"{seen / (time.perf_counter() - t0):.0f}")
+                if b % 5 == 0 or b == run.batches - 1:
+                    running = np.mean([l.loss_sum / max(1, l.loss_count) for l in run.learners])
+                    bar.set_postfix(loss=f"{running:.4f}", **{f"{ctx.task.UNIT}_s": f"{seen / (time.perf_counter() - t0):.0f}"})
         start_batch = 0
-        # End of epoch: evaluate every learner on the validation split.
-        for l in learners:
-            lp = predict_log_probs(l.model, ctx.val.x, dev, bf16)
-            ref = reference_log_probs(l.spec.reference)
-            line = {"phase": phase.name, "model": l.spec.name, "epoch": epoch + 1, "step": opt_steps, "split": "val",
-                    "train_loss": l.loss_sum / max(1, l.loss_count), "terms": l.term_means()}
-            line.update(metrics.classification_metrics(lp, ctx.val.y, ref))
-            ctx.log(line)
-            l.loss_sum, l.loss_count, l.term_sums = 0.0, 0, [0.0] * len(l.term_sums)
+        run.validate(epoch)
     if bar is not None:
         bar.close()
-    for tap in teacher_taps.values():
-        tap.remove()
-    finished = {}
-    for l in learners:
-        l.tap.remove()
-        if l.compressed:
-            compress.finalize(l.model)
-        finished[l.spec.name] = l.model.cpu().eval()
-    return finished
+    return run.finish()

@@ -767,6 +767,8 @@ def check_cuda(so_path: Optional[str] = None, archs: Sequence[int] = ARCHS) -> D
             out["built_with_cuda"] = bool(torch.ops.fastkd.built_with_cuda())
         except Exception as exc:  # noqa: BLE001
             out["problems"].append(["compile", f"could not ask the extension whether it was built with CUDA: {exc}"])
+    if out["built_with_cuda"] is False:
+        return out  # FASTKD_NO_CUDA=1: no device code, which cuobjdump would refuse to read
     usage = resource_usage(path)
     if out["built_with_cuda"] is None:
         out["built_with_cuda"] = bool(usage)

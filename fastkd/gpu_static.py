@@ -413,6 +413,13 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _job_kernel(job: Dict[str, Any]):
+    """The job's kernel (imported in the worker) with its constexprs and attributes, as
+    ASTSource takes them (JSON turned their tuple keys into lists)."""
+    kernel = getattr(importlib.import_module(job["module"]), job["kernel"])
+    return kernel, {tuple(k): v for k, v in job["constexprs"]}, {tuple(k): v for k, v in job["attrs"]}
+
+
 def _frontend_job(job: Dict[str, Any]) -> Dict[str, Any]:
     """Lowers one launch to Triton IR under torch.compile's argument types, stopping there.
 
@@ -430,10 +437,7 @@ def _frontend_job(job: Dict[str, Any]) -> Dict[str, Any]:
     result = dict(job["record"])
     t0 = time.perf_counter()
     try:
-        module = importlib.import_module(job["module"])
-        kernel = getattr(module, job["kernel"])
-        constexprs = {tuple(k): v for k, v in job["constexprs"]}
-        attrs = {tuple(k): v for k, v in job["attrs"]}
+        kernel, constexprs, attrs = _job_kernel(job)
         target = GPUTarget("cuda", job["arch"], 32)
         backend = make_backend(target)
 
@@ -474,10 +478,7 @@ def _compile_job(job: Dict[str, Any]) -> Dict[str, Any]:
     result = dict(job["record"])
     t0 = time.perf_counter()
     try:
-        module = importlib.import_module(job["module"])
-        kernel = getattr(module, job["kernel"])
-        constexprs = {tuple(k): v for k, v in job["constexprs"]}
-        attrs = {tuple(k): v for k, v in job["attrs"]}
+        kernel, constexprs, attrs = _job_kernel(job)
         src = ASTSource(kernel, job["signature"], constexprs, attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options=dict(job["options"]))
         cubin = compiled.asm["cubin"]

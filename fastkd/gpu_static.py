@@ -526,20 +526,11 @@ def _plan(launches, archs, cache: Path, results: List[Dict[str, Any]], frontend:
             )
             key = _cache_key(launch, spec, arch)
             record["cache_key"] = key  # the cubin is <cache_dir>/<cache_key>.cubin
-            hit = cache / f"{key}.json"
-            if hit.exists():
-                try:
-                    # Resources from the cache; labels from the launch as listed now.
-                    results.append(dict(json.loads(hit.read_text()), **record, cached=True))
-                    continue
-                except (OSError, ValueError):
-                    pass  # a torn or unreadable entry: compile again
-            todo.append({
-                "record": record, "module": record["module"], "kernel": record["kernel"], "arch": arch,
-                "signature": spec["signature"], "constexprs": [[list(k), v] for k, v in spec["constexprs"].items()],
-                "attrs": [[list(k), v] for k, v in spec["attrs"].items()], "options": spec["options"],
-                "key": key, "cache_dir": str(cache),
-            })
+            hit = _cached(cache, key, record)
+            if hit is not None:
+                results.append(hit)
+            else:
+                todo.append(_job(record, spec, key, cache))
         if spec is not None and any(_is_float_scalar(v) for v in spec["signature"].values()):
             _plan_frontend(launch, spec, archs[-1], record, cache, frontend, todo)
 
@@ -557,19 +548,33 @@ def _plan_frontend(launch, spec, arch, record, cache: Path, frontend: List[Dict[
     key = _cache_key(launch, spec, arch) + "-frontend"
     record = {k: record[k] for k in ("module", "kernel", "label", "variant")}
     record["arch"] = arch
+    hit = _cached(cache, key, record)
+    if hit is not None:
+        frontend.append(hit)
+    else:
+        todo.append(dict(_job(record, spec, key, cache), frontend=True, eager_signature=eager_signature))
+
+
+def _cached(cache: Path, key: str, record: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """A cached result, with the labels of the launch as listed now; None to compile (again, for
+    a torn or unreadable entry)."""
     hit = cache / f"{key}.json"
-    if hit.exists():
-        try:
-            frontend.append(dict(json.loads(hit.read_text()), **record, cached=True))
-            return
-        except (OSError, ValueError):
-            pass
-    todo.append({
-        "frontend": True, "record": record, "module": record["module"], "kernel": record["kernel"], "arch": arch,
-        "signature": signature, "eager_signature": eager_signature, "constexprs": [[list(k), v] for k, v in spec["constexprs"].items()],
+    if not hit.exists():
+        return None
+    try:
+        return dict(json.loads(hit.read_text()), **record, cached=True)
+    except (OSError, ValueError):
+        return None
+
+
+def _job(record: Dict[str, Any], spec: Dict[str, Any], key: str, cache: Path) -> Dict[str, Any]:
+    """A worker's job (:func:`_compile_job`): plain JSON-able values, tuple keys as lists."""
+    return {
+        "record": record, "module": record["module"], "kernel": record["kernel"], "arch": record["arch"],
+        "signature": spec["signature"], "constexprs": [[list(k), v] for k, v in spec["constexprs"].items()],
         "attrs": [[list(k), v] for k, v in spec["attrs"].items()], "options": spec["options"],
         "key": key, "cache_dir": str(cache),
-    })
+    }
 
 
 def check_triton(

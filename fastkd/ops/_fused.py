@@ -29,6 +29,7 @@ The backward, three cases:
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable, Optional, Sequence
 
@@ -168,14 +169,10 @@ class FusedLoss:
         return None
 
 
-_SCALE = []
-
-
+@functools.cache
 def _scale_kernels():
     """kernels/scale.py, or None without Triton (the backward then multiplies with torch)."""
-    if not _SCALE:
-        _SCALE.append(import_triton("fastkd.kernels.scale")[0])
-    return _SCALE[0]
+    return import_triton("fastkd.kernels.scale")[0]
 
 
 def import_triton(module: str):

@@ -8,9 +8,14 @@ Layout of a cache directory (nothing else is in it)::
 
 Row ``t`` of the cache is the teacher's next-token distribution at token position ``t`` of the
 stream it was run over (for a language model: the concatenated training windows, in order), cut
-to its K largest entries: their vocabulary indices (the narrowest unsigned type that holds V)
-and their values (log-probabilities at temperature 1, or raw logits) in a 2-byte float. Storage
-is therefore 4·K bytes per token plus each shard's header and the manifest.
+to its K largest entries (``selection = "top_k"``): their vocabulary indices (the narrowest
+unsigned type that holds V) and their values (log-probabilities at temperature 1, or raw logits)
+in a 2-byte float. ``selection = "sample"`` keeps K draws from the distribution instead, as the
+distinct indices drawn and their log-frequencies (:func:`sample_rows`). Storage is therefore
+4·K bytes per token plus each shard's header and the manifest.
+
+``fastkd cache-teacher`` (:mod:`fastkd.cache_teacher`) writes a language-model job's cache;
+``fastkd distill --teacher-cache`` reads it (``LMTask`` in :mod:`fastkd.engine.tasks`).
 
 Writing is resumable and never leaves a torn file: a shard is written under a temporary name,
 flushed and renamed when complete, then the manifest (which lists each finished shard with its
@@ -36,6 +41,9 @@ FORMAT = "fastkd-teacher-cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 VALUE_KINDS = ("logprobs", "logits")
+# How a row's K entries are chosen: the K largest ("top_k"), or K draws from the teacher's
+# distribution ("sample", Sparse Logit Sampling; see sample_rows).
+SELECTIONS = ("top_k", "sample")
 VALUE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_SHARD_TOKENS = 1 << 16
 
@@ -95,10 +103,15 @@ class CacheSpec:
     value_dtype: str = "bfloat16"
     shard_tokens: int = DEFAULT_SHARD_TOKENS
     fingerprints: Dict[str, str] = field(default_factory=dict)
+    selection: str = "top_k"
 
     def check(self) -> None:
         if self.values not in VALUE_KINDS:
             raise CacheError(f"values must be one of {', '.join(VALUE_KINDS)}, got {self.values!r}")
+        if self.selection not in SELECTIONS:
+            raise CacheError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.selection == "sample" and self.values != "logprobs":
+            raise CacheError("a sampled cache stores the draws' frequencies as log-probabilities: values must be 'logprobs'")
         if self.value_dtype not in VALUE_DTYPES:
             raise CacheError(f"value dtype must be one of {', '.join(VALUE_DTYPES)}, got {self.value_dtype!r}")
         if not 1 <= self.top_k <= self.vocab_size:
@@ -133,10 +146,11 @@ class CacheWriter:
         if manifest_path.exists():
             if not resume:
                 raise CacheError(f"{self.dir} already holds a teacher cache: pass --resume to continue it, or another --out")
-            self.manifest = _read_manifest(self.dir)
+            self.manifest = read_manifest(self.dir)
             have = self.manifest["spec"]
             wanted = asdict(spec)
-            diff = _differences(wanted, have, ("top_k", "vocab_size", "tokens", "values", "value_dtype", "shard_tokens"))
+            have = {"selection": "top_k", **have}
+            diff = _differences(wanted, have, ("top_k", "selection", "vocab_size", "tokens", "values", "value_dtype", "shard_tokens"))
             diff += _differences(wanted["fingerprints"], have.get("fingerprints", {}), sorted(set(wanted["fingerprints"]) | set(have.get("fingerprints", {}))))
             if diff:
                 raise CacheError(f"cannot resume {self.dir}: it was written with " + "; ".join(diff))
@@ -218,7 +232,7 @@ class CacheWriter:
         _write_atomic(self.dir / MANIFEST, (json.dumps(self.manifest, indent=1) + "\n").encode())
 
 
-def _read_manifest(directory: Path) -> Dict:
+def read_manifest(directory: Path) -> Dict:
     path = Path(directory) / MANIFEST
     if not path.exists():
         raise CacheError(f"{directory} holds no {MANIFEST}: not a teacher cache")
@@ -251,7 +265,7 @@ class TeacherCache:
 
     def __init__(self, directory):
         self.dir = Path(directory)
-        self.manifest = _read_manifest(self.dir)
+        self.manifest = read_manifest(self.dir)
         if not self.manifest.get("complete"):
             raise CacheError(f"{self.dir}: the cache was not finished (run cache-teacher again with --resume)")
         spec = self.manifest["spec"]
@@ -260,6 +274,7 @@ class TeacherCache:
         self.tokens: int = spec["tokens"]
         self.values: str = spec["values"]
         self.value_dtype: str = spec["value_dtype"]
+        self.selection: str = spec.get("selection", "top_k")
         self.fingerprints: Dict[str, str] = dict(spec.get("fingerprints", {}))
         self.info: Dict = dict(self.manifest.get("info", {}))
         self.shards: List[Dict] = self.manifest["shards"]
@@ -274,6 +289,17 @@ class TeacherCache:
     @property
     def bytes_per_token(self) -> float:
         return self.bytes / self.tokens
+
+    @property
+    def default_tail(self) -> str:
+        """The ``sparse_kd_loss`` tail that reads this cache as written: top-k log-probabilities
+        leave out a known mass, spread over the rest (``uniform``); logits carry no mass to
+        spread, and a sampled row's frequencies already sum to 1 (``renormalize``)."""
+        return "uniform" if self.values == "logprobs" and self.selection == "top_k" else "renormalize"
+
+    def describe(self) -> str:
+        """``top-32 log-probabilities`` / ``32 samples``: what a row holds, for reports."""
+        return f"{self.top_k} samples" if self.selection == "sample" else f"top-{self.top_k} {self.values}"
 
     def check_matches(self, *, fingerprints: Dict[str, str], tokens: Optional[int] = None, top_k: Optional[int] = None,
                       vocab_size: Optional[int] = None) -> None:
@@ -348,6 +374,36 @@ def top_k_rows(logits: torch.Tensor, k: int, values: str = "logprobs") -> Tuple[
     return top.indices, top.values - torch.logsumexp(logits, dim=-1, keepdim=True)
 
 
+def sample_rows(logits: torch.Tensor, k: int, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    """K draws per row from the teacher's distribution ``softmax(logits)`` (temperature 1), kept
+    as the distinct indices drawn and the log of their frequency, ``log(count / K)``; the K − u
+    unused slots of a row with u distinct draws hold other (distinct) indices at ``-inf`` (no
+    mass). Sparse Logit Sampling (Anshumann et al., ACL 2025) with the teacher itself as the
+    proposal, so that every importance weight is 1: the stored row p̂ has E[p̂] = p, and the
+    gradient of KL(p̂ ‖ softmax(s)) in s, softmax(s) − p̂, is an unbiased estimate of the full
+    KD gradient softmax(s) − p at temperature 1, where top-k's is biased (its p is cut to the
+    head). The loss value itself is not unbiased (its entropy term is p̂'s), nor is the
+    gradient at another temperature (p^(1/T) is not linear in p)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    draws = torch.multinomial(probs, k, replacement=True, generator=generator)
+    counts = torch.zeros_like(probs).scatter_add_(1, draws, torch.ones_like(draws, dtype=probs.dtype))
+    top = counts.topk(k, dim=-1)
+    return top.indices, torch.log(top.values / k)
+
+
+def state_fingerprint(module: torch.nn.Module) -> str:
+    """``xxh3_128:<hex>`` of a model's parameters and buffers (names, dtypes, shapes, bytes): the
+    teacher a cache was written with, recognised again when it is loaded to measure against."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return f"xxh3_128:{h.hexdigest()}"
+
+
 def storage_bound(top_k: int) -> int:
     """Bytes per token the format promises at most, every file included: 2-byte indices and
     values, and 16 bytes for shard headers and the manifest."""
@@ -356,5 +412,5 @@ def storage_bound(top_k: int) -> int:
 
 __all__ = [
     "CacheError", "CacheSpec", "CacheWriter", "TeacherCache", "index_dtype", "file_hash", "top_k_rows",
-    "storage_bound", "shard_name", "FORMAT_VERSION", "MANIFEST",
+    "sample_rows", "state_fingerprint", "storage_bound", "shard_name", "FORMAT_VERSION", "MANIFEST", "SELECTIONS",
 ]

@@ -46,7 +46,8 @@ def test_round_trip_manifest_and_shards(tmp_path):
     assert m["format"] == "fastkd-teacher-cache" and m["format_version"] == 1 and m["complete"] is True
     assert m["index_dtype"] == "uint16"
     assert m["spec"] == {"top_k": 16, "vocab_size": V, "tokens": 2500, "values": "logprobs", "value_dtype": "bfloat16",
-                         "shard_tokens": 1000, "fingerprints": {"vocabulary": "vocab-a", "teacher": "teacher-a", "data": "data-a"}}
+                         "shard_tokens": 1000, "fingerprints": {"vocabulary": "vocab-a", "teacher": "teacher-a", "data": "data-a"},
+                         "selection": "top_k"}
     assert [(e["file"], e["token_start"], e["token_end"]) for e in m["shards"]] == [
         ("shard-00000.safetensors", 0, 1000), ("shard-00001.safetensors", 1000, 2000), ("shard-00002.safetensors", 2000, 2500)]
     assert all(e["hash"].startswith("xxh3_128:") and len(e["hash"]) == len("xxh3_128:") + 32 for e in m["shards"])
@@ -207,3 +208,37 @@ def test_sparse_kd_from_a_full_width_cache_equals_kd_loss(tmp_path, tail):
     # log-probability off by at most 2^-8 relative moves the loss by less than 1 %.
     full = fastkd.kd_loss(student, teacher, T)
     torch.testing.assert_close(sparse, full, rtol=1e-2, atol=0)
+
+
+def test_sampled_rows_give_an_unbiased_gradient_where_top_k_does_not():
+    """Sparse Logit Sampling's claim, measured: averaged over many draws, the gradient of
+    sparse_kd_loss from K sampled entries (their frequencies, tail 'renormalize') converges to
+    the full KD gradient softmax(s) - p at temperature 1; top-K's stays off by the mass it cuts."""
+    rows, k, draws = 4, 8, 4000
+    teacher = stream(rows, seed=5)
+    student = torch.randn(rows, V, generator=torch.Generator().manual_seed(6))
+    p = torch.softmax(teacher.double(), -1)
+    exact = torch.softmax(student.double(), -1) - p
+
+    def mean_gradient(idx, val, repeats):
+        s = student.repeat(repeats, 1).requires_grad_(True)
+        loss = fastkd.sparse_kd_loss(s, val, idx, 1.0, values="logprobs", tail="renormalize", reduction="sum")
+        (g,) = torch.autograd.grad(loss, s)
+        return g.double().reshape(repeats, rows, V).mean(0)
+
+    idx, val = tc.sample_rows(teacher.repeat(draws, 1), k, torch.Generator().manual_seed(7))
+    assert (torch.logsumexp(val, -1).abs() < 1e-6).all()  # frequencies sum to 1
+    sampled = mean_gradient(idx, val, draws)
+    # A frequency over K * draws draws: standard error sqrt(p (1 - p) / (K draws)), plus one draw.
+    bound = 5 * (p * (1 - p) / (k * draws)).sqrt() + 2 / (k * draws)
+    assert ((sampled - exact).abs() <= bound).all(), float(((sampled - exact).abs() / bound).max())
+    # The mass top-K cuts: the gradient's sum over the entries outside each row's top K is that
+    # mass m (a bias no number of steps averages out) for top-K, and 0 up to sampling error
+    # (standard error sqrt(m (1 - m) / (K draws))) for the samples.
+    top_idx, top_val = tc.top_k_rows(teacher, k)
+    outside = torch.ones(rows, V, dtype=torch.bool).scatter(1, top_idx, False)
+    m = (p * outside).sum(-1)
+    cut = lambda g: ((g - exact) * outside).sum(-1)
+    assert (cut(sampled).abs() <= 5 * (m * (1 - m) / (k * draws)).sqrt()).all()
+    top = mean_gradient(top_idx, top_val, 1)
+    assert torch.allclose(cut(top), m, atol=1e-5) and (m > 0.05).all(), m

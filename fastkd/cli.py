@@ -7,6 +7,12 @@ default job (ensemble distillation on scikit-learn's digits); ``--data lm`` with
 language-model job (``configs/lm.toml``). ``--resume`` continues the run in
 ``--out`` (or in DIR) from its last checkpoint; the saved config is used when no file is given.
 
+``fastkd distill ... --teacher-cache DIR`` distils the language-model job's students from a
+teacher cache instead of a teacher (``teacher.cache``).
+
+``fastkd cache-teacher [CONFIG.toml] --data lm (--top-k K | --sample K) [--out DIR] [--resume]
+[--set KEY=VALUE ...]`` writes that cache (see ``fastkd/cache_teacher.py``).
+
 ``fastkd bench [--ops ...] [--quick] [--device cpu|cuda] [--dtype ...] [--shapes NxV,...] [--out DIR]``
 runs the kernel microbenchmarks on this machine (see ``fastkd/bench_cli.py``).
 
@@ -47,13 +53,27 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, help="train.batch_size")
     d.add_argument("--seed", type=int, help="seed")
     d.add_argument("--method", help="method: distill, self_distill, mutual, stagewise")
+    d.add_argument("--teacher-cache", metavar="DIR", help="lm: distil from a teacher cache (fastkd cache-teacher) "
+                   "instead of training and running the teacher (teacher.cache)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set train.lr=0.001 (TOML value syntax)")
-    from fastkd import bench_cli
+    from fastkd import bench_cli, cache_teacher
 
+    cache_teacher.add_parser(sub)
     bench_cli.add_parser(sub)
     return p
+
+
+def set_overrides(items: List[str]) -> list:
+    """``--set KEY=VALUE`` items as ``(dotted key, value)`` pairs (TOML value syntax)."""
+    overrides = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        overrides.append((key.strip(), parse_value(value.strip())))
+    return overrides
 
 
 def config_from_args(args) -> tuple:
@@ -66,14 +86,9 @@ def config_from_args(args) -> tuple:
         out = args.resume
     if resume and out is None:
         raise ConfigError("--resume needs the run directory: --resume DIR or --out DIR")
-    overrides = []
-    for item in args.set:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        key, value = item.split("=", 1)
-        overrides.append((key.strip(), parse_value(value.strip())))
+    overrides = set_overrides(args.set)
     for flag, key in (("data", "data.name"), ("epochs", "train.epochs"), ("batch_size", "train.batch_size"),
-                      ("seed", "seed"), ("method", "method")):
+                      ("seed", "seed"), ("method", "method"), ("teacher_cache", "teacher.cache")):
         if getattr(args, flag) is not None:
             overrides.append((key, getattr(args, flag)))
     if args.no_progress:
@@ -105,6 +120,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             from fastkd import bench_cli
 
             return bench_cli.run(args, argv[1:])
+        if args.command == "cache-teacher":
+            from fastkd import cache_teacher
+
+            return cache_teacher.run(args)
         cfg, resume = config_from_args(args)
         from fastkd.engine.runner import run_job
 
@@ -115,6 +134,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt as exc:
         out = getattr(exc, "out", None)
         hint = f"; continue from its last checkpoint with: fastkd distill --resume {out}" if out else ""
+        if getattr(exc, "hint", None):
+            hint = f"; {exc.hint}"
         print(f"fastkd: interrupted{hint}", file=sys.stderr)
         return 130
     return 0

@@ -45,6 +45,9 @@ def _model_table(arch, hidden, channels, dropout, count=None):
         t["count"] = Field("int", count, lo=1, doc="ensemble size (teachers trained from seeds seed+1000+i)")
         t["epochs"] = Field("int", 0, lo=0, doc="epochs of the teachers' phase (0: train.epochs)")
         t["independent_batches"] = Field("bool", False, doc="each teacher its own batch order (default: only the init differs)")
+        t["cache"] = Field("str", "", doc="lm: a teacher cache written by `fastkd cache-teacher`; the KD term reads the "
+                           "teacher from it (fastkd.sparse_kd_loss) and no teacher is trained or run")
+        t["cache_top_k"] = Field("int", 0, lo=0, doc="with teacher.cache: the K this job expects the cache to hold (0: any)")
     return t
 
 
@@ -212,6 +215,10 @@ def validate(cfg: dict) -> dict:
         raise ConfigError("student.prune_amount and student.quant_bits cannot be combined (choose one)")
     if cfg["train"]["shard"] and (cfg["student"]["prune_amount"] > 0 or cfg["student"]["quant_bits"] > 0):
         raise ConfigError("train.shard (FSDP2) cannot be combined with a pruned or quantized student")
+    for i, term in enumerate(cfg["loss"]):
+        for key in ("tail", "values"):
+            if term.get(key) and not cfg["teacher"]["cache"]:
+                raise ConfigError(f"loss[{i}].{key} applies to a teacher read from a cache (teacher.cache), and this job has none")
     if cfg["student"]["quant_bits"] == 1:
         raise ConfigError("student.quant_bits must be 0 (off) or at least 2")
     return cfg

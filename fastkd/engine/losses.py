@@ -11,6 +11,7 @@ in fastkd later plugs in as one more registered term.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -40,28 +41,47 @@ def register_loss_term(kind: str) -> Callable[[type], type]:
 # ----------------------------------------------------------------------------------------------
 
 
+@dataclass
+class SparseTeacher:
+    """A teacher known at K entries per row, read from a teacher cache
+    (:mod:`fastkd.teacher_cache`): ``indices`` and ``values`` ``[N, K]`` aligned with the
+    student's rows, the values' kind and the tail that reads them as written (``sparse_kd_loss``'s
+    ``values`` and ``tail``)."""
+
+    indices: torch.Tensor
+    values: torch.Tensor
+    kind: str
+    tail: str
+
+
 class TeacherOutputs:
     """The frozen teachers' outputs on one batch, computed once and shared by every student.
 
     Per ensemble member either its ``logits`` ``[N, V]`` (float32, no grad) or, where the task
     splits the output layer off (language models), its ``hidden`` states ``[N, H]`` and output
     layer ``heads``, from which the logits are formed only when a term asks for them (a fused
-    head never does); ``features``: per member, module path -> captured output.
+    head never does); ``features``: per member, module path -> captured output. A teacher read
+    from a cache is ``sparse`` alone: no logits exist, and only the KD term reads it.
     """
 
     def __init__(self, logits: Optional[List[torch.Tensor]] = None, features: Optional[List[Dict[str, torch.Tensor]]] = None,
-                 hidden: Optional[List[torch.Tensor]] = None, heads: Optional[List[nn.Module]] = None):
+                 hidden: Optional[List[torch.Tensor]] = None, heads: Optional[List[nn.Module]] = None,
+                 sparse: Optional[SparseTeacher] = None):
         self._logits, self.features = logits, features or []
-        self.hidden, self.heads = hidden, heads
+        self.hidden, self.heads, self.sparse = hidden, heads, sparse
         self._stacked: Optional[torch.Tensor] = None
         self._combined: Dict[float, torch.Tensor] = {}
 
     @property
     def count(self) -> int:
+        if self.sparse is not None:
+            return 1
         return len(self._logits if self._logits is not None else self.hidden)
 
     @property
     def logits(self) -> List[torch.Tensor]:
+        if self.sparse is not None:
+            raise RuntimeError("the teacher is read from a top-K cache: it has no logits (only kind 'kd' reads it)")
         if self._logits is None:
             with torch.no_grad():
                 self._logits = [head(h).float() for h, head in zip(self.hidden, self.heads)]
@@ -158,7 +178,12 @@ class KDTerm(LossTerm):
     off (a language model's ``lm_head``: ``student_head``/``teacher_head`` stay empty); otherwise
     the inputs of the modules named by ``student_head`` and ``teacher_head`` (an ``nn.Linear``
     each), captured by forward hooks. It needs a single teacher (an ensemble's mixture is
-    defined on probabilities, not on one output layer)."""
+    defined on probabilities, not on one output layer).
+
+    A teacher read from a cache (``teacher.cache``) is known at K entries per row: the term is
+    then :func:`fastkd.sparse_kd_loss` on the student's logits (formed from its hidden states;
+    ``fused_head`` does not apply), with the cache's ``values`` and the ``tail`` that reads them
+    as written, unless ``tail``/``values`` say otherwise; the divergence is KL."""
 
     SCHEMA = {
         "weight": Field("float", 1.0, lo=0.0),
@@ -173,6 +198,10 @@ class KDTerm(LossTerm):
         "teacher_index": Field("int", 0, lo=0, doc="the teacher whose head fused_head reads"),
         "chunk_size": Field("int", 0, lo=0, doc="fused_head: rows per chunk (0: the op's choice, sized for a GPU: "
                             "up to 256 MiB of [rows, V] buffers)"),
+        "tail": Field("str", "", choices=("", "renormalize", "uniform"),
+                      doc="teacher.cache: sparse_kd_loss's tail (empty: uniform for top-k log-probabilities, else renormalize)"),
+        "values": Field("str", "", choices=("", "logprobs", "logits"),
+                        doc="teacher.cache: what the cached values are taken as (empty: as the cache says)"),
     }
     needs_teacher = True
 
@@ -203,6 +232,10 @@ class KDTerm(LossTerm):
         kwargs = dict(hard_weight=self.spec["hard_weight"], t2_scale=self.spec["t2_scale"])
         if self.spec["hard_weight"] > 0 or out.masked:
             kwargs["labels"] = out.labels
+        sparse = out.teacher.sparse
+        if sparse is not None:
+            return fastkd.sparse_kd_loss(out.logits, sparse.values, sparse.indices, t, values=self.spec["values"] or sparse.kind,
+                                         tail=self.spec["tail"] or sparse.tail, **kwargs)
         if self.spec["divergence"] != "kl":
             kwargs.update(divergence=self.spec["divergence"], beta=self._beta(self.spec))
         if self.spec["fused_head"]:

@@ -9,7 +9,12 @@ same initialisation and on the same batches where possible) and, where the metho
 - ``distill`` (Hinton KD, ensembles, feature losses, weighted sums): teachers ``teacher_0..M-1``
   trained from seeds ``seed+1000+i`` for ``teacher.epochs`` (default: ``train.epochs``); then ``student_baseline`` and ``student_kd`` train
   together, the latter on the configured ``[[loss]]`` terms against the teachers' averaged
-  output.
+  output. With ``teacher.cache`` the teachers' phase is left out and ``student_kd`` reads its
+  teacher from the cache, on the batches it would have seen after that phase; students are
+  measured against the teacher the cache was written with when it is at hand (``teacher_0``,
+  loaded, not trained), else against the cache itself (see ``LMTask.cache_fidelity``).
+  ``teacher_only`` plans the teachers' phase alone (``fastkd cache-teacher`` trains its teacher
+  so).
 - ``self_distill`` (born-again): ``generation_0`` trained on labels, ``generation_k`` distilled
   from ``generation_{k-1}``; the baseline is a second model trained on labels beside
   generation 1. ``teacher`` is the last generation's teacher.
@@ -28,6 +33,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from fastkd.engine.losses import build_terms, ce_only
+from fastkd.engine.tasks import CACHED_TEACHER
 from fastkd.engine.trainer import LearnerSpec, Phase
 
 
@@ -48,10 +54,24 @@ def _teacher_phase(cfg: dict, fraction: float = 1.0) -> tuple:
     return Phase("teachers", learners, epochs, fraction, shared_batches=not cfg["teacher"]["independent_batches"]), names
 
 
-def plan(cfg: dict) -> tuple:
-    """``(phases, entries)`` for ``cfg["method"]``."""
+def plan(cfg: dict, external=(), teacher_only: bool = False) -> tuple:
+    """``(phases, entries)`` for ``cfg["method"]``; ``external``: names of finished models the
+    job did not train (the store holds them before the first phase)."""
     method, seed, epochs = cfg["method"], cfg["seed"], cfg["train"]["epochs"]
     s0 = seed + 2000  # the students' initialisation seed
+    if teacher_only:
+        tphase, teachers = _teacher_phase(cfg)
+        return [tphase], [Entry("teacher", teachers)]
+    if method == "distill" and cfg["teacher"]["cache"]:
+        ref = ["teacher_0"] if "teacher_0" in external else []
+        students = Phase("students", [
+            LearnerSpec("student_baseline", "student", s0, ce_only(), reference=ref, compress=True),
+            LearnerSpec("student_kd", "student", s0, build_terms(cfg["loss"]), teachers=[CACHED_TEACHER], reference=ref,
+                        compress=True),
+        ], epochs, stream=1)
+        entries = [Entry("teacher", ref)] if ref else []
+        entries += [Entry("student_baseline", ["student_baseline"], ref or None), Entry("student_kd", ["student_kd"], ref or None)]
+        return [students], entries
     if method == "distill":
         tphase, teachers = _teacher_phase(cfg)
         students = Phase("students", [

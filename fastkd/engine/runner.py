@@ -82,11 +82,12 @@ def prepare(cfg: dict, resume: bool = False):
     return task, splits, out, device
 
 
-def run_job(cfg: dict, resume: bool = False, quiet: bool = False) -> dict:
+def run_job(cfg: dict, resume: bool = False, quiet: bool = False, teacher_only: bool = False) -> dict:
     """Run (or continue, with ``resume``) the job described by a validated config.
 
     Returns the summary (also written to ``<out>/summary.json``); prints the table on rank 0
-    unless ``quiet``.
+    unless ``quiet``. ``teacher_only`` runs the teachers' phase alone (the summary reports the
+    teacher).
     """
     t_start = time.perf_counter()
     device = _device(cfg)
@@ -97,7 +98,7 @@ def run_job(cfg: dict, resume: bool = False, quiet: bool = False) -> dict:
         task.cfg = cfg
         dist.barrier()  # every rank has checked the directory before rank 0 creates it
         try:
-            return _run(cfg, task, splits, out, device, resume, quiet, t_start)
+            return _run(cfg, task, splits, out, device, resume, quiet, t_start, teacher_only)
         except KeyboardInterrupt as exc:
             raise Interrupted(out) from exc
     finally:
@@ -113,7 +114,7 @@ class Interrupted(KeyboardInterrupt):
         self.out = out
 
 
-def _run(cfg, task, splits, out, device, resume, quiet, t_start) -> dict:
+def _run(cfg, task, splits, out, device, resume, quiet, t_start, teacher_only=False) -> dict:
     # Process-wide torch settings are restored afterwards: a job may run inside a larger program.
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     t = cfg["train"]
@@ -122,13 +123,13 @@ def _run(cfg, task, splits, out, device, resume, quiet, t_start) -> dict:
     if t["deterministic"] and device.type == "cpu":
         torch.use_deterministic_algorithms(True)
     try:
-        return _run_phases(cfg, task, splits, out, device, resume, quiet, t_start)
+        return _run_phases(cfg, task, splits, out, device, resume, quiet, t_start, teacher_only)
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
 
 
-def _run_phases(cfg, task, splits, out, device, resume, quiet, t_start) -> dict:
+def _run_phases(cfg, task, splits, out, device, resume, quiet, t_start, teacher_only=False) -> dict:
     main = dist.is_main()
     t = cfg["train"]
     state = None
@@ -145,8 +146,13 @@ def _run_phases(cfg, task, splits, out, device, resume, quiet, t_start) -> dict:
     log = MetricsLog(os.path.join(out, "metrics.jsonl") if main else None,
                      truncate_to=state["metrics_offset"] if state else 0)
     store = state["store"] if state else {}
+    external = task.external_models()
+    for name, entry in external.items():
+        store.setdefault(name, entry)
     elapsed_before = state["elapsed"] if state else 0.0
-    phases, entries = plan(cfg)
+    # Wall seconds of each finished phase (a phase resumed from a checkpoint counts from the resume).
+    phase_seconds = dict(state.get("phase_seconds", {})) if state else {}
+    phases, entries = plan(cfg, external=set(external), teacher_only=teacher_only)
 
     def save_checkpoint(phase_index: int, phase_state: Optional[dict]) -> None:
         rngs = dist.all_gather_object(ckpt.rng_state())  # collective: every rank calls it
@@ -156,6 +162,7 @@ def _run_phases(cfg, task, splits, out, device, resume, quiet, t_start) -> dict:
             ckpt.save(path, {
                 "fingerprint": fingerprint(cfg), "phase": phase_index, "phase_state": phase_state, "store": store,
                 "metrics_offset": log.offset(), "elapsed": elapsed_before + time.perf_counter() - t_start,
+                "phase_seconds": phase_seconds,
             })
 
     start = state["phase"] if state else 0
@@ -163,17 +170,22 @@ def _run_phases(cfg, task, splits, out, device, resume, quiet, t_start) -> dict:
         phase = phases[i]
         ctx = Context(cfg, task, splits.train, splits.val, device, store, log, lambda ps, i=i: save_checkpoint(i, ps))
         resume_state = state["phase_state"] if (state and i == start) else None
+        phase_start = time.perf_counter()
         finished, costs = run_phase(ctx, i, phase, resume_state)
+        phase_seconds[phase.name] = round(time.perf_counter() - phase_start, 2)
         for spec in phase.learners:
             store[spec.name] = {"role": spec.role, "state": {k: v.cpu() for k, v in finished[spec.name].state_dict().items()},
                                 "cost": costs[spec.name]}
         save_checkpoint(i + 1, None)
 
     summary = evaluate(cfg, task, splits, store, entries, device, log)
+    summary["phase_wall_s"] = phase_seconds
     summary["wall_time_s"] = round(elapsed_before + time.perf_counter() - t_start, 2)
     log.close()
     if main:
         for name, entry in store.items():
+            if entry["state"] is None:
+                continue  # not trained here (the teacher a cache was written with)
             ckpt.save(os.path.join(out, "models", f"{name}.pt"), {"role": entry["role"], "state": entry["state"]})
         ckpt.atomic_write_json(os.path.join(out, "summary.json"), summary)
         if t["plot"]:
@@ -216,9 +228,13 @@ def evaluate(cfg, task, splits, store, entries, device, log) -> dict:
                                     "step_peak_mb": cost.get("peak_mb")}
         if e.reference:
             m["reference"] = "+".join(e.reference) if len(e.reference) < 3 else f"ensemble of {len(e.reference)}"
+        elif task.teacher_cache is not None and len(e.models) == 1 and store[e.models[0]]["role"] == "student":
+            # No teacher at hand to measure against: the cached one, on the split it covers.
+            m.update(task.cache_fidelity(frozen_model(ctx, e.models[0])))
+            m["reference"] = task.cache_reference
         models[e.name] = m
         log({"phase": "final", "model": e.name, "split": "test", **{k: v for k, v in m.items() if k != "reference"}})
-    return {
+    summary = {
         "method": cfg["method"],
         "task": task.NAME,
         "seed": cfg["seed"],
@@ -227,3 +243,6 @@ def evaluate(cfg, task, splits, store, entries, device, log) -> dict:
         "models": models,
         "training": training,
     }
+    if task.teacher_cache is not None:
+        summary["teacher_cache"] = task.describe_cache()
+    return summary

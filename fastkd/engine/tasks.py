@@ -13,12 +13,15 @@ registered with :func:`register_task`; :func:`task_name` picks it from a config.
   with the Hugging Face label shift (position ``i`` predicts token ``i + 1``; ``-100`` counts
   nowhere), and token NLL, perplexity, next-token accuracy, agreement and predictive KL per
   token, summed batch by batch (no ``[tokens, V]`` tensor of a whole split ever exists) and
-  across ranks.
+  across ranks. Its teacher may instead be read from a teacher cache (``teacher.cache``,
+  written by ``fastkd cache-teacher``): the rows of training window ``w`` are cache rows
+  ``[w·(C−1), (w+1)·(C−1))`` for windows of C tokens, one per position that predicts a label.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -33,6 +36,9 @@ from fastkd.engine.losses import IGNORE_INDEX
 from fastkd.engine.schema import ConfigError
 
 TASKS: Dict[str, type] = {}
+
+# The name a learner gives as its teacher when the teacher is read from a cache, not run.
+CACHED_TEACHER = "teacher_cache"
 
 
 def register_task(name: str):
@@ -143,6 +149,20 @@ class Task:
         between calls on the same data."""
         raise NotImplementedError
 
+    # -- a teacher read from a cache (tasks that support one override these) --------------------
+    teacher_cache = None  # the opened fastkd.teacher_cache.TeacherCache, when the job reads one
+    _teacher_dir: Optional[str] = None  # where the teacher the cache was written with is, if usable
+
+    def external_models(self) -> Dict[str, dict]:
+        """Finished models the job did not train (store entries, ``state`` None: :meth:`build`
+        loads them), e.g. the teacher a cache was written with, to measure students against."""
+        return {}
+
+    def cached_teacher(self, windows: torch.Tensor):
+        """The cached teacher (:class:`fastkd.engine.losses.SparseTeacher`) of a batch of
+        training samples, by their indices."""
+        raise NotImplementedError
+
     @property
     def device(self) -> torch.device:
         return self._device
@@ -172,6 +192,8 @@ class ClassificationTask(Task):
     @classmethod
     def validate(cls, cfg: dict) -> None:
         super().validate(cfg)
+        if cfg["teacher"]["cache"]:
+            raise ConfigError("teacher.cache holds a language model's teacher: it needs data.name = 'lm'")
         for role in ("teacher", "student"):
             arch = cfg[role]["arch"]
             if arch == "gpt2":
@@ -291,6 +313,11 @@ class LMTask(Task):
         d = cfg["data"]
         if d["fraction"] != 1.0 or d["label_noise"] or d["imbalance"] != 1.0:
             raise ConfigError("data.fraction, data.label_noise and data.imbalance apply to classification data, not to data.name = 'lm'")
+        if cfg["teacher"]["cache"]:
+            for i, term in enumerate(cfg["loss"]):
+                if term["kind"] == "kd" and term["divergence"] != "kl":
+                    raise ConfigError(f"loss[{i}].divergence {term['divergence']!r}: a cached teacher is read by "
+                                      "fastkd.sparse_kd_loss, whose divergence is KL")
 
     def load(self):
         from fastkd import text
@@ -310,11 +337,125 @@ class LMTask(Task):
         return self.splits
 
     def check(self, splits) -> None:
-        for role in ("teacher", "student"):
+        if self.cfg["teacher"]["cache"]:
+            self._open_teacher_cache(self.cfg["teacher"]["cache"])
+        # A cached teacher is not built; the one it was written with is, only to be measured against.
+        roles = ("student",) if self.teacher_cache is not None else ("teacher", "student")
+        for role in roles:
             try:
                 self.build(role, seed=0)
             except (ValueError, LookupError) as exc:
                 raise ConfigError(f"{role}: {exc}") from None
+
+    # -- the teacher cache -----------------------------------------------------------------------
+    def cache_fingerprints(self) -> Dict[str, str]:
+        """What a cache of this job's teacher is tied to: the tokenizer (``vocabulary``) and the
+        training windows it was run over (``data``)."""
+        import xxhash
+
+        s = self.splits
+        vocab = xxhash.xxh3_128(s.tokenizer.to_str().encode()).hexdigest()
+        h = xxhash.xxh3_128(f"context={self.cfg['data']['context']}|".encode())
+        h.update(s.train.x.numpy().tobytes())
+        h.update(s.train.y.numpy().tobytes())
+        return {"vocabulary": f"xxh3_128:{vocab}", "data": f"xxh3_128:{h.hexdigest()}"}
+
+    def cache_tokens(self) -> int:
+        """Rows of a cache of the training split: one per position that predicts a label."""
+        return len(self.splits.train.y) * (self.cfg["data"]["context"] - 1)
+
+    def _open_teacher_cache(self, directory: str) -> None:
+        from fastkd import teacher_cache as tc
+
+        try:
+            cache = tc.TeacherCache(directory)
+            cache.check_matches(fingerprints=self.cache_fingerprints(), tokens=self.cache_tokens(),
+                                top_k=self.cfg["teacher"]["cache_top_k"] or None, vocab_size=self.splits.vocab_size)
+            cache.verify()  # every shard's size and hash, before any training step reads one
+        except tc.CacheError as exc:
+            raise ConfigError(str(exc)) from None
+        self.cache_tails = []
+        for i, term in enumerate(self.cfg["loss"]):
+            if term["kind"] != "kd":
+                continue
+            values, tail = term["values"] or cache.values, term["tail"] or cache.default_tail
+            self.cache_tails.append(tail)
+            if tail == "uniform" and values != "logprobs":
+                raise ConfigError(f"loss[{i}].tail 'uniform' needs log-probabilities, and the cached values are read as {values}")
+            if cache.selection == "sample" and term["temperature"] != 1.0:
+                raise ConfigError(f"loss[{i}].temperature {term['temperature']}: the cache {directory} holds samples of the "
+                                  "teacher at temperature 1, an unbiased estimate only at temperature 1")
+        self.teacher_cache = cache
+        self.cache_reference, self._teacher_dir = self._find_cached_teacher(cache)
+
+    def _find_cached_teacher(self, cache) -> Tuple[str, Optional[str]]:
+        """The teacher the cache was written with, if it is still where the manifest says and is
+        still that teacher: ``(what students are measured against, its directory or None)``."""
+        from fastkd import teacher_cache as tc
+        from fastkd.engine.models import build_gpt2
+
+        where = (cache.info.get("teacher") or {}).get("dir")
+        fallback = f"cached {cache.describe()} (training split)"
+        if not where or not os.path.isfile(os.path.join(where, "config.json")):
+            return f"{fallback}: the teacher it was written with is not at hand", None
+        try:
+            model = build_gpt2({**self.cfg["teacher"], "path": where}, self.splits.vocab_size, self.cfg["data"]["context"],
+                               self.splits.eos_id, 0)
+        except (ValueError, LookupError) as exc:
+            return f"{fallback}: the teacher in {where} cannot be loaded ({exc})", None
+        if tc.state_fingerprint(model) != cache.fingerprints.get("teacher"):
+            return f"{fallback}: {where} no longer holds the teacher the cache was written with", None
+        return "teacher_0", where
+
+    def external_models(self):
+        if self.teacher_cache is None or self._teacher_dir is None:
+            return {}
+        return {"teacher_0": {"role": "teacher", "state": None, "cost": None}}
+
+    def cached_teacher(self, windows):
+        from fastkd.engine.losses import SparseTeacher
+
+        per = self.cfg["data"]["context"] - 1
+        parts = [self.teacher_cache.rows(int(w) * per, (int(w) + 1) * per) for w in windows]
+        return SparseTeacher(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                             self.teacher_cache.values, self.teacher_cache.default_tail)
+
+    def describe_cache(self) -> Optional[dict]:
+        """``summary.teacher_cache``: what the job read its teacher from."""
+        c = self.teacher_cache
+        if c is None:
+            return None
+        return {"dir": str(c.dir), "tokens": c.tokens, "top_k": c.top_k, "selection": c.selection, "values": c.values,
+                "value_dtype": c.value_dtype, "tail": "+".join(dict.fromkeys(self.cache_tails)) or None, "bytes": c.bytes, "bytes_per_token": round(c.bytes_per_token, 3),
+                "reference": self.cache_reference}
+
+    @torch.no_grad()
+    def cache_fidelity(self, model: nn.Module, windows: int = 64) -> Dict[str, float]:
+        """Agreement and predictive KL of ``model`` against the cached teacher itself, on the
+        first ``windows`` training windows (the cache covers the training split only): top-1
+        agreement with the cache's most probable entry, and KL from the cached row (its K
+        entries renormalised) to the model's full distribution."""
+        was = model.training
+        model.eval()
+        sums = torch.zeros(3, dtype=torch.float64)
+        n = min(windows, len(self.splits.train.y))
+        for w0 in range(0, n, self.EVAL_BATCH):
+            ids = torch.arange(w0, min(n, w0 + self.EVAL_BATCH))
+            x = self.splits.train.x[ids].to(self.device)
+            keep = self.splits.train.y[ids, 1:].reshape(-1).to(self.device) != IGNORE_INDEX
+            h = self.forward(model, x)[:, :-1]
+            lp = torch.log_softmax(model.lm_head(h.float().reshape(-1, h.shape[-1])).double(), -1)[keep]
+            t = self.cached_teacher(ids)
+            idx, val = t.indices.to(self.device)[keep], t.values.to(self.device).double()[keep]
+            lp_t = torch.log_softmax(val, -1)
+            top1 = idx.gather(1, val.argmax(-1, keepdim=True)).squeeze(1)
+            sums[0] += float((lp.argmax(-1) == top1).sum())
+            p_t = lp_t.exp()
+            sums[1] += float(torch.where(p_t > 0, p_t * (lp_t - lp.gather(1, idx)), torch.zeros_like(p_t)).sum())
+            sums[2] += int(keep.sum())
+        model.train(was)
+        total = max(float(sums[2]), 1.0)
+        return {"agreement": float(sums[0]) / total, "predictive_kl": float(sums[1]) / total}
 
     def describe(self, splits) -> dict:
         from fastkd import text
@@ -331,8 +472,10 @@ class LMTask(Task):
     def build(self, role, seed):
         from fastkd.engine.models import build_gpt2
 
-        s = self.splits
-        return build_gpt2(self.cfg[role], s.vocab_size, self.cfg["data"]["context"], s.eos_id, seed)
+        s, spec = self.splits, self.cfg[role]
+        if role == "teacher" and self.teacher_cache is not None and self._teacher_dir is not None:
+            spec = {**spec, "path": self._teacher_dir}  # the teacher the cache was written with
+        return build_gpt2(spec, s.vocab_size, self.cfg["data"]["context"], s.eos_id, seed)
 
     def shard_units(self, model):
         return list(model.transformer.h)

@@ -25,7 +25,7 @@ from fastkd.engine import compress, distributed as dist
 from fastkd.engine.checkpoint import set_rng_state
 from fastkd.engine.losses import IGNORE_INDEX, FeatureTap, LossTerm, StepOutputs, TeacherOutputs
 from fastkd.engine.models import get_module
-from fastkd.engine.tasks import Member, Task
+from fastkd.engine.tasks import CACHED_TEACHER, Member, Task
 
 
 @dataclass
@@ -62,6 +62,9 @@ class Phase:
     # False: every learner draws its own batch order (ensemble members trained independently,
     # as if one after the other); only for phases without frozen teachers or peers.
     shared_batches: bool = True
+    # The position whose batch orders and random stream the phase takes (None: its own), so that
+    # a plan without the teachers' phase still trains its students on the same batches.
+    stream: Optional[int] = None
 
 
 @dataclass
@@ -92,10 +95,12 @@ class LearnerModule(nn.Module):
 
 
 def frozen_model(ctx: Context, name: str) -> nn.Module:
-    """A finished model from the store, in eval mode, without gradients."""
+    """A finished model from the store, in eval mode, without gradients (one the job did not
+    train, ``state`` None, as the task builds it)."""
     entry = ctx.store[name]
     model = ctx.task.build(entry["role"], seed=0)
-    model.load_state_dict(entry["state"])
+    if entry["state"] is not None:
+        model.load_state_dict(entry["state"])
     model.to(ctx.device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -227,7 +232,8 @@ class PhaseRun:
 
     def __init__(self, ctx: Context, phase_index: int, phase: Phase, resume: Optional[dict]):
         cfg, t = ctx.cfg, ctx.cfg["train"]
-        self.ctx, self.task, self.phase, self.index = ctx, ctx.task, phase, phase_index
+        self.ctx, self.task, self.phase = ctx, ctx.task, phase
+        self.index = phase_index if phase.stream is None else phase.stream
         self.dev, self.bf16 = ctx.device, t["bf16"]
         self.data = ctx.task.subset(ctx.train, phase.fraction, cfg["seed"])
         world = dist.world_size()
@@ -237,7 +243,8 @@ class PhaseRun:
         self.accum = t["grad_accum"]
         total_steps = phase.epochs * math.ceil(self.batches / self.accum)
 
-        names = list(dict.fromkeys(n for s in phase.learners for n in s.teachers))
+        names = list(dict.fromkeys(n for s in phase.learners for n in s.teachers if n != CACHED_TEACHER))
+        self.cached = any(CACHED_TEACHER in s.teachers for s in phase.learners)
         self.teacher_models = {n: frozen_model(ctx, n) for n in names}
         paths: Dict[str, List[str]] = {n: [] for n in names}
         for s in phase.learners:
@@ -275,10 +282,15 @@ class PhaseRun:
         return [dist.shard(_epoch_order(seed + (0 if phase.shared_batches else 7 * j), self.index, epoch, len(self.data.y)))
                 for j in range(count)]
 
-    def teacher_outputs(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, tuple]:
+    def teacher_outputs(self, x: torch.Tensor, y: torch.Tensor, samples: torch.Tensor) -> Dict[str, tuple]:
         """Frozen teachers: eval mode, no_grad, once per batch for all learners. Per teacher,
-        the task's view of its output and its captured features."""
+        the task's view of its output and its captured features; a cached teacher's rows of the
+        batch's ``samples``."""
         out = {}
+        if self.cached:
+            t = self.task.cached_teacher(samples)
+            t.indices, t.values = t.indices.to(self.dev), t.values.to(self.dev)
+            out[CACHED_TEACHER] = (t, {})
         with torch.no_grad(), torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.bf16):
             for n, m in self.teacher_models.items():
                 view = self.task.view(m, self.task.forward(m, x), y)
@@ -294,6 +306,8 @@ class PhaseRun:
         if not l.spec.teachers:
             return None
         key = tuple(l.spec.teachers)
+        if key == (CACHED_TEACHER,):
+            return TeacherOutputs(sparse=teachers[CACHED_TEACHER][0])
         if key not in groups:
             views = [teachers[n][0] for n in key]
             feats = [teachers[n][1] for n in key]
@@ -336,7 +350,7 @@ class PhaseRun:
         first = b - b % self.accum
         window = sum(self.task.units(self.data.y[orders[0][i * batch : (i + 1) * batch]])
                      for i in range(first, min(first + self.accum, self.batches)))
-        teachers = self.teacher_outputs(x, y) if self.teacher_models else {}
+        teachers = self.teacher_outputs(x, y, orders[0][b * batch : (b + 1) * batch]) if self.teacher_models or self.cached else {}
         groups: Dict[tuple, TeacherOutputs] = {}
         mutual = any(l.spec.peers for l in self.learners)
         with contextlib.ExitStack() as stack:

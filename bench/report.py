@@ -576,6 +576,70 @@ def render_gpu_runs(paths: List[Path]) -> str:
     return "\n".join(L)
 
 
+def render_cache_runs(paths: List[Path]) -> str:
+    """A section for the teacher-cache measurements kept in the repository
+    (``bench/measured/teacher-cache-*.json``, each written by ``python -m bench.teacher_cache``):
+    the language-model job's KD student distilled from caches against the online teacher, and
+    the students' wall time with and without the teacher in the loop."""
+    L: List[str] = ["## Teacher cache: the language-model job distilled from top-K (committed runs)", ""]
+    if not paths:
+        return "\n".join(L + ["None yet: `python -m bench.teacher_cache run --save bench/measured/teacher-cache-<date>.json`.", ""])
+    L += ["`fastkd cache-teacher` writes the teacher's top-K per training token once; `fastkd distill "
+          "--teacher-cache` trains the students from it with `sparse_kd_loss` and no teacher. The students "
+          "see the same batches from the same initialisation as the online job's, so the rows differ only in "
+          "the teacher signal. Test split, per token; agreement and predictive KL against the full teacher. "
+          "`students s`: wall time of the students' phase (baseline and KD student together, the teacher's "
+          "forward included online; the cache read included from a cache).", ""]
+    for path in paths:
+        r = json.loads(Path(path).read_text())
+        m = r["machine"]
+        L.append(f"### `{Path(path).name}`")
+        L.append("")
+        L.append(f"{m['date_utc']}; {m['cores']} cores ({m['cpu']}); git {m.get('git_commit', '?')}"
+                 f"{' (+ uncommitted changes)' if m.get('git_dirty') else ''}; "
+                 f"{r['jobs'] or '?'} job(s) at a time.")
+        L.append("")
+        on = r["online"]
+        teacher = on["models"]["teacher"]
+        L.append(f"Teacher (trained once, {on['phase_wall_s'].get('teachers', 0):.0f} s): perplexity {teacher['perplexity']:.1f}, "
+                 f"accuracy {teacher['accuracy']:.3f}.")
+        L.append("")
+        L.append("| KD student's teacher | stored per token | cache | write | students s | perplexity | agreement | predictive KL |")
+        L.append("|---|---|---|---|---|---|---|---|")
+
+        def row(label, stored, size, write, phase, model):
+            return (f"| {label} | {stored} | {size} | {write} | {phase} | {model['perplexity']:.1f} | "
+                    f"{model['agreement']:.3f} | {model['predictive_kl']:.3f} |")
+
+        L.append(row("none (baseline, labels only)", "–", "–", "–", f"{on['phase_wall_s']['students']:.0f}",
+                     on["models"]["student_baseline"]))
+        L.append(row("online teacher (full distribution)", "–", "–", "–", f"{on['phase_wall_s']['students']:.0f}",
+                     on["models"]["student_kd"]))
+        for c in r["caches"]:
+            st = c["student"]
+            if st is None:
+                continue
+            label = f"cache, top-{c['top_k']}" if c["selection"] == "top_k" else f"cache, {c['top_k']} samples"
+            bound = 4 * c["top_k"] + 16
+            w = c.get("write") or {}
+            write = f"{w['seconds']:.0f} s ({w['tokens_per_s']:,.0f} tok/s)" if w else "n/a"
+            L.append(row(label, f"{c['bytes_per_token']:.1f} B (bound {bound})", f"{c['bytes'] / 2**20:.1f} MiB", write,
+                         f"{st['phase_wall_s']['students']:.0f}", st["models"]["student_kd"]))
+        renormalized = [c for c in r["caches"] if c.get("student_renormalize")]
+        for c in renormalized:
+            st = c["student_renormalize"]
+            L.append(row(f"cache, top-{c['top_k']}, tail renormalize", f"{c['bytes_per_token']:.1f} B", "same", "same",
+                         f"{st['phase_wall_s']['students']:.0f}", st["models"]["student_kd"]))
+        L.append("")
+        L.append("Top-k rows read the cache with `tail = \"uniform\"` (the mass outside the K kept entries spread "
+                 "evenly over the rest, the default for log-probabilities)"
+                 + ("; `tail renormalize` rows take the K entries as the whole distribution." if renormalized else ".")
+                 + " Sample rows: K draws from each token's distribution, their frequencies read with "
+                 "`tail = \"renormalize\"`.")
+        L.append("")
+    return "\n".join(L)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes, few rounds (smoke test, seconds)")
@@ -591,6 +655,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--no-gpu-static", action="store_true", help="skip the static GPU kernel report")
     ap.add_argument("--gpu-runs", nargs="*", default=[], metavar="RESULTS_JSON",
                     help="results.json files of fastkd bench runs on GPU hosts to include (make bench: bench/measured/*.json)")
+    ap.add_argument("--cache-runs", nargs="*", default=[], metavar="RECORD_JSON",
+                    help="teacher-cache records of python -m bench.teacher_cache to include (make bench: "
+                         "bench/measured/teacher-cache-*.json)")
     args = ap.parse_args(argv)
 
     shown = "python -m bench.report" + (" --quick" if args.quick else "")
@@ -630,6 +697,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     text = render(data, shown, elapsed)
     if args.gpu_runs:
         text = text.rstrip("\n") + "\n\n" + render_gpu_runs(sorted(Path(p) for p in args.gpu_runs))
+    if args.cache_runs:
+        text = text.rstrip("\n") + "\n\n" + render_cache_runs(sorted(Path(p) for p in args.cache_runs))
     out = Path(args.out)
     out.write_text(text + "\n")
     print(f"bench.report: wrote {out}")

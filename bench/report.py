@@ -598,22 +598,27 @@ def render_cache_runs(paths: List[Path]) -> str:
         L.append(f"{m['date_utc']}; {m['cores']} cores ({m['cpu']}); git {m.get('git_commit', '?')}"
                  f"{' (+ uncommitted changes)' if m.get('git_dirty') else ''}; "
                  f"{r['jobs'] or '?'} job(s) at a time.")
+        if r.get("note"):
+            L += ["", r["note"]]
         L.append("")
         on = r["online"]
         teacher = on["models"]["teacher"]
         L.append(f"Teacher (trained once, {on['phase_wall_s'].get('teachers', 0):.0f} s): perplexity {teacher['perplexity']:.1f}, "
                  f"accuracy {teacher['accuracy']:.3f}.")
         L.append("")
-        L.append("| KD student's teacher | stored per token | cache | write | students s | perplexity | agreement | predictive KL |")
-        L.append("|---|---|---|---|---|---|---|---|")
+        L.append("| KD student's teacher | stored per token | mass kept | cache | write | students s | perplexity | agreement | predictive KL |")
+        L.append("|---|---|---|---|---|---|---|---|---|")
 
-        def row(label, stored, size, write, phase, model):
-            return (f"| {label} | {stored} | {size} | {write} | {phase} | {model['perplexity']:.1f} | "
+        def row(label, stored, kept, size, write, phase, model):
+            return (f"| {label} | {stored} | {kept} | {size} | {write} | {phase} | {model['perplexity']:.1f} | "
                     f"{model['agreement']:.3f} | {model['predictive_kl']:.3f} |")
 
-        L.append(row("none (baseline, labels only)", "–", "–", "–", f"{on['phase_wall_s']['students']:.0f}",
+        def kept(c):
+            return f"{100 * c['kept_mass']:.1f} %" if c.get("kept_mass") is not None else "–"
+
+        L.append(row("none (baseline, labels only)", "–", "–", "–", "–", f"{on['phase_wall_s']['students']:.0f}",
                      on["models"]["student_baseline"]))
-        L.append(row("online teacher (full distribution)", "–", "–", "–", f"{on['phase_wall_s']['students']:.0f}",
+        L.append(row("online teacher (full distribution)", "–", "100 %", "–", "–", f"{on['phase_wall_s']['students']:.0f}",
                      on["models"]["student_kd"]))
         for c in r["caches"]:
             st = c["student"]
@@ -623,19 +628,20 @@ def render_cache_runs(paths: List[Path]) -> str:
             bound = 4 * c["top_k"] + 16
             w = c.get("write") or {}
             write = f"{w['seconds']:.0f} s ({w['tokens_per_s']:,.0f} tok/s)" if w else "n/a"
-            L.append(row(label, f"{c['bytes_per_token']:.1f} B (bound {bound})", f"{c['bytes'] / 2**20:.1f} MiB", write,
+            L.append(row(label, f"{c['bytes_per_token']:.1f} B (bound {bound})", kept(c), f"{c['bytes'] / 2**20:.1f} MiB", write,
                          f"{st['phase_wall_s']['students']:.0f}", st["models"]["student_kd"]))
         renormalized = [c for c in r["caches"] if c.get("student_renormalize")]
         for c in renormalized:
             st = c["student_renormalize"]
-            L.append(row(f"cache, top-{c['top_k']}, tail renormalize", f"{c['bytes_per_token']:.1f} B", "same", "same",
+            L.append(row(f"cache, top-{c['top_k']}, tail renormalize", f"{c['bytes_per_token']:.1f} B", kept(c), "same", "same",
                          f"{st['phase_wall_s']['students']:.0f}", st["models"]["student_kd"]))
         L.append("")
         L.append("Top-k rows read the cache with `tail = \"uniform\"` (the mass outside the K kept entries spread "
                  "evenly over the rest, the default for log-probabilities)"
                  + ("; `tail renormalize` rows take the K entries as the whole distribution." if renormalized else ".")
                  + " Sample rows: K draws from each token's distribution, their frequencies read with "
-                 "`tail = \"renormalize\"`.")
+                 "`tail = \"renormalize\"`. Mass kept: the teacher's probability on the K stored entries, averaged "
+                 "over the cache's tokens.")
         L.append("")
     return "\n".join(L)
 

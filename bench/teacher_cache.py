@@ -101,6 +101,21 @@ def _git() -> Dict:
     return {"git_commit": git("rev-parse", "--short", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
+def _kept_mass(directory: Path) -> float:
+    """The teacher's probability mass a top-K log-probability cache keeps, averaged over its
+    rows: what the uniform tail has to stand in for is the rest."""
+    import torch
+
+    from fastkd.teacher_cache import TeacherCache
+
+    cache = TeacherCache(directory)
+    total = 0.0
+    for start in range(0, cache.tokens, 1 << 16):
+        _, values = cache.rows(start, min(cache.tokens, start + (1 << 16)))
+        total += float(values.double().exp().sum())
+    return round(total / cache.tokens, 4)
+
+
 def _student(run: Optional[Dict]) -> Optional[Dict]:
     if run is None:
         return None
@@ -134,12 +149,14 @@ def collect(out: Path) -> Dict:
         spec = manifest["spec"]
         size = sum(p.stat().st_size for p in manifest_path.parent.iterdir() if p.is_file())
         run = load(out / f"from-{name}" / "summary.json")
+        kept = _kept_mass(manifest_path.parent) if spec.get("selection", "top_k") == "top_k" and spec["values"] == "logprobs" else None
         renormalized = load(out / f"renormalize-{name}" / "summary.json")
         record["caches"].append({
             "name": name, "selection": spec.get("selection", "top_k"), "top_k": spec["top_k"], "values": spec["values"],
             "value_dtype": spec["value_dtype"], "tokens": spec["tokens"], "bytes": size,
             "bytes_per_token": round(size / spec["tokens"], 3),
             "write": manifest.get("info", {}).get("write"),
+            "kept_mass": kept,
             "cache_teacher_seconds": meta["commands"].get(f"cache-{name}", {}).get("seconds"),
             "student": _student(run),
             "student_renormalize": _student(renormalized),
@@ -162,6 +179,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     c = sub.add_parser("collect", help="collect a finished run folder")
     c.add_argument("out")
     c.add_argument("--save", required=True)
+    for p in (r, c):
+        p.add_argument("--note", default="", help="a line kept with the record (e.g. what code the runs used)")
     args = ap.parse_args(argv)
     if args.command == "run":
         if Path(args.out).exists() and any(Path(args.out).iterdir()):
@@ -169,6 +188,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         record = run(Path(args.out), args.top_k, args.sample, args.renormalize, args.jobs)
     else:
         record = collect(Path(args.out))
+    if args.note:
+        record["note"] = args.note
     text = json.dumps(record, indent=1) + "\n"
     if args.save:
         Path(args.save).write_text(text)

@@ -337,7 +337,8 @@ def test_the_measurement_record_and_its_report(written, tmp_path):
     path.write_text(json.dumps(record))
     text = render_cache_runs([path])
     kd = record["online"]["models"]["student_kd"]
-    assert f"| online teacher (full distribution) | – | – | – |" in text and f"{kd['perplexity']:.1f}" in text
+    assert "| online teacher (full distribution) | – | 100 % |" in text and f"{kd['perplexity']:.1f}" in text
+    assert 0 < cached["kept_mass"] < 1
     assert f"| cache, top-8 | {cached['bytes_per_token']:.1f} B (bound 48) |" in text
 
 

@@ -6,7 +6,9 @@ write its top-K (or K samples) per token as a teacher cache (:mod:`fastkd.teache
 [--value-dtype bfloat16|float16] [--out DIR] [--teacher-out DIR] [--resume] [--set KEY=VALUE ...]``
 
 The teacher is the job's: loaded from ``teacher.path`` (a ``from_pretrained`` directory, used as
-it is), or else trained exactly as ``fastkd distill`` trains it (the same seed, batches and
+it is, or a model file of a fastkd run such as ``runs/<run>/models/teacher_0.pt``, whose weights
+must fit the job's ``[teacher]`` table and are kept as ``<teacher-out>/teacher``), or else trained
+exactly as ``fastkd distill`` trains it (the same seed, batches and
 epochs, so the same weights), in a run directory of its own (``--teacher-out``, default
 ``<out>-teacher``) that also keeps it as a ``from_pretrained`` directory, ``teacher/``. That
 happens before the first shard is written, and the manifest names the directory: ``--resume``
@@ -116,7 +118,21 @@ def _teacher(cfg: dict, task, out: str, teacher_out: str, manifest_info: dict, q
     from fastkd.engine.runner import Interrupted, check_out_dir, run_job
 
     named = (manifest_info.get("teacher") or {}).get("dir")
-    if cfg["teacher"]["path"]:
+    checkpoint = getattr(task, "teacher_checkpoint", None)
+    if checkpoint:
+        # A model file of a fastkd run: its weights in the job's [teacher] architecture, kept as
+        # a from_pretrained directory beside the cache, which a student run can load to measure.
+        model = task.build("teacher", seed=0)
+        try:
+            model.load_state_dict(ckpt.load(checkpoint)["state"])
+        except Exception as exc:  # noqa: BLE001 - unreadable, not a checkpoint, or other shapes: one line either way
+            raise ConfigError(f"teacher.path {checkpoint}: not weights of the job's [teacher] model "
+                              f"({str(exc).strip().splitlines()[0]})") from None
+        pretrained = os.path.join(teacher_out, "teacher")
+        os.makedirs(teacher_out, exist_ok=True)
+        _save_pretrained_atomic(model, pretrained)
+        where, info = pretrained, {"checkpoint": os.path.abspath(checkpoint), "dir": os.path.abspath(pretrained)}
+    elif cfg["teacher"]["path"]:
         where, info = cfg["teacher"]["path"], {"dir": os.path.abspath(cfg["teacher"]["path"])}
     elif named:
         if not os.path.isfile(os.path.join(named, "config.json")):
@@ -176,7 +192,11 @@ def run(args) -> int:
         raise ConfigError(f"--resume: {out} holds no cache to continue (and {teacher_out} no teacher run)")
 
     device = _device(cfg)
+    checkpoint = cfg["teacher"]["path"] if os.path.isfile(cfg["teacher"]["path"]) else None
+    if checkpoint:
+        cfg = {**cfg, "teacher": {**cfg["teacher"], "path": ""}}  # the architecture comes from [teacher]
     task = make_task(cfg).to(device)
+    task.teacher_checkpoint = checkpoint
     splits = task.load()
     task.check(splits)
     if k > splits.vocab_size:

@@ -364,6 +364,38 @@ class TeacherCache:
         return idx, val
 
 
+class CachedWindows(torch.utils.data.Dataset):
+    """Token windows with their teacher rows, for a training loop of your own: item ``w`` is
+    ``(x[w], y[w], indices, values)`` with ``indices``/``values`` ``[R, K]`` the cache rows
+    ``[w·R, (w+1)·R)``, read from the memory-mapped shards when asked for (the cache is never
+    loaded whole). ``x``/``y`` are the ``[N, C]`` windows the cache was written over; ``R``,
+    the rows per window, defaults to ``C − 1`` (a language model's positions that predict a
+    label: ``fastkd cache-teacher``'s layout). The default collate stacks items into
+    ``[B, C]`` and ``[B, R, K]``; :meth:`rows` gives a batch's rows flat, ``[B·R, K]``, as
+    ``sparse_kd_loss`` takes them beside the student's ``[B·R, V]`` logits."""
+
+    def __init__(self, cache: "TeacherCache", x: torch.Tensor, y: torch.Tensor, rows_per_window: Optional[int] = None):
+        if x.dim() != 2 or x.shape != y.shape:
+            raise CacheError(f"windows x and y must be [N, C] of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+        self.cache, self.x, self.y = cache, x, y
+        self.per = x.shape[1] - 1 if rows_per_window is None else rows_per_window
+        if self.per < 1 or len(x) * self.per != cache.tokens:
+            raise CacheError(f"{cache.dir} holds {cache.tokens} rows, and {len(x)} windows of {self.per} rows make "
+                             f"{len(x) * self.per}: the cache was written over other windows")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, w: int):
+        idx, val = self.cache.rows(int(w) * self.per, (int(w) + 1) * self.per)
+        return self.x[w], self.y[w], idx, val
+
+    def rows(self, windows) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The rows of ``windows`` (indices), window after window: ``([B·R, K], [B·R, K])``."""
+        parts = [self.cache.rows(int(w) * self.per, (int(w) + 1) * self.per) for w in windows]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
 def top_k_rows(logits: torch.Tensor, k: int, values: str = "logprobs") -> Tuple[torch.Tensor, torch.Tensor]:
     """The K largest entries of each row of ``logits [T, V]``: ``(indices, values)``, values as
     log-probabilities at temperature 1 (``"logprobs"``) or the raw logits."""
@@ -411,6 +443,6 @@ def storage_bound(top_k: int) -> int:
 
 
 __all__ = [
-    "CacheError", "CacheSpec", "CacheWriter", "TeacherCache", "index_dtype", "file_hash", "top_k_rows",
+    "CacheError", "CacheSpec", "CacheWriter", "TeacherCache", "CachedWindows", "index_dtype", "file_hash", "top_k_rows",
     "sample_rows", "state_fingerprint", "storage_bound", "shard_name", "FORMAT_VERSION", "MANIFEST", "SELECTIONS",
 ]

@@ -123,10 +123,15 @@ def test_a_full_width_cache_distils_like_the_online_teacher(tmp_path):
     assert b["teacher"] == a["teacher"] and b["student_baseline"] == a["student_baseline"]
     for key in ("nll", "agreement", "predictive_kl"):
         assert b["student_kd"][key] == pytest.approx(a["student_kd"][key], rel=2e-3, abs=2e-3), key
-    # ... and a top-8 cache of the same teacher does not (the check can tell them apart).
-    proc = _run(tmp_path, "cache-teacher", "--top-k", 8, "--out", tmp_path / "top8", "--teacher-out",
-                tmp_path / "full-teacher", *_sets(tmp_path))
+    # ... and a top-8 cache of the same teacher does not (the check can tell them apart). That
+    # cache takes the online run's own teacher file: its weights are those cache-teacher trained.
+    teacher_file = online / "models" / "teacher_0.pt"
+    proc = _run(tmp_path, "cache-teacher", "--top-k", 8, "--out", tmp_path / "top8",
+                *_sets(tmp_path, **{"teacher.path": str(teacher_file)}))
     assert proc.returncode == 0, proc.stderr
+    top8 = tc.TeacherCache(tmp_path / "top8")
+    assert top8.info["teacher"] == {"checkpoint": str(teacher_file), "dir": str(tmp_path / "top8-teacher" / "teacher")}
+    assert top8.fingerprints["teacher"] == tc.TeacherCache(tmp_path / "full").fingerprints["teacher"]
     assert _run(tmp_path, "distill", "--teacher-cache", tmp_path / "top8", "--out", tmp_path / "k8", *_sets(tmp_path)).returncode == 0
     assert summary(tmp_path / "k8")["models"]["student_kd"]["nll"] != pytest.approx(a["student_kd"]["nll"], rel=2e-3)
 
@@ -233,6 +238,11 @@ def test_cache_teacher_refuses_before_training(written, tmp_path, refused):
         line = refused(written, "cache-teacher", *extra, "--out", out, *_sets(written))
         assert expect in line, line
         assert not out.exists() and not (tmp_path / f"c{i}-teacher").exists()
+    # A teacher.path file that is not weights of the job's teacher.
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    line = refused(written, "cache-teacher", "--top-k", 4, "--out", tmp_path / "d",
+                   *_sets(written, **{"teacher.path": str(tmp_path / "notes.pt")}))
+    assert "teacher.path" in line and "not weights of the job's [teacher] model" in line and not (tmp_path / "d").exists()
     # An existing cache, without --resume.
     line = refused(written, "cache-teacher", "--top-k", 8, "--out", written / "top8", *_sets(written))
     assert "already holds a teacher cache" in line

@@ -242,3 +242,25 @@ def test_sampled_rows_give_an_unbiased_gradient_where_top_k_does_not():
     assert (cut(sampled).abs() <= 5 * (m * (1 - m) / (k * draws)).sqrt()).all()
     top = mean_gradient(top_idx, top_val, 1)
     assert torch.allclose(cut(top), m, atol=1e-5) and (m > 0.05).all(), m
+
+
+def test_cached_windows_pair_each_window_with_its_rows(tmp_path):
+    """CachedWindows, the cache as a Dataset: window w with rows [w·(C−1), (w+1)·(C−1)), read
+    lazily; a DataLoader batches them; windows that do not make the cache's rows are refused."""
+    windows, context, k = 12, 6, 4
+    logits = stream(windows * (context - 1), seed=8)
+    write(tmp_path / "c", logits, k=k, shard_tokens=17)  # shards that cut through windows
+    cache = tc.TeacherCache(tmp_path / "c")
+    x = torch.arange(windows * context).reshape(windows, context)
+    data = tc.CachedWindows(cache, x, x.clone())
+    assert len(data) == windows
+    xw, yw, idx, val = data[7]
+    assert torch.equal(xw, x[7]) and idx.shape == val.shape == (context - 1, k)
+    assert torch.equal(idx, cache.rows(35, 40)[0]) and torch.equal(val, cache.rows(35, 40)[1])
+    xb, yb, ib, vb = next(iter(torch.utils.data.DataLoader(data, batch_size=5)))
+    assert xb.shape == (5, context) and ib.shape == vb.shape == (5, context - 1, k)
+    flat_i, flat_v = data.rows(torch.tensor([3, 0, 11]))
+    want = [cache.rows(w * 5, w * 5 + 5) for w in (3, 0, 11)]
+    assert torch.equal(flat_i, torch.cat([w[0] for w in want])) and torch.equal(flat_v, torch.cat([w[1] for w in want]))
+    with pytest.raises(tc.CacheError, match="other windows"):
+        tc.CachedWindows(cache, x[:-1], x[:-1])

@@ -386,6 +386,7 @@ class LMTask(Task):
                 raise ConfigError(f"loss[{i}].temperature {term['temperature']}: the cache {directory} holds samples of the "
                                   "teacher at temperature 1, an unbiased estimate only at temperature 1")
         self.teacher_cache = cache
+        self.cached_windows = tc.CachedWindows(cache, self.splits.train.x, self.splits.train.y)
         self.cache_reference, self._teacher_dir = self._find_cached_teacher(cache)
 
     def _find_cached_teacher(self, cache) -> Tuple[str, Optional[str]]:
@@ -415,10 +416,8 @@ class LMTask(Task):
     def cached_teacher(self, windows):
         from fastkd.engine.losses import SparseTeacher
 
-        per = self.cfg["data"]["context"] - 1
-        parts = [self.teacher_cache.rows(int(w) * per, (int(w) + 1) * per) for w in windows]
-        return SparseTeacher(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-                             self.teacher_cache.values, self.teacher_cache.default_tail)
+        idx, val = self.cached_windows.rows(windows)
+        return SparseTeacher(idx, val, self.teacher_cache.values, self.teacher_cache.default_tail)
 
     def describe_cache(self) -> Optional[dict]:
         """``summary.teacher_cache``: what the job read its teacher from."""

@@ -57,34 +57,29 @@ def run(out: Path, top_k: List[int], sample: List[int], renormalize: List[int], 
     caches = [("top_k", k) for k in top_k] + [("sample", k) for k in sample]
     if not caches:
         raise SystemExit("bench.teacher_cache: nothing to measure (no --top-k and no --sample)")
-    first = _cache_name(*caches[0])
-    teacher = f"{first}-teacher"
+    teacher = f"{_cache_name(*caches[0])}-teacher"
     commands: Dict[str, Dict] = {}
 
-    def cache(kind, k, reuse):
-        flag = "--top-k" if kind == "top_k" else "--sample"
-        extra = ["--teacher-out", teacher] if reuse else []
-        name = _cache_name(kind, k)
-        commands[f"cache-{name}"] = _fastkd(out, f"cache-{name}", "cache-teacher", "--data", "lm", flag, k, "--out", name, *extra)
+    def job(name: str, *args) -> None:
+        # The run's folder, its log and its entry in commands.json share the name.
+        commands[name] = _fastkd(out, name, *args)
 
-    def chain():
-        cache(*caches[0], reuse=False)
-        for kind, k in caches[1:]:
-            cache(kind, k, reuse=True)
+    def write_caches() -> None:
+        # The first cache trains the teacher; the others reuse it.
+        for i, (kind, k) in enumerate(caches):
+            name = _cache_name(kind, k)
+            job(f"cache-{name}", "cache-teacher", "--data", "lm", "--top-k" if kind == "top_k" else "--sample", k,
+                "--out", name, *(["--teacher-out", teacher] if i else []))
 
+    distill = ("distill", "--data", "lm", "--no-progress")
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(lambda: commands.__setitem__(
-            "online", _fastkd(out, "online", "distill", "--data", "lm", "--out", "online", "--no-progress"))),
-            pool.submit(chain)]
-        for f in futures:
+        for f in [pool.submit(job, "online", *distill, "--out", "online"), pool.submit(write_caches)]:
             f.result()
-        futures = [pool.submit(lambda n=_cache_name(*c): commands.__setitem__(
-            f"from-{n}", _fastkd(out, f"from-{n}", "distill", "--data", "lm", "--teacher-cache", n, "--out", f"from-{n}",
-                                 "--no-progress"))) for c in caches]
-        futures += [pool.submit(lambda n=_cache_name("top_k", k): commands.__setitem__(
-            f"renormalize-{n}", _fastkd(out, f"renormalize-{n}", "distill", "--data", "lm", "--teacher-cache", n,
-                                        "--out", f"renormalize-{n}", "--no-progress", "--set", 'loss.0.tail="renormalize"')))
-                    for k in renormalize if k in top_k]
+        futures = [pool.submit(job, f"from-{n}", *distill, "--teacher-cache", n, "--out", f"from-{n}")
+                   for n in (_cache_name(*c) for c in caches)]
+        futures += [pool.submit(job, f"renormalize-{n}", *distill, "--teacher-cache", n, "--out", f"renormalize-{n}",
+                                "--set", 'loss.0.tail="renormalize"')
+                    for n in (_cache_name("top_k", k) for k in renormalize if k in top_k)]
         for f in futures:
             f.result()
     (out / "commands.json").write_text(json.dumps({"jobs": jobs, "commands": commands}, indent=1))

@@ -155,11 +155,10 @@ def _teacher(cfg: dict, task, out: str, teacher_out: str, manifest_info: dict, q
             model.load_state_dict(ckpt.load(os.path.join(run_dir, "models", "teacher_0.pt"))["state"])
             _save_pretrained_atomic(model, pretrained)
         where, info = pretrained, {"run": os.path.abspath(run_dir), "dir": os.path.abspath(pretrained)}
-    from fastkd.engine.models import build_gpt2
-
+    # Read back from the directory even when just saved there: the fingerprint the manifest
+    # records is then of the weights a student run will load to measure against.
     try:
-        model = build_gpt2({**cfg["teacher"], "path": where}, task.splits.vocab_size, cfg["data"]["context"],
-                           task.splits.eos_id, 0)
+        model = task.build("teacher", 0, path=where)
     except (ValueError, LookupError) as exc:
         raise ConfigError(f"teacher: {exc}") from None
     model.to(task.device).eval()
@@ -247,10 +246,10 @@ def run(args) -> int:
                     bar.update(idx.shape[0] - skip)
                 skip = 0
         seconds = time.perf_counter() - started
+        rate = (spec.tokens - done_before) / max(seconds, 1e-9)
         # This process's part (a resumed write times only what it wrote).
         writer.set_info(write={"tokens": spec.tokens - done_before, "seconds": round(seconds, 2),
-                               "tokens_per_s": round((spec.tokens - done_before) / max(seconds, 1e-9), 1),
-                               "batch_windows": group, "device": str(device)})
+                               "tokens_per_s": round(rate, 1), "batch_windows": group, "device": str(device)})
         writer.finish()
     except KeyboardInterrupt:
         raise CacheInterrupted(f"{writer.tokens_done} of {spec.tokens} tokens are in finished shards; "
@@ -259,7 +258,6 @@ def run(args) -> int:
         if bar is not None:
             bar.close()
     cache = tc.TeacherCache(out)
-    rate = (spec.tokens - done_before) / max(seconds, 1e-9)
     print(f"teacher cache {out}: {cache.tokens} tokens, {cache.describe()}, {cache.bytes / 2**20:.1f} MiB "
           f"({cache.bytes_per_token:.2f} B/token, bound {tc.storage_bound(k)}), {len(cache.shards)} shards; "
           f"{seconds:.1f} s, {rate:,.0f} tokens/s; teacher in {teacher_info['dir']}")

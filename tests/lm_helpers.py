@@ -69,3 +69,11 @@ def torchrun(tmp_path, out, *extra):
            "-m", "fastkd", "distill", str(CONFIGS / "lm.toml"), "--out", str(out), "--no-progress",
            "--set", "train.plot=false", *extra]
     return subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=300)
+
+
+def one_line_error(proc) -> str:
+    """The single ``fastkd: error:`` line of a command that stopped with exit status 2."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastkd: error: "), proc.stderr
+    return lines[0]

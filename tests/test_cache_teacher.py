@@ -18,7 +18,7 @@ import time
 import pytest
 
 from engine_helpers import CONFIGS, ROOT, summary
-from lm_helpers import as_args, lm_env, tiny, torchrun, write_corpus
+from lm_helpers import as_args, lm_env, one_line_error, tiny, torchrun, write_corpus
 from fastkd import teacher_cache as tc
 
 
@@ -29,13 +29,6 @@ def _run(tmp_path, command, *args, timeout=300):
 
 def _sets(tmp_path, **extra):
     return [*as_args(tiny(tmp_path / "corpus", **extra)), "--no-progress", "--set", "train.plot=false"]
-
-
-def _one_line_error(proc):
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fastkd: error: "), proc.stderr
-    return lines[0]
 
 
 @pytest.fixture()
@@ -49,7 +42,7 @@ def refused(monkeypatch, capsys):
         capsys.readouterr()
         rc = main([command, str(CONFIGS / "lm.toml"), *map(str, args)])
         out = capsys.readouterr()
-        return _one_line_error(subprocess.CompletedProcess([], rc, out.out, out.err))
+        return one_line_error(subprocess.CompletedProcess([], rc, out.out, out.err))
 
     return call
 
@@ -207,7 +200,7 @@ def test_sigkill_while_caching_then_resume(written, tmp_path):
     before = {e["file"]: ((tmp_path / "c" / e["file"]).stat().st_mtime_ns, e["hash"]) for e in listed}
 
     again = subprocess.run([sys.executable, "-m", "fastkd", *args], env=lm_env(written), capture_output=True, text=True)
-    assert "pass --resume" in _one_line_error(again)
+    assert "pass --resume" in one_line_error(again)
     resumed = subprocess.run([sys.executable, "-m", "fastkd", *args, "--resume"], env=lm_env(written),
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
@@ -249,7 +242,7 @@ def test_cache_teacher_refuses_before_training(written, tmp_path, refused):
     # A classification job.
     proc = subprocess.run([sys.executable, "-m", "fastkd", "cache-teacher", "--top-k", "4", "--out", str(tmp_path / "d")],
                           env=lm_env(tmp_path), capture_output=True, text=True)
-    assert "pass --data lm" in _one_line_error(proc)
+    assert "pass --data lm" in one_line_error(proc)
 
 
 def test_distill_config_refusals_with_a_cache(written, tmp_path, refused):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine_helpers import CONFIGS, run_config, summary
-from lm_helpers import as_args, as_kwargs, corpus, lm_env, tiny, torchrun  # noqa: F401 - corpus is a fixture
+from lm_helpers import as_args, as_kwargs, corpus, lm_env, one_line_error, tiny, torchrun  # noqa: F401 - corpus is a fixture
 from fastkd.engine import checkpoint as ckpt
 
 def test_tiny_lm_job_writes_the_summary_schema(tmp_path, corpus):
@@ -166,15 +166,8 @@ def test_lm_two_cpu_ranks_fsdp2_matches_ddp(tmp_path, corpus):
                 assert runs[True][name][key] == pytest.approx(m[key], rel=1e-4, abs=1e-6), (name, key)
 
 
-def _one_line_error(proc):
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fastkd: error: "), proc.stderr
-    return lines[0]
-
-
 def test_missing_data_path_stops_with_one_line(tmp_path):
-    line = _one_line_error(_cli(tmp_path, "--out", tmp_path / "run", "--set", f"data.path={json.dumps(str(tmp_path / 'nope'))}"))
+    line = one_line_error(_cli(tmp_path, "--out", tmp_path / "run", "--set", f"data.path={json.dumps(str(tmp_path / 'nope'))}"))
     assert "data.path" in line and "does not exist" in line
 
 
@@ -191,7 +184,7 @@ def test_tokenizer_and_model_vocabularies_must_match(tmp_path, corpus):
     model_dir = tmp_path / "gpt2-512"
     tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=512, n_positions=32, n_embd=16, n_layer=1, n_head=2)).save_pretrained(model_dir)
     o = tiny(corpus, **{"data.tokenizer": str(tok_file), "teacher.path": str(model_dir)})
-    line = _one_line_error(_cli(tmp_path, "--out", tmp_path / "run", *as_args(o)))
+    line = one_line_error(_cli(tmp_path, "--out", tmp_path / "run", *as_args(o)))
     assert "teacher" in line and "512" in line and "300" in line
     # The same directory with a matching vocabulary loads and trains.
     tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=300, n_positions=32, n_embd=32, n_layer=2, n_head=2)).save_pretrained(model_dir)
@@ -200,7 +193,7 @@ def test_tokenizer_and_model_vocabularies_must_match(tmp_path, corpus):
 
 
 def test_context_longer_than_the_model_stops_with_one_line(tmp_path, corpus):
-    line = _one_line_error(_cli(tmp_path, "--out", tmp_path / "run", *as_args(tiny(corpus, **{"student.n_positions": 8}))))
+    line = one_line_error(_cli(tmp_path, "--out", tmp_path / "run", *as_args(tiny(corpus, **{"student.n_positions": 8}))))
     assert "data.context=16" in line and "8 tokens" in line
 
 

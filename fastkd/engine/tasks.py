@@ -393,15 +393,13 @@ class LMTask(Task):
         """The teacher the cache was written with, if it is still where the manifest says and is
         still that teacher: ``(what students are measured against, its directory or None)``."""
         from fastkd import teacher_cache as tc
-        from fastkd.engine.models import build_gpt2
 
         where = (cache.info.get("teacher") or {}).get("dir")
         fallback = f"cached {cache.describe()} (training split)"
         if not where or not os.path.isfile(os.path.join(where, "config.json")):
             return f"{fallback}: the teacher it was written with is not at hand", None
         try:
-            model = build_gpt2({**self.cfg["teacher"], "path": where}, self.splits.vocab_size, self.cfg["data"]["context"],
-                               self.splits.eos_id, 0)
+            model = self.build("teacher", 0, path=where)
         except (ValueError, LookupError) as exc:
             return f"{fallback}: the teacher in {where} cannot be loaded ({exc})", None
         if tc.state_fingerprint(model) != cache.fingerprints.get("teacher"):
@@ -468,12 +466,17 @@ class LMTask(Task):
     def units(self, labels):
         return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
-    def build(self, role, seed):
+    def build(self, role, seed, path: Optional[str] = None):
+        """``role``'s GPT-2 as its config table says, or read from the ``from_pretrained``
+        directory ``path`` (for a job reading a cache, the teacher defaults to the one the
+        cache was written with)."""
         from fastkd.engine.models import build_gpt2
 
         s, spec = self.splits, self.cfg[role]
-        if role == "teacher" and self.teacher_cache is not None and self._teacher_dir is not None:
-            spec = {**spec, "path": self._teacher_dir}  # the teacher the cache was written with
+        if path is None and role == "teacher" and self.teacher_cache is not None:
+            path = self._teacher_dir
+        if path:
+            spec = {**spec, "path": path}
         return build_gpt2(spec, s.vocab_size, self.cfg["data"]["context"], s.eos_id, seed)
 
     def shard_units(self, model):

@@ -3,6 +3,7 @@
 #
 #   make run     the main job: a distillation run on the embedded default
 #   make test    the whole test suite
+#   make gpu     on a GPU host: build, GPU tests and GPU benchmarks in one timed command
 #   make bench   kernel microbenchmarks (`fastkd bench` on BENCHMARKS.md's cases, every device
 #                here); BENCHMARKS.md and docs/bench-overview.png regenerated from the measured run
 #
@@ -17,7 +18,7 @@ PY := $(VENV)/bin/python
 STAMPS := .stamps
 NATIVE_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
 
-.PHONY: run test bench build venv clean
+.PHONY: run test bench gpu build venv clean
 
 run: build
 	$(PY) -m fastkd distill $(ARGS)
@@ -37,6 +38,14 @@ bench: build
 	$(PY) -m bench.report --from-json $(BENCH_OUT)/results.json --gpu-static --out BENCHMARKS.md \
 		--gpu-runs $(filter-out $(CACHE_RUNS),$(wildcard bench/measured/*.json)) --cache-runs $(CACHE_RUNS)
 	cp $(BENCH_OUT)/overview.png docs/bench-overview.png
+
+# On a GPU host, with that host's own Python (it reaches no package index, so no .venv there):
+#   make gpu PYTHON=python3 GPU_OUT="$$OUT"
+# builds for that GPU, runs the GPU tests and the GPU benchmarks in 8 minutes (tools/gpu_run.py).
+GPU_OUT ?= .gpu-run
+
+gpu:
+	$(PYTHON) tools/gpu_run.py --out $(GPU_OUT) $(ARGS)
 
 venv: $(STAMPS)/venv
 build: $(STAMPS)/build

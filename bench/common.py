@@ -366,9 +366,19 @@ def _build_liger(op: Op, case: Case):
     return _liger_call(op.name, case.kwargs())
 
 
-# name -> (what it is, the ops it covers, the devices it runs on, why it cannot be compared here)
-PEERS: Dict[str, Tuple[str, Tuple[str, ...], Tuple[str, ...], Callable[[], Optional[str]]]] = {
-    "liger": ("Liger-Kernel", LIGER_OPS, ("cuda",), liger_unavailable),
+def _distribution_version(name: str) -> Optional[str]:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+# name -> (what it is, its distribution, the ops it covers, the devices it runs on, why it cannot
+# be compared here)
+PEERS: Dict[str, Tuple[str, str, Tuple[str, ...], Tuple[str, ...], Callable[[], Optional[str]]]] = {
+    "liger": ("Liger-Kernel", "liger-kernel", LIGER_OPS, ("cuda",), liger_unavailable),
 }
 
 
@@ -376,16 +386,18 @@ def peer_status(devices: List[str]) -> Dict[str, Dict[str, object]]:
     """For each peer library: whether it is compared in a run on ``devices``, and if not, one line
     saying why (not importable, or no device it runs on)."""
     out = {}
-    for name, (title, ops, on, unavailable) in PEERS.items():
+    for name, (title, distribution, ops, on, unavailable) in PEERS.items():
         reasons = []
         why = unavailable()
         if why:
             reasons.append(why)
         if not set(on) & set(devices):
             reasons.append(f"it runs on {'/'.join(on)} and this run is on {'/'.join(devices)}")
+        version = None if why else _distribution_version(distribution)
+        named = f"{title} {version}" if version else title
         out[name] = {
-            "title": title, "ops": list(ops), "devices": list(on), "compared": not reasons,
-            "line": f"{title} ({', '.join(ops)}): " + ("compared (provider `%s`)" % name if not reasons
+            "title": title, "version": version, "ops": list(ops), "devices": list(on), "compared": not reasons,
+            "line": f"{named} ({', '.join(ops)}): " + ("compared (provider `%s`)" % name if not reasons
                                                       else "not compared: " + "; ".join(reasons)),
         }
     return out

@@ -30,7 +30,10 @@ def make_embeddings(b, ds, dt, dtype=torch.float32, *, kind="random", std=1.0, o
     ``kind``: ``random``; ``duplicates`` (rows 1 and b-1 repeat row 0 in student and teacher: the
     same sample twice); ``student_duplicates`` (only the student's rows repeat: zero difference
     vectors the teacher does not have); ``all_equal`` (every student row the same); ``zero_row``
-    (row 1 of the student and row 0 of the teacher are zero)."""
+    (row 1 of the student and row 0 of the teacher are zero); ``collinear`` (student rows on one
+    line, a + t_i v); ``collinear_duplicates`` (the same, with row 1 repeating row 0 in student and
+    teacher); ``near_duplicates`` (row 1 is row 0 moved by ~1e-3, row b-1 is row 2 moved by ~1e-4,
+    relative to the batch's spread of ~1)."""
     ds = (ds,) if isinstance(ds, int) else tuple(ds)
     dt = (dt,) if isinstance(dt, int) else tuple(dt)
     gen = torch.Generator().manual_seed(seed)
@@ -47,6 +50,15 @@ def make_embeddings(b, ds, dt, dtype=torch.float32, *, kind="random", std=1.0, o
     elif kind == "zero_row":
         s[min(1, b - 1)] = 0
         t[0] = 0
+    elif kind in ("collinear", "collinear_duplicates"):
+        a, v = torch.randn((2,) + ds, generator=gen, dtype=torch.float64)
+        s = a * std + offset + torch.randn((b,) + (1,) * len(ds), generator=gen, dtype=torch.float64) * v * std
+        if kind == "collinear_duplicates" and b >= 2:
+            s[1] = s[0]
+            t[1] = t[0]
+    elif kind == "near_duplicates" and b >= 3:
+        s[1] = s[0] + 1e-3 * std * torch.randn(ds, generator=gen, dtype=torch.float64) / max(s[0].numel(), 1) ** 0.5
+        s[-1] = s[2] + 1e-4 * std * torch.randn(ds, generator=gen, dtype=torch.float64) / max(s[0].numel(), 1) ** 0.5
     elif kind != "random":
         raise ValueError(kind)
     return s.to(dtype).to(device), t.to(dtype).to(device)
@@ -72,3 +84,28 @@ def check_against_reference(op, backend, student, teacher, **kwargs):
     assert_within_tolerance(f"{op} loss", loss, exact[0], lowp[0], want)
     assert_within_tolerance(f"{op} grad", grad, exact[1], lowp[1], student.dtype)
     return loss, grad
+
+
+def check_no_worse_than_composite(op, backend, student, teacher, factor=2.0):
+    """On thin or near-coincident batches (collinear rows, 1-D embeddings, near duplicates) the
+    backend's gradient against the float64 reference: at most ``factor`` times the error of the
+    float32 composite (the reference computed in float32, as a user of plain PyTorch would) on the
+    same inputs (for float64 input too: the issue's bar), plus 1e-6 of the largest float64 gradient entry (a collinear batch's exact
+    gradient is ~0, and both errors are rounding noise there). Returns (backend error, composite
+    error)."""
+    _, grad = loss_and_grad(lambda *a, **k: public(op)(*a, backend=backend, **k), student, teacher)
+    s, t = student.cpu(), teacher.cpu()
+    _, exact = loss_and_grad(reference(op), s.double(), t.double())
+    # float32 and float64 input: the composite in float32; 16-bit input: on the same input (it
+    # computes in float32 and rounds its gradient to the input's dtype, as the backends do).
+    lowp = s if s.dtype in (torch.bfloat16, torch.float16) else s.float()
+    _, composite = loss_and_grad(reference(op), lowp, t.float())
+    err = float((grad.cpu().double() - exact).abs().max())
+    err_composite = float((composite.double() - exact).abs().max())
+    # Floor: 1e-6 of the largest entry, or one rounding of it for a 16-bit gradient (two single
+    # roundings of nearby values to bf16 may differ by a unit in the last place).
+    floor = max(1e-6, torch.finfo(student.dtype).eps if student.dtype in (torch.bfloat16, torch.float16) else 0.0)
+    bound = factor * err_composite + floor * float(exact.abs().max())
+    assert torch.isfinite(grad).all()
+    assert err <= bound, f"{op} ({backend}) gradient error {err:.3g} > {factor} x the float32 composite's {err_composite:.3g} (+ floor)"
+    return err, err_composite

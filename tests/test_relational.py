@@ -19,7 +19,16 @@ from fastkd import _ext
 from fastkd.ops import _fused
 from fastkd.ops import relational as rel
 from kd_helpers import assert_within_tolerance
-from relational_helpers import MIN_BATCH, OPS, check_against_reference, loss_and_grad, make_embeddings, public, reference
+from relational_helpers import (
+    MIN_BATCH,
+    OPS,
+    check_against_reference,
+    check_no_worse_than_composite,
+    loss_and_grad,
+    make_embeddings,
+    public,
+    reference,
+)
 
 needs_ext = pytest.mark.skipif(_ext.LOAD_ERROR is not None, reason=str(_ext.LOAD_ERROR))
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -191,6 +200,25 @@ def test_cpu_degenerate_batches_float64(op, kind):
     got.backward()
     expected.backward()
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-15)
+
+
+# Thin and near-coincident batches: (kind, B, D). Collinear rows (every triangle degenerate), exactly
+# 1-D embeddings, rows repeated, rows moved by 1e-3 and 1e-4 of the batch's spread.
+THIN = [("collinear", 8, 513), ("random", 37, 1), ("collinear_duplicates", 12, 24), ("near_duplicates", 16, 32)]
+
+
+@needs_ext
+@pytest.mark.parametrize("op", ["rkd_angle", "rkd_distance"])
+@pytest.mark.parametrize("kind,b,d", THIN, ids=["collinear", "1-D", "collinear+duplicate", "near-duplicates"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cpu_thin_batches_no_worse_than_the_float32_composite(op, kind, b, d, dtype):
+    """The Gram identity cancels on thin triangles and close pairs, and M·E cancels where a
+    difference is short: the cpu backend takes exact paths there (relational_kernel.h,
+    "Precision"; relational_cpu.cpp, "Close pairs") and must be no worse than PyTorch's float32
+    composite, which forms every difference directly."""
+    for seed in range(3):
+        s, t = make_embeddings(b, d, 9, dtype, kind=kind, seed=seed)
+        check_no_worse_than_composite(op, "cpu", s, t)
 
 
 @needs_ext

@@ -13,7 +13,8 @@
 // is within the GEMM's worst-case rounding error of zero (d² < 8 (D + 2) u (G_ii + G_jj), u the
 // GEMM type's unit roundoff) the pair is recomputed exactly from the input rows, in double: an
 // exact duplicate then has d² = 0 exactly, which the F.normalize and clamp kinks of the
-// references need (a Gram d² is rounding noise there). RKD angle builds its Gram in float64 (its
+// references need (a Gram d² is rounding noise there). So is every close pair (d² < (G_ii +
+// G_jj) / 16), whose Gram d² has lost more than a few digits (see "Close pairs" below). RKD angle builds its Gram in float64 (its
 // cosines are differences of distances, and float32 would cost them ~3 digits); RKD distance,
 // SP and PKT in the compute type.
 //
@@ -33,6 +34,7 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/cpu_common.h"
@@ -40,15 +42,20 @@
 FASTKD_PER_ISA(int64_t rkd_angle_block_rows())
 FASTKD_PER_ISA(size_t rkd_angle_scratch_bytes(int64_t n, size_t elem_size))
 FASTKD_PER_ISA(void rkd_angle_blocks_f32(const float* hs, const float* ht, int64_t n, float* pu, float* rowsum,
-                                          double* loss, int64_t block_begin, int64_t block_end, void* scratch))
+                                          double* loss, int64_t block_begin, int64_t block_end, void* scratch,
+                                          const uint8_t* skip))
 FASTKD_PER_ISA(void rkd_angle_blocks_f64(const double* hs, const double* ht, int64_t n, double* pu, double* rowsum,
-                                          double* loss, int64_t block_begin, int64_t block_end, void* scratch))
+                                          double* loss, int64_t block_begin, int64_t block_end, void* scratch,
+                                          const uint8_t* skip))
 
 namespace fastkd {
 namespace {
 
 constexpr double kPdistEps = 1e-12;  // torchdistill's clamp of squared distances (RKD distance)
 constexpr double kNormEps = 1e-12;   // F.normalize's eps (RKD angle, SP)
+// A pair is close when d² < (G_ii + G_jj) / kCloseRatio² (centred rows): the Gram identity has lost
+// more than ~kCloseRatio² of its digits there, and its d² is recomputed from the rows.
+constexpr double kCloseRatio = 4.0;
 
 // Threads over rows of a B×B matrix, at least 64k entries per task: below that a pass takes
 // microseconds, less than a parallel region's barrier costs when a thread has been descheduled.
@@ -122,11 +129,12 @@ double row_sq_dist(const X* a, const X* b, int64_t d) {
 // at (i, j) and (j, i), 0 at (i, i). Pairs within the GEMM's rounding error of zero are recomputed
 // from the input rows x ([n, d], any float dtype). `gram` may alias `out` (in place) when the
 // block is the whole matrix: only the upper triangle is read, and only after its slot is written.
+// With `close` > 0, pairs with d² < close (G_ii + G_jj) are recomputed as well.
 template <class G, class O>
 void pair_sq_dist(const G* gram, int64_t ld, const double* g, int64_t i0, int64_t i1, int64_t n, const at::Tensor& x,
-                  double gemm_unit_roundoff, double scale, O* out) {
+                  double gemm_unit_roundoff, double scale, O* out, double close = 0) {
   const int64_t d = x.size(1);
-  const double tau = 8.0 * double(d + 2) * gemm_unit_roundoff;
+  const double tau = std::max(8.0 * double(d + 2) * gemm_unit_roundoff, close);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pair_sq_dist", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     at::parallel_for(i0, i1, std::max<int64_t>(1, 65536 / std::max<int64_t>(n, 1)), [&](int64_t b, int64_t e) {
@@ -169,8 +177,10 @@ at::Tensor gram_upper(const at::Tensor& x, bool mirror) {
 }
 
 // Squared distances of the rows of x (any float dtype), scaled, in a [n, n] tensor of `type`, from
-// a `type` Gram matrix of the centred rows (in place). Returns the centred rows (in `type`).
-at::Tensor sq_dists_same_type(const at::Tensor& x, at::ScalarType type, double scale, at::Tensor* out) {
+// a `type` Gram matrix of the centred rows (in place). Returns the centred rows (in `type`), and
+// the Gram's diagonal in `g` when given; `close` as pair_sq_dist's.
+at::Tensor sq_dists_same_type(const at::Tensor& x, at::ScalarType type, double scale, at::Tensor* out, double close = 0,
+                              std::vector<double>* g_out = nullptr) {
   at::Tensor xc = centred(x, type);
   at::Tensor gram = gram_upper(xc, /*mirror=*/false);
   const int64_t n = x.size(0);
@@ -179,14 +189,17 @@ at::Tensor sq_dists_same_type(const at::Tensor& x, at::ScalarType type, double s
   AT_DISPATCH_FLOATING_TYPES(type, "sq_dists", [&] {
     scalar_t* p = gram.data_ptr<scalar_t>();
     for (int64_t i = 0; i < n; ++i) g[i] = double(p[i * n + i]);
-    pair_sq_dist<scalar_t, scalar_t>(p, n, g.data(), 0, n, n, x, u, scale, p);
+    pair_sq_dist<scalar_t, scalar_t>(p, n, g.data(), 0, n, n, x, u, scale, p, close);
   });
   *out = gram;
+  if (g_out) *g_out = std::move(g);
   return xc;
 }
 
 // As sq_dists_same_type, from a float64 Gram matrix built in row blocks (so the float64 matrix
-// never exists whole); returns the centred rows in `type`.
+// never exists whole), close pairs recomputed (RKD angle's thin vertices run in double, and a
+// near-duplicate's d² from a float64 Gram keeps only ~16 − 2 log10(spread / distance) digits);
+// returns the centred rows in `type`.
 at::Tensor sq_dists_via_double(const at::Tensor& x, at::ScalarType type, double scale, at::Tensor* out) {
   const int64_t n = x.size(0);
   std::vector<double> g;
@@ -198,7 +211,7 @@ at::Tensor sq_dists_via_double(const at::Tensor& x, at::ScalarType type, double 
     at::Tensor block = at::mm(xc.narrow(0, i0, ib), xc.narrow(0, i0, n - i0).t());
     AT_DISPATCH_FLOATING_TYPES(type, "sq_dists", [&] {
       pair_sq_dist<double, scalar_t>(block.const_data_ptr<double>(), n - i0, g.data(), i0, i0 + ib, n, x,
-                                      0x1p-53, scale, out->data_ptr<scalar_t>());
+                                      0x1p-53, scale, out->data_ptr<scalar_t>(), 1.0 / (kCloseRatio * kCloseRatio));
     });
   }
   return xc.to(type);
@@ -241,10 +254,26 @@ at::Tensor finish_grad(const at::Tensor& m, const at::Tensor& rows, const at::Te
 //   2. the loss, Σ H ψ_s, and (with the gradient) a = H k / d and b = k / d where the clamp does
 //      not apply (k = 4 / B² / (2 μ_s)), written over v_s and v_t;
 //   3. Z k-scaled: z = a − c b; M's row: −z off the diagonal, Σ z on it.
+//
+// Close pairs. On centred rows the Gram identity d² = G_ii + G_jj − 2 G_ij is off by ~u (G_ii +
+// G_jj), and the GEMM forms pair (i, j)'s gradient z_ij (e_i − e_j) from z_ij e_i and z_ij e_j,
+// off by u |z_ij| (|e_i| + |e_j|): both are ~(|e_i| + |e_j|)² / d²_ij or its root times the
+// rounding of the pair's own terms, which is what a float32 composite loses on near-coincident
+// pairs (and with every pair of a 1-D batch near the centroid). A pair is close when d² < (G_ii +
+// G_jj) / kCloseRatio²: its d² is recomputed from the input rows (exact in double), and its term
+// leaves M and is added as z_ij (x_i − x_j) from the input rows, O(D) per close pair. The other
+// pairs lose at most ~kCloseRatio² (distance) and ~2 kCloseRatio (gradient) times their rounding.
+// A random batch in a few dimensions or more has no close pair and runs as before.
 // ---------------------------------------------------------------------------------------------
 
+
+// close[i]: the close partners j of row i (pass 3 leaves them out of M and appends (j, z_ij) to
+// close_z[i] for those with j > i).
+using ClosePairs = std::vector<std::vector<int64_t>>;
+using CloseTerms = std::vector<std::vector<std::pair<int64_t, double>>>;
+
 template <class C>
-double rkd_distance_passes(C* ds, C* dt, int64_t n, bool grad) {
+double rkd_distance_passes(C* ds, C* dt, int64_t n, bool grad, const ClosePairs& close, CloseTerms* close_z) {
   const double pairs = double(n) * double(n - 1);
   const C floor_d = std::sqrt(C(kPdistEps));
   std::vector<double> row_s(n), row_t(n), row_loss(n), row_c(n);
@@ -296,24 +325,68 @@ double rkd_distance_passes(C* ds, C* dt, int64_t n, bool grad) {
         m[j] = -z;
         diag += double(z);
       }
+      // Close pairs leave M (the diagonal loses them in double, before its one rounding).
+      for (int64_t j : close[i]) {
+        if (j > i) (*close_z)[i].emplace_back(j, double(-m[j]));
+        diag += double(m[j]);
+        m[j] = C(0);
+      }
       m[i] = C(diag);  // z_ii = 0: a and b are 0 on the diagonal
     });
   }
   return sum_in_order(row_loss) / (double(n) * double(n));
 }
 
+// The close partners of every row (see "Close pairs" above), from squared distances d2 and the
+// Gram's diagonal g.
+template <class C>
+ClosePairs close_pairs(const C* d2, const std::vector<double>& g, int64_t n) {
+  ClosePairs close(n);
+  const double k = 1.0 / (kCloseRatio * kCloseRatio);
+  for_rows(n, [&](int64_t i) {
+    for (int64_t j = 0; j < n; ++j) {
+      if (j != i && double(d2[i * n + j]) < k * (g[i] + g[j])) close[i].push_back(j);
+    }
+  });
+  return close;
+}
+
 std::tuple<at::Tensor, at::Tensor> rkd_distance_cpu(const at::Tensor& student, const at::Tensor& teacher, bool compute_grad) {
   check_pair(student, teacher, "rkd_distance_forward", 2);
   const at::ScalarType type = compute_type(student);
+  const int64_t n = student.size(0), d = student.size(1);
+  const double close_d2 = 1.0 / (kCloseRatio * kCloseRatio);
   at::Tensor ds, dt;
-  at::Tensor rows = sq_dists_same_type(student, type, 1.0, &ds);
-  sq_dists_same_type(teacher, type, 1.0, &dt);
+  std::vector<double> g;
+  at::Tensor rows = sq_dists_same_type(student, type, 1.0, &ds, close_d2, &g);
+  sq_dists_same_type(teacher, type, 1.0, &dt, close_d2);
   double loss = 0;
+  ClosePairs close(n);
+  CloseTerms close_z(n);
   AT_DISPATCH_FLOATING_TYPES(type, "rkd_distance", [&] {
-    loss = rkd_distance_passes<scalar_t>(ds.data_ptr<scalar_t>(), dt.data_ptr<scalar_t>(), student.size(0), compute_grad);
+    if (compute_grad) close = close_pairs<scalar_t>(ds.const_data_ptr<scalar_t>(), g, n);
+    loss = rkd_distance_passes<scalar_t>(ds.data_ptr<scalar_t>(), dt.data_ptr<scalar_t>(), n, compute_grad, close, &close_z);
   });
-  at::Tensor grad = compute_grad ? finish_grad(ds, rows, student) : at::empty({0}, student.options());
-  return {scalar_loss(loss, student), grad};
+  if (!compute_grad) return {scalar_loss(loss, student), at::empty({0}, student.options())};
+  at::Tensor grad = at::mm(ds, rows);
+  // The close pairs' terms, z_ij (x_i − x_j) from the input rows (serial: a pair updates two rows).
+  AT_DISPATCH_FLOATING_TYPES(type, "rkd_distance_close", [&] {
+    using G = scalar_t;
+    G* gp = grad.data_ptr<G>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "rkd_distance_close_rows", [&] {
+      const scalar_t* xp = student.const_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < n; ++i) {
+        for (const auto& [j, z] : close_z[i]) {
+          for (int64_t k = 0; k < d; ++k) {
+            const double v = z * (double(xp[i * d + k]) - double(xp[j * d + k]));
+            gp[i * d + k] += G(v);
+            gp[j * d + k] -= G(v);
+          }
+        }
+      }
+    });
+  });
+  return {scalar_loss(loss, student), grad.to(student.scalar_type())};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -330,7 +403,7 @@ std::tuple<at::Tensor, at::Tensor> rkd_distance_cpu(const at::Tensor& student, c
 //          M_ik −= q_k Σ_{j in J_i} H^i_kj p_j  (k not degenerate: the part of T_ik that S_ik lacks)
 // O(duplicate pairs × B); serial (duplicates are rare, and the updates of a group share rows).
 template <class C>
-void angle_duplicate_terms(const C* hs, const C* ht, int64_t n, C* m, C scale) {
+void angle_duplicate_terms(const C* hs, const C* ht, int64_t n, C* m, C scale, const uint8_t* skip) {
   const C eps = C(kNormEps), eps2 = C(kNormEps * kNormEps);
   auto q = [&](const C* h, int64_t i, int64_t k) -> C {
     const C d2 = 2 * h[i * n + k];
@@ -343,6 +416,7 @@ void angle_duplicate_terms(const C* hs, const C* ht, int64_t n, C* m, C scale) {
   std::vector<int64_t> dup;
   std::vector<C> p_dup, q_s(n);
   for (int64_t i = 0; i < n; ++i) {
+    if (skip && skip[i]) continue;
     dup.clear();
     p_dup.clear();
     for (int64_t j = 0; j < n; ++j) {
@@ -373,50 +447,64 @@ void angle_duplicate_terms(const C* hs, const C* ht, int64_t n, C* m, C scale) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> rkd_angle_cpu(const at::Tensor& student, const at::Tensor& teacher, bool compute_grad) {
-  check_pair(student, teacher, "rkd_angle_forward", 2);
-  const at::ScalarType type = compute_type(student);
-  const int64_t n = student.size(0);
-  // h = d² / 2; the teacher's first, so that its float64 rows are freed before the student's.
-  at::Tensor hs, ht;
-  sq_dists_via_double(teacher, type, 0.5, &ht);
-  at::Tensor rows = sq_dists_via_double(student, type, 0.5, &hs);
+// A vertex is thin when its longest nonzero difference exceeds kThinRatio times its shortest, in
+// the student or the teacher: its triplets then run in double (see "Precision" at the top of
+// relational_kernel.h). Writes the mask (1 = thin) and returns how many.
+constexpr double kThinRatio = 4.0;
 
+template <class C>
+int64_t thin_vertices(const C* hs, const C* ht, int64_t n, uint8_t* thin) {
+  const C eps2 = C(kNormEps * kNormEps), ratio2 = C(kThinRatio * kThinRatio);
+  std::vector<uint8_t> flag(n);
+  for_rows(n, [&](int64_t i) {
+    bool is_thin = false;
+    for (const C* h : {hs + i * n, ht + i * n}) {
+      C lo = std::numeric_limits<C>::infinity(), hi = 0;
+      for (int64_t k = 0; k < n; ++k) {
+        if (k == i || !(2 * h[k] >= eps2)) continue;  // degenerate (or NaN) differences do not count
+        lo = std::min(lo, h[k]);
+        hi = std::max(hi, h[k]);
+      }
+      is_thin = is_thin || hi > ratio2 * lo;  // h = d² / 2: the ratio of squares
+    }
+    flag[i] = is_thin;
+  });
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) count += (thin[i] = flag[i]);
+  return count;
+}
+
+// The triplet loop over the vertices not in `skip` (all when null), in C, and M assembled in place
+// from Psym (upper triangle) and S + Sᵀ (strictly lower triangle), then the terms of exact
+// duplicates. Returns the loss's partial sum (before the 1/B³); m is [n, n] of C, zero on entry.
+template <class C>
+double angle_pass(const at::Tensor& hs, const at::Tensor& ht, const uint8_t* skip, bool compute_grad, at::Tensor& m_out) {
+  const int64_t n = hs.size(0);
   const int64_t block_rows = cpu::pick_isa(avx512::rkd_angle_block_rows, avx2::rkd_angle_block_rows, scalar::rkd_angle_block_rows)();
   const int64_t n_blocks = (n + block_rows - 1) / block_rows;
-  at::Tensor pu = at::zeros({n, n}, hs.options());
+  m_out = at::zeros({n, n}, hs.options());
   at::Tensor rowsum = at::empty({n_blocks, n}, hs.options());
   std::vector<double> loss_blocks(n_blocks);
   const size_t scratch = cpu::pick_isa(avx512::rkd_angle_scratch_bytes, avx2::rkd_angle_scratch_bytes,
                                        scalar::rkd_angle_scratch_bytes)(n, hs.element_size());
-  AT_DISPATCH_FLOATING_TYPES(type, "rkd_angle", [&] {
-    using C = scalar_t;
-    auto blocks = [&] {
-      if constexpr (std::is_same_v<C, float>) {
-        return cpu::pick_isa(avx512::rkd_angle_blocks_f32, avx2::rkd_angle_blocks_f32, scalar::rkd_angle_blocks_f32);
-      } else {
-        return cpu::pick_isa(avx512::rkd_angle_blocks_f64, avx2::rkd_angle_blocks_f64, scalar::rkd_angle_blocks_f64);
-      }
-    }();
-    const C* hsp = hs.const_data_ptr<C>();
-    const C* htp = ht.const_data_ptr<C>();
-    C* pup = pu.data_ptr<C>();
-    C* rsp = rowsum.data_ptr<C>();
-    at::parallel_for(0, n_blocks, 1, [&](int64_t b, int64_t e) {
-      std::unique_ptr<char[]> buf(new char[scratch]);
-      blocks(hsp, htp, n, pup, rsp, loss_blocks.data(), b, e, buf.get());
-    });
+  auto blocks = [&] {
+    if constexpr (std::is_same_v<C, float>) {
+      return cpu::pick_isa(avx512::rkd_angle_blocks_f32, avx2::rkd_angle_blocks_f32, scalar::rkd_angle_blocks_f32);
+    } else {
+      return cpu::pick_isa(avx512::rkd_angle_blocks_f64, avx2::rkd_angle_blocks_f64, scalar::rkd_angle_blocks_f64);
+    }
+  }();
+  const C* hsp = hs.const_data_ptr<C>();
+  const C* htp = ht.const_data_ptr<C>();
+  C* m = m_out.data_ptr<C>();
+  C* rsp = rowsum.data_ptr<C>();
+  at::parallel_for(0, n_blocks, 1, [&](int64_t b, int64_t e) {
+    std::unique_ptr<char[]> buf(new char[scratch]);
+    blocks(hsp, htp, n, m, rsp, loss_blocks.data(), b, e, buf.get(), skip);
   });
-  const double n3 = double(n) * double(n) * double(n);
-  const double loss = sum_in_order(loss_blocks) / n3;
-  if (!compute_grad) return {scalar_loss(loss, student), at::empty({0}, student.options())};
-
-  // M = (2 / B³) (P − S − Sᵀ + diag(S·1)), symmetric; written over pu.
-  AT_DISPATCH_FLOATING_TYPES(type, "rkd_angle_assemble", [&] {
-    using C = scalar_t;
-    C* m = pu.data_ptr<C>();
-    const C* rs = rowsum.const_data_ptr<C>();
-    const C scale = C(2.0 / n3);
+  if (compute_grad) {
+    // M = (2 / B³) (P − S − Sᵀ + diag(S·1)), symmetric.
+    const C scale = C(2.0 / (double(n) * double(n) * double(n)));
     for_rows(n, [&](int64_t j) {
       for (int64_t k = j + 1; k < n; ++k) {
         const C v = (m[j * n + k] - m[k * n + j]) * scale;
@@ -424,14 +512,53 @@ std::tuple<at::Tensor, at::Tensor> rkd_angle_cpu(const at::Tensor& student, cons
         m[k * n + j] = v;
       }
       C row = 0;
-      for (int64_t b = 0; b < n_blocks; ++b) row += rs[b * n + j];
+      for (int64_t b = 0; b < n_blocks; ++b) row += rsp[b * n + j];
       m[j * n + j] = (m[j * n + j] + row) * scale;
     });
-    angle_duplicate_terms<C>(hs.const_data_ptr<C>(), ht.const_data_ptr<C>(), n, m, scale);
-  });
+    angle_duplicate_terms<C>(hsp, htp, n, m, scale, skip);
+  }
+  return sum_in_order(loss_blocks);
+}
+
+std::tuple<at::Tensor, at::Tensor> rkd_angle_cpu(const at::Tensor& student, const at::Tensor& teacher, bool compute_grad) {
+  check_pair(student, teacher, "rkd_angle_forward", 2);
+  const at::ScalarType type = compute_type(student);
+  const int64_t n = student.size(0);
+  const double n3 = double(n) * double(n) * double(n);
+  // h = d² / 2; the teacher's first, so that its float64 rows are freed before the student's.
+  at::Tensor hs, ht;
+  sq_dists_via_double(teacher, type, 0.5, &ht);
+  at::Tensor rows = sq_dists_via_double(student, type, 0.5, &hs);
+  at::Tensor m;
+  if (type == at::kDouble) {
+    const double loss = angle_pass<double>(hs, ht, nullptr, compute_grad, m) / n3;
+    if (!compute_grad) return {scalar_loss(loss, student), at::empty({0}, student.options())};
+    hs.reset();
+    ht.reset();
+    return {scalar_loss(loss, student), finish_grad(m, rows, student)};
+  }
+  std::vector<uint8_t> thin(n), fat(n);
+  const int64_t n_thin = thin_vertices<float>(hs.const_data_ptr<float>(), ht.const_data_ptr<float>(), n, thin.data());
+  double loss = 0;
+  at::Tensor grad;  // float, or double once the thin vertices' share is in
+  if (n_thin < n) {
+    loss += angle_pass<float>(hs, ht, n_thin ? thin.data() : nullptr, compute_grad, m);
+    if (compute_grad) grad = at::mm(m, rows);
+  }
   hs.reset();
   ht.reset();
-  return {scalar_loss(loss, student), finish_grad(pu, rows, student)};
+  if (n_thin) {
+    // The thin vertices in double, from unrounded h (a second float64 Gram per network).
+    for (int64_t i = 0; i < n; ++i) fat[i] = !thin[i];
+    at::Tensor hs64, ht64, m64;
+    sq_dists_via_double(teacher, at::kDouble, 0.5, &ht64);
+    at::Tensor rows64 = sq_dists_via_double(student, at::kDouble, 0.5, &hs64);
+    loss += angle_pass<double>(hs64, ht64, n_thin < n ? fat.data() : nullptr, compute_grad, m64);
+    if (compute_grad) grad = n_thin < n ? at::mm(m64, rows64).add_(grad) : at::mm(m64, rows64);
+  }
+  loss /= n3;
+  if (!compute_grad) return {scalar_loss(loss, student), at::empty({0}, student.options())};
+  return {scalar_loss(loss, student), grad.to(student.scalar_type())};  // rounded once
 }
 
 // ---------------------------------------------------------------------------------------------

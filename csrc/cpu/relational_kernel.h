@@ -56,6 +56,29 @@
 // alone (where x_j is degenerate, cos^s = 0 and H = clamp(−cos^t)).
 //
 // ---------------------------------------------------------------------------------------------
+// Precision: thin triangles. Let ρ_i = max_k r_ik / min_k r_ik over vertex i's nonzero differences,
+// u the unit roundoff of the type the loop runs in. Three errors grow with ρ_i:
+//   - cosines: h is stored rounded (|δh| ≤ u h), so A_jk = h_ij + h_ik − h_jk is off by
+//     u (h_ij + h_ik + h_jk) ≤ u (r_j + r_k)², and cos_jk by u (r_j + r_k)² / (r_j r_k) ≈ u ρ_i;
+//     [n(x_j), n(x_k)] from the differences themselves (the composite) is off by ~u;
+//   - the norm terms: row j's gradient from vertex i is p_j Σ_k H_jk (n(x_k) − cos_jk n(x_j)),
+//     formed as the difference of Σ H p_j q_k x_k and c_j p_j² x_j; on a collinear triangle the
+//     two cancel exactly, so a cosine error δ leaves p_j Σ H δ, ρ_i times the composite's;
+//   - the final GEMM: Ω^i_jk x_k enters M·E as Ω^i_jk e_k − Ω^i_jk e_i, with |e| ≤ (ρ_i + 1) r_ik
+//     for centred rows (the centroid lies in the hull, so |e_i| ≤ max_k r_ik); the GEMM's error,
+//     u |Ω^i_jk| (|e_k| + |e_i|), is up to 2ρ_i + 1 times the term's own rounding, u |Ω^i_jk| r_ik.
+// Collinear batches (every ρ_i large, and every triangle thin) and near-duplicate rows (ρ_i ≈
+// R / r for a pair at distance r in a batch of spread R) lose ~ρ_i to ρ_i² digits: 1e3-1e4 times
+// the composite's error in float32. Hence: a vertex whose ρ_i > kThinRatio (student or teacher)
+// is "thin", and relational_cpu.cpp runs it in double (h from the float64 Gram, unrounded; its
+// Ω summed into a double M; its share of dE = M·E a double GEMM); this loop then runs twice,
+// in float over the other vertices and in double over the thin ones (the `skip` masks), and
+// M·E = M_float·E + M_double·E. The errors above are then at most ~2 kThinRatio + 1 times the
+// term's own rounding in float, and ρ_i u_double (negligible) for the thin vertices. A batch with
+// no thin vertex (a random batch in more than a handful of dimensions: ρ ≈ 1.1 at D = 2048) runs
+// exactly as before. Float64 input runs everything in double (one pass, no mask).
+//
+// ---------------------------------------------------------------------------------------------
 // Work. The inputs are h_s = d²_s / 2 and h_t = d²_t / 2 (B×B, exactly symmetric, zero
 // diagonal), so A^i_jk = h_ij + h_ik − h_jk. Per triplet (vectorised over k):
 //
@@ -158,9 +181,11 @@ constexpr int64_t scratch_elems(int64_t n) { return 5 * n * kJ + 3 * kJ * kK + 4
 //           in its strictly lower triangle.
 //   rowsum: [n_blocks, n] per-block partial row sums of S (row b written by block b).
 //   loss:   [n_blocks] per-block partial sums of h(cos^s − cos^t) (before the 1/B³).
+//   skip:   [n] or null: vertices i whose triplets this call leaves out (1 = skip).
 template <class V>
 static void angle_blocks(const typename V::scalar* hs, const typename V::scalar* ht, int64_t n, typename V::scalar* pu,
-                         typename V::scalar* rowsum, double* loss, int64_t block_begin, int64_t block_end, void* scratch) {
+                         typename V::scalar* rowsum, double* loss, int64_t block_begin, int64_t block_end, void* scratch,
+                         const uint8_t* skip) {
   using C = typename V::scalar;
   constexpr int L = V::L;
   static_assert(kK % L == 0, "the k-tile must hold whole vectors");
@@ -216,6 +241,7 @@ static void angle_blocks(const typename V::scalar* hs, const typename V::scalar*
       }
 
       for (int64_t i = 0; i < n; ++i) {
+        if (skip && skip[i]) continue;
         const C* hsi = hs + i * n;
         const C* hti = ht + i * n;
         // Vertex i's k-vectors. Padding: h = 0 is degenerate, so q = 0 and every term is 0.
@@ -277,6 +303,10 @@ static void angle_blocks(const typename V::scalar* hs, const typename V::scalar*
     C diag[kJ] = {};
     for (int64_t i = 0; i < n; ++i) {
       C row = 0;
+      if (skip && skip[i]) {
+        rs_blk[i] = row;
+        continue;
+      }
       for (int64_t jj = 0; jj < jn; ++jj) {
         const int64_t j = j0 + jj;
         const C p = jps[i * kJ + jj];
@@ -302,11 +332,11 @@ int64_t rkd_angle_block_rows() { return rel::kJ; }
 size_t rkd_angle_scratch_bytes(int64_t n, size_t elem_size) { return size_t(rel::scratch_elems(n)) * elem_size + 64; }
 
 void rkd_angle_blocks_f32(const float* hs, const float* ht, int64_t n, float* pu, float* rowsum, double* loss,
-                          int64_t block_begin, int64_t block_end, void* scratch) {
-  rel::angle_blocks<VecF>(hs, ht, n, pu, rowsum, loss, block_begin, block_end, scratch);
+                          int64_t block_begin, int64_t block_end, void* scratch, const uint8_t* skip) {
+  rel::angle_blocks<VecF>(hs, ht, n, pu, rowsum, loss, block_begin, block_end, scratch, skip);
 }
 
 void rkd_angle_blocks_f64(const double* hs, const double* ht, int64_t n, double* pu, double* rowsum, double* loss,
-                          int64_t block_begin, int64_t block_end, void* scratch) {
-  rel::angle_blocks<VecScalar<double>>(hs, ht, n, pu, rowsum, loss, block_begin, block_end, scratch);
+                          int64_t block_begin, int64_t block_end, void* scratch, const uint8_t* skip) {
+  rel::angle_blocks<VecScalar<double>>(hs, ht, n, pu, rowsum, loss, block_begin, block_end, scratch, skip);
 }

@@ -145,18 +145,16 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
     from engine_helpers import env
+    from proc_helpers import paused_at_checkpoint
 
     out = tmp_path / "run"
     args = [sys.executable, "-m", "fastkd", "distill", "--out", str(out), *tiny(**{"train.checkpoint_every": "5"})]
-    # A child of a non-interactive shell may inherit SIGINT ignored: restore the default.
-    proc = subprocess.Popen(args, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not (out / "checkpoint.pt").exists():
-        time.sleep(0.05)
+    # A child of a non-interactive shell may inherit SIGINT ignored: restore the default. The run
+    # waits after its first checkpoint until interrupted: it cannot finish first.
+    proc = paused_at_checkpoint(args[3:], out, lambda state: True, env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

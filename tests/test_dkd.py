@@ -208,7 +208,9 @@ def test_masked_vocabulary_entries(backend, dtype):
     for i in (0, 2):
         keep = ~mask[i]
         alone = dkd_loss_reference(s.detach()[i : i + 1, keep].double(), t[i : i + 1, keep].double(), y[i : i + 1] - (mask[i, : y[i]].sum()), 2.0)
-        torch.testing.assert_close(rows[i].double(), alone, rtol=1e-4 if dtype == torch.float32 else 2e-2, atol=1e-5)
+        # The row loss is float32 whatever the input dtype (the float64 reference reads the same
+        # input values): measured <= 4.3e-7 relative on every backend and dtype.
+        torch.testing.assert_close(rows[i].double(), alone, rtol=2e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -518,8 +520,10 @@ def test_module_checks_its_options_at_construction(kwargs, message):
 
 
 def test_ignore_index_accepts_any_integral_number():
+    # The value is a class (2), not -100: only a call that receives it skips row 1, whose loss
+    # is then the one of rows 0 and 2 alone.
     s, t, _ = inputs((3, 10))
-    y = torch.tensor([1, -100, 2])
-    expected = dkd_loss_reference(s, t, y, 2.0)
-    for ignore_index in (np.int64(-100), np.int32(-100), torch.tensor(-100)):
+    y = torch.tensor([1, 2, 3])
+    expected = dkd_loss_reference(s[[0, 2]], t[[0, 2]], y[[0, 2]], 2.0)
+    for ignore_index in (np.int64(2), np.int32(2), 2, torch.tensor(2)):
         torch.testing.assert_close(fastkd.dkd_loss(s, t, y, np.float32(2), ignore_index=ignore_index), expected)

@@ -6,13 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from engine_helpers import ROOT, env, run_config, summary
 from fastkd.engine import checkpoint as ckpt
+from proc_helpers import in_students_phase, paused_at_checkpoint
 
 TINY = dict(train__epochs=3, teacher__count=2, teacher__hidden=[64, 64], student__hidden=[64, 64])
 
@@ -92,19 +92,8 @@ def test_resume_after_sigkill_reaches_the_same_summary(tmp_path):
     assert done.returncode == 0, done.stderr
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_args(out), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    # Wait until a checkpoint taken *inside the students' phase* exists, then kill -9.
-    while time.time() < deadline and proc.poll() is None:
-        p = out / "checkpoint.pt"
-        if p.is_file():
-            try:
-                state = ckpt.load(str(p))
-            except Exception:  # pragma: no cover - atomic rename makes this unreachable
-                raise AssertionError("a torn checkpoint was observed")
-            if state["phase"] == 1 and state["phase_state"] is not None and state["phase_state"]["epoch"] >= 1:
-                break
-        time.sleep(0.05)
+    # Kill -9 at a checkpoint taken *inside the students' phase* (the run waits there for it).
+    proc = paused_at_checkpoint(_args(out)[3:], out, in_students_phase, env())
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"

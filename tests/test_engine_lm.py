@@ -7,14 +7,13 @@ import math
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from engine_helpers import CONFIGS, run_config, summary
 from lm_helpers import as_args, as_kwargs, corpus, lm_env, one_line_error, tiny, torchrun  # noqa: F401 - corpus is a fixture
-from fastkd.engine import checkpoint as ckpt
+from proc_helpers import in_students_phase, paused_at_checkpoint
 
 def test_tiny_lm_job_writes_the_summary_schema(tmp_path, corpus):
     out = tmp_path / "run"
@@ -103,18 +102,9 @@ def test_lm_resume_after_sigkill_reaches_the_same_summary(tmp_path, corpus):
     assert done.returncode == 0, done.stderr
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "fastkd", "distill", str(CONFIGS / "lm.toml"), "--out", str(out),
-                             "--no-progress", "--set", "train.plot=false", *as_args(o)],
-                            env=lm_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    # Kill -9 once a checkpoint taken inside the students' phase exists.
-    while time.time() < deadline and proc.poll() is None:
-        p = out / "checkpoint.pt"
-        if p.is_file():
-            state = ckpt.load(str(p))
-            if state["phase"] == 1 and state["phase_state"] is not None and state["phase_state"]["epoch"] >= 1:
-                break
-        time.sleep(0.02)
+    # Kill -9 at a checkpoint taken inside the students' phase (the run waits there for it).
+    proc = paused_at_checkpoint(["distill", CONFIGS / "lm.toml", "--out", out, "--no-progress", "--set", "train.plot=false", *as_args(o)],
+                                out, in_students_phase, lm_env(tmp_path))
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"

@@ -97,7 +97,7 @@ def test_cache_then_distill_from_it(written, tmp_path):
         assert s["models"][name]["reference"] == "teacher_0" and 0 <= s["models"][name]["agreement"] <= 1
     # No teacher was trained here: its phase is gone, and its weights stay where they were.
     assert set(s["phase_wall_s"]) == {"students"}
-    assert sorted(p.name for p in (out / "models").iterdir()) == ["student_baseline.pt", "student_kd.pt"]
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["student_baseline.safetensors", "student_kd.safetensors"]
 
 
 def test_a_full_width_cache_distils_like_the_online_teacher(tmp_path):
@@ -118,7 +118,7 @@ def test_a_full_width_cache_distils_like_the_online_teacher(tmp_path):
         assert b["student_kd"][key] == pytest.approx(a["student_kd"][key], rel=2e-3, abs=2e-3), key
     # ... and a top-8 cache of the same teacher does not (the check can tell them apart). That
     # cache takes the online run's own teacher file: its weights are those cache-teacher trained.
-    teacher_file = online / "models" / "teacher_0.pt"
+    teacher_file = online / "models" / "teacher_0.safetensors"
     proc = _run(tmp_path, "cache-teacher", "--top-k", 8, "--out", tmp_path / "top8",
                 *_sets(tmp_path, **{"teacher.path": str(teacher_file)}))
     assert proc.returncode == 0, proc.stderr

@@ -43,7 +43,7 @@ def test_tiny_lm_job_writes_the_summary_schema(tmp_path, corpus):
     assert len(val) == 3 * 3 and all("perplexity" in l for l in val)
     assert all("kd0" in l["terms"] for l in val if l["model"] == "student_kd")
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for f in ("models/teacher_0.pt", "models/student_kd.pt", "checkpoint.pt", "config.json"):
+    for f in ("models/teacher_0.safetensors", "models/student_kd.safetensors", "checkpoint.pt", "config.json"):
         assert (out / f).is_file(), f
 
 

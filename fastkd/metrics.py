@@ -95,8 +95,7 @@ def predictive_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> flo
     """``mean_i KL(p_t,i || p_s,i)`` at temperature 1 (zero-probability teacher entries add 0)."""
     ls, lt = _logp(student_logp), _logp(teacher_logp)
     pt = lt.exp()
-    # 0 · log 0 = 0 where the teacher puts no mass; a NaN row stays NaN (`pt > 0` would drop it).
-    terms = torch.where(pt == 0, torch.zeros_like(pt), pt * (lt - ls))
+    terms = torch.where(pt > 0, pt * (lt - ls), torch.zeros_like(pt))
     return _mean(terms.sum(-1), undefined_rows(ls) | undefined_rows(lt))
 
 

@@ -135,16 +135,19 @@ def test_teacher_path_does_not_apply_to_classification(tmp_path, capsys):
 
 def test_the_issue_run_stops_at_its_first_bad_step_and_keeps_a_finite_checkpoint(tmp_path, capsys):
     """train.lr = 1e6 trains every model to NaN: the run stops with exit status 3 and one line
-    instead of a table of 'perfect' agreement; a checkpoint is never written holding a
-    non-finite weight (checked at every step here, so the last one is just before)."""
+    instead of a table of 'perfect' agreement. With the default teacher, an update turns its
+    weights (AdamW's decay alone multiplies them by 1 - lr·0.01 a step) non-finite while the
+    loss before it was finite: the checkpoint of that step is not written (checked at every
+    step here), the one before it is kept."""
     out = tmp_path / "run"
-    line = one_line_error(run_cli(capsys, "distill", "--out", out, *_args(**{"train.lr": "1e6", "train.checkpoint_every": "1"})), 3)
+    sets = {"train.lr": "1e6", "train.checkpoint_every": "1", "teacher.hidden": "[256, 256]"}
+    line = one_line_error(run_cli(capsys, "distill", "--out", out, *_args(**sets)), 3)
     assert "teacher_0 diverged in phase 'teachers'" in line and "train.lr = 1e+06 is likely too high" in line
     assert f"fastkd distill --resume {out} --set train.lr=100000" in line
     state = ckpt.load(str(out / "checkpoint.pt"))
     step = state["phase_state"]["opt_steps"]
     assert f"{out / 'checkpoint.pt'} at optimizer step {step} of phase 'teachers', is kept" in line
-    assert f"optimizer step {step + 1}" in line  # what broke, broke in the step after it
+    assert f"its weights or optimizer state were not finite after optimizer step {step + 1};" in line
     assert _all_finite(state)
     assert not (out / "summary.json").exists() and not list((out / "models").iterdir())
 
@@ -190,6 +193,27 @@ def test_a_diverged_run_continues_from_its_last_good_checkpoint_with_a_lower_lr(
     assert (out / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
     changes = json.loads((out / "config.json").read_text())["changes"]
     assert [c["settings"]["train.lr"] for c in changes] == [[0.003, 1e30], [1e30, 0.003]]
+
+
+def test_non_finite_gradients_after_clipping_stop_the_phase(tmp_path, capsys, monkeypatch):
+    """The clipped gradient norm is watched too (a loss can be finite while its gradients are
+    not): an infinite norm at the third step stops the phase, found at the first check after
+    it (the end of the epoch: no checkpoint before it)."""
+    from fastkd.engine import distributed as dist
+
+    clip, calls = dist.clip_grad_norm, []
+
+    def infinite_at_the_third_step(wrapped, params, max_norm):
+        calls.append(1)
+        norm = clip(wrapped, params, max_norm)
+        return norm + math.inf if len(calls) == 3 else norm
+
+    monkeypatch.setattr(dist, "clip_grad_norm", infinite_at_the_third_step)
+    out = tmp_path / "run"
+    line = one_line_error(run_cli(capsys, "distill", "--out", out, *_args(**{"train.grad_clip": "1.0", "train.checkpoint_every": "0"})), 3)
+    assert ("teacher_0 diverged in phase 'teachers': its gradients were not finite at optimizer step 3 "
+            "(norm at train.grad_clip = 1); train.lr = 0.003 is likely too high; no checkpoint was written before it") in line
+    assert len(calls) == 29  # checked at the epoch's end
 
 
 def test_metrics_of_a_non_finite_model_are_nan_never_perfect_agreement():

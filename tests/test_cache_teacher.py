@@ -289,6 +289,19 @@ def test_a_teacher_with_non_finite_logits_stops_cache_teacher(written, tmp_path,
     assert not list(out.glob("shard-*"))
 
 
+def test_a_diverging_teacher_stops_cache_teacher_with_how_to_continue(tmp_path, capsys, monkeypatch):
+    """The teacher cache-teacher trains has distill's guard, and the line says how to continue
+    this command (its teacher run keeps its last good checkpoint; no cache is begun)."""
+    write_corpus(tmp_path / "corpus")
+    monkeypatch.setenv("FASTKD_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "c"
+    proc = run_cli(capsys, "cache-teacher", CONFIGS / "lm.toml", "--top-k", 4, "--out", out, *_sets(tmp_path, **{"train.lr": 1e30}))
+    line = one_line_error(proc, 3)
+    assert "teacher_0 diverged in phase 'teachers': its training loss was not finite at optimizer step 2;" in line
+    assert line.endswith(f"continue with a lower learning rate: fastkd cache-teacher ... --out {out} --resume --set train.lr=1e+29")
+    assert not out.exists() and not (tmp_path / "c-teacher" / "teacher").exists()
+
+
 def test_a_non_finite_student_measures_nan_against_the_cache(written, monkeypatch):
     """Measured against the cache itself (its teacher gone), a student whose output is NaN has
     NaN agreement and KL, not the agreement of a NaN row's argmax with the cache's top entry."""

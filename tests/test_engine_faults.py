@@ -237,3 +237,17 @@ def test_metrics_of_a_non_finite_model_are_nan_never_perfect_agreement():
     assert m["agreement"] == 1.0 and m["predictive_kl"] == 0.0 and math.isfinite(m["ece"])
     row = table({"student_kd": metrics.classification_metrics(nan, labels, nan)}).splitlines()[-1]
     assert row.split()[1:] == ["nan"] * 5
+
+
+def test_the_report_plots_a_nan_metric(tmp_path):
+    """report.png of a summary holding NaN metrics (a NaN first sets no axis limit)."""
+    from fastkd.engine.report import plot
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"phase": "teachers", "model": "teacher", "split": "val", "epoch": 1,
+                                                        "accuracy": 0.9, "train_loss": 0.3}) + "\n")
+    nan = {"accuracy": math.nan, "nll": math.nan, "ece": math.nan, "agreement": math.nan, "predictive_kl": math.nan}
+    models = {"teacher": {"accuracy": 0.9, "nll": 0.3, "ece": 0.02}, "student_baseline": nan,
+              "student_kd": {"accuracy": 0.8, "nll": 0.5, "ece": 0.03, "agreement": 0.9, "predictive_kl": 0.1}}
+    plot(str(tmp_path / "metrics.jsonl"), {"models": models, "method": "distill", "data": {"name": "digits"}},
+         str(tmp_path / "report.png"))
+    assert (tmp_path / "report.png").read_bytes()[:4] == b"\x89PNG"

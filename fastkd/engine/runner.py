@@ -73,14 +73,15 @@ def check_out_dir(out: str, cfg: dict, resume: bool) -> None:
         old = read_run_config(out, resume)
         old_cfg = old.get("config") if isinstance(old.get("config"), dict) else {}
         if old.get("fingerprint") != fingerprint(cfg) and not (resume and _identity(old_cfg) == run_identity(cfg)):
-            old_cfg = {k: v for k, v in old_cfg.items() if k != "out"}  # where it is written is no difference
+            # Where a run is written is no difference between runs.
+            old_cfg, new_cfg = ({k: v for k, v in c.items() if k != "out"} for c in (old_cfg, cfg))
             if resume:
                 # Name a setting that may not change, not one that may.
-                kept = {k.split(".", 1)[1]: v[0] for k, v in changed_settings(old_cfg, cfg).items()}
-                diff = describe_difference(old_cfg, {k: v for k, v in cfg.items() if k != "out"} | {"train": {**cfg["train"], **kept}})
+                kept = {k.split(".", 1)[1]: v[0] for k, v in changed_settings(old_cfg, new_cfg).items()}
+                diff = describe_difference(old_cfg, {**new_cfg, "train": {**new_cfg["train"], **kept}})
                 raise ConfigError(f"--resume: {out} holds a different run (differs in {diff}); a resumed run may change "
                                   f"only {', '.join(RESUMABLE)}")
-            diff = describe_difference(old_cfg, {k: v for k, v in cfg.items() if k != "out"})
+            diff = describe_difference(old_cfg, new_cfg)
             raise ConfigError(f"output directory {out} holds a different run (differs in {diff}); choose another --out")
         if not resume:
             raise ConfigError(f"output directory {out} already holds this run; pass --resume to continue it or choose another --out")

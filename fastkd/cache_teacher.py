@@ -6,8 +6,9 @@ write its top-K (or K samples) per token as a teacher cache (:mod:`fastkd.teache
 [--value-dtype bfloat16|float16] [--out DIR] [--teacher-out DIR] [--resume] [--set KEY=VALUE ...]``
 
 The teacher is the job's: loaded from ``teacher.path`` (a ``from_pretrained`` directory, used as
-it is, or a model file of a fastkd run such as ``runs/<run>/models/teacher_0.pt``, whose weights
-must fit the job's ``[teacher]`` table and are kept as ``<teacher-out>/teacher``), or else trained
+it is, or a model file such as a fastkd run's ``runs/<run>/models/teacher_0.safetensors`` or a
+``.pt`` state dict, read without unpickling anything but tensors, whose weights must fit the
+job's ``[teacher]`` table and are kept as ``<teacher-out>/teacher``), or else trained
 exactly as ``fastkd distill`` trains it (the same seed, batches and
 epochs, so the same weights), in a run directory of its own (``--teacher-out``, default
 ``<out>-teacher``) that also keeps it as a ``from_pretrained`` directory, ``teacher/``. That
@@ -20,6 +21,9 @@ training window ``t // (C − 1)`` (windows of C tokens; the last position of a 
 nothing), so a student's rows of window ``w`` are cache rows ``[w·(C−1), (w+1)·(C−1))``. Windows
 go through the teacher in fixed groups of ``--batch-windows`` from the first, so a resumed write
 computes exactly the rows a write in one go would.
+
+A teacher whose training diverges, or whose logits are not finite on some window, stops the
+command with one line and exit status 3 before a shard holding such rows is written.
 """
 
 from __future__ import annotations
@@ -115,7 +119,8 @@ def _teacher(cfg: dict, task, out: str, teacher_out: str, manifest_info: dict, q
     ``teacher.path``, from the directory a resumed cache names, or trained in ``teacher_out``."""
     from fastkd import teacher_cache as tc
     from fastkd.engine import checkpoint as ckpt
-    from fastkd.engine.runner import Interrupted, check_out_dir, run_job
+    from fastkd.engine.runner import Interrupted, check_out_dir, model_path, run_job
+    from fastkd.engine.trainer import Diverged
 
     named = (manifest_info.get("teacher") or {}).get("dir")
     checkpoint = getattr(task, "teacher_checkpoint", None)
@@ -124,8 +129,12 @@ def _teacher(cfg: dict, task, out: str, teacher_out: str, manifest_info: dict, q
         # a from_pretrained directory beside the cache, which a student run can load to measure.
         model = task.build("teacher", seed=0)
         try:
-            model.load_state_dict(ckpt.load(checkpoint)["state"])
-        except Exception as exc:  # noqa: BLE001 - unreadable, not a checkpoint, or other shapes: one line either way
+            _, state = ckpt.load_model(checkpoint)
+        except ckpt.CheckpointError as exc:
+            raise ConfigError(f"teacher.path: {exc}") from None
+        try:
+            model.load_state_dict(state)
+        except Exception as exc:  # noqa: BLE001 - other names or shapes: one line either way
             raise ConfigError(f"teacher.path {checkpoint}: not weights of the job's [teacher] model "
                               f"({str(exc).strip().splitlines()[0]})") from None
         pretrained = os.path.join(teacher_out, "teacher")
@@ -151,8 +160,12 @@ def _teacher(cfg: dict, task, out: str, teacher_out: str, manifest_info: dict, q
                 run_job(tcfg, resume=resume, quiet=quiet, teacher_only=True)
             except Interrupted:
                 raise CacheInterrupted("the teacher's training stopped; continue it and the cache with --resume") from None
+            except Diverged as exc:
+                exc.message = (f"{exc.reason}; continue with a lower learning rate: fastkd cache-teacher ... --out {out} "
+                               f"--resume --set train.lr={exc.lr:g}")
+                raise
             model = task.build("teacher", seed=0)
-            model.load_state_dict(ckpt.load(os.path.join(run_dir, "models", "teacher_0.pt"))["state"])
+            model.load_state_dict(ckpt.load_model(model_path(run_dir, "teacher_0"))[1])
             _save_pretrained_atomic(model, pretrained)
         where, info = pretrained, {"run": os.path.abspath(run_dir), "dir": os.path.abspath(pretrained)}
     # Read back from the directory even when just saved there: the fingerprint the manifest
@@ -165,6 +178,18 @@ def _teacher(cfg: dict, task, out: str, teacher_out: str, manifest_info: dict, q
     for p in model.parameters():
         p.requires_grad_(False)
     return model, info, tc.state_fingerprint(model)
+
+
+def _not_finite(row: int, w0: int, per: int, teacher_info: dict, cfg: dict):
+    from fastkd.engine.trainer import Diverged
+
+    window = w0 + row // per
+    cause = "its weights are not finite, or its forward overflowed"
+    if cfg["train"]["bf16"]:
+        cause += " in bf16 (train.bf16 = true: try --set train.bf16=false)"
+    raise Diverged(f"the teacher's logits are not finite at position {row % per} of training window {window}: {cause}; "
+                   f"the teacher is {teacher_info.get('checkpoint') or teacher_info['dir']}; no shard holding such rows "
+                   "was written")
 
 
 def run(args) -> int:
@@ -235,6 +260,11 @@ def run(args) -> int:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     hidden = task.forward(teacher, x)[:, :-1]
                 logits = teacher.lm_head(hidden.float().reshape(-1, hidden.shape[-1]))
+                # The rows go to the host next anyway (writer.add), so this check costs no extra
+                # round trip of note; sampling must not see a NaN (multinomial refuses it).
+                finite = torch.isfinite(logits).all(-1)
+                if not bool(finite.all()):
+                    _not_finite(int((~finite).nonzero()[0]), w0, per, teacher_info, cfg)
                 if selection == "top_k":
                     idx, val = tc.top_k_rows(logits, k, args.values)
                 else:

@@ -16,7 +16,10 @@ teacher cache instead of a teacher (``teacher.cache``).
 ``fastkd bench [--ops ...] [--quick] [--device cpu|cuda] [--dtype ...] [--shapes NxV,...] [--out DIR]``
 runs the kernel microbenchmarks on this machine (see ``fastkd/bench_cli.py``).
 
-A configuration problem prints one line ``fastkd: error: ...`` and exits with status 2.
+A configuration problem, or a file fastkd refuses to load (damaged, or holding more than
+tensors and plain data), prints one line ``fastkd: error: ...`` and exits with status 2; a job
+whose training diverges (a non-finite loss, gradient or weight) prints one line saying how to
+continue and exits with status 3.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ import sys
 from typing import List, Optional
 
 from fastkd.engine.config import LM_JOB, ConfigError, load_config, parse_value
+from fastkd.engine.trainer import Diverged
 
 EXIT_CONFIG = 2
+EXIT_DIVERGED = 3  # training (or a teacher cache) produced non-finite values and stopped
 
 
 class _Parser(argparse.ArgumentParser):
@@ -103,8 +108,11 @@ def config_from_args(args) -> tuple:
         saved = os.path.join(out, "config.json")
         if not os.path.isfile(saved):
             raise ConfigError(f"--resume: {out} holds no run (no config.json)")
-        with open(saved) as f:
-            base = json.load(f)["config"]
+        from fastkd.engine.runner import read_run_config
+
+        base = read_run_config(out, resume=True).get("config")
+        if not isinstance(base, dict):
+            raise ConfigError(f"--resume: {saved} holds no config")
         base.pop("out", None)
     return load_config(args.config, overrides, base=base), resume
 
@@ -131,6 +139,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exc:
         print(f"fastkd: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except Diverged as exc:
+        print(f"fastkd: error: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
     except KeyboardInterrupt as exc:
         out = getattr(exc, "out", None)
         hint = f"; continue from its last checkpoint with: fastkd distill --resume {out}" if out else ""

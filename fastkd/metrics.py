@@ -5,6 +5,11 @@ labels; top-1 agreement and predictive KL describe a student against its teacher
 al. 2021, "Does knowledge distillation really work?"). Everything here takes *log-probabilities*
 ``[N, C]`` (so that an ensemble's averaged probabilities can be passed as ``log(mean p)``) and
 returns Python floats, computed in float64.
+
+A row with a NaN (or a log-probability of +inf) is a model output that is no distribution: it has
+no top-1 class and no divergence, so every metric over a set holding such a row is NaN. A
+diverged model is thus reported as non-finite, never as agreeing with a diverged teacher (the
+argmax of two NaN rows is the same index) or as at KL 0 from it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,16 @@ def _logp(x: torch.Tensor) -> torch.Tensor:
     return x.detach().to(torch.float64)
 
 
+def undefined_rows(logp: torch.Tensor) -> torch.Tensor:
+    """``[N]`` bool: rows of log-probabilities that are no distribution (a NaN or a +inf)."""
+    return (torch.isnan(logp) | torch.isposinf(logp)).any(-1)
+
+
+def _mean(values: torch.Tensor, undefined: torch.Tensor) -> float:
+    """The mean of per-row ``values``, NaN if a row is ``undefined``."""
+    return float(torch.where(undefined, torch.nan, values.to(torch.float64)).mean())
+
+
 def log_probs(logits: torch.Tensor) -> torch.Tensor:
     """``log_softmax(logits)`` in float64: the input every metric here expects."""
     return torch.log_softmax(logits.detach().to(torch.float64), dim=-1)
@@ -39,13 +54,14 @@ def ensemble_log_probs(members: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def accuracy(logp: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of rows whose argmax equals the label."""
-    return float((_logp(logp).argmax(-1) == labels).to(torch.float64).mean())
+    lp = _logp(logp)
+    return _mean(lp.argmax(-1) == labels, undefined_rows(lp))
 
 
 def nll(logp: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean negative log-likelihood of the labels, ``-mean_i log p_i[y_i]`` (natural log)."""
     lp = _logp(logp)
-    return float(-lp.gather(1, labels.view(-1, 1).long()).mean())
+    return _mean(-lp.gather(1, labels.view(-1, 1).long()).squeeze(1), undefined_rows(lp))
 
 
 def ece(logp: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
@@ -55,6 +71,8 @@ def ece(logp: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float
     a row with confidence c falls in bin ``ceil(c * bins) - 1`` (bins are right-closed).
     """
     lp = _logp(logp)
+    if undefined_rows(lp).any():
+        return math.nan
     conf, pred = lp.exp().max(-1)
     correct = (pred == labels).to(torch.float64)
     idx = (torch.ceil(conf * bins).long() - 1).clamp(0, bins - 1)
@@ -69,7 +87,8 @@ def ece(logp: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float
 
 def agreement(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> float:
     """Top-1 agreement ``mean[argmax s = argmax t]``."""
-    return float((_logp(student_logp).argmax(-1) == _logp(teacher_logp).argmax(-1)).to(torch.float64).mean())
+    ls, lt = _logp(student_logp), _logp(teacher_logp)
+    return _mean(ls.argmax(-1) == lt.argmax(-1), undefined_rows(ls) | undefined_rows(lt))
 
 
 def predictive_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> float:
@@ -77,7 +96,7 @@ def predictive_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> flo
     ls, lt = _logp(student_logp), _logp(teacher_logp)
     pt = lt.exp()
     terms = torch.where(pt > 0, pt * (lt - ls), torch.zeros_like(pt))
-    return float(terms.sum(-1).mean())
+    return _mean(terms.sum(-1), undefined_rows(ls) | undefined_rows(lt))
 
 
 def classification_metrics(

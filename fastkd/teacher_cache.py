@@ -188,7 +188,13 @@ class CacheWriter:
             raise CacheError(f"expected indices and values of shape [T, {k}], got {tuple(indices.shape)} and {tuple(values.shape)}")
         if self.tokens_done + self._pending_rows + indices.shape[0] > self.spec.tokens:
             raise CacheError(f"more rows than the cache's {self.spec.tokens} tokens")
-        self._pending.append((indices.detach().to("cpu", torch.int64), values.detach().to("cpu", torch.float32)))
+        values = values.detach().to("cpu", torch.float32)
+        if torch.isnan(values).any():
+            # A student would read NaN targets from the cache for good; -inf is fine (no mass).
+            row = int(torch.isnan(values).any(-1).nonzero()[0])
+            raise CacheError(f"row {self.tokens_done + self._pending_rows + row} of the values is NaN: the teacher's "
+                             "output is not finite there, and a cache never holds such a row")
+        self._pending.append((indices.detach().to("cpu", torch.int64), values))
         self._pending_rows += indices.shape[0]
         while self._pending_rows >= self.spec.shard_tokens:
             self._flush(self.spec.shard_tokens)

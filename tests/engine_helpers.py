@@ -50,3 +50,45 @@ def run_config(path, out, **overrides):
     ov += [(k.replace("__", "."), v) for k, v in overrides.items()]
     cfg = load_config(None if path is None else str(path), ov)
     return run_job(cfg, quiet=True)
+
+
+def one_line_error(proc, code: int = 2) -> str:
+    """The single ``fastkd: error:`` line of a command that stopped with exit status ``code``
+    (2: a refused input; 3: a diverged training). Lines before it (a resumed run says where it
+    resumes from) are allowed; a traceback is not."""
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    errors = [l for l in lines if l.startswith("fastkd: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], proc.stderr
+    if code == 2:
+        assert len(lines) == 1, proc.stderr
+    return errors[0]
+
+
+def run_cli(capsys, *argv) -> subprocess.CompletedProcess:
+    """``fastkd ARGV`` in this process (no interpreter start-up): its exit status and output."""
+    from fastkd.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(list(argv), rc, out.out, out.err)
+
+
+class _Crafted:
+    """Pickles as a call of ``open(marker, "w")``: a file that creates ``marker`` when
+    unpickled, as a model file from someone else could run any code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def crafted_pickle(path, marker) -> None:
+    """A ``.pt`` (torch.save's zip format) whose unpickling would create ``marker``."""
+    import torch
+
+    torch.save({"role": "teacher", "state": {"weight": _Crafted(marker)}}, str(path))

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from engine_helpers import CONFIGS, env
+from engine_helpers import CONFIGS, env, one_line_error  # noqa: F401 - one_line_error: for the LM tests
 
 WORDS = ("the teacher model writes a token then the student reads every window and learns which word "
          "comes next from soft targets while the baseline sees only labels of text data").split()
@@ -69,11 +69,3 @@ def torchrun(tmp_path, out, *extra):
            "-m", "fastkd", "distill", str(CONFIGS / "lm.toml"), "--out", str(out), "--no-progress",
            "--set", "train.plot=false", *extra]
     return subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=300)
-
-
-def one_line_error(proc) -> str:
-    """The single ``fastkd: error:`` line of a command that stopped with exit status 2."""
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fastkd: error: "), proc.stderr
-    return lines[0]

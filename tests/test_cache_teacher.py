@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from engine_helpers import CONFIGS, ROOT, summary
-from lm_helpers import as_args, lm_env, one_line_error, tiny, torchrun, write_corpus
+from engine_helpers import CONFIGS, ROOT, crafted_pickle, one_line_error, run_cli, summary
+from lm_helpers import as_args, lm_env, tiny, torchrun, write_corpus
 from fastkd import teacher_cache as tc
 
 
@@ -97,7 +97,7 @@ def test_cache_then_distill_from_it(written, tmp_path):
         assert s["models"][name]["reference"] == "teacher_0" and 0 <= s["models"][name]["agreement"] <= 1
     # No teacher was trained here: its phase is gone, and its weights stay where they were.
     assert set(s["phase_wall_s"]) == {"students"}
-    assert sorted(p.name for p in (out / "models").iterdir()) == ["student_baseline.pt", "student_kd.pt"]
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["student_baseline.safetensors", "student_kd.safetensors"]
 
 
 def test_a_full_width_cache_distils_like_the_online_teacher(tmp_path):
@@ -118,7 +118,7 @@ def test_a_full_width_cache_distils_like_the_online_teacher(tmp_path):
         assert b["student_kd"][key] == pytest.approx(a["student_kd"][key], rel=2e-3, abs=2e-3), key
     # ... and a top-8 cache of the same teacher does not (the check can tell them apart). That
     # cache takes the online run's own teacher file: its weights are those cache-teacher trained.
-    teacher_file = online / "models" / "teacher_0.pt"
+    teacher_file = online / "models" / "teacher_0.safetensors"
     proc = _run(tmp_path, "cache-teacher", "--top-k", 8, "--out", tmp_path / "top8",
                 *_sets(tmp_path, **{"teacher.path": str(teacher_file)}))
     assert proc.returncode == 0, proc.stderr
@@ -231,10 +231,16 @@ def test_cache_teacher_refuses_before_training(written, tmp_path, refused):
         line = refused(written, "cache-teacher", *extra, "--out", out, *_sets(written))
         assert expect in line, line
         assert not out.exists() and not (tmp_path / f"c{i}-teacher").exists()
-    # A teacher.path file that is not weights of the job's teacher.
+    # A teacher.path file that is not a model file, or not weights of the job's teacher.
     (tmp_path / "notes.pt").write_text("not a checkpoint")
     line = refused(written, "cache-teacher", "--top-k", 4, "--out", tmp_path / "d",
                    *_sets(written, **{"teacher.path": str(tmp_path / "notes.pt")}))
+    assert f"teacher.path: {tmp_path / 'notes.pt'} is not a PyTorch file" in line and not (tmp_path / "d").exists()
+    import torch
+
+    torch.save({"state": {"weight": torch.zeros(3)}}, tmp_path / "other.pt")
+    line = refused(written, "cache-teacher", "--top-k", 4, "--out", tmp_path / "d",
+                   *_sets(written, **{"teacher.path": str(tmp_path / "other.pt")}))
     assert "teacher.path" in line and "not weights of the job's [teacher] model" in line and not (tmp_path / "d").exists()
     # An existing cache, without --resume.
     line = refused(written, "cache-teacher", "--top-k", 8, "--out", written / "top8", *_sets(written))
@@ -243,6 +249,80 @@ def test_cache_teacher_refuses_before_training(written, tmp_path, refused):
     proc = subprocess.run([sys.executable, "-m", "fastkd", "cache-teacher", "--top-k", "4", "--out", str(tmp_path / "d")],
                           env=lm_env(tmp_path), capture_output=True, text=True)
     assert "pass --data lm" in one_line_error(proc)
+
+
+def test_a_crafted_teacher_file_is_refused_and_runs_nothing(written, tmp_path, refused):
+    """teacher.path naming a .pt whose unpickling would run code (here: create a file): refused
+    by cache-teacher (read with weights_only=True) and by distill (which loads directories only),
+    with one line, before anything is written."""
+    marker = tmp_path / "marker"
+    crafted_pickle(tmp_path / "teacher_0.pt", marker)
+    sets = _sets(written, **{"teacher.path": str(tmp_path / "teacher_0.pt")})
+    line = refused(written, "cache-teacher", "--top-k", 4, "--out", tmp_path / "c", *sets)
+    assert f"teacher.path: {tmp_path / 'teacher_0.pt'}: refused: unpickling it would call io.open" in line
+    line = refused(written, "distill", "--out", tmp_path / "r", *sets)
+    assert f"teacher: path {tmp_path / 'teacher_0.pt'} is not a from_pretrained directory" in line
+    assert not marker.exists()
+    assert not any((tmp_path / d).exists() for d in ("c", "c-teacher", "r"))
+
+
+def test_a_teacher_with_non_finite_logits_stops_cache_teacher(written, tmp_path, capsys, monkeypatch):
+    """A teacher whose output is not finite (an inf in a block's bias): cache-teacher stops with
+    one line and exit status 3 before sampling from it (multinomial refuses NaN) and writes no
+    shard."""
+    import torch
+
+    from fastkd.engine import checkpoint as ckpt
+    from fastkd.engine.models import _offline_transformers
+
+    model = _offline_transformers().GPT2LMHeadModel.from_pretrained(written / "top8-teacher" / "teacher")
+    state = model.state_dict()
+    state["transformer.h.1.mlp.c_proj.bias"][3] = float("inf")
+    ckpt.save_model(str(tmp_path / "teacher.safetensors"), "teacher", state)
+    monkeypatch.setenv("FASTKD_CACHE", str(written / "cache"))
+    out = tmp_path / "c"
+    proc = run_cli(capsys, "cache-teacher", CONFIGS / "lm.toml", "--sample", 4, "--out", out,
+                   *_sets(written, **{"teacher.path": str(tmp_path / "teacher.safetensors")}))
+    line = one_line_error(proc, 3)
+    assert "the teacher's logits are not finite at position 0 of training window 0" in line
+    assert str(tmp_path / "teacher.safetensors") in line and "no shard holding such rows was written" in line
+    assert not list(out.glob("shard-*"))
+
+
+def test_a_diverging_teacher_stops_cache_teacher_with_how_to_continue(tmp_path, capsys, monkeypatch):
+    """The teacher cache-teacher trains has distill's guard, and the line says how to continue
+    this command (its teacher run keeps its last good checkpoint; no cache is begun)."""
+    write_corpus(tmp_path / "corpus")
+    monkeypatch.setenv("FASTKD_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "c"
+    proc = run_cli(capsys, "cache-teacher", CONFIGS / "lm.toml", "--top-k", 4, "--out", out, *_sets(tmp_path, **{"train.lr": 1e30}))
+    line = one_line_error(proc, 3)
+    assert "teacher_0 diverged in phase 'teachers': its training loss was not finite at optimizer step 2;" in line
+    assert line.endswith(f"continue with a lower learning rate: fastkd cache-teacher ... --out {out} --resume --set train.lr=1e+29")
+    assert not out.exists() and not (tmp_path / "c-teacher" / "teacher").exists()
+
+
+def test_a_non_finite_student_measures_nan_against_the_cache(written, monkeypatch):
+    """Measured against the cache itself (its teacher gone), a student whose output is NaN has
+    NaN agreement and KL, not the agreement of a NaN row's argmax with the cache's top entry."""
+    import math
+
+    import torch
+
+    from fastkd.engine.config import load_config
+    from fastkd.engine.tasks import make_task
+
+    monkeypatch.setenv("FASTKD_CACHE", str(written / "cache"))
+    overrides = tiny(written / "corpus", **{"teacher.cache": str(written / "top8")})
+    task = make_task(load_config(str(CONFIGS / "lm.toml"), list(overrides.items()))).to(torch.device("cpu"))
+    task.check(task.load())
+    student = task.build("student", 0)
+    m = task.cache_fidelity(student)
+    assert 0 <= m["agreement"] <= 1 and m["predictive_kl"] >= 0
+    with torch.no_grad():
+        student.transformer.wte.weight.fill_(math.nan)
+    m = task.cache_fidelity(student)
+    assert math.isnan(m["agreement"]) and math.isnan(m["predictive_kl"]), m
 
 
 def test_distill_config_refusals_with_a_cache(written, tmp_path, refused):

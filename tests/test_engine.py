@@ -34,7 +34,7 @@ def test_default_job_writes_everything(tmp_path):
     assert len(val) == 3 * (2 + 2)  # one evaluation per epoch per model (2 teachers, 2 students)
     assert {l["model"] for l in lines if l["split"] == "test"} == set(models)
     assert all("kd0" in l["terms"] for l in val if l["model"] == "student_kd")
-    for f in ("config.json", "checkpoint.pt", "report.png", "models/student_kd.pt", "models/teacher_1.pt"):
+    for f in ("config.json", "checkpoint.pt", "report.png", "models/student_kd.safetensors", "models/teacher_1.safetensors"):
         assert (out / f).is_file(), f
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
@@ -54,8 +54,8 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path):
     run_config(None, tmp_path / "big", train__batch_size=64, **common)
     run_config(None, tmp_path / "acc", train__batch_size=32, train__grad_accum=2, **common)
     for name in ("teacher_0", "student_kd"):
-        big = torch.load(tmp_path / "big" / "models" / f"{name}.pt")["state"]
-        acc = torch.load(tmp_path / "acc" / "models" / f"{name}.pt")["state"]
+        big = ckpt.load_model(str(tmp_path / "big" / "models" / f"{name}.safetensors"))[1]
+        acc = ckpt.load_model(str(tmp_path / "acc" / "models" / f"{name}.safetensors"))[1]
         # The accumulating run sees the 64-sample batches as two halves: same updates.
         for k in big:
             assert torch.allclose(big[k], acc[k], atol=2e-5), (name, k)

@@ -11,9 +11,10 @@ import sys
 import pytest
 import torch
 
-from engine_helpers import CONFIGS, run_config, summary
-from lm_helpers import as_args, as_kwargs, corpus, lm_env, one_line_error, tiny, torchrun  # noqa: F401 - corpus is a fixture
+from engine_helpers import CONFIGS, one_line_error, run_cli, run_config, summary
+from lm_helpers import as_args, as_kwargs, corpus, lm_env, tiny, torchrun  # noqa: F401 - corpus is a fixture
 from proc_helpers import in_students_phase, paused_at_checkpoint
+from fastkd.engine import checkpoint as ckpt
 
 def test_tiny_lm_job_writes_the_summary_schema(tmp_path, corpus):
     out = tmp_path / "run"
@@ -42,7 +43,7 @@ def test_tiny_lm_job_writes_the_summary_schema(tmp_path, corpus):
     assert len(val) == 3 * 3 and all("perplexity" in l for l in val)
     assert all("kd0" in l["terms"] for l in val if l["model"] == "student_kd")
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for f in ("models/teacher_0.pt", "models/student_kd.pt", "checkpoint.pt", "config.json"):
+    for f in ("models/teacher_0.safetensors", "models/student_kd.safetensors", "checkpoint.pt", "config.json"):
         assert (out / f).is_file(), f
 
 
@@ -185,6 +186,33 @@ def test_tokenizer_and_model_vocabularies_must_match(tmp_path, corpus):
 def test_context_longer_than_the_model_stops_with_one_line(tmp_path, corpus):
     line = one_line_error(_cli(tmp_path, "--out", tmp_path / "run", *as_args(tiny(corpus, **{"student.n_positions": 8}))))
     assert "data.context=16" in line and "8 tokens" in line
+
+
+def test_a_diverging_lm_job_stops_and_a_non_finite_model_measures_nan(tmp_path, corpus, capsys):
+    """The language-model task has the digits job's guard: at train.lr = 1e30 the first step
+    (the initial weights) is finite and its update overflows every later forward, so step 2 is
+    the first bad one; and the evaluation of a model whose output is NaN is NaN throughout,
+    never an agreement with its teacher."""
+    from fastkd.engine.config import load_config
+    from fastkd.engine.tasks import Member, make_task
+
+    out = tmp_path / "run"
+    proc = run_cli(capsys, "distill", CONFIGS / "lm.toml", "--out", out, *as_args(tiny(corpus, **{"train.lr": 1e30})))
+    line = one_line_error(proc, 3)
+    assert "teacher_0 diverged in phase 'teachers': its training loss was not finite at optimizer step 2;" in line
+    assert "train.lr = 1e+30 is likely too high" in line and not (out / "summary.json").exists()
+
+    cfg = load_config(str(CONFIGS / "lm.toml"), list(tiny(corpus).items()))
+    task = make_task(cfg).to(torch.device("cpu"))
+    splits = task.load()
+    good, bad = task.build("teacher", 1), task.build("student", 2)
+    with torch.no_grad():
+        bad.transformer.wte.weight.fill_(math.nan)
+    m = task.evaluate(splits.test, [Member("bad", lambda: bad)], [Member("good", lambda: good)], {})
+    assert all(math.isnan(m[k]) for k in ("nll", "perplexity", "accuracy", "agreement", "predictive_kl")), m
+    m = task.evaluate(splits.test, [Member("good", lambda: good)], [Member("bad", lambda: bad)], {})
+    assert math.isfinite(m["nll"]) and 0 <= m["accuracy"] <= 1, m
+    assert math.isnan(m["agreement"]) and math.isnan(m["predictive_kl"]), m
 
 
 def test_lm_config_errors():

@@ -280,11 +280,41 @@ def load_config(
     return validate(cfg)
 
 
+# Settings that do not change what a run computes (display, threads, profiling).
+_INCIDENTAL = ("progress", "threads", "plot", "measure_memory")
+
+# Settings a run may change when it is resumed (`fastkd distill --resume DIR --set KEY=VALUE`):
+# how large a step the optimizer takes and how it is guarded, which is what a diverged run
+# needs changed to continue from its last good checkpoint. They apply from the checkpoint on;
+# what was trained before it stays. Everything else (data, models, losses, batch sizes, epochs
+# and schedule, seeds) decides which batches and models a checkpoint's position refers to, and
+# must stay as it was.
+RESUMABLE = ("train.lr", "train.grad_clip", "train.bf16", "train.checkpoint_every")
+
+
 def fingerprint(cfg: dict) -> str:
     """A hash of everything that determines a run's results (not where it is written)."""
     relevant = {k: v for k, v in cfg.items() if k not in ("out",)}
-    relevant["train"] = {k: v for k, v in cfg["train"].items() if k not in ("progress", "threads", "plot", "measure_memory")}
+    relevant["train"] = {k: v for k, v in cfg["train"].items() if k not in _INCIDENTAL}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_identity(cfg: dict) -> str:
+    """The fingerprint without the :data:`RESUMABLE` settings: what a resumed run must share
+    with the run it continues."""
+    resumable = {key.split(".", 1)[1] for key in RESUMABLE}
+    return fingerprint({**cfg, "train": {k: v for k, v in cfg["train"].items() if k not in resumable}})
+
+
+def changed_settings(old: dict, new: dict) -> Dict[str, list]:
+    """The :data:`RESUMABLE` settings whose values differ, ``{"train.lr": [old, new]}``."""
+    out = {}
+    for key in RESUMABLE:
+        table, name = key.split(".", 1)
+        a, b = old.get(table, {}).get(name), new[table][name]
+        if a != b:
+            out[key] = [a, b]
+    return out
 
 
 def describe_difference(a: dict, b: dict, prefix: str = "") -> Optional[str]:

@@ -76,6 +76,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
+    """The elementwise minimum of ``t`` over ranks (``t`` itself when alone)."""
+    if world_size() == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
 def wrap(module: nn.Module, device: torch.device, shard: bool = False, units: Sequence[nn.Module] = ()) -> nn.Module:
     """``DistributedDataParallel(module)`` when running distributed and it has trainable
     parameters; with ``shard``, FSDP2 instead: each of ``units`` (e.g. transformer blocks) is
@@ -135,9 +144,11 @@ def gathered(wrapped: nn.Module):
             m.reshard()
 
 
-def clip_grad_norm(wrapped: nn.Module, params: List[torch.Tensor], max_norm: float) -> None:
+def clip_grad_norm(wrapped: nn.Module, params: List[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip the gradients' global norm to ``max_norm``; returns that norm before clipping (on
+    the device; a DTensor when sharded)."""
     # Sharded gradients are DTensors: clip_grad_norm_ computes their global norm itself.
-    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def full_state_dict(wrapped: nn.Module, module: nn.Module) -> dict:

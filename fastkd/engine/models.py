@@ -99,7 +99,10 @@ def build_gpt2(spec: dict, vocab_size: int, context: int, eos_id: int, seed: int
             if not os.path.isfile(os.path.join(spec["path"], "config.json")):
                 raise ValueError(f"path {spec['path']} is not a from_pretrained directory (no config.json)")
             try:
-                model = tf.GPT2LMHeadModel.from_pretrained(spec["path"], local_files_only=True)
+                # No code from the directory runs, and its weights are read without unpickling:
+                # safetensors when it has them (transformers prefers model.safetensors), else
+                # pytorch_model.bin through torch.load(weights_only=True).
+                model = tf.GPT2LMHeadModel.from_pretrained(spec["path"], local_files_only=True, trust_remote_code=False)
             except (OSError, ValueError) as exc:
                 raise ValueError(f"path {spec['path']}: cannot load a GPT-2 model ({str(exc).splitlines()[0]})") from None
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Dict, List
 
@@ -112,7 +113,9 @@ def plot(metrics_path: str, summary: dict, out_path: str) -> None:
         values = [models[n][key] for n in shown]
         bars = ax.bar(range(len(shown)), values, color=[colors[names.index(n) % len(colors)] for n in shown])
         ax.bar_label(bars, [f"{v:.4f}" for v in values], fontsize=7)
-        low, high = min(values), max(values)
+        # A diverged model's NaN is labelled, not drawn, and does not set the scale.
+        finite = [v for v in values if math.isfinite(v)] or [0.0, 1.0]
+        low, high = min(finite), max(finite)
         pad = (high - low) * 0.6 or abs(high) * 0.05 or 1e-3
         # Accuracy-like metrics differ in the third digit: zoom the axis onto the values.
         zoom = key in ("accuracy", "agreement") or (lm and key in ("perplexity", "nll"))

@@ -3,8 +3,13 @@
 Everything that can be wrong with a configuration is checked before anything is written
 (:func:`prepare`): the data, module paths named by losses or stages, the output directory. A
 run directory holds ``config.json`` (the resolved config and its fingerprint),
-``metrics.jsonl``, ``checkpoint.pt`` (atomic; the latest), ``models/<name>.pt`` (final weights),
-``summary.json`` and ``report.png``.
+``metrics.jsonl``, ``checkpoint.pt`` (atomic; the latest), ``models/<name>.safetensors`` (final
+weights), ``summary.json`` and ``report.png``.
+
+A run stops with :class:`~fastkd.engine.trainer.Diverged` (exit status 3) when a model's loss,
+gradients or weights stop being finite; its last good checkpoint stays, and ``--resume`` may
+continue from it with the settings of :data:`~fastkd.engine.config.RESUMABLE` changed (a lower
+``train.lr``).
 """
 
 from __future__ import annotations
@@ -19,13 +24,36 @@ import torch
 
 from fastkd.engine import checkpoint as ckpt
 from fastkd.engine import distributed as dist
-from fastkd.engine.config import ConfigError, describe_difference, fingerprint
+from fastkd.engine.config import (RESUMABLE, ConfigError, changed_settings, describe_difference, fingerprint,
+                                  run_identity)
 from fastkd.engine.plans import plan
 from fastkd.engine.report import MetricsLog, columns, plot, table
 from fastkd.engine.tasks import Member, make_task
-from fastkd.engine.trainer import Context, frozen_model, run_phase
+from fastkd.engine.trainer import Context, Diverged, frozen_model, run_phase
 
 CHECKPOINT = "checkpoint.pt"
+
+
+def model_path(out: str, name: str) -> str:
+    """Where a run keeps a finished model's weights: ``<out>/models/<name>.safetensors``."""
+    return os.path.join(out, "models", name + ckpt.MODEL_SUFFIX)
+
+
+def read_run_config(out: str, resume: bool = False) -> dict:
+    """``<out>/config.json`` (``{"fingerprint", "config", ...}``); with ``resume``, refused
+    unless the run was written in the safe checkpoint format."""
+    saved = os.path.join(out, "config.json")
+    try:
+        with open(saved) as f:
+            old = json.load(f)
+        if not isinstance(old, dict):
+            raise ValueError
+    except (OSError, ValueError):
+        raise ConfigError(f"output directory {out} holds an unreadable config.json; choose another --out") from None
+    if resume and old.get("format_version") != ckpt.FORMAT_VERSION:
+        raise ckpt.CheckpointError(f"--resume: {out} predates fastkd's safe checkpoint format (its checkpoint could "
+                                   "only be read by unpickling it, which can run code): start a new run instead")
+    return old
 
 
 def default_out(cfg: dict) -> str:
@@ -42,13 +70,18 @@ def check_out_dir(out: str, cfg: dict, resume: bool) -> None:
             raise ConfigError(f"--resume: run directory {out} does not exist")
         return
     if os.path.isfile(saved):
-        try:
-            with open(saved) as f:
-                old = json.load(f)
-        except (OSError, ValueError):
-            raise ConfigError(f"output directory {out} holds an unreadable config.json; choose another --out") from None
-        if old.get("fingerprint") != fingerprint(cfg):
-            diff = describe_difference(old.get("config", {}), {k: v for k, v in cfg.items()})
+        old = read_run_config(out, resume)
+        old_cfg = old.get("config") if isinstance(old.get("config"), dict) else {}
+        if old.get("fingerprint") != fingerprint(cfg) and not (resume and _identity(old_cfg) == run_identity(cfg)):
+            # Where a run is written is no difference between runs.
+            old_cfg, new_cfg = ({k: v for k, v in c.items() if k != "out"} for c in (old_cfg, cfg))
+            if resume:
+                # Name a setting that may not change, not one that may.
+                kept = {k.split(".", 1)[1]: v[0] for k, v in changed_settings(old_cfg, new_cfg).items()}
+                diff = describe_difference(old_cfg, {**new_cfg, "train": {**new_cfg["train"], **kept}})
+                raise ConfigError(f"--resume: {out} holds a different run (differs in {diff}); a resumed run may change "
+                                  f"only {', '.join(RESUMABLE)}")
+            diff = describe_difference(old_cfg, new_cfg)
             raise ConfigError(f"output directory {out} holds a different run (differs in {diff}); choose another --out")
         if not resume:
             raise ConfigError(f"output directory {out} already holds this run; pass --resume to continue it or choose another --out")
@@ -56,6 +89,13 @@ def check_out_dir(out: str, cfg: dict, resume: bool) -> None:
         raise ConfigError(f"output directory {out} is not empty and holds no fastkd run; choose another --out")
     elif resume:
         raise ConfigError(f"--resume: {out} holds no run to resume")
+
+
+def _identity(cfg: dict) -> Optional[str]:
+    try:
+        return run_identity(cfg)
+    except (KeyError, TypeError, AttributeError):
+        return None
 
 
 def _device(cfg: dict) -> torch.device:
@@ -136,34 +176,56 @@ def _run_phases(cfg, task, splits, out, device, resume, quiet, t_start, teacher_
     path = os.path.join(out, CHECKPOINT)
     if resume and os.path.isfile(path):
         state = ckpt.load(path)
-        if state.get("fingerprint") != fingerprint(cfg):
+        ckpt.check_format(path, state)
+        missing = [k for k in ("identity", "phase", "phase_state", "store", "metrics_offset", "elapsed") if k not in state]
+        if missing:
+            raise ckpt.CheckpointError(f"{path} is not a complete fastkd checkpoint (no {', '.join(missing)})")
+        if state["identity"] != run_identity(cfg):
             raise ConfigError(f"{path} belongs to a different run")
+    external = task.external_models()
+    phases, entries = plan(cfg, external=set(external), teacher_only=teacher_only)
+    # What checkpoint.pt holds, for the messages: where a resumed run continues from, and where
+    # one that diverges can be continued from.
+    last_good = _position(state["phase"], state["phase_state"], phases) if state else None
+    changes = []
+    if resume and os.path.isfile(os.path.join(out, "config.json")):
+        old = read_run_config(out, resume=True)
+        changes = list(old.get("changes", []))
+        changed = changed_settings(old["config"], cfg)
+        if changed:
+            changes.append({"from": last_good or "the beginning", "settings": changed})
+        if main and not quiet:
+            what = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            print(f"resuming {out} from " + (f"its checkpoint at {last_good}" if state else "the beginning (no checkpoint)")
+                  + (f", with {what}" if what else ""), file=sys.stderr)
     if main:
         os.makedirs(os.path.join(out, "models"), exist_ok=True)
-        ckpt.atomic_write_json(os.path.join(out, "config.json"), {"fingerprint": fingerprint(cfg), "config": cfg})
+        ckpt.atomic_write_json(os.path.join(out, "config.json"), {
+            "format_version": ckpt.FORMAT_VERSION, "fingerprint": fingerprint(cfg), "config": cfg,
+            **({"changes": changes} if changes else {})})
     dist.barrier()
 
     log = MetricsLog(os.path.join(out, "metrics.jsonl") if main else None,
                      truncate_to=state["metrics_offset"] if state else 0)
     store = state["store"] if state else {}
-    external = task.external_models()
     for name, entry in external.items():
         store.setdefault(name, entry)
     elapsed_before = state["elapsed"] if state else 0.0
     # Wall seconds of each finished phase (a phase resumed from a checkpoint counts from the resume).
     phase_seconds = dict(state.get("phase_seconds", {})) if state else {}
-    phases, entries = plan(cfg, external=set(external), teacher_only=teacher_only)
 
     def save_checkpoint(phase_index: int, phase_state: Optional[dict]) -> None:
+        nonlocal last_good
         rngs = dist.all_gather_object(ckpt.rng_state())  # collective: every rank calls it
         if phase_state is not None:
             phase_state["rng"] = rngs
         if main:
-            ckpt.save(path, {
-                "fingerprint": fingerprint(cfg), "phase": phase_index, "phase_state": phase_state, "store": store,
-                "metrics_offset": log.offset(), "elapsed": elapsed_before + time.perf_counter() - t_start,
-                "phase_seconds": phase_seconds,
-            })
+            ckpt.save(path, ckpt.stamp({
+                "identity": run_identity(cfg), "fingerprint": fingerprint(cfg), "phase": phase_index,
+                "phase_state": phase_state, "store": store, "metrics_offset": log.offset(),
+                "elapsed": elapsed_before + time.perf_counter() - t_start, "phase_seconds": phase_seconds,
+            }))
+        last_good = _position(phase_index, phase_state, phases)
 
     start = state["phase"] if state else 0
     for i in range(start, len(phases)):
@@ -171,7 +233,11 @@ def _run_phases(cfg, task, splits, out, device, resume, quiet, t_start, teacher_
         ctx = Context(cfg, task, splits.train, splits.val, device, store, log, lambda ps, i=i: save_checkpoint(i, ps))
         resume_state = state["phase_state"] if (state and i == start) else None
         phase_start = time.perf_counter()
-        finished, costs = run_phase(ctx, i, phase, resume_state)
+        try:
+            finished, costs = run_phase(ctx, i, phase, resume_state)
+        except Diverged as exc:
+            _explain(exc, cfg, out, path, last_good)
+            raise
         phase_seconds[phase.name] = round(time.perf_counter() - phase_start, 2)
         for spec in phase.learners:
             store[spec.name] = {"role": spec.role, "state": {k: v.cpu() for k, v in finished[spec.name].state_dict().items()},
@@ -186,7 +252,7 @@ def _run_phases(cfg, task, splits, out, device, resume, quiet, t_start, teacher_
         for name, entry in store.items():
             if entry["state"] is None:
                 continue  # not trained here (the teacher a cache was written with)
-            ckpt.save(os.path.join(out, "models", f"{name}.pt"), {"role": entry["role"], "state": entry["state"]})
+            ckpt.save_model(model_path(out, name), entry["role"], entry["state"])
         ckpt.atomic_write_json(os.path.join(out, "summary.json"), summary)
         if t["plot"]:
             tmp = os.path.join(out, ".report.tmp.png")
@@ -198,6 +264,34 @@ def _run_phases(cfg, task, splits, out, device, resume, quiet, t_start, teacher_
                   f"wall time {summary['wall_time_s']:.1f} s")
             sys.stdout.flush()
     return summary
+
+
+def _position(phase_index: int, phase_state: Optional[dict], phases) -> str:
+    """Where a checkpoint stands, in words."""
+    if phase_state is not None:
+        return f"optimizer step {phase_state['opt_steps']} of phase {phases[phase_index].name!r}"
+    if phase_index < len(phases):
+        return f"the start of phase {phases[phase_index].name!r}"
+    return "the end of training"
+
+
+def _explain(exc: Diverged, cfg: dict, out: str, path: str, last_good: Optional[str]) -> None:
+    """Give ``exc`` the line the user sees: which model, when, the likely cause, what was kept
+    and how to continue with a lower learning rate (``exc.reason``, ``exc.lr``, ``exc.hint``)."""
+    t = cfg["train"]
+    what = {"loss": f"its training loss was not finite at optimizer step {exc.step}",
+            "grad": f"its gradients were not finite at optimizer step {exc.step} (norm at train.grad_clip = {t['grad_clip']:g})",
+            "weights": f"its weights or optimizer state were not finite after optimizer step {exc.step}"}[exc.what]
+    others = f" (so did {', '.join(exc.others)})" if exc.others else ""
+    cause = f"train.lr = {t['lr']:g} is likely too high"
+    if t["bf16"]:
+        cause += ", or the bf16 forward overflowed (train.bf16 = true)"
+    kept = (f"the last good checkpoint, {path} at {last_good}, is kept" if last_good
+            else "no checkpoint was written before it, so a continued run starts over")
+    exc.lr = t["lr"] / 10
+    exc.reason = f"{exc.model} diverged in phase {exc.phase!r}: {what}{others}; {cause}; {kept}"
+    exc.hint = f"continue with a lower learning rate: fastkd distill --resume {out} --set train.lr={exc.lr:g}"
+    exc.message = f"{exc.reason}; {exc.hint}"
 
 
 def evaluate(cfg, task, splits, store, entries, device, log) -> dict:

@@ -196,6 +196,10 @@ class ClassificationTask(Task):
             raise ConfigError("teacher.cache holds a language model's teacher: it needs data.name = 'lm'")
         for role in ("teacher", "student"):
             arch = cfg[role]["arch"]
+            if cfg[role]["path"]:
+                # Said rather than ignored: a user pointing at a model expects it to be used.
+                raise ConfigError(f"{role}.path loads a GPT-2 model (data.name = 'lm'); a classification job builds "
+                                  f"its {role} from [{role}]")
             if arch == "gpt2":
                 raise ConfigError(f"{role}.arch 'gpt2' is a language model: it needs data.name = 'lm'")
             key = "hidden" if arch == "mlp" else "channels"
@@ -434,7 +438,7 @@ class LMTask(Task):
         entries renormalised) to the model's full distribution."""
         was = model.training
         model.eval()
-        sums = torch.zeros(3, dtype=torch.float64)
+        sums = torch.zeros(4, dtype=torch.float64)  # agree, kl, tokens, tokens whose output is no distribution
         n = min(windows, len(self.splits.train.y))
         for w0 in range(0, n, self.EVAL_BATCH):
             ids = torch.arange(w0, min(n, w0 + self.EVAL_BATCH))
@@ -450,8 +454,11 @@ class LMTask(Task):
             p_t = lp_t.exp()
             sums[1] += float(torch.where(p_t > 0, p_t * (lp_t - lp.gather(1, idx)), torch.zeros_like(p_t)).sum())
             sums[2] += int(keep.sum())
+            sums[3] += int(metrics.undefined_rows(lp).sum())
         model.train(was)
         total = max(float(sums[2]), 1.0)
+        if sums[3]:  # a diverged model neither agrees with the cache nor is at a finite KL from it
+            return {"agreement": math.nan, "predictive_kl": math.nan}
         return {"agreement": float(sums[0]) / total, "predictive_kl": float(sums[1]) / total}
 
     def describe(self, splits) -> dict:
@@ -499,8 +506,10 @@ class LMTask(Task):
         modes = [m.training for m in models + refs]
         for m in models + refs:
             m.eval()
-        # float64 sums: nll, correct, agree, kl, tokens. Each rank takes every world-th batch.
-        sums = torch.zeros(5, dtype=torch.float64)
+        # float64 sums: nll, correct, agree, kl, tokens, and the tokens whose output is no
+        # distribution (a NaN: see fastkd.metrics) of the models, then of models or reference.
+        # Each rank takes every world-th batch.
+        sums = torch.zeros(7, dtype=torch.float64)
         starts = list(range(0, len(data.y), self.EVAL_BATCH))[dist.rank() :: dist.world_size()]
 
         def log_probs(group, x):
@@ -520,18 +529,23 @@ class LMTask(Task):
             pred = lp.argmax(-1)
             sums[0] += float(-lp.gather(1, y.view(-1, 1)).sum())
             sums[1] += float((pred == y).sum())
+            undefined = metrics.undefined_rows(lp)
+            sums[5] += float(undefined.sum())
             if refs:
                 lt = log_probs(refs, x)[keep]
                 sums[2] += float((pred == lt.argmax(-1)).sum())
                 sums[3] += float((lt.exp() * (lt - lp)).sum())
+                sums[6] += float((undefined | metrics.undefined_rows(lt)).sum())
             sums[4] += len(y)
         for m, mode in zip(models + refs, modes):
             m.train(mode)
         sums = dist.all_reduce_sum(sums)
         n = max(float(sums[4]), 1.0)
-        out = {"nll": float(sums[0]) / n, "accuracy": float(sums[1]) / n}
-        out["perplexity"] = math.exp(min(out["nll"], 700.0))
+        nan = float(sums[5]) > 0
+        out = {"nll": math.nan if nan else float(sums[0]) / n, "accuracy": math.nan if nan else float(sums[1]) / n}
+        out["perplexity"] = math.nan if nan else math.exp(min(out["nll"], 700.0))
         if refs:
-            out["agreement"] = float(sums[2]) / n
-            out["predictive_kl"] = float(sums[3]) / n
+            nan = float(sums[6]) > 0
+            out["agreement"] = math.nan if nan else float(sums[2]) / n
+            out["predictive_kl"] = math.nan if nan else float(sums[3]) / n
         return out

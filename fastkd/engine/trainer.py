@@ -27,6 +27,31 @@ from fastkd.engine.losses import IGNORE_INDEX, FeatureTap, LossTerm, StepOutputs
 from fastkd.engine.models import get_module
 from fastkd.engine.tasks import CACHED_TEACHER, Member, Task
 
+# "No non-finite value yet" in the device-side divergence flags (a step number no run reaches).
+NEVER = 1 << 62
+
+
+class Diverged(Exception):
+    """Non-finite values where training (or a teacher cache) needs finite ones: the work stops,
+    and the CLI prints ``message`` as one line with exit status 3.
+
+    Raised by a phase (:meth:`PhaseRun.guard`): ``model``, ``phase`` and ``step`` (the first
+    optimizer step found bad, counted within the phase) say where; ``what`` is ``"loss"``,
+    ``"grad"`` (the gradient norm at clipping) or ``"weights"`` (weights or optimizer state);
+    ``others``: the phase's other models found bad. The job then words ``message`` (with
+    ``reason``, what happened and what was kept, and ``lr``, the learning rate to continue with).
+    """
+
+    def __init__(self, message: str, *, model: str = "", phase: str = "", step: int = 0, what: str = "",
+                 others: Optional[List[str]] = None):
+        super().__init__(message)
+        self.message = message
+        self.model, self.phase, self.step, self.what, self.others = model, phase, step, what, list(others or [])
+        self.reason, self.lr = message, None
+
+    def __str__(self) -> str:
+        return self.message
+
 
 @dataclass
 class LearnerSpec:
@@ -208,12 +233,22 @@ class Learner:
             "cost": dict(self.cost),
         }
 
-    def load(self, state: dict) -> None:
+    def load(self, state: dict, lr: float) -> None:
+        """Restore a checkpointed state, continuing its schedule from base learning rate ``lr``
+        (``train.lr`` is one of the settings a resumed run may change)."""
         dist.load_full_state_dict(self.wrapped, self.module, state["module"])
         dist.load_full_optimizer_state_dict(self.wrapped, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.loss_sum, self.loss_count, self.term_sums = state["loss"]
         self.cost = dict(state["cost"])
+        s = self.scheduler
+        if any(b != lr for b in s.base_lrs):
+            # The saved optimizer and scheduler carry the old rate: rescale both to the new
+            # one at the schedule's position (what LambdaLR itself computes at each step).
+            s.base_lrs = [lr] * len(s.base_lrs)
+            for group, factor in zip(self.optimizer.param_groups, s.lr_lambdas):
+                group["initial_lr"], group["lr"] = lr, lr * factor(s.last_epoch)
+            s._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def trainable_params(self) -> List[torch.Tensor]:
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -263,9 +298,15 @@ class PhaseRun:
         torch.manual_seed(cfg["seed"] * 7919 + phase_index * 104_729 + dist.rank())
         if resume is not None:
             for l in self.learners:
-                l.load(resume["learners"][l.spec.name])
+                l.load(resume["learners"][l.spec.name], t["lr"])
             self.start_epoch, self.start_batch, self.opt_steps = resume["epoch"], resume["batch"], resume["opt_steps"]
             set_rng_state(resume["rng"][dist.rank()])
+        # Divergence is watched on the device: per learner, the first optimizer step whose loss
+        # (column 0) or clipped gradient norm (column 1) was not finite, read only by guard(),
+        # where the loop synchronises anyway (validation, checkpoints), so that watching costs
+        # no host round trip per step.
+        self.step_t = torch.tensor(self.opt_steps, device=self.dev)
+        self.first_bad = torch.full((len(self.learners), 2), NEVER, dtype=torch.int64, device=self.dev)
 
     def state(self, epoch: int, next_batch: int) -> dict:
         return {
@@ -275,6 +316,43 @@ class PhaseRun:
             "opt_steps": self.opt_steps,
             "rng": None,  # filled in by the job with every rank's RNG state
         }
+
+    def flag(self, j: int, column: int, value: torch.Tensor) -> None:
+        """Record (on the device, no synchronisation) that learner ``j``'s ``value`` is not
+        finite at the optimizer step in progress, unless an earlier step was already."""
+        value = value.detach()
+        if hasattr(value, "full_tensor"):  # a sharded model's gradient norm is a DTensor
+            value = value.full_tensor()
+        cell = self.first_bad[j, column]
+        self.first_bad[j, column] = torch.where(torch.isfinite(value).all(), cell, torch.minimum(cell, self.step_t + 1))
+
+    def guard(self, optimizer_state: bool = False) -> None:
+        """Raise :class:`Diverged` if a learner's loss or clipped gradient norm was not finite
+        at some step so far, or its weights (with ``optimizer_state``: its optimizer's state
+        too, before a checkpoint) are not finite now. One host synchronisation, and a
+        collective: every rank takes the same decision."""
+        rows = []
+        for l in self.learners:
+            tensors = list(l.module.parameters()) + list(l.module.buffers())
+            if optimizer_state:
+                tensors += [v for st in l.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+            # A sharded model checks its own shard; the reduction below combines the ranks.
+            tensors = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+            checks = [torch.isfinite(t.detach()).all() for t in tensors if t.is_floating_point() and t.device == self.step_t.device]
+            finite = torch.stack(checks).all() if checks else torch.ones((), dtype=torch.bool, device=self.dev)
+            rows.append(torch.where(finite, NEVER, self.step_t))
+        flags = dist.all_reduce_min(torch.cat([self.first_bad, torch.stack(rows).unsqueeze(1)], 1)).tolist()
+        found = []
+        for l, row in zip(self.learners, flags):
+            column = min(range(3), key=lambda c: (row[c], c))
+            if row[column] < NEVER:
+                found.append((row[column], column, l.spec.name))
+        if found:
+            found.sort()
+            step, column, name = found[0]
+            what = ("loss", "grad", "weights")[column]
+            raise Diverged(f"{name} diverged at optimizer step {step} of phase {self.phase.name!r} ({what})", model=name,
+                           phase=self.phase.name, step=int(step), what=what, others=[n for _, _, n in found[1:]])
 
     def orders(self, epoch: int) -> List[torch.Tensor]:
         phase, seed = self.phase, self.ctx.cfg["seed"]
@@ -369,25 +447,29 @@ class PhaseRun:
                         outs[l.spec.name] = self.forward(l, lx, ly)
                     view, feats = outs[l.spec.name]
                     loss = self.learner_loss(l, view, feats, self.teacher_for(l, teachers, outs, groups), epoch)
+                    self.flag(j, 0, loss)
                     # One backward per learner (their parameters are disjoint, and a fused KD
                     # loss must not be backpropagated twice).
                     (loss * (units / window)).backward()
                 if not mutual:
                     del outs[l.spec.name]  # its activations are freed before the next learner runs
         if last_micro:
-            for l in self.learners:
+            for j, l in enumerate(self.learners):
                 started = time.perf_counter()
                 if t["grad_clip"] > 0:
-                    dist.clip_grad_norm(l.wrapped, l.trainable_params(), t["grad_clip"])
+                    self.flag(j, 1, dist.clip_grad_norm(l.wrapped, l.trainable_params(), t["grad_clip"]))
                 l.optimizer.step()
                 l.scheduler.step()
                 l.optimizer.zero_grad(set_to_none=True)
                 l.cost["seconds"] += time.perf_counter() - started
             self.opt_steps += 1
+            self.step_t += 1
             # Before the checkpoint, so that a run resumed from it does not lose the line.
             if t["eval_every"] and self.opt_steps % t["eval_every"] == 0 and b != self.batches - 1:
+                self.guard()
                 self.validate(epoch)
             if t["checkpoint_every"] and self.opt_steps % t["checkpoint_every"] == 0:
+                self.guard(optimizer_state=True)  # a checkpoint never holds a diverged model
                 self.ctx.save_checkpoint(self.state(epoch, b + 1))
         return self.task.units(y)
 
@@ -459,22 +541,25 @@ def run_phase(ctx: Context, phase_index: int, phase: Phase, resume: Optional[dic
                    desc=phase.name, unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True)
     seen, t0 = 0, time.perf_counter()
     start_batch = run.start_batch
-    for epoch in range(run.start_epoch, phase.epochs):
-        orders = run.orders(epoch)
-        if start_batch == 0 and epoch in run.prune_at:
-            for l in run.learners:
-                if l.compressed:
-                    compress.prune_to(l.model, run.prune_at[epoch])
-        for b in range(start_batch, run.batches):
-            # The second batch a process runs is profiled: the first pays one-time costs.
-            seen += run.train_batch(epoch, b, orders, profile=t["measure_memory"] and b == start_batch + 1) * dist.world_size()
-            if bar is not None:
-                bar.update(1)
-                if b % 5 == 0 or b == run.batches - 1:
-                    running = np.mean([l.loss_sum / max(1, l.loss_count) for l in run.learners])
-                    bar.set_postfix(loss=f"{running:.4f}", **{f"{ctx.task.UNIT}_s": f"{seen / (time.perf_counter() - t0):.0f}"})
-        start_batch = 0
-        run.validate(epoch)
-    if bar is not None:
-        bar.close()
+    try:
+        for epoch in range(run.start_epoch, phase.epochs):
+            orders = run.orders(epoch)
+            if start_batch == 0 and epoch in run.prune_at:
+                for l in run.learners:
+                    if l.compressed:
+                        compress.prune_to(l.model, run.prune_at[epoch])
+            for b in range(start_batch, run.batches):
+                # The second batch a process runs is profiled: the first pays one-time costs.
+                seen += run.train_batch(epoch, b, orders, profile=t["measure_memory"] and b == start_batch + 1) * dist.world_size()
+                if bar is not None:
+                    bar.update(1)
+                    if b % 5 == 0 or b == run.batches - 1:
+                        running = np.mean([l.loss_sum / max(1, l.loss_count) for l in run.learners])
+                        bar.set_postfix(loss=f"{running:.4f}", **{f"{ctx.task.UNIT}_s": f"{seen / (time.perf_counter() - t0):.0f}"})
+            start_batch = 0
+            run.guard()  # also what the phase hands on: the last epoch's check covers its end
+            run.validate(epoch)
+    finally:
+        if bar is not None:
+            bar.close()
     return run.finish()

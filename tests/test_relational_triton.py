@@ -40,6 +40,15 @@ CASES = [
 @pytest.mark.parametrize("b,ds,dt,dtype,kind", CASES, ids=[f"{c[0]}-{c[3]}-{c[4]}".replace("torch.", "") for c in CASES])
 def test_triton_matches_reference(op, b, ds, dt, dtype, kind):
     s, t = make_embeddings(b, ds, dt, dtype, kind=kind, seed=b, device=DEVICE)
+    if kind == "all_equal" and op == "pkt":
+        # Equal student rows: PKT's exact gradient is 0 up to float64 noise (7e-14); the float32
+        # cosines of equal rows leave 1e-11 of noise in the kernel (6e-13 in PyTorch's float32
+        # composite), which no bound relative to a gradient of 0 can scale. It must be that small.
+        loss, grad = loss_and_grad(lambda *a: public(op)(*a, backend="triton"), s, t)
+        exact_loss, _ = loss_and_grad(reference(op), s.cpu().double(), t.cpu().double())
+        torch.testing.assert_close(loss.double().cpu(), exact_loss, rtol=1e-5, atol=1e-7)
+        assert grad.abs().max().item() < 1e-9
+        return
     loss, grad = check_against_reference(op, "triton", s, t)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     if kind == "student_duplicates":

@@ -9,14 +9,22 @@ sums in float32 (Triton refuses float64 input: the cpu and cuda backends compute
   whose cosines are differences of distances), then ``_pair_sq_dist_kernel`` (a program per row):
   d² = G_ii + G_jj − 2 G_ij from G's upper triangle (so d² is exactly symmetric), recomputed from
   the input rows where it is within the GEMM's rounding error of zero (an exact duplicate then gets
-  exactly 0, which the references' clamp and F.normalize kinks need).
+  exactly 0, which the references' clamp and F.normalize kinks need) or the pair is close
+  (d² < (G_ii + G_jj) / 16, where the Gram identity has lost more than ~16× its rounding).
 * RKD distance: three row kernels (the μ row sums; ψ, the loss and Σ H ψ; the Laplacian row
-  M_ij = −4 Z_ij, M_ii = 4 Σ_j Z_ij), then dE = M·Ec.
+  M_ij = −4 Z_ij, M_ii = 4 Σ_j Z_ij, close pairs left out), then dE = M·Ec, and
+  ``_rkd_distance_close_kernel`` adds the close pairs' terms Z_ij (x_i − x_j) from the input rows
+  (M·E would form them from Z_ij e_i and Z_ij e_j, losing ~|e| / |e_i − e_j| of their digits).
 * RKD angle: ``_angle_rows_kernel`` (program per vertex i and block of rows j, looping over k):
   the loss and, per (i, j), S_ij = Σ_k Ω^i_jk and T_ij = Σ_k Ω^i_kj; ``_angle_pairs_kernel``
   (program per (j, k) tile, looping over vertices i): P_jk = Σ_i Ω^i_jk; ``_angle_assemble_kernel``:
   M = (2/B³)(P − Sᵀ − T + diag(S·1)); dE = M·Ec. The triplet math is computed twice (once per
-  pass) so that nothing needs atomics or B³ storage; memory: six B×B float32 matrices.
+  pass) so that nothing needs atomics or B³ storage. Thin vertices (longest difference > 4× the
+  shortest: collinear or 1-D batches, near duplicates) lose ~ρ to ρ² digits in float32, so the
+  three kernels run twice, in float32 over the other vertices and in float64 over the thin ones
+  (each skipping the other's at a branch per vertex), and dE = (M_32 + M_64)·Ec in float64.
+  Memory, at most: two B×B float64 h, one float32 M and four B×B float64 matrices (52 B² bytes;
+  24 B² before the float64 pass).
 * SP: a row kernel (row norms of G_s, G_t, the loss, dG's row), a symmetrising kernel
   (M = dG + dGᵀ), dF = M·F.
 * PKT: a row kernel (kernel row sums, probabilities, loss, dK's row), a row kernel for
@@ -53,8 +61,9 @@ FEATURE_BLOCK_MAX_GPU = 32
 FEATURE_BLOCK_INTERPRETER = 4
 
 
-def feature_block(row_block: int, warps: int) -> int:
-    return max(1, min(FEATURE_BLOCK_MAX_GPU, 16 * 32 * warps // row_block))
+def feature_block(row_block: int, warps: int, itemsize: int = 4) -> int:
+    """Feature chunk of a [row_block, BLOCK_D] tile: 16 float32 values (8 float64) a thread."""
+    return max(1, min(FEATURE_BLOCK_MAX_GPU, 16 * 32 * warps * 4 // (row_block * itemsize)))
 
 
 def _row_warps(block: int) -> int:
@@ -87,18 +96,21 @@ def _row_shapes() -> list:
 
 
 def static_launches() -> list:
-    """The launches a GPU run can make (convention: kernels/__init__.py), 47 of them.
+    """The launches a GPU run can make (convention: kernels/__init__.py), 63 of them.
 
     Every row kernel, with every value of its switches (PASS, COMPUTE_GRAD), at the largest
     ROW_BLOCK of each warp count (32/1, 128/2, 512/4, 1024/8: the most elements per thread), on
-    the float32 matrices the launchers make; the pair kernel also with a float64 Gram matrix and
-    bf16 rows; the two angle kernels at their one tile. Not compiled: the row kernels at the
-    smaller blocks (fewer live values per thread than those listed) and the pair kernel's other
-    input dtypes (fp16 converts as bf16 does).
+    the float32 matrices the launchers make; the pair kernel with a float32 and a float64 Gram
+    matrix (RKD distance, RKD angle) and the angle's assembly in float32 and float64 (its two
+    passes) there too; the two angle triplet kernels at their one tile, in float32 and float64.
+    Not compiled: the row kernels at the smaller blocks (fewer live values per thread than those
+    listed) and the pair kernel's and close-pair kernel's other input dtypes (fp16 and bf16
+    convert as they do at the largest block).
     """
     from . import StaticLaunch, largest_per_warp_count
 
-    f32 = torch.float32
+    f32, f64 = torch.float32, torch.float64
+    DTYPE = {f32: "fp32", f64: "fp64"}
     n, d = 4099, 515  # odd: no divisibility specialisation
     out = []
 
@@ -109,10 +121,14 @@ def static_launches() -> list:
         label = f"BLOCK={block} · {warps} warp{'s' if warps > 1 else ''}"
         add(_pair_sq_dist_kernel, dict(gram_ptr=f32, x_ptr=f32, out_ptr=f32, n=n, d=d, tau=1e-3, scale=0.5,
                                        BLOCK=block, BLOCK_D=feature_block(block, warps)), warps, label, "fp32 Gram", (8, 0))
+        add(_pair_sq_dist_kernel, dict(gram_ptr=f64, x_ptr=f32, out_ptr=f64, n=n, d=d, tau=1e-3, scale=0.5,
+                                       BLOCK=block, BLOCK_D=feature_block(block, warps, 8)), warps, label, "fp64 Gram", (16, 0))
         add(_rkd_distance_sums_kernel, dict(ds_ptr=f32, dt_ptr=f32, sums_ptr=f32, n=n, BLOCK=block), warps, label, "", (8, 8))
         for pass_ in (1, 2):
-            add(_rkd_distance_rows_kernel, dict(ds_ptr=f32, dt_ptr=f32, sums_ptr=f32, loss_ptr=f32, c_ptr=f32, n=n,
-                                                PASS=pass_, BLOCK=block), warps, label, f"pass {pass_}", (8 + 4 * (pass_ - 1), 8))
+            add(_rkd_distance_rows_kernel, dict(ds_ptr=f32, dt_ptr=f32, sums_ptr=f32, loss_ptr=f32, c_ptr=f32, g_ptr=f32, n=n,
+                                                PASS=pass_, BLOCK=block), warps, label, f"pass {pass_}", (8 + 8 * (pass_ - 1), 8))
+        add(_rkd_distance_close_kernel, dict(z_ptr=f32, x_ptr=f32, grad_ptr=f32, n=n, d=d, BLOCK=block,
+                                             BLOCK_D=feature_block(block, warps)), warps, label, "", (4, 0))
         for grad in (False, True):
             add(_sp_rows_kernel, dict(gs_ptr=f32, gt_ptr=f32, loss_ptr=f32, n=n, k=1e-6, COMPUTE_GRAD=grad, BLOCK=block),
                 warps, label, "grad" if grad else "loss only", (8 + 4 * grad, 4))
@@ -121,17 +137,24 @@ def static_launches() -> list:
                 warps, label, "grad" if grad else "loss only", (8 + 4 * grad, 4))
         add(_symmetrise_kernel, dict(a_ptr=f32, out_ptr=f32, n=n, BLOCK=block), warps, label, "", (12, 0))
         add(_pkt_grad_kernel, dict(gs_ptr=f32, dk_ptr=f32, m_ptr=f32, n=n, eps=1e-7, BLOCK=block), warps, label, "", (16, 0))
-        add(_angle_assemble_kernel, dict(p_ptr=f32, s_ptr=f32, t_ptr=f32, corr_ptr=f32, n=n, scale=1e-9, BLOCK=block),
-            warps, label, "", (20, 0))
+        for dt, size in ((f32, 4), (f64, 8)):
+            add(_angle_assemble_kernel, dict(p_ptr=dt, s_ptr=dt, t_ptr=dt, corr_ptr=dt, n=n, scale=1e-9, BLOCK=block),
+                warps, label, DTYPE[dt], (5 * size, 0))
     block, warps = _row_shapes()[-1]
     label = f"BLOCK={block} · {warps} warps"
-    add(_pair_sq_dist_kernel, dict(gram_ptr=torch.float64, x_ptr=torch.bfloat16, out_ptr=f32, n=n, d=d, tau=1e-3,
-                                   scale=0.5, BLOCK=block, BLOCK_D=feature_block(block, warps)), warps, label, "fp64 Gram, bf16 rows", (12, 0))
+    add(_pair_sq_dist_kernel, dict(gram_ptr=f64, x_ptr=torch.bfloat16, out_ptr=f64, n=n, d=d, tau=1e-3,
+                                   scale=0.5, BLOCK=block, BLOCK_D=feature_block(block, warps, 8)), warps, label, "fp64 Gram, bf16 rows", (16, 0))
+    add(_pair_sq_dist_kernel, dict(gram_ptr=f32, x_ptr=torch.bfloat16, out_ptr=f32, n=n, d=d, tau=1e-3,
+                                   scale=1.0, BLOCK=block, BLOCK_D=feature_block(block, warps)), warps, label, "fp32 Gram, bf16 rows", (8, 0))
+    add(_rkd_distance_close_kernel, dict(z_ptr=f32, x_ptr=torch.bfloat16, grad_ptr=f32, n=n, d=d, BLOCK=block,
+                                         BLOCK_D=feature_block(block, warps)), warps, label, "bf16 rows", (4, 0))
     bj, bk = ANGLE_TILE_GPU
     label = f"BLOCK_J={bj} · BLOCK_K={bk} · {ANGLE_WARPS} warps"
-    add(_angle_rows_kernel, dict(hs_ptr=f32, ht_ptr=f32, s_ptr=f32, t_ptr=f32, corr_ptr=f32, loss_ptr=f32, n=n, n_jb=129,
-                                 BLOCK_J=bj, BLOCK_K=bk), ANGLE_WARPS, label, "", (8, 0))
-    add(_angle_pairs_kernel, dict(hs_ptr=f32, ht_ptr=f32, p_ptr=f32, n=n, BLOCK_J=bj, BLOCK_K=bk), ANGLE_WARPS, label, "", (12, 0))
+    for dt, size in ((f32, 4), (f64, 8)):
+        add(_angle_rows_kernel, dict(hs_ptr=dt, ht_ptr=dt, s_ptr=dt, t_ptr=dt, corr_ptr=dt, loss_ptr=dt, skip_ptr=torch.int8, n=n,
+                                     n_jb=129, BLOCK_J=bj, BLOCK_K=bk), ANGLE_WARPS, label, DTYPE[dt], (2 * size, 0))
+        add(_angle_pairs_kernel, dict(hs_ptr=dt, ht_ptr=dt, p_ptr=dt, skip_ptr=torch.int8, n=n, BLOCK_J=bj, BLOCK_K=bk),
+            ANGLE_WARPS, label, DTYPE[dt], (3 * size, 0))
     return out
 
 
@@ -149,10 +172,10 @@ _PDIST_EPS = 1e-12  # torchdistill's clamp of squared distances
 def _pair_sq_dist_kernel(
     gram_ptr,  # [n, n] Gram matrix of the centred rows (float32 or float64); upper triangle read
     x_ptr,  # [n, d] the input rows (any float dtype), for the exact recomputation
-    out_ptr,  # [n, n] float32: scale * d²
+    out_ptr,  # [n, n] scale * d², in the Gram's dtype
     n,
     d,
-    tau,  # recompute where d² < tau (G_ii + G_jj): 8 (d + 2) u of the GEMM's type
+    tau,  # recompute where d² < tau (G_ii + G_jj): max(8 (d + 2) u of the GEMM's type, 1/16)
     scale,
     BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -173,18 +196,20 @@ def _pair_sq_dist_kernel(
         d2 = g_i + g_j - 2.0 * g_ij
         refine = mask & (j != i) & (~(d2 >= tau * (g_i + g_j)))
         if tl.sum(refine.to(tl.int32), axis=0) > 0:
-            acc = tl.zeros((BLOCK,), tl.float32)
+            # In the Gram's type: a float64 Gram feeds RKD angle's float64 pass, whose thin
+            # vertices need their short sides to float64 accuracy.
+            acc = tl.zeros((BLOCK,), gram_ptr.dtype.element_ty)
             for k0 in range(0, d, BLOCK_D):
                 ks = k0 + tl.arange(0, BLOCK_D)
                 km = ks < d
-                xi = tl.load(x_ptr + i * d + ks, mask=km, other=0.0).to(tl.float32)
-                xj = tl.load(x_ptr + j[:, None] * d + ks[None, :], mask=refine[:, None] & km[None, :], other=0.0).to(tl.float32)
+                xi = tl.load(x_ptr + i * d + ks, mask=km, other=0.0).to(acc.dtype)
+                xj = tl.load(x_ptr + j[:, None] * d + ks[None, :], mask=refine[:, None] & km[None, :], other=0.0).to(acc.dtype)
                 diff = xj - xi[None, :]
                 acc += tl.sum(diff * diff, axis=1)
             d2 = tl.where(refine, acc.to(tl.float64), d2)
         d2 = tl.where(d2 < 0.0, 0.0, d2)  # NaN kept
         d2 = tl.where(j == i, 0.0, d2)
-        tl.store(out_ptr + i * n + j, (d2 * scale).to(tl.float32), mask=mask)
+        tl.store(out_ptr + i * n + j, (d2 * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _centred(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -192,17 +217,28 @@ def _centred(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (x.to(torch.float64) - mean).to(dtype) if dtype == torch.float64 else x.to(dtype) - mean.to(dtype)
 
 
+# A pair is close when d² < (G_ii + G_jj) · CLOSE_D2 on centred rows: the Gram identity has lost
+# more than ~1/CLOSE_D2 of its digits there, so its d² is recomputed from the rows, and RKD
+# distance takes its gradient term from the row difference (see "Close pairs" in
+# csrc/cpu/relational_cpu.cpp). A random batch in more than a few dimensions has none.
+CLOSE_D2 = 1.0 / 16
+
+
 def _sq_dists(x: torch.Tensor, gram_dtype: torch.dtype, scale: float, cfg: dict):
-    """(scale · d² as [n, n] float32, the centred rows in float32)."""
+    """(scale · d² as [n, n] in gram_dtype, the centred rows in gram_dtype, the Gram's diagonal).
+    Pairs within the GEMM's rounding error of zero, and close pairs, are recomputed from the
+    rows (in gram_dtype)."""
     n, d = x.shape
     xc = _centred(x, gram_dtype)
     gram = torch.mm(xc, xc.t())
-    out = torch.empty((n, n), dtype=torch.float32, device=x.device)
+    out = torch.empty((n, n), dtype=gram_dtype, device=x.device)
     unit = 2.0**-53 if gram_dtype == torch.float64 else 2.0**-24
+    block_d = cfg["BLOCK_D"] if gram_dtype == torch.float32 else max(1, cfg["BLOCK_D"] // 2)
     torch.library.wrap_triton(_pair_sq_dist_kernel)[(n,)](
-        gram, x, out, n, d, 8.0 * (d + 2) * unit, scale, BLOCK=cfg["ROW_BLOCK"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["row_warps"]
+        gram, x, out, n, d, max(8.0 * (d + 2) * unit, CLOSE_D2), scale, BLOCK=cfg["ROW_BLOCK"], BLOCK_D=block_d,
+        num_warps=cfg["row_warps"]
     )
-    return out, xc.to(torch.float32)
+    return out, xc, gram.diagonal().contiguous()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,11 +275,12 @@ def _sum_vector(ptr, count, BLOCK: tl.constexpr):
 
 @triton.jit
 def _rkd_distance_rows_kernel(
-    ds_ptr,  # [n, n] student d² (PASS 2: overwritten by M's row i)
-    dt_ptr,  # [n, n] teacher d²
+    ds_ptr,  # [n, n] student d² (PASS 2: overwritten by M's row i, close pairs left out)
+    dt_ptr,  # [n, n] teacher d² (PASS 2: overwritten by row i of Z on close pairs, 0 elsewhere)
     sums_ptr,  # [2n] row sums of d (student, teacher)
     loss_ptr,  # [n] per-row Σ_j huber(ψs − ψt)
     c_ptr,  # [n] per-row Σ_j clamp(ψs − ψt) ψs
+    g_ptr,  # [n] the student Gram's diagonal (PASS 2: which pairs are close)
     n,
     PASS: tl.constexpr,  # 1: loss and c rows; 2: M's row
     BLOCK: tl.constexpr,
@@ -273,6 +310,7 @@ def _rkd_distance_rows_kernel(
     else:
         c = _sum_vector(c_ptr, n, BLOCK) / pairs
         k = 4.0 / (n * n * 1.0) / (2.0 * mu_s)
+        g_i = tl.load(g_ptr + i)
         acc_z = tl.zeros((BLOCK,), tl.float32)
         for start in range(0, n, BLOCK):
             j = start + cols
@@ -284,28 +322,70 @@ def _rkd_distance_rows_kernel(
             diff = d / mu_s - pt
             h = tl.where(diff > 1.0, 1.0, tl.where(diff < -1.0, -1.0, diff))
             z = tl.where(valid & (d2s >= 1e-12), (h - c) * k / d, 0.0)
-            acc_z += z
-            tl.store(ds_ptr + i * n + j, -z, mask=valid)
+            # A close pair (CLOSE_D2 = 1/16) leaves M: M·E would form z (e_i − e_j) from z e_i and
+            # z e_j, losing ~|e| / |e_i − e_j| of its digits; _rkd_distance_close_kernel adds it
+            # from the row difference. Row i of dt is read by this program only, so it can hold Z.
+            close = d2s < 0.0625 * (g_i + tl.load(g_ptr + j, mask=valid, other=0.0))
+            acc_z += tl.where(close, 0.0, z)
+            tl.store(ds_ptr + i * n + j, tl.where(close, 0.0, -z), mask=valid)
+            tl.store(dt_ptr + i * n + j, tl.where(close, z, 0.0), mask=valid)
         tl.store(ds_ptr + i * n + i, tl.sum(acc_z, axis=0))
+        tl.store(dt_ptr + i * n + i, 0.0)
+
+
+@triton.jit
+def _rkd_distance_close_kernel(
+    z_ptr,  # [n, n] Z on close pairs, 0 elsewhere
+    x_ptr,  # [n, d] the student's input rows (any float dtype)
+    grad_ptr,  # [n, d] float32: M·E, to which row i's close-pair terms are added
+    n,
+    d,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """grad_i += Σ_j z_ij (x_i − x_j) over row i's close pairs (a row without one exits early)."""
+    i = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK).to(tl.int64)
+    count = tl.zeros((BLOCK,), tl.int32)
+    for start in range(0, n, BLOCK):
+        j = start + cols
+        count += (tl.load(z_ptr + i * n + j, mask=j < n, other=0.0) != 0.0).to(tl.int32)
+    if tl.sum(count, axis=0) > 0:
+        for k0 in range(0, d, BLOCK_D):
+            ks = k0 + tl.arange(0, BLOCK_D)
+            km = ks < d
+            xi = tl.load(x_ptr + i * d + ks, mask=km, other=0.0).to(tl.float32)
+            acc = tl.zeros((BLOCK_D,), tl.float32)
+            for start in range(0, n, BLOCK):
+                j = start + cols
+                z = tl.load(z_ptr + i * n + j, mask=j < n, other=0.0)
+                nz = z != 0.0
+                if tl.sum(nz.to(tl.int32), axis=0) > 0:
+                    xj = tl.load(x_ptr + j[:, None] * d + ks[None, :], mask=nz[:, None] & km[None, :], other=0.0).to(tl.float32)
+                    acc += tl.sum(tl.where(nz[:, None], z[:, None] * (xi[None, :] - xj), 0.0), axis=0)
+            g = tl.load(grad_ptr + i * d + ks, mask=km, other=0.0)
+            tl.store(grad_ptr + i * d + ks, g + acc, mask=km)
 
 
 def rkd_distance_forward(student: torch.Tensor, teacher: torch.Tensor, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """fastkd::rkd_distance_forward on Triton: (float32 loss, grad in the student's dtype or [0])."""
     n = student.shape[0]
     cfg = launch_config(n, student.device)
-    ds, rows = _sq_dists(student, torch.float32, 1.0, cfg)
-    dt, _ = _sq_dists(teacher, torch.float32, 1.0, cfg)
+    ds, rows, g = _sq_dists(student, torch.float32, 1.0, cfg)
+    dt, _, _ = _sq_dists(teacher, torch.float32, 1.0, cfg)
     sums = torch.empty(2 * n, dtype=torch.float32, device=student.device)
     loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)
     c_rows = torch.empty(n, dtype=torch.float32, device=student.device)
     meta = dict(BLOCK=cfg["ROW_BLOCK"], num_warps=cfg["row_warps"])
     torch.library.wrap_triton(_rkd_distance_sums_kernel)[(n,)](ds, dt, sums, n, **meta)
-    torch.library.wrap_triton(_rkd_distance_rows_kernel)[(n,)](ds, dt, sums, loss_rows, c_rows, n, PASS=1, **meta)
+    torch.library.wrap_triton(_rkd_distance_rows_kernel)[(n,)](ds, dt, sums, loss_rows, c_rows, g, n, PASS=1, **meta)
     loss = (loss_rows.to(torch.float64).sum() / (n * n)).to(torch.float32)
     if not compute_grad:
         return loss, student.new_empty((0,))
-    torch.library.wrap_triton(_rkd_distance_rows_kernel)[(n,)](ds, dt, sums, loss_rows, c_rows, n, PASS=2, **meta)
-    return loss, torch.mm(ds, rows).to(student.dtype)
+    torch.library.wrap_triton(_rkd_distance_rows_kernel)[(n,)](ds, dt, sums, loss_rows, c_rows, g, n, PASS=2, **meta)
+    grad = torch.mm(ds, rows)
+    torch.library.wrap_triton(_rkd_distance_close_kernel)[(n,)](dt, student, grad, n, student.shape[1], BLOCK_D=cfg["BLOCK_D"], **meta)
+    return loss, grad.to(student.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,11 +424,13 @@ def _angle_rows_kernel(
     t_ptr,  # [n, n] out: T_ij = Σ_k Ω^i_kj
     corr_ptr,  # [n, n] out: the norm term of Ω^i_jj
     loss_ptr,  # [n, n_jb] out: Σ_{j in block, k} huber(cos_s − cos_t)
+    skip_ptr,  # [n] int8: vertices this pass leaves out (1), whose rows it writes as zeros
     n,
     n_jb,
     BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    # Computes in h's type (float32, or float64 for the thin vertices' pass).
     i = tl.program_id(0).to(tl.int64)
     jb = tl.program_id(1)
     j = jb * BLOCK_J + tl.arange(0, BLOCK_J).to(tl.int64)
@@ -359,11 +441,13 @@ def _angle_rows_kernel(
     # Distinct names for the unused halves: a name assigned before the loop and again inside it
     # is loop-carried for the GPU compiler, which refuses its change of shape ([J] to [K]).
     pt_j, qt_j = _inv_norms(ht_ij)
-    sig = tl.zeros((BLOCK_J,), tl.float32)
-    tau = tl.zeros((BLOCK_J,), tl.float32)
-    cc = tl.zeros((BLOCK_J,), tl.float32)
-    lacc = tl.zeros((BLOCK_J,), tl.float32)
-    for k0 in range(0, n, BLOCK_K):
+    sig = tl.zeros((BLOCK_J,), hs_ptr.dtype.element_ty)
+    tau = tl.zeros((BLOCK_J,), hs_ptr.dtype.element_ty)
+    cc = tl.zeros((BLOCK_J,), hs_ptr.dtype.element_ty)
+    lacc = tl.zeros((BLOCK_J,), hs_ptr.dtype.element_ty)
+    # A skipped vertex's loop runs no iteration: its S, T, corr and loss are zeros.
+    k_end = tl.where(tl.load(skip_ptr + i) == 0, n, 0)
+    for k0 in range(0, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         mk = k < n
         hs_ik = tl.load(hs_ptr + i * n + k, mask=mk, other=0.0)
@@ -389,11 +473,13 @@ def _angle_rows_kernel(
 def _angle_pairs_kernel(
     hs_ptr,
     ht_ptr,
-    p_ptr,  # [n, n] out: P_jk = Σ_i Ω^i_jk (without the diagonal norm terms)
+    p_ptr,  # [n, n] out: P_jk = Σ_i Ω^i_jk (without the diagonal norm terms), i not skipped
+    skip_ptr,  # [n] int8: vertices this pass leaves out (1)
     n,
     BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    # Computes in h's type (float32, or float64 for the thin vertices' pass).
     j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J).to(tl.int64)
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
     mj = j < n
@@ -402,18 +488,19 @@ def _angle_pairs_kernel(
     hs_jk = tl.load(hs_ptr + j[:, None] * n + k[None, :], mask=m2, other=0.0)
     ht_jk = tl.load(ht_ptr + j[:, None] * n + k[None, :], mask=m2, other=0.0)
     diag = j[:, None] == k[None, :]
-    acc = tl.zeros((BLOCK_J, BLOCK_K), tl.float32)
+    acc = tl.zeros((BLOCK_J, BLOCK_K), hs_ptr.dtype.element_ty)
     for i in range(0, n):
-        hs_ij = tl.load(hs_ptr + i * n + j, mask=mj, other=0.0)
-        ht_ij = tl.load(ht_ptr + i * n + j, mask=mj, other=0.0)
-        hs_ik = tl.load(hs_ptr + i * n + k, mask=mk, other=0.0)
-        ht_ik = tl.load(ht_ptr + i * n + k, mask=mk, other=0.0)
-        ps_j, qs_j = _inv_norms(hs_ij)
-        _, qt_j = _inv_norms(ht_ij)
-        _, qs_k = _inv_norms(hs_ik)
-        _, qt_k = _inv_norms(ht_ik)
-        _, _, c = _angle_tile(hs_ij, hs_ik, hs_jk, qs_j, qs_k, ht_ij, ht_ik, ht_jk, qt_j, qt_k, diag)
-        acc += c * (tl.where(mj, ps_j, 0.0)[:, None] * qs_k[None, :])
+        if tl.load(skip_ptr + i) == 0:
+            hs_ij = tl.load(hs_ptr + i * n + j, mask=mj, other=0.0)
+            ht_ij = tl.load(ht_ptr + i * n + j, mask=mj, other=0.0)
+            hs_ik = tl.load(hs_ptr + i * n + k, mask=mk, other=0.0)
+            ht_ik = tl.load(ht_ptr + i * n + k, mask=mk, other=0.0)
+            ps_j, qs_j = _inv_norms(hs_ij)
+            _, qt_j = _inv_norms(ht_ij)
+            _, qs_k = _inv_norms(hs_ik)
+            _, qt_k = _inv_norms(ht_ik)
+            _, _, c = _angle_tile(hs_ij, hs_ik, hs_jk, qs_j, qs_k, ht_ij, ht_ik, ht_jk, qt_j, qt_k, diag)
+            acc += c * (tl.where(mj, ps_j, 0.0)[:, None] * qs_k[None, :])
     tl.store(p_ptr + j[:, None] * n + k[None, :], acc, mask=m2)
 
 
@@ -427,12 +514,13 @@ def _angle_assemble_kernel(
     scale,  # 2 / B³
     BLOCK: tl.constexpr,
 ):
-    # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
-    scale = tl.cast(scale, tl.float32)
+    # In P's type (float32, or float64 for the thin vertices' pass); float scalars in that type
+    # whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
+    scale = tl.cast(scale, p_ptr.dtype.element_ty)
     j = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK).to(tl.int64)
-    acc_s = tl.zeros((BLOCK,), tl.float32)
-    acc_corr = tl.zeros((BLOCK,), tl.float32)
+    acc_s = tl.zeros((BLOCK,), p_ptr.dtype.element_ty)
+    acc_corr = tl.zeros((BLOCK,), p_ptr.dtype.element_ty)
     for start in range(0, n, BLOCK):
         k = start + cols
         mk = k < n
@@ -449,31 +537,74 @@ def _angle_assemble_kernel(
     tl.store(p_ptr + j * n + j, diag * scale)
 
 
-def rkd_angle_forward(student: torch.Tensor, teacher: torch.Tensor, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """fastkd::rkd_angle_forward on Triton: (float32 loss, grad in the student's dtype or [0])."""
-    n = student.shape[0]
-    device = student.device
-    cfg = launch_config(n, device)
-    hs, rows = _sq_dists(student, torch.float64, 0.5, cfg)
-    ht, _ = _sq_dists(teacher, torch.float64, 0.5, cfg)
+# A vertex is thin when its longest nonzero difference exceeds THIN_RATIO times its shortest, in
+# the student or the teacher: its cosines, the norm terms and its share of M·E lose ~ρ to ρ² times
+# their rounding (the derivation: "Precision" atop csrc/cpu/relational_kernel.h), so its triplets
+# run in float64. Collinear and 1-D batches are thin everywhere, a near-duplicate pair at its two
+# vertices; a random batch in more than a handful of dimensions nowhere.
+THIN_RATIO = 4.0
+
+
+def _thin_vertices(hs: torch.Tensor, ht: torch.Tensor) -> torch.Tensor:
+    """[n] bool: the thin vertices, from h = d² / 2 (degenerate and NaN differences do not count).
+    Torch ops only: the launcher must not synchronise with the host."""
+    n = hs.shape[0]
+    off = ~torch.eye(n, dtype=torch.bool, device=hs.device)
+    thin = torch.zeros(n, dtype=torch.bool, device=hs.device)
+    for h in (hs, ht):
+        ok = off & (2.0 * h >= _NORM_EPS2)
+        lo = torch.where(ok, h, torch.inf).amin(1)
+        hi = torch.where(ok, h, 0.0).amax(1)
+        thin |= hi > THIN_RATIO**2 * lo  # h is a square
+    return thin
+
+
+def _angle_pass(hs: torch.Tensor, ht: torch.Tensor, skip: torch.Tensor, compute_grad: bool, cfg: dict):
+    """The triplet kernels over the vertices not in ``skip``, in h's dtype: (the loss's partial
+    sum before the 1/B³, M or None)."""
+    n = hs.shape[0]
+    device, dtype = hs.device, hs.dtype
     bj, bk = cfg["BLOCK_J"], cfg["BLOCK_K"]
     n_jb = triton.cdiv(n, bj)
-    s = torch.empty((n, n), dtype=torch.float32, device=device)
-    t = torch.empty((n, n), dtype=torch.float32, device=device)
-    corr = torch.empty((n, n), dtype=torch.float32, device=device)
-    loss_parts = torch.empty((n, n_jb), dtype=torch.float32, device=device)
+    s = torch.empty((n, n), dtype=dtype, device=device)
+    t = torch.empty((n, n), dtype=dtype, device=device)
+    corr = torch.empty((n, n), dtype=dtype, device=device)
+    loss_parts = torch.empty((n, n_jb), dtype=dtype, device=device)
     torch.library.wrap_triton(_angle_rows_kernel)[(n, n_jb)](
-        hs, ht, s, t, corr, loss_parts, n, n_jb, BLOCK_J=bj, BLOCK_K=bk, num_warps=cfg["angle_warps"]
+        hs, ht, s, t, corr, loss_parts, skip, n, n_jb, BLOCK_J=bj, BLOCK_K=bk, num_warps=cfg["angle_warps"]
     )
-    loss = (loss_parts.to(torch.float64).sum() / float(n) ** 3).to(torch.float32)
+    loss = loss_parts.to(torch.float64).sum()
     if not compute_grad:
-        return loss, student.new_empty((0,))
-    p = torch.empty((n, n), dtype=torch.float32, device=device)
-    torch.library.wrap_triton(_angle_pairs_kernel)[(n_jb, triton.cdiv(n, bk))](hs, ht, p, n, BLOCK_J=bj, BLOCK_K=bk, num_warps=cfg["angle_warps"])
+        return loss, None
+    p = torch.empty((n, n), dtype=dtype, device=device)
+    torch.library.wrap_triton(_angle_pairs_kernel)[(n_jb, triton.cdiv(n, bk))](
+        hs, ht, p, skip, n, BLOCK_J=bj, BLOCK_K=bk, num_warps=cfg["angle_warps"]
+    )
     torch.library.wrap_triton(_angle_assemble_kernel)[(n,)](
         p, s, t, corr, n, 2.0 / float(n) ** 3, BLOCK=cfg["ROW_BLOCK"], num_warps=cfg["row_warps"]
     )
-    return loss, torch.mm(p, rows).to(student.dtype)
+    return loss, p
+
+
+def rkd_angle_forward(student: torch.Tensor, teacher: torch.Tensor, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """fastkd::rkd_angle_forward on Triton: (float32 loss, grad in the student's dtype or [0]).
+
+    Two passes of the triplet kernels: float32 over the vertices that are not thin, float64 over
+    the thin ones (h from the float64 Gram, unrounded). A pass skips its left-out vertices at the
+    cost of a branch each, so a batch without thin vertices pays for the float64 pass only its
+    O(B²) launches and the float64 GEMM; M = M_32 + M_64 and dE = M·E in float64, rounded once.
+    """
+    n = student.shape[0]
+    cfg = launch_config(n, student.device)
+    hs, rows, _ = _sq_dists(student, torch.float64, 0.5, cfg)
+    ht, _, _ = _sq_dists(teacher, torch.float64, 0.5, cfg)
+    thin = _thin_vertices(hs, ht)
+    loss32, m32 = _angle_pass(hs.to(torch.float32), ht.to(torch.float32), thin.to(torch.int8), compute_grad, cfg)
+    loss64, m64 = _angle_pass(hs, ht, (~thin).to(torch.int8), compute_grad, cfg)
+    loss = ((loss32 + loss64) / float(n) ** 3).to(torch.float32)
+    if not compute_grad:
+        return loss, student.new_empty((0,))
+    return loss, torch.mm(m64.add_(m32), rows).to(student.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ from kd_helpers import assert_within_tolerance
 from relational_helpers import (
     MIN_BATCH,
     OPS,
+    THIN,
+    THIN_IDS,
     check_against_reference,
     check_no_worse_than_composite,
     loss_and_grad,
@@ -202,14 +204,9 @@ def test_cpu_degenerate_batches_float64(op, kind):
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-15)
 
 
-# Thin and near-coincident batches: (kind, B, D). Collinear rows (every triangle degenerate), exactly
-# 1-D embeddings, rows repeated, rows moved by 1e-3 and 1e-4 of the batch's spread.
-THIN = [("collinear", 8, 513), ("random", 37, 1), ("collinear_duplicates", 12, 24), ("near_duplicates", 16, 32)]
-
-
 @needs_ext
 @pytest.mark.parametrize("op", ["rkd_angle", "rkd_distance"])
-@pytest.mark.parametrize("kind,b,d", THIN, ids=["collinear", "1-D", "collinear+duplicate", "near-duplicates"])
+@pytest.mark.parametrize("kind,b,d", THIN, ids=THIN_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_cpu_thin_batches_no_worse_than_the_float32_composite(op, kind, b, d, dtype):
     """The Gram identity cancels on thin triangles and close pairs, and M·E cancels where a

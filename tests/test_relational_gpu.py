@@ -7,7 +7,18 @@ import torch
 import fastkd
 from fastkd import _ext
 from kd_helpers import assert_within_tolerance
-from relational_helpers import OPS, check_against_reference, loss_and_grad, make_embeddings, public, reference
+from relational_helpers import (
+    OPS,
+    THIN,
+    THIN_IDS,
+    check_against_reference,
+    check_no_worse_than_composite,
+    loss_and_grad,
+    make_embeddings,
+    public,
+    reference,
+    rkd_distance_from_differences,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -49,6 +60,23 @@ def test_gpu_degenerate_batches(backend, op, kind):
         assert_within_tolerance(f"{op} grad of rows without a duplicate", grad[rows].cpu(), exact[rows], lowp[rows], s.dtype)
     if kind == "all_equal" and op in ("rkd_distance", "rkd_angle"):
         assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["rkd_angle", "rkd_distance"])
+@pytest.mark.parametrize("kind,b,d", THIN, ids=THIN_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_gpu_thin_batches_no_worse_than_the_float32_composite(backend, op, kind, b, d, dtype):
+    """As the cpu test (test_relational.py): thin triangles and close pairs no worse than PyTorch's
+    float32 composite; RKD distance also no worse than the float32 composite that forms every
+    distance from its row difference (the Gram-based one is far off on near duplicates)."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels compute in float32 and refuse float64")
+    for seed in range(3):
+        s, t = make_embeddings(b, d, 9, dtype, kind=kind, seed=seed, device="cuda")
+        check_no_worse_than_composite(op, backend, s, t)
+        if op == "rkd_distance":
+            check_no_worse_than_composite(op, backend, s, t, composite_fn=rkd_distance_from_differences)
 
 
 @pytest.mark.parametrize("op", OPS)

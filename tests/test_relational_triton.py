@@ -12,7 +12,18 @@ import torch
 import fastkd
 from fastkd.ops import relational as rel
 from kd_helpers import assert_within_tolerance
-from relational_helpers import OPS, check_against_reference, loss_and_grad, make_embeddings, public, reference
+from relational_helpers import (
+    OPS,
+    THIN,
+    THIN_IDS,
+    check_against_reference,
+    check_no_worse_than_composite,
+    loss_and_grad,
+    make_embeddings,
+    public,
+    reference,
+    rkd_distance_from_differences,
+)
 
 _errors = {e for e in rel.TRITON_ERRORS.values() if e is not None}
 if _errors:
@@ -58,6 +69,28 @@ def test_triton_matches_reference(op, b, ds, dt, dtype, kind):
         assert_within_tolerance(f"{op} grad of rows without a duplicate", grad[rows], exact[rows], lowp[rows], s.dtype)
     if kind == "all_equal" and op in ("rkd_distance", "rkd_angle"):
         assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("op", ["rkd_angle", "rkd_distance"])
+@pytest.mark.parametrize("kind,b,d", THIN, ids=THIN_IDS)
+def test_triton_thin_batches_no_worse_than_the_float32_composite(op, kind, b, d):
+    """Thin triangles and close pairs (collinear rows, 1-D embeddings, duplicated and nearly
+    duplicated rows): RKD angle runs thin vertices in float64 and RKD distance takes close pairs
+    from the rows (kernels/relational.py); both must be no worse than PyTorch's float32 composite.
+    One seed in float32 and bf16 here (the interpreter is slow); tests/test_relational_gpu.py runs
+    three in every dtype."""
+    for dtype in (torch.float32, torch.bfloat16):
+        s, t = make_embeddings(b, d, 9, dtype, kind=kind, seed=0, device=DEVICE)
+        check_no_worse_than_composite(op, "triton", s, t)
+
+
+def test_triton_distance_close_pairs_no_worse_than_differences():
+    """Near-duplicate rows (pairs at 1e-3 and 1e-4 of the spread): the Gram-based composite is off
+    by ~30 % there, so the bar is the float32 composite that forms every distance from its row
+    difference; M·E alone would lose ~spread / distance of the close pairs' gradient digits, and
+    _rkd_distance_close_kernel adds them from the rows instead."""
+    s, t = make_embeddings(16, 32, 9, kind="near_duplicates", seed=0, device=DEVICE)
+    check_no_worse_than_composite("rkd_distance", "triton", s, t, composite_fn=rkd_distance_from_differences)
 
 
 @pytest.mark.parametrize("op", ["sp", "pkt"])

@@ -8,14 +8,21 @@
 //   differences of distances; the compute type for RKD distance), then pair_sq_dist_kernel (a
 //   block per row i): d² = G_ii + G_jj − 2 G_ij from G's upper triangle (exactly symmetric),
 //   recomputed in double from the input rows where it is within the GEMM's rounding error of zero
-//   (exact duplicates then get exactly 0, as the references' clamp and F.normalize kinks need);
-// * RKD distance: three row kernels (row sums of d; the loss and Σ H ψ; the Laplacian row of M);
+//   (exact duplicates then get exactly 0, as the references' clamp and F.normalize kinks need) or
+//   the pair is close (d² < (G_ii + G_jj) / 16: the Gram identity has lost more than ~16× its
+//   rounding there; "Close pairs" in csrc/cpu/relational_cpu.cpp);
+// * RKD distance: three row kernels (row sums of d; the loss and Σ H ψ; the Laplacian row of M,
+//   close pairs left out), dE = M·E, and rkd_distance_close_kernel, which adds the close pairs'
+//   terms Z_ij (x_i − x_j) from the input rows (M·E would lose ~|e| / |e_i − e_j| of their digits);
 // * RKD angle: angle_rows_kernel (a block per vertex i and 8 rows j, a warp per row, looping over
 //   k in chunks whose vertex-i quantities are staged in shared memory): the loss, S_ij, T_ij and the
 //   norm terms; angle_pairs_kernel (a block per 32×32 (j, k) tile, looping over vertices i, 8 at a
 //   time staged in shared memory): P_jk = Σ_i Ω^i_jk; angle_assemble_kernel:
 //   M = (2/B³)(P − Sᵀ − T + diag(S·1)). The triplet math runs twice (once per pass): no atomics,
-//   no B³ storage; six B×B matrices;
+//   no B³ storage; six B×B matrices. For float input, thin vertices (longest difference > 4× the
+//   shortest, student or teacher: collinear or 1-D batches, near duplicates; "Precision" atop
+//   csrc/cpu/relational_kernel.h) run these kernels in double from unrounded h and the others in
+//   float, each pass skipping the other's vertices; dE = (M_float + M_double)·E in double;
 // * SP: a row kernel (norms, loss, dG's row) and a symmetrising kernel (M = dG + dGᵀ);
 // * PKT: a row kernel (kernel row sums, probabilities, loss, dK's row) and a row kernel for M;
 // then dE = M·E (at::mm). Compute type: float, or double for a float64 student.
@@ -25,8 +32,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 
@@ -53,8 +62,11 @@ static_assert(kThreads % 32 == 0 && kThreads <= 1024, "whole warps, at most 1024
 FASTKD_GPU_KERNEL_INFO(pair_sq_dist_kernel, "V*($0+$2)", FASTKD_RELATIONAL_THREADS);
 // ds and dt rows in, two sums out.
 FASTKD_GPU_KERNEL_INFO(rkd_distance_sums_kernel, "V*2*$0+2*$0", FASTKD_RELATIONAL_THREADS);
-// PASS 2 (with a gradient): ds and dt rows in, ds's row rewritten; PASS 1 moves V*2*$0+2*$0.
-FASTKD_GPU_KERNEL_INFO(rkd_distance_rows_kernel, "V*3*$0", FASTKD_RELATIONAL_THREADS);
+// PASS 2 (with a gradient): ds and dt rows in, both rewritten; PASS 1 moves V*2*$0+2*$0.
+FASTKD_GPU_KERNEL_INFO(rkd_distance_rows_kernel, "V*4*$0", FASTKD_RELATIONAL_THREADS);
+// Z's row in (a row with a close pair also reads 2 D entries of x per partner and rewrites its D
+// gradient entries).
+FASTKD_GPU_KERNEL_INFO(rkd_distance_close_kernel, "V*$0", FASTKD_RELATIONAL_THREADS);
 // hs and ht rows i in, S, T and corr rows out (and B/8 loss parts); the triplet loop's rows j
 // (2 B^2 entries per vertex i, from L2: the kernel is bound by its B^3 arithmetic) are not affine
 // in B.
@@ -75,6 +87,10 @@ FASTKD_GPU_KERNEL_INFO(pkt_grad_kernel, "V*4*$0", FASTKD_RELATIONAL_THREADS);
 
 constexpr double kPdistEps = 1e-12;  // torchdistill's clamp of squared distances
 constexpr double kNormEps = 1e-12;   // F.normalize's eps
+// A pair is close when d² < (G_ii + G_jj) · kCloseD2 on centred rows (as the cpu backend's).
+constexpr double kCloseD2 = 1.0 / 16;
+// A vertex is thin when its longest nonzero difference exceeds kThinRatio times its shortest.
+constexpr double kThinRatio = 4.0;
 
 template <typename T>
 __device__ __forceinline__ double to_double(T v) {
@@ -167,15 +183,18 @@ at::Tensor centred(const at::Tensor& x, at::ScalarType type) {
   return x.to(type) - mean.to(type);
 }
 
-// scale · d² as a [n, n] tensor of `out_type`, from a Gram matrix of `gram_type`; returns the
-// centred rows in `out_type`.
-at::Tensor sq_dists(const at::Tensor& x, at::ScalarType gram_type, at::ScalarType out_type, double scale, at::Tensor* out) {
+// scale · d² as a [n, n] tensor of `out_type`, from a Gram matrix of `gram_type`, close pairs
+// recomputed from the rows; returns the centred rows in `out_type`, and the Gram's diagonal in
+// `diag` when given.
+at::Tensor sq_dists(const at::Tensor& x, at::ScalarType gram_type, at::ScalarType out_type, double scale, at::Tensor* out,
+                    at::Tensor* diag = nullptr) {
   const int64_t n = x.size(0), d = x.size(1);
   at::Tensor xc = centred(x, gram_type);
   at::Tensor gram = at::mm(xc, xc.t());
   *out = at::empty({n, n}, x.options().dtype(out_type));
+  if (diag) *diag = gram.diagonal().contiguous();
   const double u = gram_type == at::kDouble ? 0x1p-53 : 0x1p-24;
-  const double tau = 8.0 * double(d + 2) * u;
+  const double tau = std::max(8.0 * double(d + 2) * u, kCloseD2);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(gram_type, "pair_sq_dist_gram", [&] {
     using G = scalar_t;
@@ -217,10 +236,11 @@ __global__ void rkd_distance_sums_kernel(const C* __restrict__ ds, const C* __re
   }
 }
 
-// PASS 1: per-row loss and Σ H ψ_s; PASS 2: M's row i over ds's row i.
+// PASS 1: per-row loss and Σ H ψ_s; PASS 2: M's row i over ds's row i, close pairs left out, and
+// their Z_ij over dt's row i (0 elsewhere: dt's row i is read by this block only).
 template <typename C, int PASS>
-__global__ void rkd_distance_rows_kernel(C* __restrict__ ds, const C* __restrict__ dt, const C* __restrict__ sums,
-                                         C* __restrict__ loss_rows, C* __restrict__ c_rows, int64_t n) {
+__global__ void rkd_distance_rows_kernel(C* __restrict__ ds, C* __restrict__ dt, const C* __restrict__ sums,
+                                         C* __restrict__ loss_rows, C* __restrict__ c_rows, const C* __restrict__ g, int64_t n) {
   const int64_t i = blockIdx.x;
   const C pairs = C(n) * C(n - 1);
   const C mu_s = div_(sum_vector(sums, n), pairs);
@@ -243,6 +263,7 @@ __global__ void rkd_distance_rows_kernel(C* __restrict__ ds, const C* __restrict
   } else {
     const C c = div_(sum_vector(c_rows, n), pairs);
     const C k = div_(div_(C(4), C(n) * C(n)), C(2) * mu_s);
+    const C g_i = g[i];
     C diag = 0;
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
       if (j == i) continue;
@@ -252,11 +273,56 @@ __global__ void rkd_distance_rows_kernel(C* __restrict__ ds, const C* __restrict
         const C d = sqrt_(d2);
         z = div_((clamp1(div_(d, mu_s) - div_(pdist(dt[i * n + j]), mu_t)) - c) * k, d);
       }
-      ds[i * n + j] = -z;
-      diag += z;
+      const bool close = d2 < C(kCloseD2) * (g_i + g[j]);
+      ds[i * n + j] = close ? C(0) : -z;
+      dt[i * n + j] = close ? z : C(0);
+      if (!close) diag += z;
     }
     diag = block_sum(diag);
-    if (threadIdx.x == 0) ds[i * n + i] = diag;
+    if (threadIdx.x == 0) {
+      ds[i * n + i] = diag;
+      dt[i * n + i] = 0;
+    }
+  }
+}
+
+// A block per row i: grad_i += Σ_j z_ij (x_i − x_j) over its close pairs (z_ij ≠ 0 only there),
+// from the input rows, in double (x_i − x_j is exact); a row without one exits after reading z.
+template <typename C, typename X>
+__global__ void rkd_distance_close_kernel(const C* __restrict__ z, const X* __restrict__ x, C* __restrict__ grad, int64_t n,
+                                          int64_t d) {
+  __shared__ C s_z[kThreads];
+  __shared__ int64_t s_j[kThreads];
+  __shared__ int s_warp[kThreads / 32];
+  const int64_t i = blockIdx.x;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int64_t j0 = 0; j0 < n; j0 += kThreads) {
+    const int64_t j = j0 + threadIdx.x;
+    const C zj = j < n ? z[i * n + j] : C(0);
+    const bool partner = zj != C(0);
+    if (!__syncthreads_or(partner)) continue;  // uniform: every thread sees the same answer
+    // The chunk's partners, compacted in index order (deterministic sums).
+    const unsigned ballot = __ballot_sync(0xffffffffu, partner);
+    if (lane == 0) s_warp[warp] = __popc(ballot);
+    __syncthreads();
+    int base = 0, count = 0;
+    for (int w = 0; w < kThreads / 32; ++w) {
+      base += w < warp ? s_warp[w] : 0;
+      count += s_warp[w];
+    }
+    if (partner) {
+      const int slot = base + __popc(ballot & ((1u << lane) - 1u));
+      s_z[slot] = zj;
+      s_j[slot] = j;
+    }
+    __syncthreads();
+    for (int64_t k = threadIdx.x; k < d; k += blockDim.x) {
+      const double xi = to_double(x[i * d + k]);
+      double acc = 0;
+      for (int c = 0; c < count; ++c) acc += static_cast<double>(s_z[c]) * (xi - to_double(x[s_j[c] * d + k]));
+      grad[i * d + k] += static_cast<C>(acc);
+    }
+    __syncthreads();  // s_z, s_j and s_warp are rewritten by the next chunk
   }
 }
 
@@ -291,10 +357,12 @@ __device__ __forceinline__ void triplet(C hs_ij, C hs_ik, C hs_jk, C qs_j, C qs_
 constexpr int kRowsPerBlock = kThreads / 32;  // angle_rows_kernel: a warp per row j
 
 // Grid (n, ceil(n / 8)): vertex i, rows j of the block. Writes S[i, j], T[i, j], corr[i, j] and
-// loss_parts[i, blockIdx.y].
+// loss_parts[i, blockIdx.y]; a vertex in `skip` (nonzero; null: none) runs no triplet and writes
+// zeros (its triplets are another pass's).
 template <typename C>
 __global__ void angle_rows_kernel(const C* __restrict__ hs, const C* __restrict__ ht, C* __restrict__ s_out,
-                                  C* __restrict__ t_out, C* __restrict__ corr_out, C* __restrict__ loss_parts, int64_t n) {
+                                  C* __restrict__ t_out, C* __restrict__ corr_out, C* __restrict__ loss_parts,
+                                  const int8_t* __restrict__ skip, int64_t n) {
   __shared__ C s_hs[kThreads], s_ht[kThreads], s_ps[kThreads], s_qs[kThreads], s_qt[kThreads];
   __shared__ C s_loss[kRowsPerBlock];
   const int64_t i = blockIdx.x;
@@ -309,7 +377,8 @@ __global__ void angle_rows_kernel(const C* __restrict__ hs, const C* __restrict_
     inv_norms(ht_ij, &unused, &qt_j);
   }
   C sig = 0, tau = 0, cc = 0, l = 0;
-  for (int64_t k0 = 0; k0 < n; k0 += kThreads) {
+  const int64_t k_end = skip != nullptr && skip[i] ? 0 : n;  // uniform over the block
+  for (int64_t k0 = 0; k0 < k_end; k0 += kThreads) {
     const int64_t kt = k0 + threadIdx.x;
     if (kt < n) {
       s_hs[threadIdx.x] = hs[i * n + kt];
@@ -361,11 +430,14 @@ constexpr int kVertices = 8;  // vertices i staged per step
 // Its thread mapping (16×16 threads of 2×2 entries; one staged entry a thread) is for this block.
 static_assert(kThreads == kVertices * kTile && kThreads * 4 == kTile * kTile, "angle_pairs_kernel assumes 256 threads");
 
-// Grid (ceil(n/32), ceil(n/32)), 256 threads, each a 2×2 sub-tile. P[j, k] = Σ_i H^i_jk p_j q_k.
+// Grid (ceil(n/32), ceil(n/32)), 256 threads, each a 2×2 sub-tile. P[j, k] = Σ_i H^i_jk p_j q_k over
+// the vertices i not in `skip` (nonzero; null: none), which are neither staged nor visited.
 template <typename C>
-__global__ void angle_pairs_kernel(const C* __restrict__ hs, const C* __restrict__ ht, C* __restrict__ p_out, int64_t n) {
+__global__ void angle_pairs_kernel(const C* __restrict__ hs, const C* __restrict__ ht, C* __restrict__ p_out,
+                                   const int8_t* __restrict__ skip, int64_t n) {
   __shared__ C j_hs[kVertices][kTile], j_ht[kVertices][kTile], j_ps[kVertices][kTile], j_qs[kVertices][kTile],
       j_qt[kVertices][kTile];
+  __shared__ bool active[kVertices];
   __shared__ C k_hs[kVertices][kTile], k_ht[kVertices][kTile], k_qs[kVertices][kTile], k_qt[kVertices][kTile];
   const int64_t j0 = int64_t(blockIdx.x) * kTile, k0 = int64_t(blockIdx.y) * kTile;
   const int tj = (threadIdx.x / 16) * 2, tk = (threadIdx.x % 16) * 2;
@@ -380,6 +452,14 @@ __global__ void angle_pairs_kernel(const C* __restrict__ hs, const C* __restrict
     }
   }
   for (int64_t i0 = 0; i0 < n; i0 += kVertices) {
+    {
+      const int v = threadIdx.x / kTile, e = threadIdx.x % kTile;
+      const int64_t i = i0 + v;
+      const bool on = i < n && !(skip != nullptr && skip[i]);
+      if (e == 0) active[v] = on;
+      // A step whose 8 vertices are all skipped stages nothing (uniform: the same answer for all).
+      if (!__syncthreads_or(on)) continue;
+    }
     // 256 threads stage 8 vertices × 32 entries of the J and the K quantities.
     {
       const int v = threadIdx.x / kTile, e = threadIdx.x % kTile;
@@ -407,6 +487,7 @@ __global__ void angle_pairs_kernel(const C* __restrict__ hs, const C* __restrict
     __syncthreads();
     const int nv = n - i0 < kVertices ? int(n - i0) : kVertices;
     for (int v = 0; v < nv; ++v) {
+      if (!active[v]) continue;
       for (int a = 0; a < 2; ++a) {
         for (int b = 0; b < 2; ++b) {
           const int jj = tj + a, kk = tk + b;
@@ -579,8 +660,8 @@ std::tuple<at::Tensor, at::Tensor> rkd_distance_cuda(const at::Tensor& student, 
   const c10::cuda::CUDAGuard guard(student.device());
   const at::ScalarType type = compute_type(student);
   const int64_t n = student.size(0);
-  at::Tensor ds, dt;
-  at::Tensor rows = sq_dists(student, type, type, 1.0, &ds);
+  at::Tensor ds, dt, g;
+  at::Tensor rows = sq_dists(student, type, type, 1.0, &ds, &g);
   sq_dists(teacher, type, type, 1.0, &dt);
   at::Tensor sums = at::empty({2 * n}, ds.options());
   at::Tensor loss_rows = at::empty({n}, ds.options());
@@ -590,19 +671,76 @@ std::tuple<at::Tensor, at::Tensor> rkd_distance_cuda(const at::Tensor& student, 
     using C = scalar_t;
     rkd_distance_sums_kernel<C><<<n, kThreads, 0, stream>>>(ds.const_data_ptr<C>(), dt.const_data_ptr<C>(), sums.mutable_data_ptr<C>(), n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    rkd_distance_rows_kernel<C, 1><<<n, kThreads, 0, stream>>>(ds.mutable_data_ptr<C>(), dt.const_data_ptr<C>(), sums.const_data_ptr<C>(),
-                                                               loss_rows.mutable_data_ptr<C>(), c_rows.mutable_data_ptr<C>(), n);
+    rkd_distance_rows_kernel<C, 1><<<n, kThreads, 0, stream>>>(ds.mutable_data_ptr<C>(), dt.mutable_data_ptr<C>(),
+                                                               sums.const_data_ptr<C>(), loss_rows.mutable_data_ptr<C>(),
+                                                               c_rows.mutable_data_ptr<C>(), g.const_data_ptr<C>(), n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (compute_grad) {
-      rkd_distance_rows_kernel<C, 2><<<n, kThreads, 0, stream>>>(ds.mutable_data_ptr<C>(), dt.const_data_ptr<C>(),
+      rkd_distance_rows_kernel<C, 2><<<n, kThreads, 0, stream>>>(ds.mutable_data_ptr<C>(), dt.mutable_data_ptr<C>(),
                                                                  sums.const_data_ptr<C>(), loss_rows.mutable_data_ptr<C>(),
-                                                                 c_rows.mutable_data_ptr<C>(), n);
+                                                                 c_rows.mutable_data_ptr<C>(), g.const_data_ptr<C>(), n);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
   at::Tensor loss = loss_of(loss_rows, double(n) * double(n), student);
-  at::Tensor grad = compute_grad ? at::mm(ds, rows).to(student.scalar_type()) : at::empty({0}, student.options());
-  return {loss, grad};
+  if (!compute_grad) return {loss, at::empty({0}, student.options())};
+  at::Tensor grad = at::mm(ds, rows);
+  // The close pairs' terms (Z over dt), from the input rows.
+  AT_DISPATCH_FLOATING_TYPES(type, "rkd_distance_close", [&] {
+    using C = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "rkd_distance_close_x", [&] {
+      rkd_distance_close_kernel<C, scalar_t><<<n, kThreads, 0, stream>>>(dt.const_data_ptr<C>(), student.const_data_ptr<scalar_t>(),
+                                                                         grad.mutable_data_ptr<C>(), n, student.size(1));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {loss, grad.to(student.scalar_type())};
+}
+
+// [n] int8: the thin vertices (1), from h = d² / 2 of student and teacher (degenerate and NaN
+// differences do not count); device ops only.
+at::Tensor thin_vertices(const at::Tensor& hs, const at::Tensor& ht) {
+  const int64_t n = hs.size(0);
+  at::Tensor off = at::eye(n, hs.options().dtype(at::kBool)).logical_not_();
+  at::Tensor thin = at::zeros({n}, hs.options().dtype(at::kBool));
+  for (const at::Tensor* h : {&hs, &ht}) {
+    at::Tensor ok = off.logical_and(h->mul(2.0).ge(kNormEps * kNormEps));
+    at::Tensor lo = at::where(ok, *h, std::numeric_limits<double>::infinity()).amin(1);
+    at::Tensor hi = at::where(ok, *h, 0.0).amax(1);
+    thin.logical_or_(hi.gt(lo.mul(kThinRatio * kThinRatio)));  // h is a square
+  }
+  return thin.to(at::kChar);
+}
+
+// The triplet kernels over the vertices not in `skip` (null: all), in h's type. Returns the loss's
+// partial sums ([n, n_jb]); with the gradient, M in *m.
+at::Tensor angle_pass(const at::Tensor& hs, const at::Tensor& ht, const at::Tensor& skip, bool compute_grad, at::Tensor* m) {
+  const int64_t n = hs.size(0);
+  const int64_t n_jb = (n + kRowsPerBlock - 1) / kRowsPerBlock;
+  TORCH_CHECK(n_jb <= 65535, "fastkd::rkd_angle_forward (cuda): at most ", 65535 * kRowsPerBlock, " rows, got ", n);
+  at::Tensor s = at::empty({n, n}, hs.options()), t = at::empty({n, n}, hs.options()), corr = at::empty({n, n}, hs.options());
+  at::Tensor loss_parts = at::empty({n, n_jb}, hs.options());
+  const int8_t* skip_ptr = skip.defined() ? skip.const_data_ptr<int8_t>() : nullptr;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "rkd_angle_cuda", [&] {
+    using C = scalar_t;
+    angle_rows_kernel<C><<<dim3(n, n_jb), kThreads, 0, stream>>>(hs.const_data_ptr<C>(), ht.const_data_ptr<C>(), s.mutable_data_ptr<C>(),
+                                                                 t.mutable_data_ptr<C>(), corr.mutable_data_ptr<C>(),
+                                                                 loss_parts.mutable_data_ptr<C>(), skip_ptr, n);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (compute_grad) {
+      *m = at::empty({n, n}, hs.options());
+      const int64_t tiles = (n + kTile - 1) / kTile;
+      angle_pairs_kernel<C><<<dim3(tiles, tiles), kThreads, 0, stream>>>(hs.const_data_ptr<C>(), ht.const_data_ptr<C>(),
+                                                                        m->mutable_data_ptr<C>(), skip_ptr, n);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const double n3 = double(n) * double(n) * double(n);
+      angle_assemble_kernel<C><<<n, kThreads, 0, stream>>>(m->mutable_data_ptr<C>(), s.const_data_ptr<C>(), t.const_data_ptr<C>(),
+                                                           corr.const_data_ptr<C>(), n, C(2.0 / n3));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return loss_parts;
 }
 
 std::tuple<at::Tensor, at::Tensor> rkd_angle_cuda(const at::Tensor& student, const at::Tensor& teacher, bool compute_grad) {
@@ -610,36 +748,26 @@ std::tuple<at::Tensor, at::Tensor> rkd_angle_cuda(const at::Tensor& student, con
   const c10::cuda::CUDAGuard guard(student.device());
   const at::ScalarType type = compute_type(student);
   const int64_t n = student.size(0);
+  const double n3 = double(n) * double(n) * double(n);
+  // h = d² / 2 in double, unrounded (the thin vertices' pass needs it), and the centred rows.
   at::Tensor hs, ht;
-  at::Tensor rows = sq_dists(student, at::kDouble, type, 0.5, &hs);
-  sq_dists(teacher, at::kDouble, type, 0.5, &ht);
-  const int64_t n_jb = (n + kRowsPerBlock - 1) / kRowsPerBlock;
-  TORCH_CHECK(n_jb <= 65535, "fastkd::rkd_angle_forward (cuda): at most ", 65535 * kRowsPerBlock, " rows, got ", n);
-  at::Tensor s = at::empty({n, n}, hs.options()), t = at::empty({n, n}, hs.options()), corr = at::empty({n, n}, hs.options());
-  at::Tensor loss_parts = at::empty({n, n_jb}, hs.options());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor p;
-  AT_DISPATCH_FLOATING_TYPES(type, "rkd_angle_cuda", [&] {
-    using C = scalar_t;
-    angle_rows_kernel<C><<<dim3(n, n_jb), kThreads, 0, stream>>>(hs.const_data_ptr<C>(), ht.const_data_ptr<C>(), s.mutable_data_ptr<C>(),
-                                                                 t.mutable_data_ptr<C>(), corr.mutable_data_ptr<C>(),
-                                                                 loss_parts.mutable_data_ptr<C>(), n);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (compute_grad) {
-      p = at::empty({n, n}, hs.options());
-      const int64_t tiles = (n + kTile - 1) / kTile;
-      angle_pairs_kernel<C><<<dim3(tiles, tiles), kThreads, 0, stream>>>(hs.const_data_ptr<C>(), ht.const_data_ptr<C>(),
-                                                                        p.mutable_data_ptr<C>(), n);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const double n3 = double(n) * double(n) * double(n);
-      angle_assemble_kernel<C><<<n, kThreads, 0, stream>>>(p.mutable_data_ptr<C>(), s.const_data_ptr<C>(), t.const_data_ptr<C>(),
-                                                           corr.const_data_ptr<C>(), n, C(2.0 / n3));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
-  at::Tensor loss = loss_of(loss_parts, double(n) * double(n) * double(n), student);
-  at::Tensor grad = compute_grad ? at::mm(p, rows).to(student.scalar_type()) : at::empty({0}, student.options());
-  return {loss, grad};
+  at::Tensor rows = sq_dists(student, at::kDouble, at::kDouble, 0.5, &hs);
+  sq_dists(teacher, at::kDouble, at::kDouble, 0.5, &ht);
+  at::Tensor m;
+  if (type == at::kDouble) {
+    at::Tensor loss = loss_of(angle_pass(hs, ht, at::Tensor(), compute_grad, &m), n3, student);
+    return {loss, compute_grad ? at::mm(m, rows) : at::empty({0}, student.options())};
+  }
+  // Float input: two passes, in float over the vertices that are not thin and in double over the
+  // thin ones. A pass skips the other's vertices at a branch each, so a batch without thin
+  // vertices pays for the double pass only its O(B²) launches and a double GEMM.
+  at::Tensor thin = thin_vertices(hs, ht);
+  at::Tensor m32;
+  at::Tensor parts32 = angle_pass(hs.to(at::kFloat), ht.to(at::kFloat), thin, compute_grad, &m32);
+  at::Tensor parts64 = angle_pass(hs, ht, thin.logical_not().to(at::kChar), compute_grad, &m);
+  at::Tensor loss = ((parts32.to(at::kDouble).sum() + parts64.sum()) / n3).to(at::kFloat);
+  if (!compute_grad) return {loss, at::empty({0}, student.options())};
+  return {loss, at::mm(m.add_(m32), rows).to(student.scalar_type())};  // rounded once
 }
 
 std::tuple<at::Tensor, at::Tensor> sp_cuda(const at::Tensor& student, const at::Tensor& teacher, bool compute_grad) {

@@ -261,10 +261,10 @@ def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor, *, backend: 
     within the GEMM's rounding error of zero are recomputed exactly from the rows, so duplicate
     rows give exactly 1e-6, as in exact arithmetic. The gradient is
     :math:`dE = 4(\mathrm{diag}(Z\mathbf{1}) - Z)\,E` with :math:`Z = \partial L/\partial(d^2)`:
-    one more GEMM. On the cpu backend, close pairs (:math:`d^2_{ij} < (\|e_i\|^2 + \|e_j\|^2)/16`
-    on centred rows, where the Gram identity and the GEMM cancel) are computed from the rows:
-    their squared distance, and their gradient term :math:`Z_{ij}(e_i - e_j)`, O(D) each (the
-    triton and cuda backends do not yet). Needs B ≥ 2 (with one sample μ is 0/0).
+    one more GEMM. Close pairs (:math:`d^2_{ij} < (\|e_i\|^2 + \|e_j\|^2)/16` on centred rows,
+    where the Gram identity and the GEMM cancel) are computed from the rows: their squared
+    distance, and their gradient term :math:`Z_{ij}(e_i - e_j)`, O(D) each (every fused backend).
+    Needs B ≥ 2 (with one sample μ is 0/0).
     """
     return _run("rkd_distance_loss", student, teacher, (), 2, rkd_distance_loss_reference, backend)
 
@@ -295,12 +295,12 @@ def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor, *, backend: Opt
     with coordinates near 1e-12) gets cosine 0 instead of ``⟨x, y⟩ / (1e-12 ‖y‖)``; its gradient
     is the reference's. Precision: in float32, cosines from squared distances are accurate to a
     few ulps of the triangle's longest side over the product of the two sides at ``e_i``, and the
-    gradient's GEMM loses as much where a difference is short next to the embeddings; the cpu
-    backend therefore runs every vertex whose longest difference exceeds 4× its shortest (collinear
-    or 1-D batches, near-duplicate rows) in float64, and is no worse than the float32 composite
-    there (the derivation: "Precision" atop ``csrc/cpu/relational_kernel.h``). The triton and cuda
-    backends do not yet: on such batches their float32 gradient can be off by up to ~10× a
-    normal gradient's size. Needs B ≥ 2.
+    gradient's GEMM loses as much where a difference is short next to the embeddings; the fused
+    backends therefore run every vertex whose longest difference exceeds 4× its shortest
+    (collinear or 1-D batches, near-duplicate rows) in float64, and are no worse than the float32
+    composite there (the derivation: "Precision" atop ``csrc/cpu/relational_kernel.h``). On a GPU
+    that costs a float64 pass over the thin vertices and the final GEMM in float64 (a batch without
+    thin vertices pays only the latter), and up to ~2× the B×B working memory. Needs B ≥ 2.
     """
     return _run("rkd_angle_loss", student, teacher, (), 2, rkd_angle_loss_reference, backend)
 

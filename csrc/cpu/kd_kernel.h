@@ -147,9 +147,11 @@ static void kd_rows(const KdArgs& a, int64_t row_begin, int64_t row_end, void* s
     if (!g) continue;
 
     // Sweep 3: the gradient. With T == 1 the CE softmax is q itself, so its weight joins q's.
-    const C cq = C(a.soft_grad_coef) / ss + (hard && !ce_needs_own_sum ? C(a.hard_grad_coef) / ss : C(0));
-    const C cp = C(a.soft_grad_coef) / st;
-    const C cce = ce_needs_own_sum ? C(a.hard_grad_coef) / sce : C(0);
+    const double rs = row_factor(a.grad_row_scale, row);
+    const C soft_coef = C(a.soft_grad_coef * rs), hard_coef = C(a.hard_grad_coef * rs);
+    const C cq = soft_coef / ss + (hard && !ce_needs_own_sum ? hard_coef / ss : C(0));
+    const C cp = soft_coef / st;
+    const C cce = ce_needs_own_sum ? hard_coef / sce : C(0);
     const V vcq = V::set1(cq), vcp = V::set1(-cp), vcce = V::set1(cce);
     auto sweep3 = [&](int64_t i, V xs) {
       V r = V::fma(vcp, V::load(exp_t + i), vcq * V::load(exp_s + i));
@@ -166,8 +168,7 @@ static void kd_rows(const KdArgs& a, int64_t row_begin, int64_t row_end, void* s
     if (stream) V::fence();
     if (hard) {
       // The one-hot term, at the label only, written once.
-      const C gl = cq * exp_s[label] - cp * exp_t[label] + cce * std::exp(to_compute<C>(s[label]) - ms) -
-                   C(a.hard_grad_coef);
+      const C gl = cq * exp_s[label] - cp * exp_t[label] + cce * std::exp(to_compute<C>(s[label]) - ms) - hard_coef;
       g[label] = from_compute<TS>(gl);
     }
   }

@@ -257,3 +257,72 @@ def test_slack_covers_float32(case):
     for g, g64 in gradients(case, torch.float32, "cpu", reduction, torch.tensor(0.7)):
         err = (g.double() - g64).abs().max() / (EPS32 * g64.abs().max())
         assert err <= SLACK / 4, f"{case.name}: float32 gradient error {err:.2f} eps32 of its largest entry"
+
+
+# -- the rescale ops: grad_output == 1 leaves the forward's gradient alone ----------------------
+
+def _rescale_cases():
+    """(name, forward args with compute_grad, rescale's ops) per fused family: the C++ op and
+    its Triton twin's rescale function (kernels/*.py)."""
+    gen = torch.Generator().manual_seed(3)
+    s = torch.randn(N, V, generator=gen).bfloat16()
+    t = torch.randn(N, V, generator=gen)
+    y = _labels(gen)
+    values, indices = t.topk(5, dim=-1)
+    f_s, f_t = torch.randn(N, 4, 6, generator=gen).bfloat16(), torch.randn(N, 3, 6, generator=gen)
+    h_s, h_t = torch.randn(N, 24, generator=gen).bfloat16(), torch.randn(N, 24, generator=gen)
+    return [
+        ("kd", (s, t, y, None, "jsd", 0.3, 2.0, 0.2, -100, "none", True), "kd_forward", "kd"),
+        ("dkd", (s, t, y, 4.0, 1.0, 8.0, -100, "none"), "dkd_forward", "dkd"),
+        ("sparse_kd", (s, values, indices, y, "logits", "renormalize", 2.0, 0.2, -100, "none", True), "sparse_kd_forward", "sparse_kd"),
+        ("hint_mse", (h_s, h_t, "mse", "none"), "hint_forward", "feature"),
+        ("hint_cosine", (h_s, h_t, "cosine", "none"), "hint_forward", "feature"),
+        ("attention_transfer", (f_s, f_t, 2.0, "none"), "attention_transfer_forward", "feature"),
+    ]
+
+
+def _triton_rescale(module: str, op: str):
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        return None
+    kernels, _ = fastkd.ops._fused.import_triton(f"fastkd.kernels.{module}")
+    return None if kernels is None else getattr(kernels, f"{op}_rescale_")
+
+
+@pytest.mark.parametrize("name,args,op,module", [pytest.param(*c, id=c[0]) for c in _rescale_cases()])
+def test_rescale_rewrites_only_rows_whose_scale_is_not_one(name, args, op, module):
+    """The backward's rescale (``<op>_rescale_``): with a per-row grad_scale, a row whose scale is
+    exactly 1 is not written (Triton: its programs return before reading anything, which is
+    what makes grad_output == 1 free on a GPU); every other row becomes what the op returns with
+    that grad_scale. On CPU a scalar 1 returns at once; other scales rewrite every row."""
+    go = torch.rand(N, generator=torch.Generator().manual_seed(4)) + 0.5
+    go[::4] = 1.0
+    cpp_op = getattr(torch.ops.fastkd, op)
+    expected = cpp_op(*args, True, go)[1]
+    sentinel = torch.full_like(expected, 7.0)
+
+    rescale = _triton_rescale(module, op)
+    if rescale is not None:
+        grad = sentinel.clone()
+        rescale(grad, *args, go)
+        one = go == 1.0
+        assert torch.equal(grad[one], sentinel[one]), f"{name} (triton): a row whose grad_scale is 1 was written"
+        torch.testing.assert_close(grad[~one], expected[~one], rtol=0, atol=float(expected.abs().max()) * 2**-7)
+
+    rescale = getattr(torch.ops.fastkd, f"{op}_rescale_")
+    grad = sentinel.clone()
+    rescale(grad, *args, torch.tensor(1.0))
+    assert torch.equal(grad, sentinel), f"{name} (cpu): grad_scale 1 rewrote the gradient"
+    rescale(grad, *args, go)
+    assert torch.equal(grad, expected), f"{name} (cpu): the rescaled gradient is not the op's with grad_scale"
+
+
+@pytest.mark.parametrize("name,args,op,module", [pytest.param(*c, id=c[0]) for c in _rescale_cases()])
+def test_opcheck_grad_scale_and_rescale(name, args, op, module):
+    """The schemas with grad_scale and the rescale ops (which mutate their first argument)
+    against their fake kernels, as the other ops are checked."""
+    go = torch.rand(N, generator=torch.Generator().manual_seed(5)) + 0.5
+    forward = getattr(torch.ops.fastkd, op).default
+    torch.library.opcheck(forward, (*args, True, go))
+    torch.library.opcheck(forward, (*args, True, torch.tensor(0.7)))
+    grad = forward(*args, True)[1]
+    torch.library.opcheck(getattr(torch.ops.fastkd, f"{op}_rescale_").default, (grad, *args, go))

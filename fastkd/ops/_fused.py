@@ -114,8 +114,18 @@ class FusedLoss:
         self.reference = reference
         self.reduction_arg = reduction_arg
         self.grad_scale = grad_scale
-        # Index of compute_grad among the op's arguments (grad_scale follows it).
-        self.compute_grad_arg = -2 if grad_scale else -1
+        # Set from the schema at registration: the index of compute_grad among the op's arguments
+        # (grad_scale, when the op has it, follows), and their number. A caller may leave out
+        # grad_scale (it defaults to None), so positions are counted from the front.
+        self.compute_grad_index = None
+        self.n_args = None
+
+    def _learn_schema(self, op) -> None:
+        names = [a.name for a in op._schema.arguments]
+        self.compute_grad_index = names.index("compute_grad")
+        self.n_args = len(names)
+        if self.grad_scale != (names[-1] == "grad_scale"):
+            raise TypeError(f"fastkd::{self.name}: grad_scale={self.grad_scale} but the schema ends with {names[-1]}")
 
     # -- fake kernel: the shapes follow from the convention alone -------------------------------
 
@@ -123,7 +133,7 @@ class FusedLoss:
         return self.reduction_arg is not None and op_args[self.reduction_arg] == "none"
 
     def fake(self, student, *args):
-        compute_grad = args[self.compute_grad_arg]
+        compute_grad = args[self.compute_grad_index - 1]
         per_row = self._per_row((student,) + args)
         loss = student.new_empty((student.shape[0],) if per_row else (), dtype=loss_dtype(student))
         grad = torch.empty_like(student) if compute_grad else student.new_empty((0,))
@@ -163,7 +173,8 @@ class FusedLoss:
         return setup_context
 
     def _inputs(self, ctx):
-        args = list(ctx.plain_args)
+        # Arguments left out (grad_scale's default) are None.
+        args = list(ctx.plain_args) + [None] * (self.n_args - ctx.n_inputs)
         saved = ctx.saved_tensors
         for slot, tensor in zip(ctx.tensor_slots, saved):
             args[slot] = tensor
@@ -171,9 +182,9 @@ class FusedLoss:
 
     def _rerun(self, ctx, args, grad_scale):
         """The op run again on the saved inputs for its gradient, times ``grad_scale`` (None: 1)."""
-        args[self.compute_grad_arg] = True
+        args[self.compute_grad_index] = True
         if self.grad_scale:
-            args[-1] = grad_scale
+            args[self.compute_grad_index + 1] = grad_scale
         with torch.no_grad():
             return ctx.op(*args)[1]
 
@@ -193,7 +204,7 @@ class FusedLoss:
             args, _ = self._inputs(ctx)
             student = args[0]
             with torch.enable_grad():
-                loss = self.reference(*args[:len(args) + self.compute_grad_arg + 1])
+                loss = self.reference(*args[:self.compute_grad_index + 1])
             (grad,) = torch.autograd.grad(loss, student, grad_loss, create_graph=True)
             return (grad,) + nothing[1:]
         grad, ctx.fused_grad = ctx.fused_grad, None
@@ -221,7 +232,7 @@ class FusedLoss:
             return self._rerun(ctx, args, go)
         if not ctx.per_row and go.device.type == "cpu" and go.item() == 1.0:
             return grad  # the common `loss.backward()`: read on the host, no synchronisation
-        ctx.rescale(grad, *args[:self.compute_grad_arg], go)
+        ctx.rescale(grad, *args[:self.compute_grad_index], go)
         return grad
 
     # -- registration ---------------------------------------------------------------------------
@@ -234,6 +245,7 @@ class FusedLoss:
         ``<name>_rescale_`` (same arguments), a plain function: it only runs in eager backward."""
         if _ext.LOAD_ERROR is None:
             op = getattr(torch.ops.fastkd, self.name).default
+            self._learn_schema(op)
             rescale = None
             torch.library.register_fake(f"fastkd::{self.name}")(self.fake)
             if self.grad_scale:
@@ -247,6 +259,7 @@ class FusedLoss:
         # interpreter (it then runs the kernel on them); the shapes are known without it.
         tri.register_fake(self.fake)
         tri_op = getattr(torch.ops.fastkd, f"{self.name}_triton").default
+        self._learn_schema(tri_op)
         if self.grad_scale and triton_rescale is None:
             raise TypeError(f"fastkd::{self.name}_triton needs its rescale function (triton_rescale)")
         tri.register_autograd(self._backward, setup_context=self._setup_context(tri_op, triton_rescale))

@@ -167,9 +167,12 @@ static void kd_rows(const KdArgs& a, int64_t row_begin, int64_t row_end, void* s
     if (n_tail) store_tail(sweep3(n_full, load_tail<V>(s + n_full, n_tail, neg_inf)), g + n_full, n_tail);
     if (stream) V::fence();
     if (hard) {
-      // The one-hot term, at the label only, written once.
-      const C gl = cq * exp_s[label] - cp * exp_t[label] + cce * std::exp(to_compute<C>(s[label]) - ms) - hard_coef;
-      g[label] = from_compute<TS>(gl);
+      // The one-hot term, at the label only, written once and formed coefficient by coefficient
+      // (q - p and softmax(s) - 1 first), so that both cancel exactly where they should (V = 1)
+      // whatever the coefficients (grad_output folded in makes them arbitrary).
+      const C q = exp_s[label] / ss, p = exp_t[label] / st;
+      const C sm = ce_needs_own_sum ? std::exp(to_compute<C>(s[label]) - ms) / sce : q;
+      g[label] = from_compute<TS>(soft_coef * (q - p) + hard_coef * (sm - C(1)));
     }
   }
 }

@@ -326,3 +326,28 @@ def test_opcheck_grad_scale_and_rescale(name, args, op, module):
     torch.library.opcheck(forward, (*args, True, torch.tensor(0.7)))
     grad = forward(*args, True)[1]
     torch.library.opcheck(getattr(torch.ops.fastkd, f"{op}_rescale_").default, (grad, *args, go))
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_torch_compile_rounds_once(reduction):
+    """The traced backward (torch.compile: nothing may be mutated there) runs the op again with
+    grad_output as grad_scale: the same gradient as eager, bit for bit, rounded once."""
+    if not fastkd._ext.has_kernel("kd_forward", "CPU"):
+        pytest.skip("the C++ extension is not built")
+    torch._dynamo.reset()
+    (s,), (t, y) = _kd_case("kd", hard_weight=0.3).make(torch.Generator().manual_seed(6))
+    weights = torch.rand(N, generator=torch.Generator().manual_seed(7)) + 0.5 if reduction == "none" else torch.tensor(0.7)
+
+    def step(student):
+        loss = fastkd.kd_loss(student, t, 2.0, labels=y, hard_weight=0.3, reduction=reduction, backend="cpu")
+        return (loss * weights).sum()
+
+    eager = s.bfloat16().requires_grad_()
+    compiled = s.bfloat16().requires_grad_()
+    step(eager).backward()
+    torch.compile(step, fullgraph=True)(compiled).backward()
+    assert torch.equal(compiled.grad, eager.grad)
+    exact = s.bfloat16().double().requires_grad_()
+    (fastkd.kd_loss(exact, t.double(), 2.0, labels=y, hard_weight=0.3, reduction=reduction, backend="reference")
+     * weights.double()).sum().backward()
+    assert rounding_excess(compiled.grad, exact.grad, SLACK).max() <= 0

@@ -38,6 +38,8 @@ replaces (read and write of the gradient):
   ``reduction="none"``): one more read of the op's inputs (student and teacher, ~2x the gradient's
   bytes) and the write of the gradient, instead of a read and write of the gradient: ~1.5x the
   traffic of the multiply, and no extra memory (the forward's buffer is rewritten in place).
+  Measured on the CPU backend (kd, bf16, N = 1024, V = 32000, 2 busy cores): 60 ms, against 64 ms
+  for the in-place bf16 multiply it replaces (0.6 ms at grad_output 1). Not yet timed on a GPU.
 * float32 and float64 students: the plain in-place multiply (correctly rounded there).
 
 A float32 copy of the gradient held from forward to backward would also round once, but costs
@@ -54,10 +56,12 @@ The backward, four cases:
 * ``create_graph=True`` (gradient penalties, meta-learning: grad mode is on inside backward):
   the first-order gradient is computed from the op's differentiable reference, so that second
   derivatives are right. The fused buffer cannot serve here: it is a constant to autograd.
-* traced (torch.compile, AOT autograd, fake tensors): nothing may be mutated, so a 16-bit
-  student's gradient comes from the op run again with ``grad_scale`` (the public wrappers then
-  ask the forward for no gradient, ``compute_grad(...)`` below, so the traffic is the eager
-  path's); a float32 student's saved gradient is multiplied out of place.
+* traced (torch.compile, AOT autograd, fake tensors): nothing may be mutated and grad_output is
+  not known, so a 16-bit student's gradient comes from the op run again with ``grad_scale``,
+  and the public wrappers ask the traced forward for the loss alone (``compute_grad(...)``
+  below): the step reads the inputs twice and writes the gradient once, the traffic the traced
+  step had before (gradient written, then read and written by the multiply). A float32
+  student's saved gradient is multiplied out of place, as before.
 """
 
 from __future__ import annotations

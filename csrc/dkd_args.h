@@ -25,6 +25,7 @@ struct DkdArgs {
   double nckd_loss_coef = 8;   // beta * T^2
   double alpha_grad_coef = 1;  // alpha * T * reduction scale
   double beta_grad_coef = 8;   // beta * T * reduction scale
+  const double* grad_row_scale = nullptr;  // [N] per-row gradient factor, or null (kd_args.h)
   bool stream_grad = false;    // write grad with non-temporal stores (it outgrows the caches)
 };
 

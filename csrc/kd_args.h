@@ -42,8 +42,13 @@ struct KdArgs {
   double soft_grad_coef = 1;   // (1 - hard_weight) * (T or 1/T) * reduction scale
   double hard_weight = 0;      // CE weight in the loss
   double hard_grad_coef = 0;   // hard_weight * reduction scale
+  // Per-row factor of the gradient, [N] doubles (a per-row grad_output), or null for 1.
+  const double* grad_row_scale = nullptr;
   bool stream_grad = false;     // write grad with non-temporal stores (it outgrows the caches)
 };
+
+// Row `row`'s gradient factor: grad_row_scale[row], or 1 without one.
+inline double row_factor(const double* grad_row_scale, int64_t row) { return grad_row_scale ? grad_row_scale[row] : 1.0; }
 
 // The divergence named by kd_forward's string; its beta (in/out) is checked against the
 // divergence's range, and an endpoint that reduces to another divergence becomes it (jsd at

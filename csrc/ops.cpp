@@ -28,14 +28,28 @@ TORCH_LIBRARY(fastkd, m) {
   //   the teacher p and the student q (fastkd/ops/kd.py); beta: the divergence's beta (jsd in
   //   [0, 1], the skews in [0, 1)), ignored by the others.
   //   reduction: "none" | "sum" | "batchmean"; the returned gradient already carries the
-  //   reduction's scale, so the backward multiplies it by grad_output and nothing else.
+  //   reduction's scale, so the backward only applies grad_output (see grad_scale below).
   //   Returns (loss, grad): loss float32 (float64 for a float64 student), [N] for "none" else
   //   a scalar; grad [N, V] in the student's dtype, or an empty [0] tensor when compute_grad
   //   is false.
+  //   grad_scale (every fused op below has it, last): None, or a float tensor of 1 or N (one
+  //   per row) elements on the student's device that the gradient is multiplied by before its
+  //   one rounding to the student's dtype: the backward's grad_output (fastkd/ops/_fused.py).
+  //   It changes neither the loss nor the reduction's own scale.
   m.def(
       "kd_forward(Tensor student, Tensor teacher, Tensor? labels, Tensor? teacher_weights, str divergence, "
       "float beta, float temperature, float hard_weight, int ignore_index, str reduction, bool t2_scale, "
-      "bool compute_grad) -> (Tensor, Tensor)");
+      "bool compute_grad, Tensor? grad_scale=None) -> (Tensor, Tensor)");
+  // <op>_rescale_ (one per fused op with a reduction): the backward of a 16-bit student when
+  // grad_output is not known to be 1. `grad` is the gradient <op> returned for the same
+  // arguments; it is recomputed in place with grad_scale folded in (as <op>(..., True,
+  // grad_scale) would return it), except that a row whose grad_scale is exactly 1 is left as it
+  // is: a program reads its scale on the device and returns, so grad_output == 1 costs no
+  // traffic and no host synchronisation. The arguments are <op>'s without compute_grad.
+  m.def(
+      "kd_forward_rescale_(Tensor(a!) grad, Tensor student, Tensor teacher, Tensor? labels, Tensor? teacher_weights, "
+      "str divergence, float beta, float temperature, float hard_weight, int ignore_index, str reduction, "
+      "bool t2_scale, Tensor grad_scale) -> ()");
   // Relational KD (fastkd/ops/relational.py): one scalar loss per batch and its gradient
   // w.r.t. the student, computed together.
   //   student: [B, D] contiguous, teacher: [B, Dt] contiguous (same B, any float dtypes).
@@ -53,7 +67,10 @@ TORCH_LIBRARY(fastkd, m) {
   //   reduction, compute_grad and the returned (loss, grad): as kd_forward.
   m.def(
       "dkd_forward(Tensor student, Tensor teacher, Tensor labels, float temperature, float alpha, "
-      "float beta, int ignore_index, str reduction, bool compute_grad) -> (Tensor, Tensor)");
+      "float beta, int ignore_index, str reduction, bool compute_grad, Tensor? grad_scale=None) -> (Tensor, Tensor)");
+  m.def(
+      "dkd_forward_rescale_(Tensor(a!) grad, Tensor student, Tensor teacher, Tensor labels, float temperature, "
+      "float alpha, float beta, int ignore_index, str reduction, Tensor grad_scale) -> ()");
   // Fused KD against a sparse teacher, known at k entries per row (top-k logits or log-probs).
   //   student: [N, V] contiguous; values: [N, k] float, contiguous; indices: [N, k] int64 or
   //   int32, contiguous, each row's k indices distinct and in [0, V) (a row that breaks this gets
@@ -65,21 +82,33 @@ TORCH_LIBRARY(fastkd, m) {
   m.def(
       "sparse_kd_forward(Tensor student, Tensor values, Tensor indices, Tensor? labels, str values_kind, "
       "str tail, float temperature, float hard_weight, int ignore_index, str reduction, bool t2_scale, "
-      "bool compute_grad) -> (Tensor, Tensor)");
+      "bool compute_grad, Tensor? grad_scale=None) -> (Tensor, Tensor)");
+  m.def(
+      "sparse_kd_forward_rescale_(Tensor(a!) grad, Tensor student, Tensor values, Tensor indices, Tensor? labels, "
+      "str values_kind, str tail, float temperature, float hard_weight, int ignore_index, str reduction, "
+      "bool t2_scale, Tensor grad_scale) -> ()");
   // Fused hint (FitNets) loss between equal-shape features, flattened to [B, D] rows (samples).
   //   kind: "mse" | "l1" | "smooth_l1" (beta 1) | "cosine" (1 - cos per row) | "normalized_mse"
   //   (mse of the L2-normalised rows). reduction: "mean" (over all B*D entries; over rows for
   //   cosine) | "sum" | "none" (per row: the mean over its entries; 1 - cos for cosine).
   //   Returns (loss, grad) as kd_forward does: grad [B, D] in the student's dtype, already
   //   carrying the reduction's scale, or an empty [0] tensor when compute_grad is false.
-  m.def("hint_forward(Tensor student, Tensor teacher, str kind, str reduction, bool compute_grad) -> (Tensor, Tensor)");
+  m.def(
+      "hint_forward(Tensor student, Tensor teacher, str kind, str reduction, bool compute_grad, "
+      "Tensor? grad_scale=None) -> (Tensor, Tensor)");
+  m.def(
+      "hint_forward_rescale_(Tensor(a!) grad, Tensor student, Tensor teacher, str kind, str reduction, "
+      "Tensor grad_scale) -> ()");
   // Fused attention transfer (Zagoruyko & Komodakis) for one pair of feature maps:
   //   student [B, C_s, HW], teacher [B, C_t, HW] contiguous; a(x) = normalize_HW(mean_C |x|^p);
   //   per row: mean over HW of (a_s - a_t)^2. reduction: "mean" (over B and HW) | "sum" |
   //   "none" (per row). p: finite, >= 1. Returns (loss, grad) as hint_forward does.
   m.def(
-      "attention_transfer_forward(Tensor student, Tensor teacher, float p, str reduction, bool compute_grad) "
-      "-> (Tensor, Tensor)");
+      "attention_transfer_forward(Tensor student, Tensor teacher, float p, str reduction, bool compute_grad, "
+      "Tensor? grad_scale=None) -> (Tensor, Tensor)");
+  m.def(
+      "attention_transfer_forward_rescale_(Tensor(a!) grad, Tensor student, Tensor teacher, float p, str reduction, "
+      "Tensor grad_scale) -> ()");
   // The CPU argument check of sparse_kd_loss, in one pass over [N, k] (the Python wrapper calls it
   // outside torch.compile): the first problem in a row not ignored, as [kind, row, column, value,
   // slack], or [] when there is none. kind 0: an index outside [0, vocab); 1: an index repeated

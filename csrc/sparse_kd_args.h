@@ -34,6 +34,7 @@ struct SparseKdArgs {
   double soft_grad_coef = 1;   // (1 - hard_weight) * (T or 1/T) * reduction scale
   double hard_weight = 0;      // CE weight in the loss
   double hard_grad_coef = 0;   // hard_weight * reduction scale
+  const double* grad_row_scale = nullptr;  // [N] per-row gradient factor, or null (kd_args.h)
   bool stream_grad = false;    // write grad with non-temporal stores (it outgrows the caches)
 };
 

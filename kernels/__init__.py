@@ -84,6 +84,33 @@ def shape_label(block: int, num_warps: int, name: str = "BLOCK_V") -> str:
     return f"{name}={block} · {num_warps} warp{'s' if num_warps > 1 else ''}"
 
 
+# grad_scale (fastkd/ops/_fused.py): every fused kernel takes ``go_ptr`` and two constexprs,
+# GO_MODE (0: no grad_scale; 1: one value; 2: one per row, go_ptr[row]) and GO_SKIP (the kernel
+# rewrites the forward's gradient in place: a program whose scale is exactly 1 returns at once).
+# The scale multiplies the float32 gradient coefficient, before the one rounding to the
+# student's dtype.
+GRAD_SCALE_OFF = dict(GO_MODE=0, GO_SKIP=False)
+# What static_launches compiles besides GRAD_SCALE_OFF: the backward's in-place rescale (one
+# value, one per row) and the traced backward's fresh gradient (one per row).
+GRAD_SCALE_ON = (dict(GO_MODE=1, GO_SKIP=True), dict(GO_MODE=2, GO_SKIP=True), dict(GO_MODE=2, GO_SKIP=False))
+
+
+def grad_scale_switches(grad_scale, in_place: bool) -> dict:
+    """GO_MODE and GO_SKIP for a launch with ``grad_scale`` (None, or 1 or N elements),
+    rewriting the forward's gradient (``in_place``) or writing a fresh one."""
+    if grad_scale is None:
+        return dict(GRAD_SCALE_OFF)
+    return dict(GO_MODE=1 if grad_scale.numel() == 1 else 2, GO_SKIP=in_place)
+
+
+def grad_scale_variant(switches: Mapping[str, Any]) -> str:
+    """The grad_scale part of a static launch's variant label."""
+    mode = switches["GO_MODE"]
+    if mode == 0:
+        return "no grad_scale"
+    return ("per-row " if mode == 2 else "") + "grad_scale" + (", in place" if switches["GO_SKIP"] else "")
+
+
 def largest_per_warp_count(shapes) -> list:
     """Of (block, num_warps) pairs, the largest block of each warp count: where a thread holds
     the most elements, so register pressure peaks."""

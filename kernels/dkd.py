@@ -45,6 +45,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import GRAD_SCALE_OFF, GRAD_SCALE_ON, grad_scale_switches, grad_scale_variant
+from .kd import grad_scale_of
+
 _LOG2E = 1.4426950408889634
 
 # --------------------------------------------------------------------------------------------
@@ -103,6 +106,7 @@ def _dkd_forward_kernel(
     row_loss_ptr,  # [N] float32
     grad_ptr,  # [N, V] student dtype, or None when COMPUTE_GRAD is False
     scale_ptr,  # [] float32 reduction scale when HAS_SCALE, else None
+    go_ptr,  # float32 grad_scale: [] (GO_MODE 1) or [N] (GO_MODE 2), else None
     V,
     ignore_index,
     x_scale,  # log2(e) / T
@@ -111,6 +115,8 @@ def _dkd_forward_kernel(
     beta,
     HAS_SCALE: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
+    GO_MODE: tl.constexpr,  # grad_scale (kernels/__init__.py)
+    GO_SKIP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
@@ -122,6 +128,10 @@ def _dkd_forward_kernel(
     NEG_INF: tl.constexpr = float("-inf")
 
     row = tl.program_id(0).to(tl.int64)
+    go = grad_scale_of(go_ptr, row, GO_MODE)
+    if GO_SKIP:
+        if go == 1.0:  # the forward's gradient stands: no traffic
+            return
     s_row = s_ptr + row * V
     t_row = t_ptr + row * V
     cols = tl.arange(0, BLOCK_V)
@@ -194,7 +204,7 @@ def _dkd_forward_kernel(
             scale = tl.load(scale_ptr)
         else:
             scale = 1.0
-        k = temperature * scale
+        k = temperature * (scale * go)
         # q_y - p_y from whichever side of 1/2 keeps the digits.
         near_one = d_s + d_t > 0.0
         dq = tl.where(near_one, tl.exp(ls_t_not) - tl.exp(ls_s_not), tl.exp(ls_s) - tl.exp(ls_t))
@@ -228,13 +238,26 @@ def dkd_forward(
     ignore_index: int,
     reduction: str,
     compute_grad: bool,
+    grad_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fastkd::dkd_forward on Triton: (loss float32, grad in the student's dtype or empty [0]).
 
     Inputs are expected validated by the caller (contiguous [N, V] with V >= 2, labels int64
-    [N]). Uses only torch ops and one wrap_triton launch, with no host synchronisation, so that
-    it can run inside torch.library.triton_op.
+    [N], grad_scale float32 of 1 or N elements or None). Uses only torch ops and one wrap_triton
+    launch, with no host synchronisation, so that it can run inside torch.library.triton_op.
     """
+    return _dkd_launch(student, teacher, labels, temperature, alpha, beta, ignore_index, reduction, compute_grad,
+                       grad_scale, None)
+
+
+def dkd_forward_rescale_(grad, student, teacher, labels, temperature, alpha, beta, ignore_index, reduction,
+                         grad_scale) -> None:
+    """fastkd::dkd_forward_rescale_ on Triton (csrc/ops.cpp): ``grad``, the forward's gradient,
+    rewritten with grad_scale folded in; rows whose scale is exactly 1 are skipped on the device."""
+    _dkd_launch(student, teacher, labels, temperature, alpha, beta, ignore_index, reduction, True, grad_scale, grad)
+
+
+def _dkd_launch(student, teacher, labels, temperature, alpha, beta, ignore_index, reduction, compute_grad, grad_scale, into):
     if reduction not in ("none", "sum", "batchmean"):
         raise ValueError(f"dkd_forward (triton): reduction must be 'none', 'sum' or 'batchmean', got {reduction!r}")
     if student.shape[1] < 2:
@@ -242,7 +265,11 @@ def dkd_forward(
     n, v = student.shape
     device = student.device
     row_loss = torch.empty(n, dtype=torch.float32, device=device)
-    grad = torch.empty_like(student) if compute_grad else torch.empty(0, dtype=student.dtype, device=device)
+    if into is not None:
+        grad = into
+    else:
+        grad = torch.empty_like(student) if compute_grad else torch.empty(0, dtype=student.dtype, device=device)
+    go = None if grad_scale is None else grad_scale.to(torch.float32).contiguous()
 
     # batchmean divides by the number of non-ignored rows, which is only known on the device.
     # With none of them, every row loss and gradient row is 0, so any finite scale will do.
@@ -258,6 +285,7 @@ def dkd_forward(
         row_loss,
         grad if compute_grad else None,
         scale_t,
+        go,
         v,
         ignore_index,
         _LOG2E / temperature,
@@ -266,6 +294,7 @@ def dkd_forward(
         beta,
         HAS_SCALE=scale_t is not None,
         COMPUTE_GRAD=compute_grad,
+        **grad_scale_switches(go, into is not None),
         BLOCK_V=block_v,
         num_warps=num_warps,
     )
@@ -280,13 +309,15 @@ def dkd_forward(
 
 
 def static_launches() -> list:
-    """The launches dkd_forward can make on a GPU (convention: kernels/__init__.py), 38 of them:
+    """The launches dkd_forward can make on a GPU (convention: kernels/__init__.py), 44 of them:
 
     * both switches (HAS_SCALE, COMPUTE_GRAD) in every combination at the largest block of each
       warp count (BLOCK_V 64/1, 256/2, 1024/4, 4096/8 warps; the most elements per thread), fp32;
     * both switches on at every other block of LAUNCH_CONFIGS, fp32; at the largest block of each
       warp count for bf16 and fp16, and there with a row length that is not a multiple of 16
-      (fp32); fp32 student with a bf16 teacher and the reverse at BLOCK_V 4096.
+      (fp32); fp32 student with a bf16 teacher and the reverse at BLOCK_V 4096;
+    * grad_scale (the backward of a 16-bit student), bf16: every mode at BLOCK_V 4096, the
+      per-row in-place one at the largest block of every warp count.
 
     Not compiled: the other switch combinations at the smaller blocks (fewer live values than
     the ones listed) and mixed dtypes below BLOCK_V 4096.
@@ -299,10 +330,12 @@ def static_launches() -> list:
 
     def launch(student, teacher, shape, switch, v):
         block_v, num_warps = shape
+        switch = {**GRAD_SCALE_OFF, **switch}
         args = dict(
             s_ptr=student, t_ptr=teacher, labels_ptr=torch.int64, row_loss_ptr=torch.float32,
             grad_ptr=student if switch["COMPUTE_GRAD"] else None,
             scale_ptr=torch.float32 if switch["HAS_SCALE"] else None,
+            go_ptr=torch.float32 if switch["GO_MODE"] else None,
             V=v, ignore_index=-100, x_scale=_LOG2E / 4.0, temperature=4.0, alpha=1.0, beta=8.0,
             BLOCK_V=block_v, **switch,
         )
@@ -312,7 +345,8 @@ def static_launches() -> list:
             label=f"{dtype_label(student, teacher)} · {shape_label(block_v, num_warps)}"
             + ("" if v % 16 == 0 or v < 16 else " · V % 16 != 0"),
             variant=", ".join(["batchmean scale" if switch["HAS_SCALE"] else "no scale",
-                               "grad" if switch["COMPUTE_GRAD"] else "loss only"]),
+                               "grad" if switch["COMPUTE_GRAD"] else "loss only"]
+                              + ([grad_scale_variant(switch)] if switch["GO_MODE"] else [])),
             row_bytes=(per_entry, 12),
         )
 
@@ -325,4 +359,8 @@ def static_launches() -> list:
         out += [launch(dtype, dtype, shape, both, shape[0]) for shape in largest]
     out += [launch(f32, f32, shape, both, shape[0] - 1) for shape in largest]
     out += [launch(a, b, largest[-1], both, largest[-1][0]) for a, b in ((f32, b16), (b16, f32))]
+    # The backward's relaunches with grad_scale (16-bit students): bf16, every mode at BLOCK_V
+    # 4096, the per-row in-place one at the largest block of every warp count.
+    out += [launch(b16, b16, largest[-1], {**both, **go}, largest[-1][0]) for go in GRAD_SCALE_ON]
+    out += [launch(b16, b16, shape, {**both, **GRAD_SCALE_ON[1]}, shape[0]) for shape in largest[:-1]]
     return out

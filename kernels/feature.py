@@ -30,6 +30,11 @@ attention_transfer_forward, student x [B, Cs, HW], teacher y [B, Ct, HW]:
 p = 1, 2, 3, 4 are exact polynomial forms (P_MODE); any other p >= 1 uses exp2(p log2 |x|).
 Memory traffic: read B*Cs*HW twice and B*Ct*HW once, write B*Cs*HW.
 
+grad_scale (kernels/__init__.py): the elementwise hint kinds multiply it into grad_coef in the
+kernel; cosine, normalized_mse and attention transfer into their per-row coefficients (torch, in
+float64). With GO_SKIP every kernel's program returns at once on a row whose scale is 1, so the
+backward's in-place rescale reads nothing for it.
+
 Accumulation is in float32 (the launchers refuse float64: that runs on the cuda, cpu or reference
 backend). No host synchronisation anywhere: the launchers run inside torch.library.triton_op.
 """
@@ -39,6 +44,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from . import GRAD_SCALE_OFF, GRAD_SCALE_ON, grad_scale_switches, grad_scale_variant
+from .kd import grad_scale_of
 
 COSINE_EPS = 1e-8
 NORMALIZE_EPS = 1e-12
@@ -118,19 +126,28 @@ def static_launches() -> list:
     at the largest block, every KIND without the gradient and every P_MODE; with bf16 inputs
     (fp16 converts alike), every variant at the largest block only. Not covered: bf16/fp16 at
     the smaller blocks (the same code with a narrower load and store), P_MODE 1, 3, 4 below the
-    largest attention block (fewer live values than P_MODE 0). Row lengths and spatial sizes
-    are odd, as a real launch's may be, so no divisible-by-16 specialisation is assumed."""
+    largest attention block (fewer live values than P_MODE 0). grad_scale (GRAD_SCALE_ON, the
+    backward of a 16-bit student): bf16 at the largest block, every hint KIND with the gradient,
+    attention at p = 2 and 2.5. Row lengths and spatial sizes are odd, as a real launch's may be,
+    so no divisible-by-16 specialisation is assumed."""
     from . import StaticLaunch
 
     specs = []
 
-    def hint(dtype, block, kinds, grads):
+    def go_args(go):
+        return dict(go_ptr=torch.float32 if go["GO_MODE"] else None, **go)
+
+    def go_tag(go):
+        return f", {grad_scale_variant(go)}" if go["GO_MODE"] else ""
+
+    def hint(dtype, block, kinds, grads, go=GRAD_SCALE_OFF):
         size, name = torch.empty((), dtype=dtype).element_size(), str(dtype).removeprefix("torch.")
         warps = hint_num_warps(block)
         label = f"hint · {name} · BLOCK={block} · {warps} warps"
         specs.append(dict(
-            kernel=_hint_sums_kernel, args=dict(s_ptr=dtype, t_ptr=dtype, part_ptr=torch.float32, D=4097, n_chunks=3, BLOCK=block),
-            num_warps=warps, label=label, variant="sums", row_bytes=(2 * size, 0),
+            kernel=_hint_sums_kernel,
+            args=dict(s_ptr=dtype, t_ptr=dtype, part_ptr=torch.float32, D=4097, n_chunks=3, BLOCK=block, **go_args(go)),
+            num_warps=warps, label=label, variant="sums" + go_tag(go), row_bytes=(2 * size, 0),
         ))
         for kind in kinds:
             for grad in grads:
@@ -138,25 +155,25 @@ def static_launches() -> list:
                     kernel=_hint_kernel,
                     args=dict(s_ptr=dtype, t_ptr=dtype, g_ptr=dtype if grad else None, part_ptr=torch.float32,
                               row_ptr=torch.float32 if kind in KINDS_WITH_SUMS else None, D=4097, n_chunks=3,
-                              grad_coef=0.5, KIND=HINT_KIND_CODES[kind], COMPUTE_GRAD=grad, BLOCK=block),
-                    num_warps=warps, label=label, variant=f"{kind}{', grad' if grad else ''}",
+                              grad_coef=0.5, KIND=HINT_KIND_CODES[kind], COMPUTE_GRAD=grad, BLOCK=block, **go_args(go)),
+                    num_warps=warps, label=label, variant=f"{kind}{', grad' if grad else ''}{go_tag(go)}",
                     row_bytes=((3 if grad else 2) * size, 0),
                 ))
 
-    def attention(dtype, block_j, p_modes):
+    def attention(dtype, block_j, p_modes, go=GRAD_SCALE_OFF):
         size, name = torch.empty((), dtype=dtype).element_size(), str(dtype).removeprefix("torch.")
         block_c = AT_BLOCK_C_GPU
         warps = at_num_warps(block_c, block_j)
         label = f"attention · {name} · BLOCK_C={block_c} · BLOCK_J={block_j} · {warps} warps"
         for p, mode in p_modes:
-            common = dict(C=37, HW=1023, n_jb=3, p=p, P_MODE=mode, BLOCK_C=block_c, BLOCK_J=block_j)
+            common = dict(C=37, HW=1023, n_jb=3, p=p, P_MODE=mode, BLOCK_C=block_c, BLOCK_J=block_j, **go_args(go))
             specs.append(dict(
                 kernel=_at_channel_mean_kernel, args=dict(x_ptr=dtype, q_ptr=torch.float32, inv_c=1 / 37, **common),
-                num_warps=warps, label=label, variant=f"channel mean, p={p:g}", row_bytes=(size, 0),
+                num_warps=warps, label=label, variant=f"channel mean, p={p:g}{go_tag(go)}", row_bytes=(size, 0),
             ))
             specs.append(dict(
                 kernel=_at_grad_kernel, args=dict(x_ptr=dtype, w_ptr=torch.float32, g_ptr=dtype, n_cb=5, **common),
-                num_warps=warps, label=label, variant=f"gradient, p={p:g}", row_bytes=(2 * size, 0),
+                num_warps=warps, label=label, variant=f"gradient, p={p:g}{go_tag(go)}", row_bytes=(2 * size, 0),
             ))
 
     kinds = list(HINT_KIND_CODES)
@@ -167,6 +184,10 @@ def static_launches() -> list:
     for block_j in _pow2_range(AT_BLOCK_J_MIN_GPU, AT_BLOCK_J_MAX_GPU):
         attention(torch.float32, block_j, every_p if block_j == AT_BLOCK_J_MAX_GPU else [(2.0, 2), (2.5, 0)])
     attention(torch.bfloat16, AT_BLOCK_J_MAX_GPU, every_p)
+    # The backward's relaunches with grad_scale (16-bit students), bf16 at the largest block.
+    for go in GRAD_SCALE_ON:
+        hint(torch.bfloat16, HINT_BLOCK_MAX_GPU, kinds, (True,), go)
+        attention(torch.bfloat16, AT_BLOCK_J_MAX_GPU, [(2.0, 2), (2.5, 0)], go)
     return [StaticLaunch(**spec) for spec in specs]
 
 
@@ -180,12 +201,18 @@ def _hint_sums_kernel(
     s_ptr,  # [B, D] student
     t_ptr,  # [B, D] teacher
     part_ptr,  # [B * n_chunks, 6] float32: |s|^2, |t|^2, <s, t> of each chunk, then their low parts
+    go_ptr,  # float32 grad_scale: [] (GO_MODE 1) or [B] (GO_MODE 2), else None
     D,
     n_chunks,
+    GO_MODE: tl.constexpr,  # grad_scale (kernels/__init__.py)
+    GO_SKIP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     row = pid // n_chunks
+    if GO_SKIP:
+        if grad_scale_of(go_ptr, row, GO_MODE) == 1.0:
+            return
     offs = (pid % n_chunks) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < D
     s = tl.load(s_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
@@ -210,17 +237,26 @@ def _hint_kernel(
     g_ptr,  # [B, D] student dtype, or None when COMPUTE_GRAD is False
     part_ptr,  # [B * n_chunks] float32: each chunk's part of its row's raw loss
     row_ptr,  # [B, 4] float32 Ns, Nt, coef_u, coef_v for cosine / normalized_mse, else None
+    go_ptr,  # float32 grad_scale: [] (GO_MODE 1) or [B] (GO_MODE 2), else None
     D,
     n_chunks,
     grad_coef,  # the reduction's scale of an elementwise kind's gradient
     KIND: tl.constexpr,  # HINT_KIND_CODES
     COMPUTE_GRAD: tl.constexpr,
+    GO_MODE: tl.constexpr,  # grad_scale (kernels/__init__.py); cosine/normalized_mse: in row_ptr
+    GO_SKIP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
     grad_coef = tl.cast(grad_coef, tl.float32)
     pid = tl.program_id(0).to(tl.int64)
     row = pid // n_chunks
+    go = grad_scale_of(go_ptr, row, GO_MODE)
+    if GO_SKIP:
+        if go == 1.0:  # the forward's gradient stands: no traffic
+            return
+    if KIND < 3:
+        grad_coef = grad_coef * go
     offs = (pid % n_chunks) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < D
     s = tl.load(s_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
@@ -293,12 +329,15 @@ def _at_power_slope(x, p, P_MODE: tl.constexpr):
 def _at_channel_mean_kernel(
     x_ptr,  # [B, C, HW]
     q_ptr,  # [B, HW] float32: mean over C of |x|^p
+    go_ptr,  # float32 grad_scale: [] (GO_MODE 1) or [B] (GO_MODE 2), else None
     C,
     HW,
     n_jb,  # spatial blocks per row
     inv_c,
     p,
     P_MODE: tl.constexpr,
+    GO_MODE: tl.constexpr,  # grad_scale (kernels/__init__.py): only skips rows here
+    GO_SKIP: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
@@ -307,6 +346,9 @@ def _at_channel_mean_kernel(
     p = tl.cast(p, tl.float32)
     pid = tl.program_id(0).to(tl.int64)
     row = pid // n_jb
+    if GO_SKIP:
+        if grad_scale_of(go_ptr, row, GO_MODE) == 1.0:
+            return
     j = (pid % n_jb) * BLOCK_J + tl.arange(0, BLOCK_J)
     j_mask = j < HW
     cs = tl.arange(0, BLOCK_C)
@@ -325,12 +367,15 @@ def _at_grad_kernel(
     x_ptr,  # [B, C, HW] student
     w_ptr,  # [B, HW] float32: dL/dQ * p / C
     g_ptr,  # [B, C, HW] student dtype
+    go_ptr,  # float32 grad_scale: [] (GO_MODE 1) or [B] (GO_MODE 2), else None
     C,
     HW,
     n_jb,
     n_cb,
     p,
     P_MODE: tl.constexpr,
+    GO_MODE: tl.constexpr,  # grad_scale (kernels/__init__.py): already in w; only skips rows here
+    GO_SKIP: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
@@ -338,6 +383,9 @@ def _at_grad_kernel(
     p = tl.cast(p, tl.float32)
     pid = tl.program_id(0).to(tl.int64)
     row = pid // (n_jb * n_cb)
+    if GO_SKIP:
+        if grad_scale_of(go_ptr, row, GO_MODE) == 1.0:
+            return
     rest = pid % (n_jb * n_cb)
     c = (rest // n_jb) * BLOCK_C + tl.arange(0, BLOCK_C)
     j = (rest % n_jb) * BLOCK_J + tl.arange(0, BLOCK_J)
@@ -373,11 +421,28 @@ def _check_reduction(op: str, reduction: str) -> None:
         raise ValueError(f"{op} (triton): reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
+def _row_scales(go, n: int):
+    """grad_scale as [B] float64 for the per-row coefficients computed by torch, or None."""
+    return None if go is None else go.double().expand(n) if go.numel() == 1 else go.double()
+
+
 def hint_forward(
-    student: torch.Tensor, teacher: torch.Tensor, kind: str, reduction: str, compute_grad: bool
+    student: torch.Tensor, teacher: torch.Tensor, kind: str, reduction: str, compute_grad: bool,
+    grad_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fastkd::hint_forward on Triton: (loss float32, grad in the student's dtype or empty [0]).
-    Inputs are expected validated by the caller (contiguous [B, D], same shape)."""
+    Inputs are expected validated by the caller (contiguous [B, D], same shape; grad_scale
+    float32 of 1 or B elements, or None)."""
+    return _hint_launch(student, teacher, kind, reduction, compute_grad, grad_scale, None)
+
+
+def hint_forward_rescale_(grad, student, teacher, kind, reduction, grad_scale) -> None:
+    """fastkd::hint_forward_rescale_ on Triton (csrc/ops.cpp): ``grad``, the forward's gradient,
+    rewritten with grad_scale folded in; rows whose scale is exactly 1 are skipped on the device."""
+    _hint_launch(student, teacher, kind, reduction, True, grad_scale, grad)
+
+
+def _hint_launch(student, teacher, kind, reduction, compute_grad, grad_scale, into):
     if kind not in HINT_KIND_CODES:
         raise ValueError(f"hint_forward (triton): kind must be one of {', '.join(HINT_KIND_CODES)}, got {kind!r}")
     _check_reduction("hint_forward", reduction)
@@ -388,13 +453,20 @@ def hint_forward(
     grid = (n * n_chunks,)
     row_scale = 1.0 if kind == "cosine" else 1.0 / d
     grad_coef = _grad_coef(reduction, row_scale, n)
-    grad = torch.empty_like(student) if compute_grad else torch.empty(0, dtype=student.dtype, device=device)
+    if into is not None:
+        grad = into
+    else:
+        grad = torch.empty_like(student) if compute_grad else torch.empty(0, dtype=student.dtype, device=device)
     part = torch.empty(n * n_chunks, dtype=torch.float32, device=device)
+    go = None if grad_scale is None else grad_scale.to(torch.float32).contiguous()
+    go_switches = grad_scale_switches(go, into is not None)
 
     row_params = None
     if kind in KINDS_WITH_SUMS:
         sums_part = torch.empty(n * n_chunks, 6, dtype=torch.float32, device=device)
-        torch.library.wrap_triton(_hint_sums_kernel)[grid](student, teacher, sums_part, d, n_chunks, BLOCK=block, num_warps=num_warps)
+        torch.library.wrap_triton(_hint_sums_kernel)[grid](
+            student, teacher, sums_part, go, d, n_chunks, BLOCK=block, num_warps=num_warps, **go_switches,
+        )
         sums = sums_part.view(n, n_chunks, 2, 3).double().sum((1, 2))
         ss, tt, st = sums.unbind(1)
         eps = COSINE_EPS if kind == "cosine" else NORMALIZE_EPS
@@ -410,11 +482,13 @@ def hint_forward(
             keep = torch.where(n_s >= eps, ur, torch.where(n_s < eps, torch.zeros_like(ur), n_s))
             coef_u = 2 * grad_coef / c_s * (1 - keep)
             coef_v = -2 * grad_coef / c_s
+        if go is not None:
+            coef_u, coef_v = coef_u * _row_scales(go, n), coef_v * _row_scales(go, n)
         row_params = torch.stack([c_s, c_t, coef_u, coef_v], 1).to(torch.float32).contiguous()
 
     torch.library.wrap_triton(_hint_kernel)[grid](
-        student, teacher, grad if compute_grad else None, part, row_params, d, n_chunks, grad_coef,
-        KIND=HINT_KIND_CODES[kind], COMPUTE_GRAD=compute_grad, BLOCK=block, num_warps=num_warps,
+        student, teacher, grad if compute_grad else None, part, row_params, go, d, n_chunks, grad_coef,
+        KIND=HINT_KIND_CODES[kind], COMPUTE_GRAD=compute_grad, BLOCK=block, num_warps=num_warps, **go_switches,
     )
     raw = part.view(n, n_chunks).double().sum(1)
     if kind == "cosine":
@@ -426,10 +500,22 @@ def hint_forward(
 
 
 def attention_transfer_forward(
-    student: torch.Tensor, teacher: torch.Tensor, p: float, reduction: str, compute_grad: bool
+    student: torch.Tensor, teacher: torch.Tensor, p: float, reduction: str, compute_grad: bool,
+    grad_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fastkd::attention_transfer_forward on Triton. student [B, Cs, HW], teacher [B, Ct, HW],
-    contiguous, validated by the caller."""
+    contiguous, validated by the caller; grad_scale float32 of 1 or B elements, or None."""
+    return _attention_launch(student, teacher, p, reduction, compute_grad, grad_scale, None)
+
+
+def attention_transfer_forward_rescale_(grad, student, teacher, p, reduction, grad_scale) -> None:
+    """fastkd::attention_transfer_forward_rescale_ on Triton (csrc/ops.cpp): ``grad``, the
+    forward's gradient, rewritten with grad_scale folded in; rows whose scale is exactly 1 are
+    skipped on the device."""
+    _attention_launch(student, teacher, p, reduction, True, grad_scale, grad)
+
+
+def _attention_launch(student, teacher, p, reduction, compute_grad, grad_scale, into):
     _check_reduction("attention_transfer_forward", reduction)
     if not p >= 1:
         raise ValueError(f"attention_transfer_forward (triton): p must be >= 1, got {p}")
@@ -442,9 +528,13 @@ def attention_transfer_forward(
     n_jb = triton.cdiv(hw, block_j)
     q_s = torch.empty(n, hw, dtype=torch.float32, device=device)
     q_t = torch.empty(n, hw, dtype=torch.float32, device=device)
+    go = None if grad_scale is None else grad_scale.to(torch.float32).contiguous()
+    go_switches = grad_scale_switches(go, into is not None)
     for x, q, c in ((student, q_s, cs), (teacher, q_t, ct)):
+        # A skipped row's q is left unwritten: its loss and w are garbage, and never read.
         torch.library.wrap_triton(_at_channel_mean_kernel)[(n * n_jb,)](
-            x, q, c, hw, n_jb, 1.0 / c, float(p), P_MODE=mode, BLOCK_C=block_c, BLOCK_J=block_j, num_warps=num_warps,
+            x, q, go, c, hw, n_jb, 1.0 / c, float(p), P_MODE=mode, BLOCK_C=block_c, BLOCK_J=block_j,
+            num_warps=num_warps, **go_switches,
         )
     qs, qt = q_s.double(), q_t.double()
     n_s, n_t = torch.linalg.vector_norm(qs, dim=1), torch.linalg.vector_norm(qt, dim=1)
@@ -454,14 +544,16 @@ def attention_transfer_forward(
     raw = (r * r).sum(1)
     row_scale = 1.0 / hw
     if compute_grad:
-        grad = torch.empty_like(student)
+        grad = torch.empty_like(student) if into is None else into
         ar = (a_s * r).sum(1)
         keep = torch.where(n_s >= NORMALIZE_EPS, ar, torch.where(n_s < NORMALIZE_EPS, torch.zeros_like(ar), n_s))
         k = _grad_coef(reduction, row_scale, n) * 2.0 * float(p) / cs
-        w = ((k / c_s)[:, None] * (r - a_s * keep[:, None])).to(torch.float32).contiguous()
+        coef = k / c_s if go is None else k / c_s * _row_scales(go, n)
+        w = (coef[:, None] * (r - a_s * keep[:, None])).to(torch.float32).contiguous()
         n_cb = triton.cdiv(cs, block_c)
         torch.library.wrap_triton(_at_grad_kernel)[(n * n_jb * n_cb,)](
-            student, w, grad, cs, hw, n_jb, n_cb, float(p), P_MODE=mode, BLOCK_C=block_c, BLOCK_J=block_j, num_warps=num_warps,
+            student, w, grad, go, cs, hw, n_jb, n_cb, float(p), P_MODE=mode, BLOCK_C=block_c, BLOCK_J=block_j,
+            num_warps=num_warps, **go_switches,
         )
     else:
         grad = torch.empty(0, dtype=student.dtype, device=device)

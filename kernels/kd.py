@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import GRAD_SCALE_OFF, GRAD_SCALE_ON, grad_scale_switches, grad_scale_variant
+
 _LOG2E = 1.4426950408889634
 
 # ---------------------------------------------------------------------------------------------
@@ -108,6 +110,18 @@ DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3, "skew_kl": 4, 
 
 
 @triton.jit
+def grad_scale_of(go_ptr, row, GO_MODE: tl.constexpr):
+    """Row ``row``'s grad_scale (kernels/__init__.py): 1 without one."""
+    if GO_MODE == 1:
+        go = tl.load(go_ptr).to(tl.float32)
+    elif GO_MODE == 2:
+        go = tl.load(go_ptr + row).to(tl.float32)
+    else:
+        go = tl.full((), 1.0, tl.float32)
+    return go
+
+
+@triton.jit
 def _kd_forward_kernel(
     s_ptr,  # [N, V] student logits
     t_ptr,  # [N, V] teacher logits
@@ -115,6 +129,7 @@ def _kd_forward_kernel(
     row_loss_ptr,  # [N] float32
     grad_ptr,  # [N, V] student dtype, or None when COMPUTE_GRAD is False
     scale_ptr,  # [] float32 reduction scale when SCALE_MODE == 2, else None
+    go_ptr,  # float32 grad_scale: [] (GO_MODE 1) or [N] (GO_MODE 2), else None
     n_rows,
     V,
     ignore_index,
@@ -128,6 +143,8 @@ def _kd_forward_kernel(
     SAME_T: tl.constexpr,  # T == 1: the CE softmax is the student softmax
     SCALE_MODE: tl.constexpr,  # gradient scale: 0 -> 1, 1 -> 1 / n_rows, 2 -> *scale_ptr
     COMPUTE_GRAD: tl.constexpr,
+    GO_MODE: tl.constexpr,  # grad_scale (kernels/__init__.py)
+    GO_SKIP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
@@ -141,6 +158,10 @@ def _kd_forward_kernel(
     NEG_INF: tl.constexpr = float("-inf")
 
     row = tl.program_id(0).to(tl.int64)
+    go = grad_scale_of(go_ptr, row, GO_MODE)
+    if GO_SKIP:
+        if go == 1.0:  # the forward's gradient stands: no traffic
+            return
     s_row = s_ptr + row * V
     t_row = t_ptr + row * V
     cols = tl.arange(0, BLOCK_V)
@@ -216,6 +237,7 @@ def _kd_forward_kernel(
             scale = 1.0 / n_rows
         else:
             scale = 1.0
+        scale = scale * go
         k_soft = soft_grad_coef * scale
         k_hard = hard_weight * scale
         inv_s = 1.0 / sum_s
@@ -315,6 +337,7 @@ def _kd_div_kernel(
     row_loss_ptr,  # [N] float32
     grad_ptr,  # [N, V] student dtype, or None when COMPUTE_GRAD is False
     scale_ptr,  # [] float32 reduction scale when SCALE_MODE == 2, else None
+    go_ptr,  # float32 grad_scale: [] (GO_MODE 1) or [N] (GO_MODE 2), else None
     n_rows,
     V,
     M,  # teachers (1 unless MIX)
@@ -338,6 +361,8 @@ def _kd_div_kernel(
     SAME_T: tl.constexpr,
     SCALE_MODE: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
+    GO_MODE: tl.constexpr,  # grad_scale (kernels/__init__.py)
+    GO_SKIP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     """Every divergence but one-teacher KL, and ensembles. Per row (q = softmax(s/T), p the
@@ -376,6 +401,10 @@ def _kd_div_kernel(
     NEG_INF: tl.constexpr = float("-inf")
 
     row = tl.program_id(0).to(tl.int64)
+    go = grad_scale_of(go_ptr, row, GO_MODE)
+    if GO_SKIP:
+        if go == 1.0:  # the forward's gradient stands: no traffic
+            return
     s_row = s_ptr + row * V
     t_row = t_ptr + row * V
     cols = tl.arange(0, BLOCK_V)
@@ -495,6 +524,7 @@ def _kd_div_kernel(
             scale = 1.0 / n_rows
         else:
             scale = 1.0
+        scale = scale * go
         k_soft = soft_grad_coef * scale
         k_hard = hard_weight * scale
         inv_1 = 1.0 / sum_1
@@ -559,14 +589,30 @@ def kd_forward(
     reduction: str,
     t2_scale: bool,
     compute_grad: bool,
+    grad_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fastkd::kd_forward on Triton: (loss float32, grad in the student's dtype or empty [0]).
 
     Inputs are expected validated by the caller (contiguous student [N, V], teacher [N, V] or
-    [M, N, V], labels int64 [N] or None, teacher_weights [M] or None).
+    [M, N, V], labels int64 [N] or None, teacher_weights [M] or None, grad_scale a float32
+    tensor of 1 or N elements or None).
     Uses only torch ops and one wrap_triton launch, with no host synchronisation, so that it
     can run inside torch.library.triton_op.
     """
+    return _kd_launch(student, teacher, labels, teacher_weights, divergence, beta, temperature, hard_weight,
+                      ignore_index, reduction, t2_scale, compute_grad, grad_scale, None)
+
+
+def kd_forward_rescale_(grad, student, teacher, labels, teacher_weights, divergence, beta, temperature, hard_weight,
+                        ignore_index, reduction, t2_scale, grad_scale) -> None:
+    """fastkd::kd_forward_rescale_ on Triton (csrc/ops.cpp): ``grad``, the forward's gradient,
+    rewritten with grad_scale folded in; rows whose scale is exactly 1 are skipped on the device."""
+    _kd_launch(student, teacher, labels, teacher_weights, divergence, beta, temperature, hard_weight, ignore_index,
+               reduction, t2_scale, True, grad_scale, grad)
+
+
+def _kd_launch(student, teacher, labels, teacher_weights, divergence, beta, temperature, hard_weight, ignore_index,
+               reduction, t2_scale, compute_grad, grad_scale, into):
     if reduction not in ("none", "sum", "batchmean"):
         raise ValueError(f"kd_forward (triton): reduction must be 'none', 'sum' or 'batchmean', got {reduction!r}")
     divergence, beta = _resolve_divergence(divergence, beta)
@@ -574,12 +620,17 @@ def kd_forward(
     mix = teacher.dim() == 3
     device = student.device
     row_loss = torch.empty(n, dtype=torch.float32, device=device)
-    grad = torch.empty_like(student) if compute_grad else torch.empty(0, dtype=student.dtype, device=device)
+    if into is not None:
+        grad = into
+    else:
+        grad = torch.empty_like(student) if compute_grad else torch.empty(0, dtype=student.dtype, device=device)
+    go = None if grad_scale is None else grad_scale.to(torch.float32).contiguous()
 
     has_labels = labels is not None
     # batchmean divides by the number of non-ignored rows, which is only known on the device.
     # With none of them, every row loss and gradient row is 0, so any finite scale will do.
     common = switches(has_labels, hard_weight, temperature, reduction, compute_grad)
+    common.update(grad_scale_switches(go, into is not None))
     scale_t = None
     if common["SCALE_MODE"] == 2:
         scale_t = labels.ne(ignore_index).sum().clamp_min(1).to(torch.float32).reciprocal()
@@ -589,7 +640,7 @@ def kd_forward(
     if divergence == "kl" and not mix:
         block_v = block_v_for("_kd_forward_kernel", v, device.type)
         torch.library.wrap_triton(_kd_forward_kernel)[(n,)](
-            student, teacher, labels, row_loss, grad if compute_grad else None, scale_t,
+            student, teacher, labels, row_loss, grad if compute_grad else None, scale_t, go,
             n, v, ignore_index, _LOG2E / temperature, soft_loss_coef, temperature if t2_scale else 1.0,
             hard_weight, soft_grad_coef,
             BLOCK_V=block_v, num_warps=num_warps_for(block_v), **common,
@@ -601,7 +652,7 @@ def kd_forward(
         log2_w = None if teacher_weights is None else torch.log2(teacher_weights.to(torch.float32)).contiguous()
         block_v = block_v_for("_kd_div_kernel", v, device.type)
         torch.library.wrap_triton(_kd_div_kernel)[(n,)](
-            student, teacher, labels, log2_w, row_loss, grad if compute_grad else None, scale_t,
+            student, teacher, labels, log2_w, row_loss, grad if compute_grad else None, scale_t, go,
             n, v, n_teachers, n * v, ignore_index, _LOG2E / temperature, soft_loss_coef,
             temperature if t2_scale else 1.0, hard_weight, soft_grad_coef * factor, beta,
             math.log2(beta) if has_beta else 0.0, math.log2(1.0 - beta) if has_beta else 0.0,
@@ -691,6 +742,7 @@ def static_launches() -> list:
         block_v, num_warps = shape
         params = inspect.signature(kernel.fn).parameters
         extra = extra or {}
+        combo = {**GRAD_SCALE_OFF, **combo}
         args = dict(
             s_ptr=student,
             t_ptr=teacher,
@@ -698,6 +750,7 @@ def static_launches() -> list:
             row_loss_ptr=torch.float32,
             grad_ptr=student if combo["COMPUTE_GRAD"] else None,
             scale_ptr=torch.float32 if combo["SCALE_MODE"] == 2 else None,
+            go_ptr=torch.float32 if combo["GO_MODE"] else None,
             V=v,
             BLOCK_V=block_v,
             **combo,
@@ -715,6 +768,7 @@ def static_launches() -> list:
             *(["T = 1"] if combo["SAME_T"] else []),
             "grad" if combo["COMPUTE_GRAD"] else "loss only",
             f"scale mode {combo['SCALE_MODE']}",
+            *([grad_scale_variant(combo)] if combo["GO_MODE"] else []),
         ]
         return StaticLaunch(
             kernel=kernel,
@@ -737,6 +791,10 @@ def static_launches() -> list:
         out += [launch(kl, dtype, dtype, shape, RICHEST_SWITCHES, shape[0]) for shape in largest]
     out += [launch(kl, f32, f32, shape, RICHEST_SWITCHES, shape[0] - 1) for shape in largest]
     out += [launch(kl, a, b, largest[-1], RICHEST_SWITCHES, largest[-1][0]) for a, b in ((f32, b16), (b16, f32))]
+    # The backward's relaunches with grad_scale (16-bit students): bf16, every mode at the
+    # largest block, the per-row in-place one at the largest block of every warp count.
+    out += [launch(kl, b16, b16, largest[-1], {**RICHEST_SWITCHES, **go}, largest[-1][0]) for go in GRAD_SCALE_ON]
+    out += [launch(kl, b16, b16, shape, {**RICHEST_SWITCHES, **GRAD_SCALE_ON[1]}, shape[0]) for shape in largest[:-1]]
 
     div = _kd_div_kernel
     _, largest = _shapes("_kd_div_kernel")
@@ -766,4 +824,15 @@ def static_launches() -> list:
     for m_pad in (2, 16):
         extra, tag = div_extra(jsd, True, m_pad)
         out.append(launch(div, f32, f32, top[-1], RICHEST_SWITCHES, top[-1][0], extra, tag))
+    # grad_scale: every divergence per row in place, bf16, BLOCK_V 2048; every mode for jsd and
+    # for an ensemble.
+    for code in names:
+        extra, tag = div_extra(code, False)
+        out.append(launch(div, b16, b16, top[-1], {**RICHEST_SWITCHES, **GRAD_SCALE_ON[1]}, top[-1][0], extra, tag))
+    for go in (GRAD_SCALE_ON[0], GRAD_SCALE_ON[2]):
+        extra, tag = div_extra(jsd, False)
+        out.append(launch(div, b16, b16, top[-1], {**RICHEST_SWITCHES, **go}, top[-1][0], extra, tag))
+    for go in GRAD_SCALE_ON:
+        extra, tag = div_extra(jsd, True, 4, True)
+        out.append(launch(div, b16, b16, top[-1], {**RICHEST_SWITCHES, **go}, top[-1][0], extra, tag))
     return out

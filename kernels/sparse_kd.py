@@ -48,6 +48,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import GRAD_SCALE_OFF, GRAD_SCALE_ON, grad_scale_switches, grad_scale_variant
+from .kd import grad_scale_of
+
 _LOG2E = 1.4426950408889634
 
 # ----------------------------------------------------------------------------------------------
@@ -111,6 +114,7 @@ def _sparse_kd_forward_kernel(
     row_loss_ptr,  # [N] float32
     grad_ptr,  # [N, V] student dtype, or None when COMPUTE_GRAD is False
     scale_ptr,  # [] float32 reduction scale when SCALE_MODE == 2, else None
+    go_ptr,  # float32 grad_scale: [] (GO_MODE 1) or [N] (GO_MODE 2), else None
     n_rows,
     V,
     K,
@@ -127,6 +131,8 @@ def _sparse_kd_forward_kernel(
     UNIFORM: tl.constexpr,  # tail="uniform"
     SCALE_MODE: tl.constexpr,  # gradient scale: 0 -> 1, 1 -> 1 / n_rows, 2 -> *scale_ptr
     COMPUTE_GRAD: tl.constexpr,
+    GO_MODE: tl.constexpr,  # grad_scale (kernels/__init__.py)
+    GO_SKIP: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -142,6 +148,10 @@ def _sparse_kd_forward_kernel(
     NEG_INF: tl.constexpr = float("-inf")
 
     row = tl.program_id(0).to(tl.int64)
+    go = grad_scale_of(go_ptr, row, GO_MODE)
+    if GO_SKIP:
+        if go == 1.0:  # the forward's gradient stands: no traffic
+            return
     s_row = s_ptr + row * V
     v_row = v_ptr + row * K
     i_row = idx_ptr + row * K
@@ -274,6 +284,7 @@ def _sparse_kd_forward_kernel(
             scale = 1.0 / n_rows
         else:
             scale = 1.0
+        scale = scale * go
         k_soft = soft_grad_coef * scale
         k_hard = hard_weight * scale
         inv_s = 1.0 / sum_s
@@ -341,13 +352,30 @@ def sparse_kd_forward(
     reduction: str,
     t2_scale: bool,
     compute_grad: bool,
+    grad_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fastkd::sparse_kd_forward on Triton: (loss float32, grad in the student's dtype or empty [0]).
 
     Inputs are expected validated by the caller (contiguous [N, V] and [N, k], labels int64 [N]
-    or None). Uses only torch ops and one wrap_triton launch, with no host synchronisation, so
-    that it can run inside torch.library.triton_op.
+    or None, grad_scale float32 of 1 or N elements or None). Uses only torch ops and one
+    wrap_triton launch, with no host synchronisation, so that it can run inside
+    torch.library.triton_op.
     """
+    return _sparse_kd_launch(student, values, indices, labels, values_kind, tail, temperature, hard_weight,
+                             ignore_index, reduction, t2_scale, compute_grad, grad_scale, None)
+
+
+def sparse_kd_forward_rescale_(grad, student, values, indices, labels, values_kind, tail, temperature, hard_weight,
+                               ignore_index, reduction, t2_scale, grad_scale) -> None:
+    """fastkd::sparse_kd_forward_rescale_ on Triton (csrc/ops.cpp): ``grad``, the forward's
+    gradient, rewritten with grad_scale folded in; rows whose scale is exactly 1 are skipped on
+    the device."""
+    _sparse_kd_launch(student, values, indices, labels, values_kind, tail, temperature, hard_weight, ignore_index,
+                      reduction, t2_scale, True, grad_scale, grad)
+
+
+def _sparse_kd_launch(student, values, indices, labels, values_kind, tail, temperature, hard_weight, ignore_index,
+                      reduction, t2_scale, compute_grad, grad_scale, into):
     if values_kind not in ("logits", "logprobs"):
         raise ValueError(f"sparse_kd_forward (triton): values must be 'logits' or 'logprobs', got {values_kind!r}")
     if tail not in ("renormalize", "uniform"):
@@ -360,11 +388,16 @@ def sparse_kd_forward(
     k = values.shape[1]
     device = student.device
     row_loss = torch.empty(n, dtype=torch.float32, device=device)
-    grad = torch.empty_like(student) if compute_grad else torch.empty(0, dtype=student.dtype, device=device)
+    if into is not None:
+        grad = into
+    else:
+        grad = torch.empty_like(student) if compute_grad else torch.empty(0, dtype=student.dtype, device=device)
+    go = None if grad_scale is None else grad_scale.to(torch.float32).contiguous()
     broken = broken_rows(indices, v)
 
     has_labels = labels is not None
     sw = switches(has_labels, hard_weight, temperature, reduction, compute_grad, tail == "uniform")
+    sw.update(grad_scale_switches(go, into is not None))
     # batchmean with labels: the count of non-ignored rows, on the device. With none of them,
     # every row loss and gradient row is 0, so any finite scale will do.
     scale_t = labels.ne(ignore_index).sum().clamp_min(1).to(torch.float32).reciprocal() if sw["SCALE_MODE"] == 2 else None
@@ -379,6 +412,7 @@ def sparse_kd_forward(
         row_loss,
         grad if compute_grad else None,
         scale_t,
+        go,
         n,
         v,
         k,
@@ -417,7 +451,7 @@ STATIC_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def static_launches() -> list:
     """The launches sparse_kd_forward can make on a GPU, reduced as follows (convention:
     kernels/__init__.py). The full product is 32 switch combinations x 9 (student, values) dtype
-    pairs x 2 index dtypes x ~24 (BLOCK_V, BLOCK_K) shapes x 2 architectures; this list has 69:
+    pairs x 2 index dtypes x ~24 (BLOCK_V, BLOCK_K) shapes x 2 architectures; this list has 75:
 
     * every switch combination at BLOCK_V 4096, BLOCK_K 1024, 8 warps (the most elements per
       thread), fp32 with int64 indices; the richest (RICHEST_SWITCHES) at the largest block of
@@ -425,7 +459,9 @@ def static_launches() -> list:
     * the richest switches at every other BLOCK_V (1 .. 4096, BLOCK_K = min(BLOCK_V, 1024)) and
       every BLOCK_K (1 .. 1024) at BLOCK_V 4096, fp32; at the largest block of each warp count
       for bf16 and fp16, and there with a row length that is not a multiple of 16 (fp32);
-    * int32 indices, and an fp32 student with bf16 values and the reverse, at BLOCK_V 4096.
+    * int32 indices, and an fp32 student with bf16 values and the reverse, at BLOCK_V 4096;
+    * grad_scale (the backward of a 16-bit student), bf16: every mode at BLOCK_V 4096, the
+      per-row in-place one at the largest block of the other warp counts.
 
     Row lengths are the block size (k = BLOCK_K), or one less; n_rows = 64, ignore_index = -100.
     Not compiled: switch combinations other than the richest below BLOCK_V 4096 or with 16-bit
@@ -446,6 +482,7 @@ def static_launches() -> list:
 
     def launch(student, vals, index, shape, combo, v):
         block_v, block_k, num_warps = shape
+        combo = {**GRAD_SCALE_OFF, **combo}
         args = dict(
             s_ptr=student,
             v_ptr=vals,
@@ -455,6 +492,7 @@ def static_launches() -> list:
             row_loss_ptr=torch.float32,
             grad_ptr=student if combo["COMPUTE_GRAD"] else None,
             scale_ptr=torch.float32 if combo["SCALE_MODE"] == 2 else None,
+            go_ptr=torch.float32 if combo["GO_MODE"] else None,
             n_rows=64,
             V=v,
             K=min(block_k, v),
@@ -479,6 +517,7 @@ def static_launches() -> list:
             "uniform" if combo["UNIFORM"] else "renormalize",
             "grad" if combo["COMPUTE_GRAD"] else "loss only",
             f"scale mode {combo['SCALE_MODE']}",
+            *([grad_scale_variant(combo)] if combo["GO_MODE"] else []),
         ]
         return StaticLaunch(
             kernel=_sparse_kd_forward_kernel,
@@ -500,4 +539,6 @@ def static_launches() -> list:
     out += [launch(f32, f32, i64, shape, RICHEST_SWITCHES, shape[0] - 1) for shape in largest]
     out.append(launch(f32, f32, torch.int32, top, RICHEST_SWITCHES, top[0]))
     out += [launch(a, b, i64, top, RICHEST_SWITCHES, top[0]) for a, b in ((f32, b16), (b16, f32))]
+    out += [launch(b16, b16, i64, top, {**RICHEST_SWITCHES, **go}, top[0]) for go in GRAD_SCALE_ON]
+    out += [launch(b16, b16, i64, shape, {**RICHEST_SWITCHES, **GRAD_SCALE_ON[1]}, shape[0]) for shape in largest[:-1]]
     return out

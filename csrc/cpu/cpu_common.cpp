@@ -118,6 +118,30 @@ at::Tensor new_grad_buffer(const at::Tensor& student) {
 }
 
 
+GradScale read_grad_scale(const std::optional<at::Tensor>& grad_scale, int64_t n_rows, const char* op) {
+  GradScale out;
+  if (!grad_scale.has_value()) return out;
+  const at::Tensor& s = *grad_scale;
+  TORCH_CHECK(s.device().is_cpu() && at::isFloatingType(s.scalar_type()) && (s.numel() == 1 || s.numel() == n_rows),
+              "fastkd::", op, ": grad_scale must be a float CPU tensor of 1 or ", n_rows, " (one per row) elements, got ",
+              s.scalar_type(), " ", s.sizes(), " on ", s.device());
+  if (s.numel() == 1) {
+    out.scalar = s.to(at::kDouble).item<double>();
+  } else {
+    out.rows = s.reshape({n_rows}).to(at::kDouble).contiguous();
+  }
+  return out;
+}
+
+at::Tensor grad_buffer(const at::Tensor& student, const at::Tensor* into, const char* op) {
+  if (into == nullptr) return new_grad_buffer(student);
+  TORCH_CHECK(into->sizes() == student.sizes() && into->scalar_type() == student.scalar_type() && into->is_contiguous() &&
+                  into->device() == student.device(),
+              "fastkd::", op, "_rescale_: grad must be the forward's gradient, contiguous ", student.scalar_type(), " ",
+              student.sizes(), ", got ", into->scalar_type(), " ", into->sizes());
+  return *into;
+}
+
 int64_t count_valid_rows(const std::optional<at::Tensor>& labels, int64_t n_rows, int64_t ignore_index, const char* op,
                          const int64_t** label_ptr) {
   *label_ptr = nullptr;

@@ -47,6 +47,21 @@ constexpr size_t kLargeGradBytes = size_t(8) << 20;
 // nobody holds it any more (fastkd.empty_cache() frees it).
 at::Tensor new_grad_buffer(const at::Tensor& like);
 
+// A fused op's grad_scale: the backward's grad_output, multiplied into the gradient before its
+// one rounding to the student's dtype (so that a 16-bit gradient is rounded exactly once).
+// Absent (1), one element (every row), or n_rows elements (per row: reduction="none").
+struct GradScale {
+  double scalar = 1;
+  at::Tensor rows;  // double [n_rows], or undefined
+  const double* row_ptr() const { return rows.defined() ? rows.const_data_ptr<double>() : nullptr; }
+  bool is_one() const { return !rows.defined() && scalar == 1; }
+};
+GradScale read_grad_scale(const std::optional<at::Tensor>& grad_scale, int64_t n_rows, const char* op);
+
+// The gradient buffer of a call: `into` when given (a rescale op's target: the forward's
+// gradient, checked to be shaped and typed like the student), else new_grad_buffer(student).
+at::Tensor grad_buffer(const at::Tensor& student, const at::Tensor* into, const char* op);
+
 // Checks labels ([n_rows] contiguous int64 CPU, or absent) and counts the rows whose label is
 // not ignore_index (all rows without labels). *label_ptr is set to the data or null.
 int64_t count_valid_rows(const std::optional<at::Tensor>& labels, int64_t n_rows, int64_t ignore_index, const char* op,

@@ -181,8 +181,10 @@ static void dkd_rows(const DkdArgs& a, int64_t row_begin, int64_t row_end, void*
 
     // Sweep 3: the gradient from the kept exponentials; the target's entry is written last.
     const double dq = sigmoid_difference(d_s, d_t);  // q_y - p_y
-    const V vcq = V::set1(C((a.beta_grad_coef - a.alpha_grad_coef * dq) / tot_s));
-    const V vcp = V::set1(C(-a.beta_grad_coef / tot_t));
+    const double rs = row_factor(a.grad_row_scale, row);
+    const double alpha_coef = a.alpha_grad_coef * rs, beta_coef = a.beta_grad_coef * rs;
+    const V vcq = V::set1(C((beta_coef - alpha_coef * dq) / tot_s));
+    const V vcp = V::set1(C(-beta_coef / tot_t));
     auto sweep3 = [&](int64_t i) { return V::fma(vcp, V::load(exp_t + i), vcq * V::load(exp_s + i)); };
     const bool stream = a.stream_grad && reinterpret_cast<uintptr_t>(g) % (L * sizeof(TS)) == 0;
     if (stream) {
@@ -192,7 +194,7 @@ static void dkd_rows(const DkdArgs& a, int64_t row_begin, int64_t row_end, void*
     }
     if (n_tail) store_tail(sweep3(n_full), g + n_full, n_tail);
     if (stream) V::fence();
-    g[label] = from_compute<TS>(C(a.alpha_grad_coef * dq));
+    g[label] = from_compute<TS>(C(alpha_coef * dq));
   }
 }
 

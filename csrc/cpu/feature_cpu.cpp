@@ -58,9 +58,10 @@ HintKind parse_hint_kind(c10::string_view kind) {
               std::string(kind), "\"");
 }
 
-std::tuple<at::Tensor, at::Tensor> hint_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                                    c10::string_view kind_name, c10::string_view reduction,
-                                                    bool compute_grad) {
+// The forward, or (into given) the rescale op's recomputation into the forward's gradient.
+std::tuple<at::Tensor, at::Tensor> hint_impl(const at::Tensor& student, const at::Tensor& teacher, c10::string_view kind_name,
+                                             c10::string_view reduction, bool compute_grad,
+                                             const std::optional<at::Tensor>& grad_scale, at::Tensor* into) {
   constexpr const char* kOp = "hint_forward";
   const HintKind kind = parse_hint_kind(kind_name);
   check_feature_reduction(reduction, kOp);
@@ -85,10 +86,12 @@ std::tuple<at::Tensor, at::Tensor> hint_forward_cpu(const at::Tensor& student, c
   a.n_chunks = elementwise ? (dim + kHintChunk - 1) / kHintChunk : 1;
   // Raw row loss -> row loss: a mean over the row's entries, except for cosine (1 - cos itself).
   const double row_scale = kind == HintKind::Cosine ? 1.0 : 1.0 / double(dim);
-  a.grad_coef = reduction == "none" ? row_scale : reduction == "sum" ? 1.0 : row_scale / double(n_rows);
+  const cpu::GradScale extra = cpu::read_grad_scale(grad_scale, n_rows, kOp);
+  a.grad_coef = (reduction == "none" ? row_scale : reduction == "sum" ? 1.0 : row_scale / double(n_rows)) * extra.scalar;
+  a.grad_row_scale = extra.row_ptr();
 
   at::Tensor task_loss = at::empty({n_rows * a.n_chunks}, student.options().dtype(at::kDouble));
-  at::Tensor grad = compute_grad ? cpu::new_grad_buffer(student) : at::empty({0}, student.options());
+  at::Tensor grad = compute_grad ? cpu::grad_buffer(student, into, kOp) : at::empty({0}, student.options());
   a.task_loss = task_loss.data_ptr<double>();
   a.grad = compute_grad ? grad.data_ptr() : nullptr;
   a.stream_grad = compute_grad && grad.nbytes() >= cpu::kLargeGradBytes;
@@ -109,12 +112,12 @@ std::tuple<at::Tensor, at::Tensor> hint_forward_cpu(const at::Tensor& student, c
       rows[r] = total;
     }
   }
-  return {reduce_feature_rows(raw, reduction, row_scale, student.scalar_type()), grad};
+  return {reduce_feature_rows(raw, reduction, row_scale, student.scalar_type()), into ? at::empty({0}, student.options()) : grad};
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_transfer_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                                                  double p, c10::string_view reduction,
-                                                                  bool compute_grad) {
+std::tuple<at::Tensor, at::Tensor> attention_impl(const at::Tensor& student, const at::Tensor& teacher, double p,
+                                                  c10::string_view reduction, bool compute_grad,
+                                                  const std::optional<at::Tensor>& grad_scale, at::Tensor* into) {
   constexpr const char* kOp = "attention_transfer_forward";
   check_feature_reduction(reduction, kOp);
   TORCH_CHECK(student.dim() == 3 && student.is_contiguous(),
@@ -142,10 +145,12 @@ std::tuple<at::Tensor, at::Tensor> attention_transfer_forward_cpu(const at::Tens
   a.spatial = spatial;
   a.p = p;
   const double row_scale = 1.0 / double(spatial);  // the row loss is a mean over HW
-  a.grad_coef = reduction == "none" ? row_scale : reduction == "sum" ? 1.0 : row_scale / double(n_rows);
+  const cpu::GradScale extra = cpu::read_grad_scale(grad_scale, n_rows, kOp);
+  a.grad_coef = (reduction == "none" ? row_scale : reduction == "sum" ? 1.0 : row_scale / double(n_rows)) * extra.scalar;
+  a.grad_row_scale = extra.row_ptr();
 
   at::Tensor row_loss = at::empty({n_rows}, student.options().dtype(at::kDouble));
-  at::Tensor grad = compute_grad ? cpu::new_grad_buffer(student) : at::empty({0}, student.options());
+  at::Tensor grad = compute_grad ? cpu::grad_buffer(student, into, kOp) : at::empty({0}, student.options());
   a.row_loss = row_loss.data_ptr<double>();
   a.grad = compute_grad ? grad.data_ptr() : nullptr;
   a.stream_grad = compute_grad && grad.nbytes() >= cpu::kLargeGradBytes;
@@ -156,7 +161,32 @@ std::tuple<at::Tensor, at::Tensor> attention_transfer_forward_cpu(const at::Tens
   const auto rows = cpu::pick_isa(avx512::attention_rows, avx2::attention_rows, scalar::attention_rows);
   cpu::parallel_rows(n_rows, a.s_channels * spatial, scratch_bytes,
                      [&](int64_t begin, int64_t end, void* scratch) { rows(a, begin, end, scratch); });
-  return {reduce_feature_rows(row_loss, reduction, row_scale, student.scalar_type()), grad};
+  return {reduce_feature_rows(row_loss, reduction, row_scale, student.scalar_type()), into ? at::empty({0}, student.options()) : grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> hint_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                    c10::string_view kind, c10::string_view reduction, bool compute_grad,
+                                                    const std::optional<at::Tensor>& grad_scale) {
+  return hint_impl(student, teacher, kind, reduction, compute_grad, grad_scale, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_transfer_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                                  double p, c10::string_view reduction, bool compute_grad,
+                                                                  const std::optional<at::Tensor>& grad_scale) {
+  return attention_impl(student, teacher, p, reduction, compute_grad, grad_scale, nullptr);
+}
+
+// The gradient into `grad` again, times grad_scale (csrc/ops.cpp); nothing to do when it is 1.
+void hint_forward_rescale_cpu(at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher, c10::string_view kind,
+                              c10::string_view reduction, const at::Tensor& grad_scale) {
+  if (cpu::read_grad_scale(grad_scale, student.size(0), "hint_forward").is_one()) return;
+  hint_impl(student, teacher, kind, reduction, true, grad_scale, &grad);
+}
+
+void attention_transfer_forward_rescale_cpu(at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher, double p,
+                                            c10::string_view reduction, const at::Tensor& grad_scale) {
+  if (cpu::read_grad_scale(grad_scale, student.size(0), "attention_transfer_forward").is_one()) return;
+  attention_impl(student, teacher, p, reduction, true, grad_scale, &grad);
 }
 
 }  // namespace
@@ -164,6 +194,8 @@ std::tuple<at::Tensor, at::Tensor> attention_transfer_forward_cpu(const at::Tens
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
   m.impl("hint_forward", &hint_forward_cpu);
   m.impl("attention_transfer_forward", &attention_transfer_forward_cpu);
+  m.impl("hint_forward_rescale_", &hint_forward_rescale_cpu);
+  m.impl("attention_transfer_forward_rescale_", &attention_transfer_forward_rescale_cpu);
 }
 
 }  // namespace fastkd

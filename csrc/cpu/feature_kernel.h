@@ -106,9 +106,9 @@ template <HintKind K, class V, class TS, class TT>
 static void hint_elementwise_tasks(const HintArgs& a, int64_t begin, int64_t end) {
   using C = typename V::scalar;
   constexpr int L = V::L;
-  const V coef = V::set1(C(a.grad_coef));
   for (int64_t task = begin; task < end; ++task) {
     const int64_t row = task / a.n_chunks;
+    const V coef = V::set1(C(a.grad_coef * row_factor(a.grad_row_scale, row)));
     const int64_t lo = (task % a.n_chunks) * a.chunk;
     const int64_t n = std::min(a.dim, lo + a.chunk) - lo;
     const TS* s = static_cast<const TS*>(a.student) + row * a.dim + lo;
@@ -194,18 +194,19 @@ static void hint_row_tasks(const HintArgs& a, int64_t begin, int64_t end) {
     const double inv_s = 1.0 / cs;
     // The gradient is coef_u * u + coef_v * v with u = s / Ns, v = t / Nt: for equal directions
     // the two terms then cancel exactly, as in the reference.
+    const double gc = a.grad_coef * row_factor(a.grad_row_scale, row);
     double coef_u, coef_v;
     if constexpr (K == HintKind::Cosine) {
       // -t / (Ns Nt) + cos s / (Ns |s|)   (the second term 0 when |s| = 0)
       const double cosine = st.total / (cs * ct);  // divided: +-1 exactly for parallel rows
-      coef_u = ns > 0 ? a.grad_coef * cosine / ns : (ns == 0 ? 0.0 : ns);
-      coef_v = -a.grad_coef * inv_s;
+      coef_u = ns > 0 ? gc * cosine / ns : (ns == 0 ? 0.0 : ns);
+      coef_v = -gc * inv_s;
     } else {
       // 2/Ns (u - v - [|s| >= eps] u <u, r>),  <u, r> = |u|^2 - <u, v>
       const double ur = ss.total / (cs * cs) - st.total / (cs * ct);
       const double keep = ns >= eps ? ur : (ns < eps ? 0.0 : ns);  // NaN: NaN
-      coef_u = 2 * a.grad_coef * inv_s * (1 - keep);
-      coef_v = -2 * a.grad_coef * inv_s;
+      coef_u = 2 * gc * inv_s * (1 - keep);
+      coef_v = -2 * gc * inv_s;
     }
 
     // Sweep 2: the loss entry by entry, |u - v|^2, and the gradient. u and v are divided, not
@@ -359,7 +360,7 @@ static void attention_rows(const AttentionArgs& a, int64_t begin, int64_t end, v
 
     // w[j] = dL/dQs[j] * p / Cs, kept in qs; then grad[c, j] = w[j] * |x|^(p-1) sign(x).
     const double keep = ns >= kNormalizeEps ? ar : (ns < kNormalizeEps ? 0.0 : ns);
-    const double k = a.grad_coef * 2 * inv_s * a.p / double(a.s_channels);
+    const double k = a.grad_coef * row_factor(a.grad_row_scale, row) * 2 * inv_s * a.p / double(a.s_channels);
     for (int64_t j = 0; j < hw; ++j) {
       const double as = double(qs[j]) / cs;
       const double r = as - double(qt[j]) / ct;

@@ -47,12 +47,13 @@ namespace {
 
 constexpr const char* kOp = "kd_forward";
 
-std::tuple<at::Tensor, at::Tensor> kd_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                                  const std::optional<at::Tensor>& labels,
-                                                  const std::optional<at::Tensor>& teacher_weights,
-                                                  c10::string_view divergence, double beta, double temperature,
-                                                  double hard_weight, int64_t ignore_index, c10::string_view reduction,
-                                                  bool t2_scale, bool compute_grad) {
+// The forward, or (into given) the rescale op's recomputation into the forward's gradient.
+std::tuple<at::Tensor, at::Tensor> kd_impl(const at::Tensor& student, const at::Tensor& teacher,
+                                           const std::optional<at::Tensor>& labels,
+                                           const std::optional<at::Tensor>& teacher_weights, c10::string_view divergence,
+                                           double beta, double temperature, double hard_weight, int64_t ignore_index,
+                                           c10::string_view reduction, bool t2_scale, bool compute_grad,
+                                           const std::optional<at::Tensor>& grad_scale, at::Tensor* into) {
   double b = beta;
   const Divergence dv = parse_divergence(divergence, &b, "fastkd::kd_forward");
   cpu::check_reduction(reduction, kOp);
@@ -79,10 +80,11 @@ std::tuple<at::Tensor, at::Tensor> kd_forward_cpu(const at::Tensor& student, con
   const int64_t n_valid = cpu::count_valid_rows(labels, n_rows, ignore_index, kOp, &label_ptr);
   TORCH_CHECK(hard_weight == 0 || label_ptr != nullptr, "fastkd::kd_forward: hard_weight > 0 needs labels");
 
-  const double scale = cpu::reduction_scale(reduction, n_valid);
+  const cpu::GradScale extra = cpu::read_grad_scale(grad_scale, n_rows, kOp);
+  const double scale = cpu::reduction_scale(reduction, n_valid) * extra.scalar;
   const double alpha = hard_weight;
   at::Tensor row_loss = at::empty({n_rows}, student.options().dtype(at::kDouble));
-  at::Tensor grad = compute_grad ? cpu::new_grad_buffer(student) : at::empty({0}, student.options());
+  at::Tensor grad = compute_grad ? cpu::grad_buffer(student, into, kOp) : at::empty({0}, student.options());
 
   KdArgs a;
   a.student = student.data_ptr();
@@ -104,6 +106,7 @@ std::tuple<at::Tensor, at::Tensor> kd_forward_cpu(const at::Tensor& student, con
   a.soft_grad_coef = (1 - alpha) * (t2_scale ? temperature : 1.0 / temperature) * scale;
   a.hard_weight = alpha;
   a.hard_grad_coef = alpha * scale;
+  a.grad_row_scale = extra.row_ptr();
   a.stream_grad = compute_grad && grad.nbytes() >= cpu::kLargeGradBytes;
 
   const bool in_double = a.student_dtype == DType::Float64 || a.teacher_dtype == DType::Float64;
@@ -119,11 +122,34 @@ std::tuple<at::Tensor, at::Tensor> kd_forward_cpu(const at::Tensor& student, con
     cpu::parallel_rows(n_rows, vocab * n_teachers, scratch_bytes,
                        [&](int64_t begin, int64_t end, void* scratch) { rows(a, begin, end, scratch); });
   }
-  return {cpu::reduce_rows(row_loss, reduction, n_valid, student.scalar_type()), grad};
+  return {cpu::reduce_rows(row_loss, reduction, n_valid, student.scalar_type()), into ? at::empty({0}, student.options()) : grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                  const std::optional<at::Tensor>& labels,
+                                                  const std::optional<at::Tensor>& teacher_weights,
+                                                  c10::string_view divergence, double beta, double temperature,
+                                                  double hard_weight, int64_t ignore_index, c10::string_view reduction,
+                                                  bool t2_scale, bool compute_grad, const std::optional<at::Tensor>& grad_scale) {
+  return kd_impl(student, teacher, labels, teacher_weights, divergence, beta, temperature, hard_weight, ignore_index, reduction,
+                 t2_scale, compute_grad, grad_scale, nullptr);
+}
+
+// The gradient into `grad` again, times grad_scale (csrc/ops.cpp); nothing to do when it is 1.
+void kd_forward_rescale_cpu(at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
+                            const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& teacher_weights,
+                            c10::string_view divergence, double beta, double temperature, double hard_weight,
+                            int64_t ignore_index, c10::string_view reduction, bool t2_scale, const at::Tensor& grad_scale) {
+  if (cpu::read_grad_scale(grad_scale, student.size(0), kOp).is_one()) return;
+  kd_impl(student, teacher, labels, teacher_weights, divergence, beta, temperature, hard_weight, ignore_index, reduction,
+          t2_scale, true, grad_scale, &grad);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastkd, CPU, m) { m.impl("kd_forward", &kd_forward_cpu); }
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
+  m.impl("kd_forward", &kd_forward_cpu);
+  m.impl("kd_forward_rescale_", &kd_forward_rescale_cpu);
+}
 
 }  // namespace fastkd

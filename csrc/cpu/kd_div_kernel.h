@@ -378,10 +378,12 @@ static void kd_div_rows(const KdArgs& a, int64_t row_begin, int64_t row_end, voi
 
     // Sweep 4: the gradient, k q (x - c) (kl: k (q - p)) plus the CE's softmax; with T == 1 the
     // CE softmax is q itself.
-    const C ks = C(a.soft_grad_coef * kd_div_grad_factor(dv, a.beta));
+    const double rs = row_factor(a.grad_row_scale, row);
+    const C ks = C(a.soft_grad_coef * rs * kd_div_grad_factor(dv, a.beta));
     const C c = kl_form ? C(0) : C(totc);
-    const C cq_ce = hard && !ce_needs_own_sum ? C(a.hard_grad_coef) : C(0);  // times q, already normalised
-    const C cce = ce_needs_own_sum ? C(a.hard_grad_coef / tot_ce) : C(0);
+    const C hard_coef = C(a.hard_grad_coef * rs);
+    const C cq_ce = hard && !ce_needs_own_sum ? hard_coef : C(0);  // times q, already normalised
+    const C cce = ce_needs_own_sum ? C(a.hard_grad_coef * rs / tot_ce) : C(0);
     const V vks = V::set1(ks), vc = V::set1(c), vcq_ce = V::set1(cq_ce), vcce = V::set1(cce), vms = V::set1(ms);
     auto sweep4 = [&](int64_t i, V xs) {
       const V q = V::load(exp_s + i) * vinv_ss;
@@ -403,7 +405,7 @@ static void kd_div_rows(const KdArgs& a, int64_t row_begin, int64_t row_end, voi
       // The one-hot term, at the label only, written once.
       const C q = exp_s[label] * inv_ss, x = xrow[label];
       C gl = kl_form ? ks * (q - x) : (q == C(0) ? C(0) : ks * q * (x - c));
-      gl += cq_ce * q + cce * std::exp(to_compute<C>(s[label]) - ms) - C(a.hard_grad_coef);
+      gl += cq_ce * q + cce * std::exp(to_compute<C>(s[label]) - ms) - hard_coef;
       g[label] = from_compute<TS>(gl);
     }
   }

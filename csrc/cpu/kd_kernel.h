@@ -147,9 +147,11 @@ static void kd_rows(const KdArgs& a, int64_t row_begin, int64_t row_end, void* s
     if (!g) continue;
 
     // Sweep 3: the gradient. With T == 1 the CE softmax is q itself, so its weight joins q's.
-    const C cq = C(a.soft_grad_coef) / ss + (hard && !ce_needs_own_sum ? C(a.hard_grad_coef) / ss : C(0));
-    const C cp = C(a.soft_grad_coef) / st;
-    const C cce = ce_needs_own_sum ? C(a.hard_grad_coef) / sce : C(0);
+    const double rs = row_factor(a.grad_row_scale, row);
+    const C soft_coef = C(a.soft_grad_coef * rs), hard_coef = C(a.hard_grad_coef * rs);
+    const C cq = soft_coef / ss + (hard && !ce_needs_own_sum ? hard_coef / ss : C(0));
+    const C cp = soft_coef / st;
+    const C cce = ce_needs_own_sum ? hard_coef / sce : C(0);
     const V vcq = V::set1(cq), vcp = V::set1(-cp), vcce = V::set1(cce);
     auto sweep3 = [&](int64_t i, V xs) {
       V r = V::fma(vcp, V::load(exp_t + i), vcq * V::load(exp_s + i));
@@ -165,10 +167,12 @@ static void kd_rows(const KdArgs& a, int64_t row_begin, int64_t row_end, void* s
     if (n_tail) store_tail(sweep3(n_full, load_tail<V>(s + n_full, n_tail, neg_inf)), g + n_full, n_tail);
     if (stream) V::fence();
     if (hard) {
-      // The one-hot term, at the label only, written once.
-      const C gl = cq * exp_s[label] - cp * exp_t[label] + cce * std::exp(to_compute<C>(s[label]) - ms) -
-                   C(a.hard_grad_coef);
-      g[label] = from_compute<TS>(gl);
+      // The one-hot term, at the label only, written once and formed coefficient by coefficient
+      // (q - p and softmax(s) - 1 first), so that both cancel exactly where they should (V = 1)
+      // whatever the coefficients (grad_output folded in makes them arbitrary).
+      const C q = exp_s[label] / ss, p = exp_t[label] / st;
+      const C sm = ce_needs_own_sum ? std::exp(to_compute<C>(s[label]) - ms) / sce : q;
+      g[label] = from_compute<TS>(soft_coef * (q - p) + hard_coef * (sm - C(1)));
     }
   }
 }

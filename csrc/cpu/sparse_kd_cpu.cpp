@@ -20,11 +20,13 @@ namespace {
 
 constexpr const char* kOp = "sparse_kd_forward";
 
-std::tuple<at::Tensor, at::Tensor> sparse_kd_forward_cpu(const at::Tensor& student, const at::Tensor& values,
-                                                         const at::Tensor& indices, const std::optional<at::Tensor>& labels,
-                                                         c10::string_view values_kind, c10::string_view tail,
-                                                         double temperature, double hard_weight, int64_t ignore_index,
-                                                         c10::string_view reduction, bool t2_scale, bool compute_grad) {
+// The forward, or (into given) the rescale op's recomputation into the forward's gradient.
+std::tuple<at::Tensor, at::Tensor> sparse_kd_impl(const at::Tensor& student, const at::Tensor& values, const at::Tensor& indices,
+                                                  const std::optional<at::Tensor>& labels, c10::string_view values_kind,
+                                                  c10::string_view tail, double temperature, double hard_weight,
+                                                  int64_t ignore_index, c10::string_view reduction, bool t2_scale,
+                                                  bool compute_grad, const std::optional<at::Tensor>& grad_scale,
+                                                  at::Tensor* into) {
   TORCH_CHECK(values_kind == "logits" || values_kind == "logprobs",
               "fastkd::sparse_kd_forward: values must be \"logits\" or \"logprobs\", got \"", values_kind, "\"");
   TORCH_CHECK(tail == "renormalize" || tail == "uniform",
@@ -49,10 +51,11 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_forward_cpu(const at::Tensor& stude
   const int64_t n_valid = cpu::count_valid_rows(labels, n_rows, ignore_index, kOp, &label_ptr);
   TORCH_CHECK(hard_weight == 0 || label_ptr != nullptr, "fastkd::sparse_kd_forward: hard_weight > 0 needs labels");
 
-  const double scale = cpu::reduction_scale(reduction, n_valid);
+  const cpu::GradScale extra = cpu::read_grad_scale(grad_scale, n_rows, kOp);
+  const double scale = cpu::reduction_scale(reduction, n_valid) * extra.scalar;
   const double alpha = hard_weight;
   at::Tensor row_loss = at::empty({n_rows}, student.options().dtype(at::kDouble));
-  at::Tensor grad = compute_grad ? cpu::new_grad_buffer(student) : at::empty({0}, student.options());
+  at::Tensor grad = compute_grad ? cpu::grad_buffer(student, into, kOp) : at::empty({0}, student.options());
 
   SparseKdArgs a;
   a.student = student.data_ptr();
@@ -74,13 +77,35 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_forward_cpu(const at::Tensor& stude
   a.soft_grad_coef = (1 - alpha) * (t2_scale ? temperature : 1.0 / temperature) * scale;
   a.hard_weight = alpha;
   a.hard_grad_coef = alpha * scale;
+  a.grad_row_scale = extra.row_ptr();
   a.stream_grad = compute_grad && grad.nbytes() >= cpu::kLargeGradBytes;
 
   const size_t compute_size = a.student_dtype == DType::Float64 ? sizeof(double) : sizeof(float);
   const size_t scratch_bytes = sparse_kd_scratch_bytes(vocab, compute_size);
   const auto rows = cpu::pick_isa(avx512::sparse_kd_rows, avx2::sparse_kd_rows, scalar::sparse_kd_rows);
   cpu::parallel_rows(n_rows, vocab, scratch_bytes, [&](int64_t begin, int64_t end, void* scratch) { rows(a, begin, end, scratch); });
-  return {cpu::reduce_rows(row_loss, reduction, n_valid, student.scalar_type()), grad};
+  return {cpu::reduce_rows(row_loss, reduction, n_valid, student.scalar_type()), into ? at::empty({0}, student.options()) : grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_kd_forward_cpu(const at::Tensor& student, const at::Tensor& values,
+                                                         const at::Tensor& indices, const std::optional<at::Tensor>& labels,
+                                                         c10::string_view values_kind, c10::string_view tail,
+                                                         double temperature, double hard_weight, int64_t ignore_index,
+                                                         c10::string_view reduction, bool t2_scale, bool compute_grad,
+                                                         const std::optional<at::Tensor>& grad_scale) {
+  return sparse_kd_impl(student, values, indices, labels, values_kind, tail, temperature, hard_weight, ignore_index, reduction,
+                        t2_scale, compute_grad, grad_scale, nullptr);
+}
+
+// The gradient into `grad` again, times grad_scale (csrc/ops.cpp); nothing to do when it is 1.
+void sparse_kd_forward_rescale_cpu(at::Tensor& grad, const at::Tensor& student, const at::Tensor& values,
+                                   const at::Tensor& indices, const std::optional<at::Tensor>& labels,
+                                   c10::string_view values_kind, c10::string_view tail, double temperature,
+                                   double hard_weight, int64_t ignore_index, c10::string_view reduction, bool t2_scale,
+                                   const at::Tensor& grad_scale) {
+  if (cpu::read_grad_scale(grad_scale, student.size(0), kOp).is_one()) return;
+  sparse_kd_impl(student, values, indices, labels, values_kind, tail, temperature, hard_weight, ignore_index, reduction,
+                 t2_scale, true, grad_scale, &grad);
 }
 
 // See the schema (csrc/ops.cpp). Single-threaded: [N, k] is small, and an OpenMP region costs more
@@ -131,6 +156,7 @@ std::vector<double> sparse_kd_check_cpu(const at::Tensor& values_in, const at::T
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
   m.impl("sparse_kd_forward", &sparse_kd_forward_cpu);
+  m.impl("sparse_kd_forward_rescale_", &sparse_kd_forward_rescale_cpu);
   m.impl("sparse_kd_check", &sparse_kd_check_cpu);
 }
 

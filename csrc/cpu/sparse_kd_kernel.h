@@ -77,7 +77,6 @@ static void sparse_kd_rows(const SparseKdArgs& a, int64_t row_begin, int64_t row
   const bool hard = a.hard_weight > 0;
   const bool ce_needs_own_sum = hard && a.inv_temperature != 1;
   const bool uniform = a.uniform_tail;
-  const double soft = a.soft_grad_coef;
   C* const exp_s = static_cast<C*>(scratch);
   int64_t* const stamp = reinterpret_cast<int64_t*>(static_cast<char*>(scratch) + sparse_kd_exp_bytes(n, sizeof(C)));
   std::fill(stamp, stamp + n, int64_t(-1));
@@ -179,12 +178,14 @@ static void sparse_kd_rows(const SparseKdArgs& a, int64_t row_begin, int64_t row
     // weight joins q's. A kept entry's own value, cq e_j - soft p_j, is folded into its
     // exponential: e_j <- e_j - ratio S p_j + ce, ratio = soft / (cq S); an entry where q and p are
     // both 0 (student and teacher -inf) thus gets ce itself, and a gradient of exactly 0.
-    const double q_coef = soft + (hard && !ce_needs_own_sum ? a.hard_grad_coef : 0.0);
+    const double rs = row_factor(a.grad_row_scale, row);
+    const double soft = a.soft_grad_coef * rs, hard_coef = a.hard_grad_coef * rs;
+    const double q_coef = soft + (hard && !ce_needs_own_sum ? hard_coef : 0.0);
     const double ratio = soft != 0 ? soft / q_coef : 0.0;
     const double ce_d = ratio * tot_s * pb;
     const C cq = C(q_coef / tot_s);
     const C ce = C(ce_d);
-    const C cce = ce_needs_own_sum ? C(a.hard_grad_coef / tot_ce) : C(0);
+    const C cce = ce_needs_own_sum ? C(hard_coef / tot_ce) : C(0);
     const bool fold = g && soft != 0;
 
     // The kept entries: the loss terms, sum (s - ms) over K, the fold. As in kd_kernel.h the KL is
@@ -253,8 +254,8 @@ static void sparse_kd_rows(const SparseKdArgs& a, int64_t row_begin, int64_t row
       const C d_label = to_compute<C>(s[label]) - ms;
       const C e_label = std::exp(d_label * inv_t);
       C r = C(soft / tot_s) * e_label - C(soft * p_label);
-      r += ce_needs_own_sum ? cce * std::exp(d_label) : C(a.hard_grad_coef / tot_s) * e_label;
-      g[label] = from_compute<TS>(r - C(a.hard_grad_coef));
+      r += ce_needs_own_sum ? cce * std::exp(d_label) : C(hard_coef / tot_s) * e_label;
+      g[label] = from_compute<TS>(r - C(hard_coef));
     }
   }
 }

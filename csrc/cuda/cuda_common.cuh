@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <optional>
 #include <type_traits>
 
 namespace fastkd::cuda_common {
@@ -92,6 +93,49 @@ __device__ void fill_row(T* __restrict__ row, int64_t vocab, T value) {
   for (int64_t i = static_cast<int64_t>(threadIdx.x) * VEC; i < vocab; i += static_cast<int64_t>(blockDim.x) * VEC) {
     *reinterpret_cast<Vec<T, VEC>*>(row + i) = v;
   }
+}
+
+// A fused op's grad_scale (csrc/ops.cpp) as a kernel reads it: the backward's grad_output, one
+// value (stride 0) or one per row (stride 1), multiplied into the gradient's coefficient before
+// its one rounding to the student's dtype. skip_one: the rescale op, which rewrites the forward's
+// gradient in place; a row whose scale is exactly 1 keeps it, and its block returns at once.
+template <typename acc_t>
+struct GradScale {
+  const acc_t* ptr;  // null: no grad_scale (1)
+  int64_t stride;
+  bool skip_one;
+  __device__ __forceinline__ acc_t of(int64_t row) const { return ptr == nullptr ? acc_t(1) : ptr[row * stride]; }
+  __device__ __forceinline__ bool skip(int64_t row) const { return skip_one && ptr != nullptr && ptr[row * stride] == acc_t(1); }
+};
+
+// grad_scale checked (a float tensor of 1 or n_rows elements on `device`) and converted to the
+// accumulation type, contiguous; undefined when absent. The conversion is a device op: no host
+// synchronisation.
+inline at::Tensor grad_scale_tensor(const std::optional<at::Tensor>& grad_scale, int64_t n_rows, const at::Device& device,
+                                    at::ScalarType acc_dtype, const char* op) {
+  if (!grad_scale.has_value() || !grad_scale->defined()) return at::Tensor();
+  const at::Tensor& s = *grad_scale;
+  TORCH_CHECK(at::isFloatingType(s.scalar_type()) && (s.numel() == 1 || s.numel() == n_rows) && s.device() == device, op,
+              "grad_scale must be a float tensor of 1 or ", n_rows, " (one per row) elements on ", device, ", got ",
+              s.scalar_type(), " ", s.sizes(), " on ", s.device());
+  return s.reshape({-1}).to(acc_dtype).contiguous();
+}
+
+template <typename acc_t>
+GradScale<acc_t> grad_scale_of(const at::Tensor& t, bool skip_one) {
+  if (!t.defined()) return GradScale<acc_t>{nullptr, 0, false};
+  return GradScale<acc_t>{t.const_data_ptr<acc_t>(), t.numel() == 1 ? 0 : 1, skip_one};
+}
+
+// The gradient buffer of a call: `into` (the rescale op's target, checked to be the forward's
+// gradient: shaped and typed like the student, contiguous) or a new tensor like the student.
+inline at::Tensor grad_buffer(const at::Tensor& student, at::Tensor* into, const char* op) {
+  if (into == nullptr) return at::empty_like(student);
+  TORCH_CHECK(into->sizes() == student.sizes() && into->scalar_type() == student.scalar_type() && into->is_contiguous() &&
+                  into->device() == student.device(),
+              op, "grad must be the forward's gradient, contiguous ", student.scalar_type(), " ", student.sizes(), " on ",
+              student.device(), ", got ", into->scalar_type(), " ", into->sizes(), " on ", into->device());
+  return *into;
 }
 
 inline bool is_float_dtype(at::ScalarType st) {

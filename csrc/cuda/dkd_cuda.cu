@@ -99,6 +99,7 @@ struct DkdParams {
   acc_t alpha;             // TCKD weight
   acc_t beta;              // NCKD weight
   const acc_t* scale_ptr;  // device reduction scale ("batchmean"), or null for 1
+  GradScale<acc_t> gs;     // grad_scale (cuda_common.cuh)
 };
 
 // Online statistics of (part of) one row's non-target entries; see the comment at the top.
@@ -191,6 +192,7 @@ __global__ void __launch_bounds__(kMaxThreads) dkd_forward_kernel(const scalar_s
                                                                   const DkdParams<acc_t> p) {
   __shared__ RowState<acc_t> smem[kMaxWarps + 1];
   const int64_t row = blockIdx.x;
+  if (p.gs.skip(row)) return;  // the forward's gradient stands: no traffic (uniform per block)
   const int64_t vocab = p.vocab;
   const scalar_s* s_row = student + row * vocab;
   const scalar_t* t_row = teacher + row * vocab;
@@ -264,7 +266,7 @@ __global__ void __launch_bounds__(kMaxThreads) dkd_forward_kernel(const scalar_s
   if (g_row == nullptr) return;
 
   // Pass 2: the gradient, last chunk first.
-  const acc_t scale = p.scale_ptr != nullptr ? *p.scale_ptr : acc_t(1);
+  const acc_t scale = (p.scale_ptr != nullptr ? *p.scale_ptr : acc_t(1)) * p.gs.of(row);
   const acc_t k = p.temperature * scale;
   // q_y - p_y, from whichever side of 1/2 keeps the digits.
   const acc_t dq = d_s + d_t > acc_t(0) ? exp_(ls_t_not) - exp_(ls_s_not) : exp_(ls_s) - exp_(ls_t);
@@ -330,9 +332,11 @@ void launch(const at::Tensor& student, const at::Tensor& teacher, const int64_t*
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> dkd_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                                                    const at::Tensor& labels, double temperature, double alpha, double beta,
-                                                    int64_t ignore_index, std::string_view reduction, bool compute_grad) {
+// The forward, or (into given) the rescale op's recomputation into the forward's gradient.
+std::tuple<at::Tensor, at::Tensor> dkd_impl(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels,
+                                            double temperature, double alpha, double beta, int64_t ignore_index,
+                                            std::string_view reduction, bool compute_grad,
+                                            const std::optional<at::Tensor>& grad_scale, at::Tensor* into) {
   constexpr const char* kOp = "fastkd::dkd_forward (cuda): ";
   TORCH_CHECK(reduction == "none" || reduction == "sum" || reduction == "batchmean", kOp,
               "reduction must be 'none', 'sum' or 'batchmean', got '", std::string(reduction), "'");
@@ -369,7 +373,8 @@ std::tuple<at::Tensor, at::Tensor> dkd_forward_cuda(const at::Tensor& student, c
   const at::ScalarType acc_dtype = acc_double ? at::kDouble : at::kFloat;
   const at::ScalarType loss_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor row_loss = at::empty({n_rows}, opts.dtype(acc_dtype));
-  at::Tensor grad = compute_grad ? at::empty_like(student) : at::empty({0}, opts);
+  at::Tensor grad = compute_grad ? grad_buffer(student, into, kOp) : at::empty({0}, opts);
+  const at::Tensor gs = grad_scale_tensor(grad_scale, n_rows, student.device(), acc_dtype, kOp);
 
   // batchmean divides by the number of non-ignored rows, known only on the device. With none of
   // them every row loss and gradient row is 0, so any finite scale will do: clamp to 1.
@@ -391,6 +396,7 @@ std::tuple<at::Tensor, at::Tensor> dkd_forward_cuda(const at::Tensor& student, c
         p.alpha = static_cast<acc_t>(alpha);
         p.beta = static_cast<acc_t>(beta);
         p.scale_ptr = scale_t.defined() ? scale_t.const_data_ptr<acc_t>() : nullptr;
+        p.gs = grad_scale_of<acc_t>(gs, into != nullptr);
         launch<S, T>(student, teacher, labels.const_data_ptr<int64_t>(), row_loss,
                      compute_grad ? grad.mutable_data_ptr<S>() : nullptr, p);
       });
@@ -405,7 +411,22 @@ std::tuple<at::Tensor, at::Tensor> dkd_forward_cuda(const at::Tensor& student, c
   } else {
     loss = row_loss.sum() * scale_t;
   }
-  return {loss.to(loss_dtype), grad};
+  return {loss.to(loss_dtype), into != nullptr ? at::empty({0}, opts) : grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> dkd_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                                                    const at::Tensor& labels, double temperature, double alpha, double beta,
+                                                    int64_t ignore_index, std::string_view reduction, bool compute_grad,
+                                                    const std::optional<at::Tensor>& grad_scale) {
+  return dkd_impl(student, teacher, labels, temperature, alpha, beta, ignore_index, reduction, compute_grad, grad_scale,
+                  nullptr);
+}
+
+// The gradient into `grad` again, times grad_scale (csrc/ops.cpp): blocks whose scale is 1 return.
+void dkd_forward_rescale_cuda(at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
+                              const at::Tensor& labels, double temperature, double alpha, double beta,
+                              int64_t ignore_index, std::string_view reduction, const at::Tensor& grad_scale) {
+  dkd_impl(student, teacher, labels, temperature, alpha, beta, ignore_index, reduction, true, grad_scale, &grad);
 }
 
 }  // namespace
@@ -413,4 +434,5 @@ std::tuple<at::Tensor, at::Tensor> dkd_forward_cuda(const at::Tensor& student, c
 
 TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
   m.impl("dkd_forward", &fastkd::dkd_forward_cuda);
+  m.impl("dkd_forward_rescale_", &fastkd::dkd_forward_rescale_cuda);
 }

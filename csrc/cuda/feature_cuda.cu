@@ -103,10 +103,12 @@ __device__ __forceinline__ acc_t sign_of(acc_t x) {  // sign(NaN) = 0, as torch.
 
 template <typename S, typename T, typename acc_t>
 __global__ void __launch_bounds__(kThreads) hint_sums_kernel(const S* __restrict__ s, const T* __restrict__ t,
-                                                             acc_t* __restrict__ part, int64_t dim, int64_t n_chunks) {
+                                                             acc_t* __restrict__ part, int64_t dim, int64_t n_chunks,
+                                                             const GradScale<acc_t> gs) {
   __shared__ acc_t smem[kWarps + 1];
   const int64_t pid = blockIdx.x;
   const int64_t row = pid / n_chunks;
+  if (gs.skip(row)) return;  // the forward's gradient stands: no traffic (uniform per block)
   const int64_t lo = (pid % n_chunks) * kHintChunk;
   const int64_t hi = dim < lo + kHintChunk ? dim : lo + kHintChunk;
   const S* s_row = s + row * dim;
@@ -135,10 +137,14 @@ template <typename S, typename T, typename acc_t, int KIND>
 __global__ void __launch_bounds__(kThreads) hint_kernel(const S* __restrict__ s, const T* __restrict__ t,
                                                         S* __restrict__ grad, acc_t* __restrict__ part,
                                                         const acc_t* __restrict__ row_params, int64_t dim,
-                                                        int64_t n_chunks, acc_t grad_coef) {
+                                                        int64_t n_chunks, acc_t grad_coef, const GradScale<acc_t> gs) {
   __shared__ acc_t smem[kWarps + 1];
   const int64_t pid = blockIdx.x;
   const int64_t row = pid / n_chunks;
+  if (gs.skip(row)) return;  // the forward's gradient stands: no traffic (uniform per block)
+  // grad_scale: an elementwise kind's coefficient here; cosine and normalized_mse carry it in
+  // row_params (the launcher).
+  if constexpr (KIND != kCosine && KIND != kNormalizedMse) grad_coef *= gs.of(row);
   const int64_t lo = (pid % n_chunks) * kHintChunk;
   const int64_t hi = dim < lo + kHintChunk ? dim : lo + kHintChunk;
   const S* s_row = s + row * dim;
@@ -215,9 +221,10 @@ __device__ __forceinline__ acc_t at_power_slope(acc_t x, acc_t p) {
 template <typename T, typename acc_t, int P>
 __global__ void __launch_bounds__(kThreads) at_channel_mean_kernel(const T* __restrict__ x, acc_t* __restrict__ q,
                                                                    int64_t channels, int64_t spatial, int64_t n_jb,
-                                                                   acc_t p) {
+                                                                   acc_t p, const GradScale<acc_t> gs) {
   __shared__ acc_t smem[kAtRows][kAtJ];
   const int64_t row = blockIdx.x / n_jb;
+  if (gs.skip(row)) return;  // a rescale's row left as it is: q unwritten, never read (uniform per block)
   const int64_t j = (blockIdx.x % n_jb) * kAtJ + threadIdx.x;
   acc_t acc = 0;
   if (j < spatial) {
@@ -237,10 +244,11 @@ __global__ void __launch_bounds__(kThreads) at_channel_mean_kernel(const T* __re
 template <typename S, typename acc_t, int P>
 __global__ void __launch_bounds__(kThreads) at_grad_kernel(const S* __restrict__ x, const acc_t* __restrict__ w,
                                                            S* __restrict__ grad, int64_t total, int64_t channels,
-                                                           int64_t spatial, acc_t p) {
+                                                           int64_t spatial, acc_t p, const GradScale<acc_t> gs) {
   const int64_t stride = int64_t(gridDim.x) * kThreads;
   for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < total; i += stride) {
     const int64_t row = i / (channels * spatial);
+    if (gs.skip(row)) continue;  // grad_scale is in w; a rescale leaves a row whose scale is 1
     const int64_t j = i % spatial;
     grad[i] = store_as<S>(w[row * spatial + j] * at_power_slope<P>(load_as<acc_t>(x + i), p));
   }
@@ -333,9 +341,10 @@ int hint_kind_code(std::string_view kind) {
   return -1;
 }
 
-std::tuple<at::Tensor, at::Tensor> hint_forward_cuda(const at::Tensor& student, const at::Tensor& teacher_in,
-                                                     std::string_view kind, std::string_view reduction,
-                                                     bool compute_grad) {
+// The forward, or (into given) the rescale op's recomputation into the forward's gradient.
+std::tuple<at::Tensor, at::Tensor> hint_impl(const at::Tensor& student, const at::Tensor& teacher_in, std::string_view kind,
+                                             std::string_view reduction, bool compute_grad,
+                                             const std::optional<at::Tensor>& grad_scale, at::Tensor* into) {
   constexpr const char* kOp = "fastkd::hint_forward (cuda): ";
   const int code = hint_kind_code(kind);
   TORCH_CHECK(code >= 0, kOp, "kind must be mse, l1, smooth_l1, cosine or normalized_mse, got '", std::string(kind), "'");
@@ -353,8 +362,9 @@ std::tuple<at::Tensor, at::Tensor> hint_forward_cuda(const at::Tensor& student, 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::ScalarType acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto acc_opts = student.options().dtype(acc_dtype);
-  at::Tensor grad = compute_grad ? at::empty_like(student) : at::empty({0}, student.options());
+  at::Tensor grad = compute_grad ? grad_buffer(student, into, kOp) : at::empty({0}, student.options());
   at::Tensor part = at::empty({n_rows * n_chunks}, acc_opts);
+  const at::Tensor gs_t = grad_scale_tensor(grad_scale, n_rows, student.device(), acc_dtype, kOp);
   const double row_scale = code == kCosine ? 1.0 : 1.0 / double(dim);
   const double grad_coef = grad_coef_for(reduction, row_scale, n_rows);
   const double eps = code == kCosine ? kCosineEps : kNormalizeEps;
@@ -369,10 +379,11 @@ std::tuple<at::Tensor, at::Tensor> hint_forward_cuda(const at::Tensor& student, 
       const S* s = student.const_data_ptr<S>();
       const T* t = teacher.const_data_ptr<T>();
       S* g = compute_grad ? grad.mutable_data_ptr<S>() : nullptr;
+      const GradScale<acc_t> gs = grad_scale_of<acc_t>(gs_t, into != nullptr);
       at::Tensor row_params;
       if (code == kCosine || code == kNormalizedMse) {
         at::Tensor sums_part = at::empty({n_rows * n_chunks, 6}, acc_opts);
-        hint_sums_kernel<S, T, acc_t><<<grid, kThreads, 0, stream>>>(s, t, sums_part.mutable_data_ptr<acc_t>(), dim, n_chunks);
+        hint_sums_kernel<S, T, acc_t><<<grid, kThreads, 0, stream>>>(s, t, sums_part.mutable_data_ptr<acc_t>(), dim, n_chunks, gs);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         const at::Tensor sums = sums_part.view({n_rows, n_chunks, 2, 3}).to(at::kDouble).sum(at::IntArrayRef{1, 2});
         ss = sums.select(1, 0), tt = sums.select(1, 1), st = sums.select(1, 2);
@@ -389,17 +400,23 @@ std::tuple<at::Tensor, at::Tensor> hint_forward_cuda(const at::Tensor& student, 
           coef_u = 2 * grad_coef / c_s * (1 - keep);
           coef_v = -2 * grad_coef / c_s;
         }
+        if (gs_t.defined()) {  // grad_scale, per row, in float64 like the rest of the coefficients
+          const at::Tensor go = gs_t.to(at::kDouble).expand({n_rows});
+          coef_u = coef_u * go, coef_v = coef_v * go;
+        }
         row_params = at::stack({c_s, c_t, coef_u, coef_v}, 1).to(acc_dtype).contiguous();
       }
       const acc_t* rp = row_params.defined() ? row_params.const_data_ptr<acc_t>() : nullptr;
       acc_t* pp = part.mutable_data_ptr<acc_t>();
       const acc_t gc = static_cast<acc_t>(grad_coef);
       switch (code) {
-        case kMse: hint_kernel<S, T, acc_t, kMse><<<grid, kThreads, 0, stream>>>(s, t, g, pp, rp, dim, n_chunks, gc); break;
-        case kL1: hint_kernel<S, T, acc_t, kL1><<<grid, kThreads, 0, stream>>>(s, t, g, pp, rp, dim, n_chunks, gc); break;
-        case kSmoothL1: hint_kernel<S, T, acc_t, kSmoothL1><<<grid, kThreads, 0, stream>>>(s, t, g, pp, rp, dim, n_chunks, gc); break;
-        case kCosine: hint_kernel<S, T, acc_t, kCosine><<<grid, kThreads, 0, stream>>>(s, t, g, pp, rp, dim, n_chunks, gc); break;
-        default: hint_kernel<S, T, acc_t, kNormalizedMse><<<grid, kThreads, 0, stream>>>(s, t, g, pp, rp, dim, n_chunks, gc);
+        case kMse: hint_kernel<S, T, acc_t, kMse><<<grid, kThreads, 0, stream>>>(s, t, g, pp, rp, dim, n_chunks, gc, gs); break;
+        case kL1: hint_kernel<S, T, acc_t, kL1><<<grid, kThreads, 0, stream>>>(s, t, g, pp, rp, dim, n_chunks, gc, gs); break;
+        case kSmoothL1:
+          hint_kernel<S, T, acc_t, kSmoothL1><<<grid, kThreads, 0, stream>>>(s, t, g, pp, rp, dim, n_chunks, gc, gs);
+          break;
+        case kCosine: hint_kernel<S, T, acc_t, kCosine><<<grid, kThreads, 0, stream>>>(s, t, g, pp, rp, dim, n_chunks, gc, gs); break;
+        default: hint_kernel<S, T, acc_t, kNormalizedMse><<<grid, kThreads, 0, stream>>>(s, t, g, pp, rp, dim, n_chunks, gc, gs);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -412,12 +429,12 @@ std::tuple<at::Tensor, at::Tensor> hint_forward_cuda(const at::Tensor& student, 
     const at::Tensor correction = 1 - 0.5 * (ss / (c_s * c_s) + tt / (c_t * c_t));
     raw = 0.5 * raw + at::where(clamped, correction, at::zeros_like(correction));
   }
-  return {reduce_raw(raw, reduction, row_scale, student.scalar_type()), grad};
+  return {reduce_raw(raw, reduction, row_scale, student.scalar_type()), into != nullptr ? at::empty({0}, student.options()) : grad};
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_transfer_forward_cuda(const at::Tensor& student, const at::Tensor& teacher_in,
-                                                                   double p, std::string_view reduction,
-                                                                   bool compute_grad) {
+std::tuple<at::Tensor, at::Tensor> attention_impl(const at::Tensor& student, const at::Tensor& teacher_in, double p,
+                                                  std::string_view reduction, bool compute_grad,
+                                                  const std::optional<at::Tensor>& grad_scale, at::Tensor* into) {
   constexpr const char* kOp = "fastkd::attention_transfer_forward (cuda): ";
   check_reduction(reduction, kOp);
   check_pair(student, teacher_in, kOp);
@@ -440,6 +457,7 @@ std::tuple<at::Tensor, at::Tensor> attention_transfer_forward_cuda(const at::Ten
   at::Tensor q_s = at::empty({n_rows, hw}, acc_opts), q_t = at::empty({n_rows, hw}, acc_opts);
   const dim3 block(kAtJ, kAtRows);
   const dim3 grid(static_cast<unsigned int>(n_rows * n_jb));
+  const at::Tensor gs_t = grad_scale_tensor(grad_scale, n_rows, student.device(), acc_dtype, kOp);
 
   auto channel_mean = [&](const at::Tensor& x, at::Tensor& q) {
     dispatch_dtype(x.scalar_type(), kOp, [&](auto tag) {
@@ -447,10 +465,12 @@ std::tuple<at::Tensor, at::Tensor> attention_transfer_forward_cuda(const at::Ten
       dispatch_p(p, [&](auto mode) {
         if constexpr (std::is_same_v<T, double>) {
           at_channel_mean_kernel<T, double, decltype(mode)::value><<<grid, block, 0, stream>>>(
-              x.const_data_ptr<T>(), q.mutable_data_ptr<double>(), x.size(1), hw, n_jb, p);
+              x.const_data_ptr<T>(), q.mutable_data_ptr<double>(), x.size(1), hw, n_jb, p,
+              grad_scale_of<double>(gs_t, into != nullptr));
         } else {
           at_channel_mean_kernel<T, float, decltype(mode)::value><<<grid, block, 0, stream>>>(
-              x.const_data_ptr<T>(), q.mutable_data_ptr<float>(), x.size(1), hw, n_jb, static_cast<float>(p));
+              x.const_data_ptr<T>(), q.mutable_data_ptr<float>(), x.size(1), hw, n_jb, static_cast<float>(p),
+              grad_scale_of<float>(gs_t, into != nullptr));
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -467,13 +487,15 @@ std::tuple<at::Tensor, at::Tensor> attention_transfer_forward_cuda(const at::Ten
   const at::Tensor raw = (r * r).sum(1);
   const double row_scale = 1.0 / double(hw);
 
-  at::Tensor grad = compute_grad ? at::empty_like(student) : at::empty({0}, student.options());
+  at::Tensor grad = compute_grad ? grad_buffer(student, into, kOp) : at::empty({0}, student.options());
   if (compute_grad) {
     const at::Tensor ar = (a_s * r).sum(1);
     const at::Tensor keep =
         at::where(n_s >= kNormalizeEps, ar, at::where(n_s < kNormalizeEps, at::zeros_like(ar), n_s));
     const double k = grad_coef_for(reduction, row_scale, n_rows) * 2.0 * p / double(cs);
-    const at::Tensor w = ((k / c_s).unsqueeze(1) * (r - a_s * keep.unsqueeze(1))).to(acc_dtype).contiguous();
+    // grad_scale, per row, joins the float64 coefficients before w is rounded to acc_t.
+    const at::Tensor coef = gs_t.defined() ? k / c_s * gs_t.to(at::kDouble).expand({n_rows}) : k / c_s;
+    const at::Tensor w = (coef.unsqueeze(1) * (r - a_s * keep.unsqueeze(1))).to(acc_dtype).contiguous();
     const int64_t total = student.numel();
     const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(1) << 20);
     dispatch_dtype(student.scalar_type(), kOp, [&](auto tag) {
@@ -481,17 +503,41 @@ std::tuple<at::Tensor, at::Tensor> attention_transfer_forward_cuda(const at::Ten
       dispatch_p(p, [&](auto mode) {
         if constexpr (std::is_same_v<S, double>) {
           at_grad_kernel<S, double, decltype(mode)::value><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
-              student.const_data_ptr<S>(), w.const_data_ptr<double>(), grad.mutable_data_ptr<S>(), total, cs, hw, p);
+              student.const_data_ptr<S>(), w.const_data_ptr<double>(), grad.mutable_data_ptr<S>(), total, cs, hw, p,
+              grad_scale_of<double>(gs_t, into != nullptr));
         } else {
           at_grad_kernel<S, float, decltype(mode)::value><<<static_cast<unsigned int>(blocks), kThreads, 0, stream>>>(
               student.const_data_ptr<S>(), w.const_data_ptr<float>(), grad.mutable_data_ptr<S>(), total, cs, hw,
-              static_cast<float>(p));
+              static_cast<float>(p), grad_scale_of<float>(gs_t, into != nullptr));
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   }
-  return {reduce_raw(raw, reduction, row_scale, student.scalar_type()), grad};
+  return {reduce_raw(raw, reduction, row_scale, student.scalar_type()), into != nullptr ? at::empty({0}, student.options()) : grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> hint_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                                                     std::string_view kind, std::string_view reduction, bool compute_grad,
+                                                     const std::optional<at::Tensor>& grad_scale) {
+  return hint_impl(student, teacher, kind, reduction, compute_grad, grad_scale, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_transfer_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                                                                   double p, std::string_view reduction, bool compute_grad,
+                                                                   const std::optional<at::Tensor>& grad_scale) {
+  return attention_impl(student, teacher, p, reduction, compute_grad, grad_scale, nullptr);
+}
+
+// The gradient into `grad` again, times grad_scale (csrc/ops.cpp): rows whose scale is 1 are left.
+void hint_forward_rescale_cuda(at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
+                               std::string_view kind, std::string_view reduction, const at::Tensor& grad_scale) {
+  hint_impl(student, teacher, kind, reduction, true, grad_scale, &grad);
+}
+
+void attention_transfer_forward_rescale_cuda(at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
+                                             double p, std::string_view reduction, const at::Tensor& grad_scale) {
+  attention_impl(student, teacher, p, reduction, true, grad_scale, &grad);
 }
 
 }  // namespace
@@ -500,4 +546,6 @@ std::tuple<at::Tensor, at::Tensor> attention_transfer_forward_cuda(const at::Ten
 TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
   m.impl("hint_forward", &fastkd::hint_forward_cuda);
   m.impl("attention_transfer_forward", &fastkd::attention_transfer_forward_cuda);
+  m.impl("hint_forward_rescale_", &fastkd::hint_forward_rescale_cuda);
+  m.impl("attention_transfer_forward_rescale_", &fastkd::attention_transfer_forward_rescale_cuda);
 }

@@ -87,6 +87,7 @@ struct KdParams {
   acc_t soft_grad_coef;  // (1 - a) * (T or 1/T), before the reduction scale
   const acc_t* scale_ptr;  // device reduction scale (batchmean with labels), or null
   acc_t host_scale;        // reduction scale when scale_ptr is null
+  GradScale<acc_t> gs;     // grad_scale (cuda_common.cuh)
   bool has_ce;             // labels given and a > 0
   bool same_t;             // T == 1: the CE softmax is the student softmax
 };
@@ -186,6 +187,7 @@ __global__ void __launch_bounds__(kMaxThreads) kd_forward_kernel(const scalar_s*
                                                                  const KdParams<acc_t> p) {
   __shared__ RowState<acc_t> smem[kMaxWarps + 1];
   const int64_t row = blockIdx.x;
+  if (p.gs.skip(row)) return;  // the forward's gradient stands: no traffic (uniform per block)
   const int64_t vocab = p.vocab;
   const scalar_s* s_row = student + row * vocab;
   const scalar_t* t_row = teacher + row * vocab;
@@ -261,7 +263,7 @@ __global__ void __launch_bounds__(kMaxThreads) kd_forward_kernel(const scalar_s*
   if (g_row == nullptr) return;
 
   // Pass 2: the gradient, last chunk first.
-  const acc_t scale = p.scale_ptr != nullptr ? static_cast<acc_t>(*p.scale_ptr) : p.host_scale;
+  const acc_t scale = (p.scale_ptr != nullptr ? static_cast<acc_t>(*p.scale_ptr) : p.host_scale) * p.gs.of(row);
   const acc_t k_soft = p.soft_grad_coef * scale;
   const acc_t k_hard = p.hard_weight * scale;
   const acc_t inv_s = acc_t(1) / tot.sum_s;
@@ -341,6 +343,7 @@ struct DivParams {
   const acc_t* log2_w;     // [M] log2 of the teacher weights, or null (uniform)
   const acc_t* scale_ptr;  // device reduction scale (batchmean with labels), or null
   acc_t host_scale;        // reduction scale when scale_ptr is null
+  GradScale<acc_t> gs;     // grad_scale (cuda_common.cuh)
   int divergence;
   bool mix, has_ce, same_t;
 };
@@ -445,6 +448,7 @@ __global__ void __launch_bounds__(kMaxThreads) kd_div_kernel(const scalar_s* __r
   acc_t* const t_c = t_ref + p.n_teachers;
 
   const int64_t row = blockIdx.x;
+  if (p.gs.skip(row)) return;  // the forward's gradient stands: no traffic (uniform per block)
   const int64_t vocab = p.vocab;
   const scalar_s* s_row = student + row * vocab;
   const scalar_t* t_row = teacher + row * vocab;  // teacher 0; teacher m at + m * teacher_stride
@@ -614,7 +618,7 @@ __global__ void __launch_bounds__(kMaxThreads) kd_div_kernel(const scalar_s* __r
   if (g_row == nullptr) return;
 
   // Pass 3: the gradient, last chunk first.
-  const acc_t scale = p.scale_ptr != nullptr ? static_cast<acc_t>(*p.scale_ptr) : p.host_scale;
+  const acc_t scale = (p.scale_ptr != nullptr ? static_cast<acc_t>(*p.scale_ptr) : p.host_scale) * p.gs.of(row);
   const acc_t k_soft = p.soft_grad_coef * scale;
   const acc_t k_hard = p.hard_weight * scale;
   const acc_t inv_1 = acc_t(1) / sum_1;
@@ -713,12 +717,13 @@ void launch_div(const at::Tensor& student, const at::Tensor& teacher, const int6
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> kd_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                                                   const std::optional<at::Tensor>& labels_opt,
-                                                   const std::optional<at::Tensor>& weights_opt,
-                                                   std::string_view divergence, double beta, double temperature,
-                                                   double hard_weight, int64_t ignore_index, std::string_view reduction,
-                                                   bool t2_scale, bool compute_grad) {
+// The forward, or (into given) the rescale op's recomputation into the forward's gradient.
+std::tuple<at::Tensor, at::Tensor> kd_impl(const at::Tensor& student, const at::Tensor& teacher,
+                                           const std::optional<at::Tensor>& labels_opt,
+                                           const std::optional<at::Tensor>& weights_opt, std::string_view divergence,
+                                           double beta, double temperature, double hard_weight, int64_t ignore_index,
+                                           std::string_view reduction, bool t2_scale, bool compute_grad,
+                                           const std::optional<at::Tensor>& grad_scale, at::Tensor* into) {
   constexpr const char* kOp = "fastkd::kd_forward (cuda): ";
   double b = beta;
   const Divergence dv = parse_divergence(divergence, &b, "fastkd::kd_forward (cuda)");
@@ -769,7 +774,8 @@ std::tuple<at::Tensor, at::Tensor> kd_forward_cuda(const at::Tensor& student, co
   const at::ScalarType acc_dtype = acc_double ? at::kDouble : at::kFloat;
   const at::ScalarType loss_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor row_loss = at::empty({n_rows}, opts.dtype(acc_dtype));
-  at::Tensor grad = compute_grad ? at::empty_like(student) : at::empty({0}, opts);
+  at::Tensor grad = compute_grad ? grad_buffer(student, into, kOp) : at::empty({0}, opts);
+  const at::Tensor gs = grad_scale_tensor(grad_scale, n_rows, student.device(), acc_dtype, kOp);
 
   // batchmean divides by the number of non-ignored rows, known only on the device. With none of
   // them every row loss and gradient row is 0, so any finite scale will do: clamp to 1.
@@ -806,6 +812,7 @@ std::tuple<at::Tensor, at::Tensor> kd_forward_cuda(const at::Tensor& student, co
         p.log2_w = log2_w.defined() ? log2_w.const_data_ptr<acc_t>() : nullptr;
         p.scale_ptr = scale_t.defined() ? scale_t.const_data_ptr<acc_t>() : nullptr;
         p.host_scale = static_cast<acc_t>(host_scale);
+        p.gs = grad_scale_of<acc_t>(gs, into != nullptr);
         p.divergence = static_cast<int>(dv);
         p.mix = mix;
         p.has_ce = labels != nullptr && hard_weight > 0;
@@ -831,6 +838,7 @@ std::tuple<at::Tensor, at::Tensor> kd_forward_cuda(const at::Tensor& student, co
         p.soft_grad_coef = static_cast<acc_t>((1.0 - hard_weight) * (t2_scale ? temperature : 1.0 / temperature));
         p.scale_ptr = scale_t.defined() ? scale_t.const_data_ptr<acc_t>() : nullptr;
         p.host_scale = static_cast<acc_t>(host_scale);
+        p.gs = grad_scale_of<acc_t>(gs, into != nullptr);
         p.has_ce = labels != nullptr && hard_weight > 0;
         p.same_t = temperature == 1.0;
         launch<S, T>(student, teacher, labels != nullptr ? labels->const_data_ptr<int64_t>() : nullptr, row_loss,
@@ -849,7 +857,26 @@ std::tuple<at::Tensor, at::Tensor> kd_forward_cuda(const at::Tensor& student, co
   } else {
     loss = row_loss.sum() / static_cast<double>(n_rows);
   }
-  return {loss.to(loss_dtype), grad};
+  return {loss.to(loss_dtype), into != nullptr ? at::empty({0}, opts) : grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                                                   const std::optional<at::Tensor>& labels,
+                                                   const std::optional<at::Tensor>& weights, std::string_view divergence,
+                                                   double beta, double temperature, double hard_weight,
+                                                   int64_t ignore_index, std::string_view reduction, bool t2_scale,
+                                                   bool compute_grad, const std::optional<at::Tensor>& grad_scale) {
+  return kd_impl(student, teacher, labels, weights, divergence, beta, temperature, hard_weight, ignore_index, reduction,
+                 t2_scale, compute_grad, grad_scale, nullptr);
+}
+
+// The gradient into `grad` again, times grad_scale (csrc/ops.cpp): blocks whose scale is 1 return.
+void kd_forward_rescale_cuda(at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher,
+                             const std::optional<at::Tensor>& labels, const std::optional<at::Tensor>& weights,
+                             std::string_view divergence, double beta, double temperature, double hard_weight,
+                             int64_t ignore_index, std::string_view reduction, bool t2_scale, const at::Tensor& grad_scale) {
+  kd_impl(student, teacher, labels, weights, divergence, beta, temperature, hard_weight, ignore_index, reduction, t2_scale,
+          true, grad_scale, &grad);
 }
 
 }  // namespace
@@ -857,4 +884,5 @@ std::tuple<at::Tensor, at::Tensor> kd_forward_cuda(const at::Tensor& student, co
 
 TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
   m.impl("kd_forward", &fastkd::kd_forward_cuda);
+  m.impl("kd_forward_rescale_", &fastkd::kd_forward_rescale_cuda);
 }

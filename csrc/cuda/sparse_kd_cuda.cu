@@ -120,6 +120,7 @@ struct SparseParams {
   acc_t soft_grad_coef;  // (1 - a) * (T or 1/T), before the reduction scale
   const acc_t* scale_ptr;  // device reduction scale (batchmean with labels), or null
   acc_t host_scale;        // reduction scale when scale_ptr is null
+  GradScale<acc_t> gs;     // grad_scale (cuda_common.cuh)
   const void* values;      // [N, k]
   int values_dtype;        // ValuesDtype
   const void* indices;     // [N, k] int64, or int32 when indices_int32
@@ -250,6 +251,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) sparse_kd_forward_kernel(const
   __shared__ RowState<acc_t> smem_state[kMaxWarps + 1];
   __shared__ acc_t smem[(kMaxWarps + 1) * 3];
   const int64_t row = blockIdx.x;
+  if (p.gs.skip(row)) return;  // the forward's gradient stands: no traffic (uniform per block)
   const int64_t vocab = p.vocab;
   const int64_t k = p.k;
   const S* s_row = student + row * vocab;
@@ -374,7 +376,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) sparse_kd_forward_kernel(const
   if (g_row == nullptr) return;
 
   // Pass 4: the gradient: the tail's value over the row, last chunk first; then the kept entries.
-  const acc_t scale = p.scale_ptr != nullptr ? static_cast<acc_t>(*p.scale_ptr) : p.host_scale;
+  const acc_t scale = (p.scale_ptr != nullptr ? static_cast<acc_t>(*p.scale_ptr) : p.host_scale) * p.gs.of(row);
   const acc_t k_soft = p.soft_grad_coef * scale;
   const acc_t k_hard = p.hard_weight * scale;
   const acc_t inv_s = acc_t(1) / tot.sum_s;
@@ -457,11 +459,13 @@ void launch(const at::Tensor& student, const int64_t* labels, at::Tensor& row_lo
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> sparse_kd_forward_cuda(const at::Tensor& student, const at::Tensor& values,
-                                                          const at::Tensor& indices, const std::optional<at::Tensor>& labels_opt,
-                                                          std::string_view values_kind, std::string_view tail,
-                                                          double temperature, double hard_weight, int64_t ignore_index,
-                                                          std::string_view reduction, bool t2_scale, bool compute_grad) {
+// The forward, or (into given) the rescale op's recomputation into the forward's gradient.
+std::tuple<at::Tensor, at::Tensor> sparse_kd_impl(const at::Tensor& student, const at::Tensor& values, const at::Tensor& indices,
+                                                  const std::optional<at::Tensor>& labels_opt, std::string_view values_kind,
+                                                  std::string_view tail, double temperature, double hard_weight,
+                                                  int64_t ignore_index, std::string_view reduction, bool t2_scale,
+                                                  bool compute_grad, const std::optional<at::Tensor>& grad_scale,
+                                                  at::Tensor* into) {
   constexpr const char* kOp = "fastkd::sparse_kd_forward (cuda): ";
   TORCH_CHECK(values_kind == "logits" || values_kind == "logprobs", kOp, "values must be 'logits' or 'logprobs', got '",
               std::string(values_kind), "'");
@@ -502,7 +506,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_forward_cuda(const at::Tensor& stud
   const bool acc_double = student.scalar_type() == at::kDouble;
   const at::ScalarType acc_dtype = acc_double ? at::kDouble : at::kFloat;
   at::Tensor row_loss = at::empty({n_rows}, opts.dtype(acc_dtype));
-  at::Tensor grad = compute_grad ? at::empty_like(student) : at::empty({0}, opts);
+  at::Tensor grad = compute_grad ? grad_buffer(student, into, kOp) : at::empty({0}, opts);
+  const at::Tensor gs = grad_scale_tensor(grad_scale, n_rows, student.device(), acc_dtype, kOp);
 
   // Rows whose indices leave [0, V) or repeat, found on the device (a sort per row): the kernel
   // gives them a NaN loss and gradient. No host synchronisation.
@@ -536,6 +541,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_forward_cuda(const at::Tensor& stud
       p.soft_grad_coef = static_cast<acc_t>((1.0 - hard_weight) * (t2_scale ? temperature : 1.0 / temperature));
       p.scale_ptr = scale_t.defined() ? scale_t.const_data_ptr<acc_t>() : nullptr;
       p.host_scale = static_cast<acc_t>(host_scale);
+      p.gs = grad_scale_of<acc_t>(gs, into != nullptr);
       p.values = values.const_data_ptr();
       p.values_dtype = values_code(values.scalar_type());
       p.indices = indices.const_data_ptr();
@@ -560,7 +566,27 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_forward_cuda(const at::Tensor& stud
   } else {
     loss = row_loss.sum() / static_cast<double>(n_rows);
   }
-  return {loss.to(loss_dtype), grad};
+  return {loss.to(loss_dtype), into != nullptr ? at::empty({0}, opts) : grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_kd_forward_cuda(const at::Tensor& student, const at::Tensor& values,
+                                                          const at::Tensor& indices, const std::optional<at::Tensor>& labels,
+                                                          std::string_view values_kind, std::string_view tail,
+                                                          double temperature, double hard_weight, int64_t ignore_index,
+                                                          std::string_view reduction, bool t2_scale, bool compute_grad,
+                                                          const std::optional<at::Tensor>& grad_scale) {
+  return sparse_kd_impl(student, values, indices, labels, values_kind, tail, temperature, hard_weight, ignore_index, reduction,
+                        t2_scale, compute_grad, grad_scale, nullptr);
+}
+
+// The gradient into `grad` again, times grad_scale (csrc/ops.cpp): blocks whose scale is 1 return.
+void sparse_kd_forward_rescale_cuda(at::Tensor& grad, const at::Tensor& student, const at::Tensor& values,
+                                    const at::Tensor& indices, const std::optional<at::Tensor>& labels,
+                                    std::string_view values_kind, std::string_view tail, double temperature,
+                                    double hard_weight, int64_t ignore_index, std::string_view reduction, bool t2_scale,
+                                    const at::Tensor& grad_scale) {
+  sparse_kd_impl(student, values, indices, labels, values_kind, tail, temperature, hard_weight, ignore_index, reduction,
+                 t2_scale, true, grad_scale, &grad);
 }
 
 }  // namespace
@@ -568,4 +594,5 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_forward_cuda(const at::Tensor& stud
 
 TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
   m.impl("sparse_kd_forward", &fastkd::sparse_kd_forward_cuda);
+  m.impl("sparse_kd_forward_rescale_", &fastkd::sparse_kd_forward_rescale_cuda);
 }

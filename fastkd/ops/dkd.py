@@ -113,7 +113,7 @@ def _reference_from_op_args(student, teacher, labels, temperature, alpha, beta, 
 
 OP = _fused.FusedLoss("dkd_forward", _reference_from_op_args, reduction_arg=7)
 _triton_dkd, _triton_error = _fused.import_triton("fastkd.kernels.dkd")
-TRITON_ERROR = OP.register(_triton_dkd and _triton_dkd.dkd_forward, _triton_error)
+TRITON_ERROR = OP.register(_triton_dkd and _triton_dkd.dkd_forward, _triton_error, _triton_dkd and _triton_dkd.dkd_forward_rescale_)
 _CHECKS = backends.fused_checks("dkd_forward", TRITON_ERROR)
 
 
@@ -196,7 +196,7 @@ def dkd_loss(
             + \alpha (p_y - q_y) \hat q_j\right] \quad (j \ne y);
 
     the fused backends compute it during the forward, and the backward only scales it by
-    ``grad_output``.
+    ``grad_output`` (a 16-bit gradient rounded once, as :func:`fastkd.kd_loss` says).
 
     Rows and ``batchmean``: leading dimensions flatten into N rows, and ``"batchmean"`` divides
     by the number of *valid* rows (labels not equal to ``ignore_index``). For 2-D logits without
@@ -229,7 +229,8 @@ def dkd_loss(
         ``ValueError`` on CPU and gives a NaN row on GPU.
 
     Backward, exactly as :func:`fastkd.kd_loss`: ``loss.backward()`` scales the gradient
-    computed in the forward; backpropagating again through a retained graph runs the kernel
+    computed in the forward (a 16-bit gradient rounded once: the kernel runs again when
+    ``grad_output`` is not 1); backpropagating again through a retained graph runs the kernel
     again; ``create_graph=True`` differentiates the reference, so second derivatives are exact.
     """
     temperature, alpha, beta, ignore_index = _validate(
@@ -247,7 +248,7 @@ def dkd_loss(
     student = student_logits.reshape(-1, vocab).contiguous()
     teacher = teacher_logits.detach().reshape(-1, vocab).contiguous()
     flat_labels = labels.reshape(-1).contiguous()
-    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    compute_grad = _fused.compute_grad(student_logits)
     op = torch.ops.fastkd.dkd_forward_triton if name == "triton" else torch.ops.fastkd.dkd_forward
     loss, _ = op(student, teacher, flat_labels, temperature, alpha, beta, ignore_index, reduction, compute_grad)
     return loss.reshape(student_logits.shape[:-1]) if reduction == "none" else loss

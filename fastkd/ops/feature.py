@@ -106,8 +106,13 @@ def _attention_reference_from_op_args(student, teacher, p, reduction, compute_gr
 HINT_OP = _fused.FusedLoss("hint_forward", _hint_reference_from_op_args, reduction_arg=3)
 AT_OP = _fused.FusedLoss("attention_transfer_forward", _attention_reference_from_op_args, reduction_arg=3)
 _triton_feature, _triton_error = _fused.import_triton("fastkd.kernels.feature")
-HINT_TRITON_ERROR = HINT_OP.register(_triton_feature and _triton_feature.hint_forward, _triton_error)
-AT_TRITON_ERROR = AT_OP.register(_triton_feature and _triton_feature.attention_transfer_forward, _triton_error)
+HINT_TRITON_ERROR = HINT_OP.register(
+    _triton_feature and _triton_feature.hint_forward, _triton_error, _triton_feature and _triton_feature.hint_forward_rescale_
+)
+AT_TRITON_ERROR = AT_OP.register(
+    _triton_feature and _triton_feature.attention_transfer_forward, _triton_error,
+    _triton_feature and _triton_feature.attention_transfer_forward_rescale_,
+)
 _HINT_CHECKS = backends.fused_checks("hint_forward", HINT_TRITON_ERROR)
 _AT_CHECKS = backends.fused_checks("attention_transfer_forward", AT_TRITON_ERROR)
 
@@ -253,7 +258,8 @@ def hint_loss(
         (a NaN entry's own ``l1`` gradient is 0, as ``torch.sign``'s).
 
     Backward: as :func:`fastkd.kd_loss`: the forward computed the gradient and the backward only
-    scales it; a retained graph may be backpropagated again; ``create_graph=True`` differentiates
+    scales it (a 16-bit gradient rounded once: the kernel runs again when ``grad_output`` is not
+    1); a retained graph may be backpropagated again; ``create_graph=True`` differentiates
     the reference composite, so second derivatives are exact on every backend.
     """
     _validate_hint(student_feat, teacher_feat, kind, reduction)
@@ -264,7 +270,7 @@ def hint_loss(
     batch = student_feat.shape[0]
     student = student_feat.reshape(batch, -1).contiguous()
     teacher = teacher_feat.detach().reshape(batch, -1).contiguous()
-    compute_grad = torch.is_grad_enabled() and student_feat.requires_grad
+    compute_grad = _fused.compute_grad(student_feat)
     op = torch.ops.fastkd.hint_forward_triton if name == "triton" else torch.ops.fastkd.hint_forward
     loss, _ = op(student, teacher, kind, reduction, compute_grad)
     return loss
@@ -334,7 +340,7 @@ def attention_transfer_loss(
         else:
             student = s.reshape(s.shape[0], s.shape[1], -1).contiguous()
             teacher = t.detach().reshape(t.shape[0], t.shape[1], -1).contiguous()
-            compute_grad = torch.is_grad_enabled() and s.requires_grad
+            compute_grad = _fused.compute_grad(s)
             op = torch.ops.fastkd.attention_transfer_forward_triton if name == "triton" else torch.ops.fastkd.attention_transfer_forward
             term, _ = op(student, teacher, p, reduction, compute_grad)
         total = term if total is None else total + term

@@ -18,6 +18,13 @@ Per chunk of rows ``c`` (memory: three ``[chunk, V]`` float32 buffers, never ``[
     dh_s[c] = g @ W_s    dW_s += gᵀ @ h_s[c]    db_s += Σ_rows g         (float32 accumulation)
 
 Four GEMMs, as the materialised composite does; what is saved is every ``[N, V]`` tensor.
+
+The op returns dh_s, dW_s, db_s in float32 (float64 for float64 input) whatever the inputs'
+dtype: the backward scales them by grad_output (which carries batchmean's 1/valid-rows) and only
+then casts them to the inputs' dtypes, so a 16-bit gradient is rounded once
+(``fastkd/ops/_fused.py``). They are held from forward to backward in float32: 2 bytes per entry
+more than in 16 bits, i.e. 2·(N + V)·H bytes (V = 128256, H = 4096, N = 8192: 1.1 GB, nearly all
+of it dW_s), below the forward's own peak (float32 copies of both heads' weights and dW_s).
 """
 
 from __future__ import annotations
@@ -108,7 +115,8 @@ def _chunked_forward(
     ws, wt = w_s.to(acc), w_t.to(acc)
     per_row = reduction == "none"
     losses = []
-    d_h = torch.empty_like(h_s) if compute_grad else h_s.new_empty((0,))
+    # Gradients in float32 (float64): the caller scales them before their one rounding.
+    d_h = torch.empty(h_s.shape, dtype=acc, device=h_s.device) if compute_grad else h_s.new_empty((0,))
     d_w = torch.zeros(w_s.shape, dtype=acc, device=h_s.device) if compute_grad else None
     d_b = torch.zeros(vocab, dtype=acc, device=h_s.device) if compute_grad and b_s is not None else None
     for start in range(0, n, chunk_size):
@@ -134,7 +142,7 @@ def _chunked_forward(
     loss = torch.cat(losses) if per_row else torch.stack(losses).sum()
     if not compute_grad:  # distinct empties: a custom op's outputs may not alias each other
         return loss, h_s.new_empty((0,)), h_s.new_empty((0,)), h_s.new_empty((0,))
-    return loss, d_h, d_w.to(w_s.dtype), d_b.to(b_s.dtype) if d_b is not None else h_s.new_empty((0,))
+    return loss, d_h, d_w, d_b if d_b is not None else h_s.new_empty((0,))
 
 
 @torch.library.custom_op("fastkd::fused_linear_kd_forward", mutates_args=())
@@ -159,8 +167,10 @@ def _fused_linear_kd_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, d student_hidden, d student_weight, d student_bias) of Σ-rows loss, before the
     reduction's 1/valid-rows scale (applied by the caller as a tensor op: no host sync); the
-    gradients are empty [0] tensors when compute_grad is false, and always for reduction="none"
-    (whose backward needs grad_output's per-row weights: it runs the chunk loop then)."""
+    gradients in float32 (float64 for float64 input), to be scaled before they are cast to the
+    inputs' dtypes; empty [0] tensors when compute_grad is false, and always for
+    reduction="none" (whose backward needs grad_output's per-row weights: it runs the chunk loop
+    then)."""
     grads = compute_grad and reduction != "none"
     return _chunked_forward(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
@@ -178,8 +188,9 @@ def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weig
 
     if not compute_grad or reduction == "none":
         return loss, empty(), empty(), empty()
-    d_b = torch.empty_like(student_bias) if student_bias is not None else empty()
-    return loss, torch.empty_like(student_hidden), torch.empty_like(student_weight), d_b
+    acc = _fused.loss_dtype(student_hidden)
+    d_b = student_bias.new_empty(student_bias.shape, dtype=acc) if student_bias is not None else empty()
+    return loss, student_hidden.new_empty(student_hidden.shape, dtype=acc), student_weight.new_empty(student_weight.shape, dtype=acc), d_b
 
 
 _INPUTS = ("student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight", "teacher_bias", "labels")
@@ -232,14 +243,15 @@ def _backward(ctx, grad_loss, *_):
         else:
             d_h, d_w, d_b = grads
         if not (ctx.eager and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):
-            if ctx.eager:
+            if ctx.eager:  # the op's own float32 buffers, handed out once
                 d_h, d_w = d_h.mul_(grad_loss), d_w.mul_(grad_loss)
                 d_b = d_b.mul_(grad_loss) if d_b.numel() else d_b
             else:
                 d_h, d_w, d_b = d_h * grad_loss, d_w * grad_loss, d_b * grad_loss
-    nothing[0] = d_h if wants[0] else None
-    nothing[1] = d_w if wants[1] else None
-    nothing[2] = d_b if (wants[2] and b_s is not None) else None
+    # The one rounding to the inputs' dtypes, after every scale.
+    nothing[0] = d_h.to(h_s.dtype) if wants[0] else None
+    nothing[1] = d_w.to(w_s.dtype) if wants[1] else None
+    nothing[2] = d_b.to(b_s.dtype) if (wants[2] and b_s is not None) else None
     return tuple(nothing)
 
 
@@ -344,7 +356,9 @@ def fused_linear_kd_loss(
     inputs, whose weights are copied to float32 once per call), the ``kd`` kernel computes the chunk's loss and logit gradient in one pass, and the
     hidden-state, weight and bias gradients are accumulated in float32 before the next chunk. The
     forward computes everything; the backward only scales (for ``reduction="none"`` it runs the
-    chunk loop again with the per-row grad_output weights, which the weight gradient needs).
+    chunk loop again with the per-row grad_output weights, which the weight gradient needs). The
+    gradients stay float32 until that scale, so 16-bit ones are rounded once (held from forward
+    to backward: 2·(N + V)·H bytes more than in 16 bits; see the module docstring).
 
     Args:
         student_hidden: ``[..., H]`` hidden states entering the student's output layer.

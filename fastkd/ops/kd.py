@@ -165,7 +165,7 @@ def _reference_from_op_args(student, teacher, labels, teacher_weights, divergenc
 
 OP = _fused.FusedLoss("kd_forward", _reference_from_op_args, reduction_arg=9)
 _triton_kd, _triton_error = _fused.import_triton("fastkd.kernels.kd")
-TRITON_ERROR = OP.register(_triton_kd and _triton_kd.kd_forward, _triton_error)
+TRITON_ERROR = OP.register(_triton_kd and _triton_kd.kd_forward, _triton_error, _triton_kd and _triton_kd.kd_forward_rescale_)
 _CHECKS = backends.fused_checks("kd_forward", TRITON_ERROR)
 
 
@@ -304,7 +304,8 @@ def kd_loss(
     float32 probabilities are 0) give finite, correct values. The student gradient of a row is
     :math:`(1-\alpha)\,T\,\partial D/\partial(s/T) + \alpha\,(\mathrm{softmax}(s) - \mathrm{onehot}(y))`
     (:math:`1/T` instead of :math:`T` without ``t2_scale``); the fused backends compute it during
-    the forward, and the backward only scales it by ``grad_output``.
+    the forward, and the backward only scales it by ``grad_output``, rounding a bfloat16/float16
+    gradient once (below).
 
     Ensembles: ``teacher_logits`` of shape ``[M, *student_logits.shape]`` holds M teachers, and
     the teacher distribution is the mixture of their probabilities,
@@ -352,7 +353,13 @@ def kd_loss(
         raises on CPU and gives a NaN row on GPU.
 
     Backward, exactly:
-        * ``loss.backward()`` scales the gradient computed in the forward; nothing is recomputed.
+        * ``loss.backward()`` scales the gradient computed in the forward. A bfloat16/float16
+          gradient is rounded to its dtype exactly once: when ``grad_output`` is not 1 (a loss
+          weight, gradient accumulation's 1/k, per-row weights for ``reduction="none"``) the
+          backward runs the kernel again with ``grad_output`` folded in before the rounding, in
+          place of the forward's buffer (one more read of the inputs, no extra memory);
+          ``grad_output == 1`` costs nothing. Multiplying the stored 16-bit value instead would
+          round it twice (``fastkd/ops/_fused.py``).
         * Backpropagating again through a retained graph (``retain_graph=True``) is correct: the
           first backward hands its buffer to autograd, so later ones run the kernel again.
         * ``create_graph=True`` (gradient penalties, meta-learning) differentiates a composite
@@ -381,7 +388,7 @@ def kd_loss(
     weights = None
     if teacher_weights is not None:
         weights = teacher_weights.detach().to(device=student.device, dtype=_fused.loss_dtype(student)).contiguous()
-    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    compute_grad = _fused.compute_grad(student_logits)
     op = torch.ops.fastkd.kd_forward_triton if name == "triton" else torch.ops.fastkd.kd_forward
     loss, _ = op(
         student, teacher, flat_labels, weights, divergence, beta, temperature, hard_weight, ignore_index,

@@ -141,7 +141,7 @@ _triton_rel, _triton_error = _fused.import_triton("fastkd.kernels.relational")
 
 
 def _register(name: str, reference, launcher_name: str):
-    op = _fused.FusedLoss(name, reference, reduction_arg=None)
+    op = _fused.FusedLoss(name, reference, reduction_arg=None, grad_scale=False)
     error = op.register(_triton_rel and getattr(_triton_rel, launcher_name), _triton_error)
     return op, error, backends.fused_checks(name, error)
 
@@ -207,7 +207,13 @@ def _run(op_name: str, student, teacher, extra: tuple, min_batch: int, reference
     if name == "reference":
         return reference(student, teacher, *extra)
     b = student.shape[0]
-    s = student.reshape(b, -1).contiguous()
+    s = student.reshape(b, -1)
+    if s.dtype in _fused.LOW_PRECISION:
+        # The kernels compute in float32 either way; handed float32 (an exact copy), they keep the
+        # gradient in float32 until the backward has scaled it by grad_output, and autograd's cast
+        # back rounds it to the student's dtype once (fastkd/ops/_fused.py). [B, D] is small.
+        s = s.float()
+    s = s.contiguous()
     t = teacher.detach().reshape(b, -1).contiguous()
     compute_grad = torch.is_grad_enabled() and student.requires_grad
     schema = {"rkd_distance_loss": "rkd_distance_forward", "rkd_angle_loss": "rkd_angle_forward", "sp_loss": "sp_forward", "pkt_loss": "pkt_forward"}[op_name]
@@ -235,7 +241,9 @@ _COMMON = """
         input. The gradient w.r.t. ``student`` comes back in its dtype and shape. NaN anywhere in
         the input gives a NaN loss.
 
-    Backward: ``loss.backward()`` only scales the gradient the forward computed; repeated backward
+    Backward: ``loss.backward()`` only scales the gradient the forward computed (for a 16-bit
+    student the op runs on a float32 copy, so the gradient is scaled in float32 and rounded to
+    the student's dtype once); repeated backward
     through a retained graph recomputes it; ``create_graph=True`` differentiates the reference
     composite, so second derivatives are exact (and cost what the composite costs).
 """

@@ -129,7 +129,9 @@ def _reference_from_op_args(student, values, indices, labels, values_kind, tail,
 
 OP = _fused.FusedLoss("sparse_kd_forward", _reference_from_op_args, reduction_arg=9)
 _triton_sparse, _triton_error = _fused.import_triton("fastkd.kernels.sparse_kd")
-TRITON_ERROR = OP.register(_triton_sparse and _triton_sparse.sparse_kd_forward, _triton_error)
+TRITON_ERROR = OP.register(
+    _triton_sparse and _triton_sparse.sparse_kd_forward, _triton_error, _triton_sparse and _triton_sparse.sparse_kd_forward_rescale_
+)
 _CHECKS = backends.fused_checks("sparse_kd_forward", TRITON_ERROR)
 
 
@@ -364,7 +366,7 @@ def sparse_kd_loss(
     vals = teacher_values.detach().reshape(-1, k).contiguous()
     idx = teacher_indices.reshape(-1, k).contiguous()
     flat_labels = None if labels is None else labels.reshape(-1).contiguous()
-    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    compute_grad = _fused.compute_grad(student_logits)
     op = torch.ops.fastkd.sparse_kd_forward_triton if name == "triton" else torch.ops.fastkd.sparse_kd_forward
     loss, _ = op(student, vals, idx, flat_labels, values, tail, temperature, hard_weight, ignore_index, reduction, t2_scale, compute_grad)
     return loss.reshape(student_logits.shape[:-1]) if reduction == "none" else loss

@@ -18,7 +18,11 @@ One line per op family in ``CASES``: how to build its inputs (float32; the stude
 rounded to the dtype under test) and how to call it. N = 37 rows (not a power of two, so
 batchmean's 1/N is not either), grad_output 1, 3 and 0.7, and a per-row grad_output for
 reduction="none" (some rows exactly 1, which the GPU kernels skip). Shapes stay small: the Triton
-backend runs in its interpreter here.
+backend runs in its interpreter here (its bf16 cases only on a GPU: the interpreter truncates).
+
+Also here: the backward's rescale ops leave a row whose grad_output is 1 unwritten (what makes
+``loss.backward()`` free on a GPU), their schemas pass opcheck, and the traced (torch.compile)
+backward gives eager's gradient bit for bit.
 """
 
 from __future__ import annotations

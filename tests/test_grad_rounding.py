@@ -18,7 +18,11 @@ One line per op family in ``CASES``: how to build its inputs (float32; the stude
 rounded to the dtype under test) and how to call it. N = 37 rows (not a power of two, so
 batchmean's 1/N is not either), grad_output 1, 3 and 0.7, and a per-row grad_output for
 reduction="none" (some rows exactly 1, which the GPU kernels skip). Shapes stay small: the Triton
-backend runs in its interpreter here.
+backend runs in its interpreter here (its bf16 cases only on a GPU: the interpreter truncates).
+
+Also here: the backward's rescale ops leave a row whose grad_output is 1 unwritten (what makes
+``loss.backward()`` free on a GPU), their schemas pass opcheck, and the traced (torch.compile)
+backward gives eager's gradient bit for bit.
 """
 
 from __future__ import annotations
@@ -189,12 +193,13 @@ def gradients(case: Case, dtype, backend, reduction, grad_output, seed=0):
     """(the backend's gradients of the 16-bit students, the float64 gradients of the same
     values), one pair per student tensor."""
     students, others = case.make(torch.Generator().manual_seed(seed))
-    low = [x.to(dtype).requires_grad_() for x in students]
-    high = [x.detach().double().requires_grad_() for x in low]
+    device = "cuda" if backend in ("triton", "cuda") and torch.cuda.is_available() else "cpu"
+    low = [x.to(device=device, dtype=dtype).requires_grad_() for x in students]
+    high = [x.detach().cpu().double().requires_grad_() for x in low]
     others64 = [o.double() if o.is_floating_point() else o for o in others]
-    case.call(low, others, backend, reduction).backward(grad_output)
+    case.call(low, [o.to(device) for o in others], backend, reduction).backward(grad_output.to(device))
     case.call(high, others64, "reference", reduction).backward(grad_output.double())
-    return [(a.grad, b.grad) for a, b in zip(low, high)]
+    return [(a.grad.cpu(), b.grad) for a, b in zip(low, high)]
 
 
 def rounding_excess(g: torch.Tensor, g64: torch.Tensor, slack: float) -> torch.Tensor:
@@ -205,9 +210,12 @@ def rounding_excess(g: torch.Tensor, g64: torch.Tensor, slack: float) -> torch.T
 
 
 def _backends(case: Case):
+    """reference and cpu here; triton in its interpreter or on a GPU, cuda on a GPU."""
     out = ["reference", "cpu"]
     if case.triton_error is None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
         out.append("triton")
+    if torch.cuda.is_available() and fastkd._ext.has_kernel("kd_forward", "CUDA"):
+        out.append("cuda")
     return out
 
 
@@ -301,12 +309,18 @@ def test_rescale_rewrites_only_rows_whose_scale_is_not_one(name, args, op, modul
     expected = cpp_op(*args, True, go)[1]
     sentinel = torch.full_like(expected, 7.0)
 
-    rescale = _triton_rescale(module, op)
-    if rescale is not None:
-        grad = sentinel.clone()
-        rescale(grad, *args, go)
-        one = go == 1.0
-        assert torch.equal(grad[one], sentinel[one]), f"{name} (triton): a row whose grad_scale is 1 was written"
+    on_device = []  # the implementations whose programs skip a row: Triton's, and CUDA's on a GPU
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if _triton_rescale(module, op) is not None:
+        on_device.append(("triton", _triton_rescale(module, op)))
+    if torch.cuda.is_available() and fastkd._ext.has_kernel(op, "CUDA"):
+        on_device.append(("cuda", getattr(torch.ops.fastkd, f"{op}_rescale_")))
+    for label, rescale in on_device:
+        grad = sentinel.clone().to(device)
+        rescale(grad, *(a.to(device) if isinstance(a, torch.Tensor) else a for a in args), go.to(device))
+        grad, one = grad.cpu(), go == 1.0
+        assert torch.equal(grad[one], sentinel[one]), f"{name} ({label}): a row whose grad_scale is 1 was written"
+        # Against the cpu kernel: another backend's float32 arithmetic, then the same rounding.
         torch.testing.assert_close(grad[~one], expected[~one], rtol=0, atol=float(expected.abs().max()) * 2**-7)
 
     rescale = getattr(torch.ops.fastkd, f"{op}_rescale_")

@@ -6,6 +6,8 @@
 #   make gpu     on a GPU host: build, GPU tests and GPU benchmarks in one timed command
 #   make bench   kernel microbenchmarks (`fastkd bench` on BENCHMARKS.md's cases, every device
 #                here); BENCHMARKS.md and docs/bench-overview.png regenerated from the measured run
+#   make mutate  plant each bug of tools/mutations.toml in a copy of the tree and check that the
+#                tests catch it (not part of `make test`: it builds the extension in the copy)
 #
 # FASTKD_NO_CUDA=1 skips the CUDA sources in the build (fast local iteration).
 # .gpu-static-cache/ holds the cubins and resource reports of fastkd/gpu_static.py (the GPU
@@ -18,7 +20,7 @@ PY := $(VENV)/bin/python
 STAMPS := .stamps
 NATIVE_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
 
-.PHONY: run test bench gpu build venv clean
+.PHONY: run test bench gpu mutate build venv clean
 
 run: build
 	$(PY) -m fastkd distill $(ARGS)
@@ -47,6 +49,11 @@ GPU_OUT ?= .gpu-run
 gpu:
 	$(PYTHON) tools/gpu_run.py --out $(GPU_OUT) $(ARGS)
 
+# The developer's tree is never edited: the copy is made and built by tools/mutate.py itself.
+# ARGS, e.g. ARGS="--only kd-cpu-stream-ce" or ARGS="--tree .mutate" (kept, rebuilt incrementally).
+mutate: venv
+	$(PY) tools/mutate.py $(ARGS)
+
 venv: $(STAMPS)/venv
 build: $(STAMPS)/build
 
@@ -67,4 +74,4 @@ $(STAMPS)/cuda-%:
 	@touch $@
 
 clean:
-	rm -rf $(STAMPS) build *.egg-info fastkd/_C*.so .gpu-static-cache
+	rm -rf $(STAMPS) build *.egg-info fastkd/_C*.so .gpu-static-cache .mutate

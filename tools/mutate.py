@@ -6,7 +6,8 @@ tool applies the edit in a copy of the tree, runs those tests there, and reverts
 they fail, "survived" when they pass, "invalid" when the mutant does not build or its tests cannot
 be collected (a bug that does not compile is not a plausible bug: fix the mutation). A mutation
 whose snippet is not found exactly once is refused before anything runs, so the list cannot rot
-silently when the code moves.
+silently when the code moves. Before the mutations, the union of their tests runs once on the
+unmutated copy (with a test failing there, its mutations would look caught).
 
 The developer's working tree is never touched. The copy holds what ``git ls-files --cached
 --others --exclude-standard`` lists, read from the working tree: the tracked files with their
@@ -22,8 +23,8 @@ dependency tracking), after which the source (with its modification time) and th
 back, so that the next mutation starts from the pristine build without recompiling it. The CPU
 kernels are compiled once per instruction set (csrc/cpu/isa_*.cpp); a mutant is compiled into the
 set this CPU runs, which the tests use by default, and the other sets keep the unmutated code (a
-third of the rebuild). CUDA mutations are listed but only run where a GPU is present (and the
-build then includes CUDA).
+third of the rebuild). CUDA mutations are listed but only run where a GPU is present (the build
+then includes CUDA; that path has not run yet: no GPU where this was written).
 
 Usage::
 
@@ -345,6 +346,8 @@ class Build:
         put back) and relinks. Ninja's view of what is out of date goes by modification times, so
         the objects to redo are removed instead; of those compiled once per instruction set
         (csrc/cpu/isa_*.cpp), only this CPU's is, and the others keep the unmutated code."""
+        if shutil.which("ninja") is None:
+            return False, "ninja is not on PATH (the rebuild goes by its dependency records)"
         objects = self.dependents(source)
         if not objects:
             return False, f"no object of the build reads {source.relative_to(self.tree)}"
@@ -534,7 +537,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             # mutations look caught.
             paths = list(dict.fromkeys(t for m in runnable for t in m.tests))
             selections = list(dict.fromkeys((tuple(m.tests), m.k) for m in runnable))
-            print(f"mutate: baseline: the unmutated copy on every selected test ...", flush=True)
+            print("mutate: baseline: the unmutated copy on every selected test ...", flush=True)
             t0 = time.monotonic()
             code, last = run_tests(tree, paths, None, logs / "baseline.log", args.timeout * 4, stop_first=False,
                                    selections=[list(s) for s in selections])
@@ -550,6 +553,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             results.append(r)
             print(f"{r.status} in {r.seconds:.0f} s" + (f": {r.detail}" if r.status != "caught" and r.detail else ""), flush=True)
         results += [Result(m, "not run", 0.0, "needs a CUDA device") for m in skipped]
+    except (RuntimeError, subprocess.CalledProcessError) as exc:
+        print(f"mutate: {exc}", file=sys.stderr)
+        return 1
     finally:
         if keep:
             print(f"mutate: the copy is kept in {tree} (logs in {logs})")

@@ -67,22 +67,22 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """The sum of ``t`` over ranks (``t`` itself when alone)."""
+def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
     if world_size() == 1:
         return t
     t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op=op)
     return t
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` over ranks (``t`` itself when alone)."""
+    return _all_reduce(t, dist.ReduceOp.SUM)
 
 
 def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
     """The elementwise minimum of ``t`` over ranks (``t`` itself when alone)."""
-    if world_size() == 1:
-        return t
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return t
+    return _all_reduce(t, dist.ReduceOp.MIN)
 
 
 def wrap(module: nn.Module, device: torch.device, shard: bool = False, units: Sequence[nn.Module] = ()) -> nn.Module:

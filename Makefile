@@ -10,7 +10,7 @@
 #                tests catch it (not part of `make test`: it builds the extension in the copy)
 #
 # FASTKD_NO_CUDA=1 skips the CUDA sources in the build (fast local iteration).
-# .gpu-static-cache/ holds the cubins and resource reports of fastkd/gpu_static.py (the GPU
+# .gpu-static-cache/ holds the cubins and resource reports of tools/gpu_static.py (the GPU
 # kernels compiled for sm_80/sm_90 by tests/test_gpu_static.py and make bench), keyed by source
 # hash; make clean removes it.
 

@@ -52,7 +52,15 @@ os.environ.setdefault("MAX_JOBS", "2")
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
 # Imported only now: torch.utils.cpp_extension reads CUDA_HOME at import time.
+import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+# The extension links against this torch's C++ ABI and runs under no other: fastkd/_ext.py reads
+# the version recorded here and refuses (with how to rebuild) to load under a different torch.
+(ROOT / "fastkd" / "_build_torch.py").write_text(
+    '"""Written by setup.py: the torch the compiled extension was built against."""\n\n'
+    f"TORCH_VERSION = {torch.__version__!r}\n"
+)
 
 
 def _extension():
@@ -68,8 +76,6 @@ def _extension():
     )
     if not WANT_CUDA:
         return CppExtension(extra_compile_args={"cxx": cxx}, **kwargs)
-    import torch
-
     cu13 = Path(torch.__file__).resolve().parent.parent / "nvidia" / "cu13" / "include"
     if cu13.is_dir():
         kwargs["include_dirs"].append(str(cu13))

@@ -58,11 +58,14 @@ def run_suite(json_path: Path, quick: bool, extra: List[str]) -> int:
 
 
 def _gpu_static_module():
-    # Loaded from its file rather than through the fastkd package, whose import needs torch:
-    # re-rendering a saved JSON must not.
+    # Loaded from its file: the checker is a tool of the source checkout (tools/), not of the
+    # installed package, and its import does not need torch (re-rendering a saved JSON must not).
     name = "_fastkd_gpu_static"
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "fastkd" / "gpu_static.py")
+        path = ROOT / "tools" / "gpu_static.py"
+        if not path.exists():
+            raise RuntimeError(f"{path} is not here: the static GPU check runs from a source checkout of fastkd")
+        spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
@@ -70,8 +73,8 @@ def _gpu_static_module():
 
 
 def run_gpu_static(data: Dict) -> None:
-    """Adds the static GPU report (``fastkd/gpu_static.py``) to the run's data, or why it failed."""
-    print("+ python -m fastkd.gpu_static (GPU kernels compiled for sm_80/sm_90, resources)", flush=True)
+    """Adds the static GPU report (``tools/gpu_static.py``) to the run's data, or why it failed."""
+    print("+ python tools/gpu_static.py (GPU kernels compiled for sm_80/sm_90, resources)", flush=True)
     try:
         data["gpu_static"] = _gpu_static_module().collect()
     except Exception as exc:  # noqa: BLE001 - the measured results are still worth writing

@@ -4,7 +4,7 @@ The convention every module here follows: launch configurations in one place
 ------------------------------------------------------------------------------
 No GPU is available where fastkd is built and tested, so ``tests/test_gpu_static.py`` compiles
 every launch a launcher can make, for sm_80 and sm_90, and fails on a compile error or on a
-register spill; ``make bench`` reports the kernels' resources (``fastkd/gpu_static.py`` does
+register spill; ``make bench`` reports the kernels' resources (``tools/gpu_static.py`` does
 both). Both find the launches through one function, so that a new family is covered by writing
 it, with no change to the test or the report:
 
@@ -47,7 +47,7 @@ from typing import Any, Mapping, Optional, Tuple
 
 @dataclass(frozen=True)
 class StaticLaunch:
-    """One launch a launcher can make, as ``fastkd/gpu_static.py`` compiles it.
+    """One launch a launcher can make, as ``tools/gpu_static.py`` compiles it.
 
     kernel:     the ``@triton.jit`` function.
     args:       every parameter of the kernel by name, as described in the module docstring.

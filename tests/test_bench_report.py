@@ -33,7 +33,7 @@ def test_quick_report_is_complete(tmp_path):
     assert not any("⚠" in row for row in table_rows), "a provider's answer was flagged wrong"
     assert not any(re.search(r"\bnan\b", row.lower()) for row in table_rows)
     assert any(status in text for status in ("met", "not met"))
-    # The static GPU section (fastkd/gpu_static.py): resources of every GPU kernel, no GPU needed.
+    # The static GPU section (tools/gpu_static.py): resources of every GPU kernel, no GPU needed.
     assert "## GPU kernels, statically" in text and "| Triton `_kd_forward_kernel` | sm_90 |" in text
 
     data = json.loads(js.read_text())

@@ -1,4 +1,4 @@
-"""GPU readiness without a GPU (fastkd/gpu_static.py).
+"""GPU readiness without a GPU (tools/gpu_static.py).
 
 Every Triton launch the launchers can make (``static_launches()`` of each ``kernels/<family>.py``)
 must compile for sm_80 and sm_90 with no register spill, and lower with torch.compile's argument
@@ -11,6 +11,7 @@ read them from ``.gpu-static-cache/`` (``make clean`` removes it).
 import dataclasses
 import inspect
 import itertools
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,8 @@ pytest.importorskip("triton", reason="Triton is not installed: there are no Trit
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from fastkd import gpu_static  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import gpu_static  # noqa: E402  (tools/gpu_static.py: a tool of the checkout, not of the package)
 from fastkd.kernels import kd as kd_kernels  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -122,7 +124,7 @@ def test_report_renders(report):
 
 
 def deliberate_failures():
-    """Launches the checker must flag; fastkd.gpu_static imports this in its own process.
+    """Launches the checker must flag; tools/gpu_static.py imports this in its own process.
 
     Neither is a configuration the launcher uses: the kd kernel at BLOCK_V=4096 with 1 warp (128
     elements of each input per thread) runs out of registers and spills; BLOCK_V=3000 is refused by

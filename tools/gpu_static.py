@@ -29,7 +29,10 @@ specialisation, the options, the architecture and the Triton and ptxas versions.
 ``FASTKD_GPU_STATIC_JOBS`` sets the number of compile processes (default: 2, or 1 on a single
 core). Everything runs offline from the torch/Triton wheels.
 
-Command line: ``python -m fastkd.gpu_static [--json FILE] [--markdown FILE] [--jobs N]`` prints
+A developer's tool of the source checkout (it reads ``kernels/``, ``csrc/`` and the built
+extension in place), not part of the installed package.
+
+Command line: ``python tools/gpu_static.py [--json FILE] [--markdown FILE] [--jobs N]`` prints
 a summary and exits 1 when there is a problem.
 
 What this cannot tell: speed, and the numerics of the compiled code. Those need a GPU
@@ -859,7 +862,7 @@ def collect(
     """
     with tempfile.TemporaryDirectory(prefix="fastkd-gpu-static-") as tmp:
         out = Path(tmp) / "report.json"
-        cmd = [sys.executable, "-m", "fastkd.gpu_static", "--json", str(out), "--archs", ",".join(map(str, archs)), "--quiet"]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--json", str(out), "--archs", ",".join(map(str, archs)), "--quiet"]
         if jobs:
             cmd += ["--jobs", str(jobs)]
         if cache_dir:
@@ -875,7 +878,7 @@ def collect(
         run = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if not out.exists():
             raise RuntimeError(
-                f"python -m fastkd.gpu_static wrote no report (exit {run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+                f"python tools/gpu_static.py wrote no report (exit {run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
             )
         return json.loads(out.read_text())
 
@@ -994,7 +997,7 @@ def render_markdown(report: Optional[Dict[str, Any]], heading: str = "##") -> st
     w(f"{heading} GPU kernels, statically")
     w("")
     if not report:
-        w("Not in this run (the static check did not run or failed; see `python -m fastkd.gpu_static`).")
+        w("Not in this run (the static check did not run or failed; see `python tools/gpu_static.py`).")
         w("")
         return "\n".join(L)
     archs = report["archs"]
@@ -1006,7 +1009,7 @@ def render_markdown(report: Optional[Dict[str, Any]], heading: str = "##") -> st
     w(f"Every GPU kernel compiled on this machine, without a GPU, for {arch_names} (Triton "
       f"{report.get('triton', '?')}, ptxas {report.get('ptxas', '?')}), "
       "and its resources read from the cubin with `cuobjdump --dump-resource-usage` "
-      f"(`python -m fastkd.gpu_static`; {n_tl} Triton compilations, {tk.get('compiled', 0)} of them done now "
+      f"(`python tools/gpu_static.py`; {n_tl} Triton compilations, {tk.get('compiled', 0)} of them done now "
       f"and {tk.get('cached', 0)} from the cache). Triton kernels: the launch configurations the launchers "
       "choose from, as listed by `static_launches()` in `kernels/<family>.py` (its docstring says which "
       "combinations are compiled). CUDA C++ kernels: every kernel in the compiled extension `fastkd/_C`, "
@@ -1038,7 +1041,7 @@ def render_markdown(report: Optional[Dict[str, Any]], heading: str = "##") -> st
         for kind, p in bad[:40]:
             w(f"- {kind}: {p}")
         if len(bad) > 40:
-            w(f"- … and {len(bad) - 40} more (run `python -m fastkd.gpu_static`)")
+            w(f"- … and {len(bad) - 40} more (run `python tools/gpu_static.py`)")
     else:
         w("**No problems:** every launch compiled for every architecture, with no spill, and every "
           "block fits on an SM" + (", and lowered with torch.compile's types." if n_typed else "."))
@@ -1136,7 +1139,7 @@ def render_markdown(report: Optional[Dict[str, Any]], heading: str = "##") -> st
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastkd.gpu_static", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="tools/gpu_static.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="write the whole report here")
     ap.add_argument("--markdown", help="write the BENCHMARKS.md section here")
     ap.add_argument("--archs", default=",".join(map(str, ARCHS)), help="compute capabilities, e.g. 80,90")
@@ -1148,7 +1151,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         # The kernels were imported (with fastkd) as interpreter functions, which cannot be compiled.
-        print("python -m fastkd.gpu_static: unset TRITON_INTERPRET (or call fastkd.gpu_static.collect())", file=sys.stderr)
+        print("python tools/gpu_static.py: unset TRITON_INTERPRET (or call gpu_static.collect())", file=sys.stderr)
         return 2
     archs = [int(a) for a in args.archs.split(",") if a]
     report = build_report(archs, args.jobs, Path(args.cache_dir) if args.cache_dir else None, args.select, not args.no_cuda)
@@ -1161,7 +1164,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.quiet:
         tk = report["triton_kernels"]
         ck = report["cuda_kernels"] or {}
-        print(f"fastkd.gpu_static: {len(tk['launches'])} Triton compilations ({tk['compiled']} now with {tk['jobs']} "
+        print(f"tools/gpu_static.py: {len(tk['launches'])} Triton compilations ({tk['compiled']} now with {tk['jobs']} "
               f"processes in {tk['compile_wall_s']} s, {tk['cached']} cached in {tk['cache_dir']}); "
               f"{len(tk.get('torch_compile_typing', []))} lowered with torch.compile's argument types; "
               f"{len(ck.get('kernels', []))} CUDA kernels; {report['elapsed_s']} s")

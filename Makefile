@@ -31,7 +31,7 @@ test: build
 # The run's folder (results.json, results.md, plots, pytest.log) is kept in $(BENCH_OUT).
 BENCH_OUT := .bench/make-bench
 # Measurements kept in the repository and rendered as they are: fastkd bench runs on GPU hosts,
-# and the teacher cache on the language-model job (python -m bench.teacher_cache, about 35 min).
+# and the teacher cache on the language-model job (python tools/teacher_cache_experiment.py, about 35 min).
 CACHE_RUNS := $(wildcard bench/measured/teacher-cache-*.json)
 
 bench: build

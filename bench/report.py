@@ -581,12 +581,12 @@ def render_gpu_runs(paths: List[Path]) -> str:
 
 def render_cache_runs(paths: List[Path]) -> str:
     """A section for the teacher-cache measurements kept in the repository
-    (``bench/measured/teacher-cache-*.json``, each written by ``python -m bench.teacher_cache``):
+    (``bench/measured/teacher-cache-*.json``, each written by ``python tools/teacher_cache_experiment.py``):
     the language-model job's KD student distilled from caches against the online teacher, and
     the students' wall time with and without the teacher in the loop."""
     L: List[str] = ["## Teacher cache: the language-model job distilled from top-K (committed runs)", ""]
     if not paths:
-        return "\n".join(L + ["None yet: `python -m bench.teacher_cache run --save bench/measured/teacher-cache-<date>.json`.", ""])
+        return "\n".join(L + ["None yet: `python tools/teacher_cache_experiment.py run --save bench/measured/teacher-cache-<date>.json`.", ""])
     L += ["`fastkd cache-teacher` writes the teacher's top-K per training token once; `fastkd distill "
           "--teacher-cache` trains the students from it with `sparse_kd_loss` and no teacher. The students "
           "see the same batches from the same initialisation as the online job's, so the rows differ only in "
@@ -665,7 +665,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--gpu-runs", nargs="*", default=[], metavar="RESULTS_JSON",
                     help="results.json files of fastkd bench runs on GPU hosts to include (make bench: bench/measured/*.json)")
     ap.add_argument("--cache-runs", nargs="*", default=[], metavar="RECORD_JSON",
-                    help="teacher-cache records of python -m bench.teacher_cache to include (make bench: "
+                    help="teacher-cache records of tools/teacher_cache_experiment.py to include (make bench: "
                          "bench/measured/teacher-cache-*.json)")
     args = ap.parse_args(argv)
 

@@ -11,7 +11,7 @@ language-model job (``configs/lm.toml``). ``--resume`` continues the run in
 teacher cache instead of a teacher (``teacher.cache``).
 
 ``fastkd cache-teacher [CONFIG.toml] --data lm (--top-k K | --sample K) [--out DIR] [--resume]
-[--set KEY=VALUE ...]`` writes that cache (see ``fastkd/cache_teacher.py``).
+[--set KEY=VALUE ...]`` writes that cache (see ``fastkd/cache_cli.py``).
 
 ``fastkd bench [--ops ...] [--quick] [--device cpu|cuda] [--dtype ...] [--shapes NxV,...] [--out DIR]``
 runs the kernel microbenchmarks on this machine (see ``fastkd/bench_cli.py``).
@@ -31,7 +31,7 @@ import os
 import sys
 from typing import List, Optional
 
-from fastkd.engine.config import LM_JOB, ConfigError, load_config, parse_value
+from fastkd.engine.config import LM_JOB, ConfigError, load_config, parse_overrides
 from fastkd.engine.trainer import Diverged
 
 EXIT_CONFIG = 2
@@ -63,22 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set train.lr=0.001 (TOML value syntax)")
-    from fastkd import bench_cli, cache_teacher
+    from fastkd import bench_cli, cache_cli
 
-    cache_teacher.add_parser(sub)
+    cache_cli.add_parser(sub)
     bench_cli.add_parser(sub)
     return p
-
-
-def set_overrides(items: List[str]) -> list:
-    """``--set KEY=VALUE`` items as ``(dotted key, value)`` pairs (TOML value syntax)."""
-    overrides = []
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        key, value = item.split("=", 1)
-        overrides.append((key.strip(), parse_value(value.strip())))
-    return overrides
 
 
 def config_from_args(args) -> tuple:
@@ -91,7 +80,7 @@ def config_from_args(args) -> tuple:
         out = args.resume
     if resume and out is None:
         raise ConfigError("--resume needs the run directory: --resume DIR or --out DIR")
-    overrides = set_overrides(args.set)
+    overrides = parse_overrides(args.set)
     for flag, key in (("data", "data.name"), ("epochs", "train.epochs"), ("batch_size", "train.batch_size"),
                       ("seed", "seed"), ("method", "method"), ("teacher_cache", "teacher.cache")):
         if getattr(args, flag) is not None:
@@ -129,9 +118,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             return bench_cli.run(args, argv[1:])
         if args.command == "cache-teacher":
-            from fastkd import cache_teacher
+            from fastkd import cache_cli
 
-            return cache_teacher.run(args)
+            return cache_cli.run(args)
         cfg, resume = config_from_args(args)
         from fastkd.engine.runner import run_job
 

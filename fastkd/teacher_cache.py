@@ -14,7 +14,7 @@ in a 2-byte float. ``selection = "sample"`` keeps K draws from the distribution 
 distinct indices drawn and their log-frequencies (:func:`sample_rows`). Storage is therefore
 4·K bytes per token plus each shard's header and the manifest.
 
-``fastkd cache-teacher`` (:mod:`fastkd.cache_teacher`) writes a language-model job's cache;
+``fastkd cache-teacher`` (:mod:`fastkd.cache_cli`) writes a language-model job's cache;
 ``fastkd distill --teacher-cache`` reads it (``LMTask`` in :mod:`fastkd.engine.tasks`).
 
 Writing is resumable and never leaves a torn file: a shard is written under a temporary name,

@@ -6,6 +6,7 @@ or a cache made for another job stops distill with one line before training; a c
 killed with SIGKILL resumes without touching finished shards or retraining its teacher; the
 inputs cache-teacher refuses; students measured against the cache when the teacher is gone."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -398,11 +399,15 @@ def test_a_sampled_cache(written, tmp_path, refused):
 
 
 def test_the_measurement_record_and_its_report(written, tmp_path):
-    """bench/teacher_cache.py collects a run folder (the online job, each cache, the students
+    """tools/teacher_cache_experiment.py collects a run folder (the online job, each cache, the students
     distilled from it) into one record, which bench.report renders as BENCHMARKS.md's section."""
     sys.path.insert(0, str(ROOT))
     from bench.report import render_cache_runs
-    from bench.teacher_cache import collect
+
+    spec = importlib.util.spec_from_file_location("teacher_cache_experiment", ROOT / "tools" / "teacher_cache_experiment.py")
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    collect = experiment.collect
 
     folder = tmp_path / "runs"
     folder.mkdir()

@@ -144,7 +144,7 @@ def test_kd_term_distils_from_the_ensemble_mixture_with_the_fused_loss():
                 "divergence": divergence, "beta": beta, "fused_head": False}
         KDTerm.validate(spec, "loss[0]")
         logits = torch.randn(6, 10, generator=gen, requires_grad=True)
-        got = KDTerm(spec, 0)(StepOutputs(logits, {}, labels, teacher, nn.ModuleDict()))
+        got = KDTerm.build(spec, 0)(StepOutputs(logits, {}, labels, teacher, nn.ModuleDict()))
         (g_got,) = torch.autograd.grad(got, logits)
         # The composite: the mixture's logits, T * log(mean_m softmax(t_m / T)).
         logp = torch.stack([F.log_softmax(t / 2.0, -1) for t in members])
@@ -155,3 +155,51 @@ def test_kd_term_distils_from_the_ensemble_mixture_with_the_fused_loss():
         (g_exp,) = torch.autograd.grad(expected, x)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(g_got, g_exp, rtol=1e-5, atol=1e-7)
+
+
+def test_a_micro_batch_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
+    """The loop keeps the loss, its terms and the divergence flags on the device and reads them
+    at log points only: between them, the engine's code converts no tensor to a Python value
+    (each such read makes the host wait for the device). Host-side data preparation
+    (``Task.batch``/``Task.units``, on the CPU copies of the batch) is left out."""
+    import fastkd.engine.tasks as tasks
+    from fastkd.engine import trainer
+
+    engine_dir = os.path.dirname(trainer.__file__)
+    state = {"in_batch": False, "reads": []}
+
+    def watched(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if state["in_batch"] and os.path.dirname(caller) == engine_dir:
+                state["reads"].append(f"{name} at {os.path.basename(caller)}:{sys._getframe(1).f_lineno}")
+            return original(self, *args, **kwargs)
+
+        return read
+
+    def scoped(fn, inside):
+        def call(*args, **kwargs):
+            was, state["in_batch"] = state["in_batch"], inside
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                state["in_batch"] = was
+
+        return call
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, watched(name))
+    monkeypatch.setattr(trainer.PhaseRun, "train_batch", scoped(trainer.PhaseRun.train_batch, True))
+    for cls in tasks.TASKS.values():
+        for method in ("batch", "units"):
+            monkeypatch.setattr(cls, method, scoped(getattr(cls, method), False))
+    s = run_config(None, tmp_path / "r", train__epochs=1, teacher__count=2, teacher__hidden=[16], student__hidden=[16],
+                   train__checkpoint_every=0, train__eval_every=0)
+    assert state["reads"] == []
+    # What was deferred still arrives: every log line's mean training loss and terms.
+    lines = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    lines = [l for l in lines if l["split"] == "val"]
+    assert {l["model"] for l in lines} == set(s["models"]) - {"teacher"}  # "teacher": the ensemble
+    assert all(l["train_loss"] > 0 and all(v > 0 for v in l["terms"].values()) for l in lines)

@@ -73,7 +73,7 @@ def test_fused_head_equals_the_materialised_logits_on_a_batch(tmp_path, corpus):
         for fused, chunk in ((True, 0), (True, 7), (False, 0)):
             student.zero_grad()
             view = task.view(student, task.forward(student, x), y)
-            term = KDTerm(dict(cfg["loss"][0], fused_head=fused, hard_weight=hard_weight, chunk_size=chunk), 0)
+            term = KDTerm.build(dict(cfg["loss"][0], fused_head=fused, hard_weight=hard_weight, chunk_size=chunk), 0)
             loss = term(StepOutputs(None, {}, view.labels, TeacherOutputs(None, [{}], hidden=[tv.hidden], heads=[tv.head]),
                                     torch.nn.ModuleDict(), hidden=view.hidden, head=view.head, masked=True))
             loss.backward()
@@ -85,7 +85,7 @@ def test_fused_head_equals_the_materialised_logits_on_a_batch(tmp_path, corpus):
                 torch.testing.assert_close(g_fused[name], g_mat[name], rtol=1e-4, atol=1e-6, msg=name)
         # The padded rows are left out: the loss equals the one over the valid rows alone.
         keep = view.labels != -100
-        valid = KDTerm(dict(cfg["loss"][0], fused_head=False, hard_weight=hard_weight), 0)(StepOutputs(
+        valid = KDTerm.build(dict(cfg["loss"][0], fused_head=False, hard_weight=hard_weight), 0)(StepOutputs(
             view.head(view.hidden)[keep].detach(), {}, view.labels[keep], TeacherOutputs([tv.head(tv.hidden)[keep]]),
             torch.nn.ModuleDict()))
         torch.testing.assert_close(l_fused, valid, rtol=1e-5, atol=1e-6)

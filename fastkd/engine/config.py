@@ -233,6 +233,17 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def parse_overrides(items: List[str]) -> List[Tuple[str, Any]]:
+    """``--set KEY=VALUE`` items as ``(dotted key, value)`` pairs (TOML value syntax)."""
+    overrides = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        overrides.append((key.strip(), parse_value(value.strip())))
+    return overrides
+
+
 def load_config(
     path: Optional[str] = None, overrides: Optional[List[Tuple[str, Any]]] = None, base: Optional[dict] = None
 ) -> dict:

@@ -148,6 +148,11 @@ class LossTerm:
         self.spec, self.index, self.weight = spec, index, spec["weight"]
 
     @classmethod
+    def build(cls, spec: dict, index: int, cached_teacher: bool = False) -> "LossTerm":
+        """The term for one validated table (a kind with several cases picks one here)."""
+        return cls(spec, index)
+
+    @classmethod
     def validate(cls, spec: dict, where: str) -> None:
         """Cross-key checks of one table; raise :class:`ConfigError`."""
 
@@ -167,23 +172,19 @@ class LossTerm:
 
 @register_loss_term("kd")
 class KDTerm(LossTerm):
-    """Temperature KD with fastkd's fused :func:`fastkd.kd_loss` against the teacher, or against
-    an ensemble's mixture of probabilities (the fused ensemble path: the members' logits go in
-    as ``[M, B, V]``). ``divergence`` and ``beta`` are kd_loss's (``beta = -1``: the divergence's
-    default); ``hard_weight > 0`` fuses the cross-entropy with the labels into the same pass.
+    """``[[loss]] kind = "kd"``: temperature KD against the teacher, in one of three cases, each
+    its own class below, chosen once when the term is built (:meth:`build`):
 
-    ``fused_head = true`` distils through the output layers instead, with
-    :func:`fastkd.fused_linear_kd_loss` (any divergence), and the loss never holds the batch's
-    logits. The hidden states and output layers are the task's where it splits the output layer
-    off (a language model's ``lm_head``: ``student_head``/``teacher_head`` stay empty); otherwise
-    the inputs of the modules named by ``student_head`` and ``teacher_head`` (an ``nn.Linear``
-    each), captured by forward hooks. It needs a single teacher (an ensemble's mixture is
-    defined on probabilities, not on one output layer).
+    * :class:`DenseKD`: :func:`fastkd.kd_loss` on the student's logits, against one teacher's
+      logits or an ensemble's (the members' logits go in as ``[M, B, V]``, and kd_loss distils
+      from the mixture of their probabilities);
+    * :class:`FusedHeadKD` (``fused_head = true``): :func:`fastkd.fused_linear_kd_loss` through
+      the output layers, so that the batch's logits never exist;
+    * :class:`CachedTeacherKD` (a job with ``teacher.cache``): :func:`fastkd.sparse_kd_loss`
+      against the teacher's K cached entries per row.
 
-    A teacher read from a cache (``teacher.cache``) is known at K entries per row: the term is
-    then :func:`fastkd.sparse_kd_loss` on the student's logits (formed from its hidden states;
-    ``fused_head`` does not apply), with the cache's ``values`` and the ``tail`` that reads them
-    as written, unless ``tail``/``values`` say otherwise; the divergence is KL."""
+    ``divergence`` and ``beta`` are kd_loss's (``beta = -1``: the divergence's default);
+    ``hard_weight > 0`` fuses the cross-entropy with the labels into the same pass."""
 
     SCHEMA = {
         "weight": Field("float", 1.0, lo=0.0),
@@ -214,12 +215,49 @@ class KDTerm(LossTerm):
         if bool(spec.get("student_head")) != bool(spec.get("teacher_head")):
             raise ConfigError(f"{where}.student_head and {where}.teacher_head are named together or not at all")
 
+    @classmethod
+    def build(cls, spec: dict, index: int, cached_teacher: bool = False) -> "KDTerm":
+        if cached_teacher:
+            return CachedTeacherKD(spec, index)
+        return (FusedHeadKD if spec["fused_head"] else DenseKD)(spec, index)
+
     @staticmethod
     def _beta(spec: dict) -> Optional[float]:
         return None if spec["beta"] == -1.0 else spec["beta"]
 
+    def common_kwargs(self, out: StepOutputs) -> dict:
+        """What every case passes its op: the cross-entropy's weight and labels (also given
+        whenever rows may be padding, which the ops then leave out) and the T² scale."""
+        kwargs = dict(hard_weight=self.spec["hard_weight"], t2_scale=self.spec["t2_scale"])
+        if self.spec["hard_weight"] > 0 or out.masked:
+            kwargs["labels"] = out.labels
+        return kwargs
+
+    def divergence_kwargs(self) -> dict:
+        if self.spec["divergence"] == "kl":
+            return {}
+        return dict(divergence=self.spec["divergence"], beta=self._beta(self.spec))
+
+
+class DenseKD(KDTerm):
+    """KD on the student's logits against the teacher's (or the ensemble's stacked) logits."""
+
+    def __call__(self, out: StepOutputs) -> torch.Tensor:
+        # The teacher stays float32 whatever the student's dtype: the kernels read mixed dtypes.
+        return fastkd.kd_loss(out.logits, out.teacher.ensemble(), self.spec["temperature"], **self.common_kwargs(out),
+                              **self.divergence_kwargs())
+
+
+class FusedHeadKD(KDTerm):
+    """KD through the output layers with :func:`fastkd.fused_linear_kd_loss` (any divergence):
+    the loss never holds the batch's logits. The hidden states and output layers are the task's
+    where it splits the output layer off (a language model's ``lm_head``: ``student_head`` and
+    ``teacher_head`` stay empty); otherwise the inputs of the modules those two keys name (an
+    ``nn.Linear`` each), captured by forward hooks. One teacher only: an ensemble's mixture is
+    defined on probabilities, not on one output layer."""
+
     def _tapped(self) -> bool:
-        return self.spec["fused_head"] and bool(self.spec.get("student_head"))
+        return bool(self.spec.get("student_head"))
 
     def student_paths(self) -> List[str]:
         return [INPUT_OF + self.spec["student_head"]] if self._tapped() else []
@@ -228,31 +266,33 @@ class KDTerm(LossTerm):
         return [INPUT_OF + self.spec["teacher_head"]] if self._tapped() else []
 
     def __call__(self, out: StepOutputs) -> torch.Tensor:
-        t = self.spec["temperature"]
-        kwargs = dict(hard_weight=self.spec["hard_weight"], t2_scale=self.spec["t2_scale"])
-        if self.spec["hard_weight"] > 0 or out.masked:
-            kwargs["labels"] = out.labels
+        if out.teacher.count != 1:
+            raise ConfigError(f"loss.{self.index}.fused_head needs one teacher, the run has {out.teacher.count}")
+        k = self.spec["teacher_index"]
+        if self._tapped():
+            h_s, head_s = out.features[INPUT_OF + self.spec["student_head"]]
+            h_t, head_t = out.teacher.features[k][INPUT_OF + self.spec["teacher_head"]]
+        else:
+            h_s, head_s = out.hidden, out.head
+            h_t, head_t = out.teacher.hidden[k], out.teacher.heads[k]
+        return fastkd.fused_linear_kd_loss(
+            h_s, head_s.weight, h_t, head_t.weight, self.spec["temperature"], student_bias=head_s.bias,
+            teacher_bias=head_t.bias, chunk_size=self.spec.get("chunk_size") or None, **self.common_kwargs(out),
+            **self.divergence_kwargs(),
+        )
+
+
+class CachedTeacherKD(KDTerm):
+    """KD against a teacher read from a cache (``teacher.cache``), known at K entries per row:
+    :func:`fastkd.sparse_kd_loss` on the student's logits (formed from its hidden states;
+    ``fused_head`` does not apply) with the cache's ``values`` and the ``tail`` that reads them
+    as written, unless the term's ``tail``/``values`` say otherwise; the divergence is KL."""
+
+    def __call__(self, out: StepOutputs) -> torch.Tensor:
         sparse = out.teacher.sparse
-        if sparse is not None:
-            return fastkd.sparse_kd_loss(out.logits, sparse.values, sparse.indices, t, values=self.spec["values"] or sparse.kind,
-                                         tail=self.spec["tail"] or sparse.tail, **kwargs)
-        if self.spec["divergence"] != "kl":
-            kwargs.update(divergence=self.spec["divergence"], beta=self._beta(self.spec))
-        if self.spec["fused_head"]:
-            if out.teacher.count != 1:
-                raise ConfigError(f"loss.{self.index}.fused_head needs one teacher, the run has {out.teacher.count}")
-            if self._tapped():
-                h_s, head_s = out.features[INPUT_OF + self.spec["student_head"]]
-                h_t, head_t = out.teacher.features[self.spec["teacher_index"]][INPUT_OF + self.spec["teacher_head"]]
-            else:
-                h_s, head_s = out.hidden, out.head
-                h_t, head_t = out.teacher.hidden[self.spec["teacher_index"]], out.teacher.heads[self.spec["teacher_index"]]
-            return fastkd.fused_linear_kd_loss(
-                h_s, head_s.weight, h_t, head_t.weight, t, student_bias=head_s.bias, teacher_bias=head_t.bias,
-                chunk_size=self.spec.get("chunk_size") or None, **kwargs
-            )
-        # The teacher stays float32 whatever the student's dtype: the kernels read mixed dtypes.
-        return fastkd.kd_loss(out.logits, out.teacher.ensemble(), t, **kwargs)
+        return fastkd.sparse_kd_loss(out.logits, sparse.values, sparse.indices, self.spec["temperature"],
+                                     values=self.spec["values"] or sparse.kind, tail=self.spec["tail"] or sparse.tail,
+                                     **self.common_kwargs(out))
 
 
 @register_loss_term("dkd")
@@ -308,8 +348,8 @@ class CETerm(LossTerm):
 # maps the student's feature to the teacher's shape when they differ).
 HINT_METRICS = ("mse", "l1", "smooth_l1", "cosine", "normalized_mse")
 # Relational metrics: fastkd.<metric>_loss(student, teacher) on [B, ...] features (trailing dims
-# flattened, widths may differ: no regressor). Looked up when called, so that the config accepts
-# them before every op has landed in fastkd; a job that names one fastkd lacks stops at start.
+# flattened, widths may differ: no regressor). Looked up when used (relational_loss_fn): a build
+# of fastkd without one refuses a job naming it at start, in one line.
 RELATIONAL_METRICS = ("rkd_distance", "rkd_angle", "sp", "pkt")
 FEATURE_METRICS = HINT_METRICS + ("at",) + RELATIONAL_METRICS
 
@@ -405,9 +445,10 @@ class FeatureTerm(LossTerm):
         return feature_distance(s, t, self.spec["metric"], self.spec.get("p", 2.0))
 
 
-def build_terms(specs: List[dict]) -> List[LossTerm]:
-    """Instantiate validated ``[[loss]]`` tables."""
-    return [LOSS_TERMS[s["kind"]](s, i) for i, s in enumerate(specs)]
+def build_terms(specs: List[dict], cached_teacher: bool = False) -> List[LossTerm]:
+    """Instantiate validated ``[[loss]]`` tables (``cached_teacher``: the learner's teacher is
+    read from a cache)."""
+    return [LOSS_TERMS[s["kind"]].build(s, i, cached_teacher) for i, s in enumerate(specs)]
 
 
 def ce_only() -> List[LossTerm]:

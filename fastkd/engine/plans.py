@@ -66,7 +66,7 @@ def plan(cfg: dict, external=(), teacher_only: bool = False) -> tuple:
         ref = ["teacher_0"] if "teacher_0" in external else []
         students = Phase("students", [
             LearnerSpec("student_baseline", "student", s0, ce_only(), reference=ref, compress=True),
-            LearnerSpec("student_kd", "student", s0, build_terms(cfg["loss"]), teachers=[CACHED_TEACHER], reference=ref,
+            LearnerSpec("student_kd", "student", s0, build_terms(cfg["loss"], cached_teacher=True), teachers=[CACHED_TEACHER], reference=ref,
                         compress=True),
         ], epochs, stream=1)
         entries = [Entry("teacher", ref)] if ref else []

@@ -16,14 +16,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-import numpy as np
 import torch
 from torch import nn
 
 from fastkd.data import Dataset
 from fastkd.engine import compress, distributed as dist
 from fastkd.engine.checkpoint import set_rng_state
-from fastkd.engine.losses import IGNORE_INDEX, FeatureTap, LossTerm, StepOutputs, TeacherOutputs
+from fastkd.engine.losses import FeatureTap, LossTerm, StepOutputs, TeacherOutputs
 from fastkd.engine.models import get_module
 from fastkd.engine.tasks import CACHED_TEACHER, Member, Task
 
@@ -175,15 +174,33 @@ class Learner:
         else:
             self.optimizer = torch.optim.SGD(params, lr=t["lr"], momentum=t["momentum"], weight_decay=t["weight_decay"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(t, total_steps))
-        self.loss_sum, self.loss_count = 0.0, 0
-        self.term_sums = [0.0] * len(spec.terms)  # per-term sums, logged per epoch
+        # Unit-weighted sums of the loss (entry 0) and of each term since the last log line, kept
+        # on the device and read only at log points: reading them per micro-batch would make
+        # the host wait for the device at every step. ``loss_count`` (the units) is known on the host.
+        self.sums = torch.zeros(1 + len(spec.terms), dtype=torch.float64, device=dev)
+        self.loss_count = 0
         # Seconds spent in this learner's forward, loss, backward and optimizer step, the units
         # (samples or tokens) they covered, and the peak memory of one profiled step.
         self.cost = {"seconds": 0.0, "units": 0, "peak_mb": None}
+        self.clock = StepClock(dev)
 
-    def term_means(self) -> dict:
-        """Mean value of each loss term over the epoch so far, keyed ``<kind><index>``."""
-        return {f"{t.KIND}{t.index}": s / max(1, self.loss_count) for t, s in zip(self.spec.terms, self.term_sums)}
+    def add_loss(self, loss: torch.Tensor, values: List[torch.Tensor], units: int) -> None:
+        """Adds one micro-batch's loss and term values, weighted by its ``units``, without a
+        host synchronisation."""
+        self.sums += torch.stack([v.detach().double() for v in (loss, *values)]) * units
+        self.loss_count += units
+
+    def take_means(self) -> tuple:
+        """The mean loss and the mean of each term (keyed ``<kind><index>``) since the last
+        call, and a fresh start: one host synchronisation."""
+        means = (self.sums / max(1, self.loss_count)).tolist()
+        self.sums.zero_()
+        self.loss_count = 0
+        return means[0], {f"{t.KIND}{t.index}": m for t, m in zip(self.spec.terms, means[1:])}
+
+    def settled_cost(self) -> dict:
+        self.cost["seconds"] += self.clock.take()
+        return dict(self.cost)
 
     def _set_trainable(self) -> None:
         spec = self.spec
@@ -225,12 +242,13 @@ class Learner:
         return regs
 
     def state(self) -> dict:
+        sums = self.sums.tolist()
         return {
             "module": dist.full_state_dict(self.wrapped, self.module),
             "optimizer": dist.full_optimizer_state_dict(self.wrapped, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
-            "loss": [self.loss_sum, self.loss_count, list(self.term_sums)],
-            "cost": dict(self.cost),
+            "loss": [sums[0], self.loss_count, sums[1:]],
+            "cost": self.settled_cost(),
         }
 
     def load(self, state: dict, lr: float) -> None:
@@ -239,7 +257,8 @@ class Learner:
         dist.load_full_state_dict(self.wrapped, self.module, state["module"])
         dist.load_full_optimizer_state_dict(self.wrapped, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.loss_sum, self.loss_count, self.term_sums = state["loss"]
+        loss_sum, self.loss_count, term_sums = state["loss"]
+        self.sums = torch.tensor([loss_sum, *term_sums], dtype=torch.float64, device=self.sums.device)
         self.cost = dict(state["cost"])
         s = self.scheduler
         if any(b != lr for b in s.base_lrs):
@@ -252,6 +271,47 @@ class Learner:
 
     def trainable_params(self) -> List[torch.Tensor]:
         return [p for p in self.module.parameters() if p.requires_grad]
+
+
+class StepClock:
+    """Seconds of a learner's work, timed without making the host wait for the device: on a
+    CUDA device by a pair of events around each timed block (in stream order, so the span the
+    device took to reach the end from the start), read once they have completed; on the CPU,
+    where ops run as they are called, by the wall clock. :meth:`take` waits for what is still
+    pending (call it where the loop synchronises anyway: a log line, a checkpoint, the end)."""
+
+    def __init__(self, device: torch.device):
+        self.events = device.type == "cuda"
+        self._seconds = 0.0
+        self._pending: List[tuple] = []
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if not self.events:
+            started = time.perf_counter()
+            yield
+            self._seconds += time.perf_counter() - started
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self._pending.append((start, end))
+        # Fold in the pairs the device has finished (query() does not wait): the list stays short.
+        while self._pending and self._pending[0][1].query():
+            self._fold(self._pending.pop(0))
+
+    def _fold(self, pair: tuple) -> None:
+        start, end = pair
+        end.synchronize()
+        self._seconds += start.elapsed_time(end) / 1e3
+
+    def take(self) -> float:
+        """The seconds timed since the last call."""
+        for pair in self._pending:
+            self._fold(pair)
+        self._pending, seconds, self._seconds = [], self._seconds, 0.0
+        return seconds
 
 
 def _epoch_order(seed: int, phase_index: int, epoch: int, n: int) -> torch.Tensor:
@@ -400,16 +460,12 @@ class PhaseRun:
             out = l.wrapped(x)
         return self.task.view(l.model, out, y), l.tap.take()
 
-    def learner_loss(self, l: Learner, view, feats, teacher: Optional[TeacherOutputs], epoch: int) -> torch.Tensor:
+    def learner_loss(self, l: Learner, view, feats, teacher: Optional[TeacherOutputs], epoch: int, units: int) -> torch.Tensor:
         step = StepOutputs(view.logits, feats, view.labels, teacher, l.regressors, epoch,
                            hidden=view.hidden, head=view.head, masked=view.masked)
         values = [term(step) for term in l.spec.terms]
         loss = sum(term.weight * v for term, v in zip(l.spec.terms, values))
-        units = int((view.labels != IGNORE_INDEX).sum()) if view.masked else len(view.labels)
-        for k, v in enumerate(values):
-            l.term_sums[k] += float(v.detach()) * units
-        l.loss_sum += float(loss.detach()) * units
-        l.loss_count += units
+        l.add_loss(loss, values, units)
         return loss
 
     def train_batch(self, epoch: int, b: int, orders: List[torch.Tensor], profile: bool) -> int:
@@ -417,9 +473,10 @@ class PhaseRun:
         window); returns the units (samples or tokens) of the batch on this rank."""
         t = self.ctx.cfg["train"]
         batch = self.batch
-        xy = []
+        xy, units = [], []
         for order in orders:
             x, y = self.task.batch(self.data, order[b * batch : (b + 1) * batch])
+            units.append(self.task.units(y))  # counted on the host copy: no device synchronisation
             xy.append((x.to(self.dev), y.to(self.dev)))
         x, y = xy[0]
         last_micro = (b + 1) % self.accum == 0 or b == self.batches - 1
@@ -441,27 +498,26 @@ class PhaseRun:
                     outs[l.spec.name] = self.forward(l, *xy[j % len(xy)])
             for j, l in enumerate(self.learners):
                 lx, ly = xy[j % len(xy)]
-                units = self.task.units(ly)
-                with _cost(l, self.dev, profile, units):
+                lunits = units[j % len(units)]
+                with _cost(l, self.dev, profile, lunits):
                     if l.spec.name not in outs:
                         outs[l.spec.name] = self.forward(l, lx, ly)
                     view, feats = outs[l.spec.name]
-                    loss = self.learner_loss(l, view, feats, self.teacher_for(l, teachers, outs, groups), epoch)
+                    loss = self.learner_loss(l, view, feats, self.teacher_for(l, teachers, outs, groups), epoch, lunits)
                     self.flag(j, 0, loss)
                     # One backward per learner (their parameters are disjoint, and a fused KD
                     # loss must not be backpropagated twice).
-                    (loss * (units / window)).backward()
+                    (loss * (lunits / window)).backward()
                 if not mutual:
                     del outs[l.spec.name]  # its activations are freed before the next learner runs
         if last_micro:
             for j, l in enumerate(self.learners):
-                started = time.perf_counter()
-                if t["grad_clip"] > 0:
-                    self.flag(j, 1, dist.clip_grad_norm(l.wrapped, l.trainable_params(), t["grad_clip"]))
-                l.optimizer.step()
-                l.scheduler.step()
-                l.optimizer.zero_grad(set_to_none=True)
-                l.cost["seconds"] += time.perf_counter() - started
+                with l.clock():
+                    if t["grad_clip"] > 0:
+                        self.flag(j, 1, dist.clip_grad_norm(l.wrapped, l.trainable_params(), t["grad_clip"]))
+                    l.optimizer.step()
+                    l.scheduler.step()
+                    l.optimizer.zero_grad(set_to_none=True)
             self.opt_steps += 1
             self.step_t += 1
             # Before the checkpoint, so that a run resumed from it does not lose the line.
@@ -471,7 +527,7 @@ class PhaseRun:
             if t["checkpoint_every"] and self.opt_steps % t["checkpoint_every"] == 0:
                 self.guard(optimizer_state=True)  # a checkpoint never holds a diverged model
                 self.ctx.save_checkpoint(self.state(epoch, b + 1))
-        return self.task.units(y)
+        return units[0]
 
     def validate(self, epoch: int) -> None:
         """Every learner on the validation split, logged as one line each (at the end of an
@@ -488,11 +544,11 @@ class PhaseRun:
                     stack.enter_context(dist.gathered(other.wrapped))
                 m = self.task.evaluate(self.ctx.val, [Member(l.spec.name, lambda l=l: l.model, False)], reference,
                                        self.eval_cache)
+            train_loss, terms = l.take_means()
             line = {"phase": self.phase.name, "model": l.spec.name, "epoch": epoch + 1, "step": self.opt_steps, "split": "val",
-                    "train_loss": l.loss_sum / max(1, l.loss_count), "terms": l.term_means()}
+                    "train_loss": train_loss, "terms": terms}
             line.update(m)
             self.ctx.log(line)
-            l.loss_sum, l.loss_count, l.term_sums = 0.0, 0, [0.0] * len(l.term_sums)
 
     def finish(self) -> tuple:
         for tap in self.teacher_taps.values():
@@ -503,7 +559,7 @@ class PhaseRun:
             if l.compressed:
                 compress.finalize(l.model)
             finished[l.spec.name] = dist.unwrap_model(l.wrapped, l.module, lambda l=l: self.task.build(l.spec.role, 0)).cpu().eval()
-        return finished, {l.spec.name: dict(l.cost) for l in self.learners}
+        return finished, {l.spec.name: l.settled_cost() for l in self.learners}
 
 
 @contextlib.contextmanager
@@ -518,9 +574,8 @@ def _cost(l: Learner, device: torch.device, profile: bool, units: int):
             yield
         l.cost["peak_mb"] = round(peak.value, 2)
         return
-    started = time.perf_counter()
-    yield
-    l.cost["seconds"] += time.perf_counter() - started
+    with l.clock():
+        yield
     l.cost["units"] += units
 
 
@@ -553,8 +608,9 @@ def run_phase(ctx: Context, phase_index: int, phase: Phase, resume: Optional[dic
                 seen += run.train_batch(epoch, b, orders, profile=t["measure_memory"] and b == start_batch + 1) * dist.world_size()
                 if bar is not None:
                     bar.update(1)
-                    if b % 5 == 0 or b == run.batches - 1:
-                        running = np.mean([l.loss_sum / max(1, l.loss_count) for l in run.learners])
+                    # The bar's loss is a log point: read from the device every 20 batches only.
+                    if b % 20 == 0 or b == run.batches - 1:
+                        running = float(torch.stack([l.sums[0] / max(1, l.loss_count) for l in run.learners]).mean())
                         bar.set_postfix(loss=f"{running:.4f}", **{f"{ctx.task.UNIT}_s": f"{seen / (time.perf_counter() - t0):.0f}"})
             start_batch = 0
             run.guard()  # also what the phase hands on: the last epoch's check covers its end

@@ -2,7 +2,7 @@
 (and a sampled one) against the online teacher, and the wall time of a student run with and
 without the teacher in the loop.
 
-``python -m bench.teacher_cache run [--out DIR] [--top-k 8 32 128] [--sample 32]
+``python tools/teacher_cache_experiment.py run [--out DIR] [--top-k 8 32 128] [--sample 32]
 [--renormalize 8 32] [--jobs N] [--save FILE]`` runs, with the shipped language-model job
 (``fastkd distill --data lm``):
 
@@ -56,7 +56,7 @@ def run(out: Path, top_k: List[int], sample: List[int], renormalize: List[int], 
     out.mkdir(parents=True, exist_ok=True)
     caches = [("top_k", k) for k in top_k] + [("sample", k) for k in sample]
     if not caches:
-        raise SystemExit("bench.teacher_cache: nothing to measure (no --top-k and no --sample)")
+        raise SystemExit("teacher_cache_experiment: nothing to measure (no --top-k and no --sample)")
     teacher = f"{_cache_name(*caches[0])}-teacher"
     commands: Dict[str, Dict] = {}
 
@@ -127,7 +127,7 @@ def collect(out: Path) -> Dict:
     meta = load(out / "commands.json") or {"jobs": None, "commands": {}}
     online = load(out / "online" / "summary.json")
     if online is None:
-        raise SystemExit(f"bench.teacher_cache: {out}/online/summary.json is missing: the online job did not finish")
+        raise SystemExit(f"teacher_cache_experiment: {out}/online/summary.json is missing: the online job did not finish")
     record = {
         "what": "the language-model job (configs/lm.toml) distilled online and from teacher caches",
         "machine": {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
@@ -161,7 +161,7 @@ def collect(out: Path) -> Dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.teacher_cache", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python tools/teacher_cache_experiment.py", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run the online job, the caches and the students distilled from them")
     r.add_argument("--out", default=".bench/teacher-cache", help="folder of the runs (default .bench/teacher-cache)")
@@ -179,7 +179,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = ap.parse_args(argv)
     if args.command == "run":
         if Path(args.out).exists() and any(Path(args.out).iterdir()):
-            raise SystemExit(f"bench.teacher_cache: {args.out} is not empty (its runs would be refused): choose another --out")
+            raise SystemExit(f"teacher_cache_experiment: {args.out} is not empty (its runs would be refused): choose another --out")
         record = run(Path(args.out), args.top_k, args.sample, args.renormalize, args.jobs)
     else:
         record = collect(Path(args.out))
@@ -188,7 +188,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     text = json.dumps(record, indent=1) + "\n"
     if args.save:
         Path(args.save).write_text(text)
-        print(f"bench.teacher_cache: wrote {args.save}")
+        print(f"teacher_cache_experiment: wrote {args.save}")
     else:
         print(text)
     return 0

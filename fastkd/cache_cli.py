@@ -72,10 +72,9 @@ def add_parser(sub) -> None:
 
 
 def _config(args) -> dict:
-    from fastkd.cli import set_overrides
-    from fastkd.engine.config import LM_JOB, load_config
+    from fastkd.engine.config import LM_JOB, load_config, parse_overrides
 
-    overrides = set_overrides(args.set)
+    overrides = parse_overrides(args.set)
     if args.data is not None:
         overrides.append(("data.name", args.data))
     if args.no_progress:

@@ -106,6 +106,13 @@ def config_from_args(args) -> tuple:
     return load_config(args.config, overrides, base=base), resume
 
 
+# What each extra of pyproject.toml brings: `import fastkd` and the losses need none of them.
+_EXTRA_OF_MODULE = {
+    **dict.fromkeys(("transformers", "tokenizers", "safetensors", "xxhash", "sklearn", "matplotlib", "tqdm"), "engine"),
+    **dict.fromkeys(("pytest", "pytest_benchmark"), "bench"),
+}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -138,6 +145,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             hint = f"; {exc.hint}"
         print(f"fastkd: interrupted{hint}", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:
+        module = (exc.name or "").split(".")[0]
+        extra = _EXTRA_OF_MODULE.get(module)
+        if extra is None:
+            raise
+        print(f"fastkd: error: `fastkd {args.command}` needs the module {module!r}, one of fastkd's "
+              f"optional dependencies: pip install 'fastkd[{extra}]'", file=sys.stderr)
+        return EXIT_CONFIG
     return 0
 
 

@@ -54,3 +54,13 @@ def test_import_fastkd_and_every_loss_without_the_engine_dependencies():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ran 10 losses" in proc.stdout
+
+
+def test_distill_without_the_engine_dependencies_says_which_extra_to_install(tmp_path):
+    script = (f"import sys\nfor name in {ENGINE_ONLY!r}:\n    sys.modules[name] = None\nfrom fastkd.cli import main\n"
+              f"sys.exit(main(['distill', '--out', {str(tmp_path / 'run')!r}]))")
+    proc = subprocess.run([sys.executable, "-c", script], env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'fastkd[engine]'" in lines[0], proc.stderr
+    assert any(f"module '{name}'" in lines[0] for name in ENGINE_ONLY), proc.stderr

@@ -685,7 +685,9 @@ def render_summary(a: Dict, gpu_runs: Sequence[Path]) -> str:
 def render_gpu_runs(paths: List[Path]) -> str:
     """A section for GPU runs kept in the repository (``bench/measured/*.json``, each the
     ``results.json`` of a ``fastkd bench`` run on a machine with a GPU), so that BENCHMARKS.md
-    shows GPU figures although the machine that runs ``make bench`` has no GPU."""
+    shows GPU figures although the machine that runs ``make bench`` has no GPU. What a run found
+    beyond its numbers (the GPU tests it passed or failed) is kept as prose beside its JSON
+    (``<run>.md``) and shown with it: BENCHMARKS.md holds the dated record, the README none."""
     from fastkd.bench_cli import summary_rows
 
     L: List[str] = ["## Measured on a GPU (committed runs)", ""]
@@ -707,6 +709,9 @@ def render_gpu_runs(paths: List[Path]) -> str:
                  + (f"; copy bandwidth {bw / 1e9:.0f} GB/s (read + write)" if bw else "") + ".")
         if r.get("note"):
             L += ["", r["note"]]
+        findings = Path(path).with_suffix(".md")  # what the run found, written beside its JSON
+        if findings.exists():
+            L += ["", findings.read_text().strip()]
         L.append("")
         header, rows = summary_rows(r)
         L.append("Forward+backward medians, ms; last column: the best fastkd backend's speed-up over `torch.compile`.")

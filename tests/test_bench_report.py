@@ -90,6 +90,8 @@ def test_benchmarks_md_layout_gpu_first_and_long_tables_beside_it(tmp_path):
     # The summary's kd row: the H200 run's 1.30x over compile, and this run's 4.00x and 8.00x.
     row = next(line for line in text.split("## Summary")[1].splitlines() if line.startswith("| kd |"))
     assert [c.strip() for c in row.strip("|").split("|")][1:] == ["2048x32000 fp32", "1.30×", "3.61×", "34.7 %", "8x100 fp32", "4.00×", "8.00×", "0.1 %"], row
+    # What the GPU run found, kept beside its JSON, is shown with it.
+    assert "**What this run found.**" in text.split("## Measured on a GPU")[1].split("## Machine")[0]
     # Raw statistics only in their own file, linked; no static section or file without the check.
     raw = tmp_path / "B-raw.md"
     assert "(B-raw.md)" in text and "`test_kd[fastkd-cpu]`" not in text

@@ -5,7 +5,9 @@
 #   make test    the whole test suite
 #   make gpu     on a GPU host: build, GPU tests and GPU benchmarks in one timed command
 #   make bench   kernel microbenchmarks (`fastkd bench` on BENCHMARKS.md's cases, every device
-#                here); BENCHMARKS.md and docs/bench-overview.png regenerated from the measured run
+#                here); BENCHMARKS.md, its generated side files (docs/gpu-static.md: every GPU
+#                kernel's resources; docs/benchmarks-raw.md: every benchmark's statistics) and
+#                docs/bench-overview.png regenerated from the measured run
 #   make mutate  plant each bug of tools/mutations.toml in a copy of the tree and check that the
 #                tests catch it (not part of `make test`: it builds the extension in the copy)
 #

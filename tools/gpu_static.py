@@ -19,7 +19,8 @@ launch's threads per block follows the theoretical occupancy (:func:`occupancy`,
 CUDA toolkit's ``cuda_occupancy.h``). ``tests/test_gpu_static.py`` fails on a kernel that does not
 compile for both architectures, on any spill (STACK or LOCAL above 0), on a launch that could not
 start (a block that does not fit on an SM) and on a kernel outside the conventions; ``make bench``
-writes the resource table to BENCHMARKS.md (:func:`render_markdown`).
+writes the resource table to docs/gpu-static.md (:func:`render_markdown`) and its verdict to
+BENCHMARKS.md.
 
 Compiled results are cached in ``.gpu-static-cache/`` at the repository root (``make clean``
 removes it; ``FASTKD_GPU_STATIC_CACHE`` overrides the folder), keyed by a hash of the kernel's
@@ -991,7 +992,7 @@ def summary_rows(report: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 
 def render_markdown(report: Optional[Dict[str, Any]], heading: str = "##") -> str:
-    """The "GPU kernels, statically" section of BENCHMARKS.md."""
+    """The resource tables of docs/gpu-static.md ("GPU kernels, statically")."""
     L: List[str] = []
     w = L.append
     w(f"{heading} GPU kernels, statically")
@@ -1141,7 +1142,7 @@ def render_markdown(report: Optional[Dict[str, Any]], heading: str = "##") -> st
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="tools/gpu_static.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="write the whole report here")
-    ap.add_argument("--markdown", help="write the BENCHMARKS.md section here")
+    ap.add_argument("--markdown", help="write the resource tables (docs/gpu-static.md's section) here")
     ap.add_argument("--archs", default=",".join(map(str, ARCHS)), help="compute capabilities, e.g. 80,90")
     ap.add_argument("--jobs", type=int, default=None, help="compile processes (default: FASTKD_GPU_STATIC_JOBS or 2)")
     ap.add_argument("--cache-dir", default=None, help="cache folder (default: FASTKD_GPU_STATIC_CACHE or .gpu-static-cache)")

@@ -118,18 +118,6 @@ def test_triton_refuses_float64():
         fastkd.rkd_angle_loss(s, t, backend="triton")
 
 
-@pytest.mark.parametrize("op", OPS)
-def test_triton_opcheck(op):
-    s, t = make_embeddings(6, 5, 4, device=DEVICE)
-    args = (s.requires_grad_(True), t, 1e-7, True) if op == "pkt" else (s.requires_grad_(True), t, True)
-    # AOT dispatch traces into a triton_op's launcher, and the interpreter would then run the
-    # kernels on fake tensors: that check runs on GPU only (test_relational_gpu.py).
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    if DEVICE == "cuda":
-        utils += ("test_aot_dispatch_dynamic",)
-    torch.library.opcheck(getattr(torch.ops.fastkd, SCHEMA[op]).default, args, test_utils=utils)
-
-
 def test_static_launches_cover_the_launchers_choices():
     """Every (ROW_BLOCK, warps) and angle tile a GPU batch can choose is among the statically
     compiled launches of every row kernel (tests/test_gpu_static.py compiles them)."""

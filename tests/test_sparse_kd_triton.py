@@ -138,14 +138,3 @@ def test_triton_broken_indices_or_label_give_a_nan_row(index_dtype):
         assert torch.isfinite(loss[[0, 5]]).all() and torch.isfinite(grad[[0, 5]]).all()
 
 
-@pytest.mark.parametrize("values,tail", TAILS)
-def test_triton_opcheck(values, tail):
-    s, vals, idx = make_sparse((3, 300), 20, values=values, device=DEVICE)
-    y = make_labels((3,), 300, ignored=(1,), device=DEVICE)
-    args = (s.requires_grad_(True), vals, idx, y, values, tail, 2.0, 0.25, -100, "batchmean", True, True)
-    # AOT dispatch traces into a triton_op's launcher, and the interpreter would then run the
-    # kernel on fake tensors: that check runs on GPU only (test_sparse_kd_gpu.py).
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    if DEVICE == "cuda":
-        utils += ("test_aot_dispatch_dynamic",)
-    torch.library.opcheck(torch.ops.fastkd.sparse_kd_forward_triton.default, args, test_utils=utils)

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastkd
-from fastkd import _ext, backends
+from fastkd import _ext
 from fastkd.functional import attention_transfer_loss_reference, hint_loss_reference
 from fastkd.ops import feature as feature_ops
 from feature_helpers import check_at, check_hint, make_features, make_maps
@@ -488,9 +488,9 @@ def test_torch_compile_fullgraph_matches_eager():
 @needs_ext
 def test_auto_backend_on_cpu_is_the_cpu_kernel():
     s, _ = make_features((2, 5))
-    assert backends.choose("hint_loss", feature_ops._HINT_CHECKS, s.device, None, s, s) == "cpu"
+    assert feature_ops.HINT_LOSS.choose(None, s, s) == "cpu"
     m, _ = make_maps((2, 3, 4, 4), 3)
-    assert backends.choose("attention_transfer_loss", feature_ops._AT_CHECKS, m.device, None, m, m) == "cpu"
+    assert feature_ops.ATTENTION_TRANSFER_LOSS.choose(None, m, m) == "cpu"
 
 
 def test_explicit_backend_that_cannot_run_says_why():

@@ -13,7 +13,7 @@ import torch
 
 import fastkd
 from fastkd import _ext
-from fastkd.ops import _fused
+from fastkd.ops import fused_autograd as _fused
 from fastkd.ops import feature as feature_ops
 from feature_helpers import make_features, make_maps
 

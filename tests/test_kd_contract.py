@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import fastkd
 from fastkd import _ext
 from fastkd.functional import kd_loss_reference
-from fastkd.ops import _fused
+from fastkd.ops import fused_autograd as _fused
 from fastkd.ops import kd as kd_ops
 from kd_helpers import make_labels, make_logits
 

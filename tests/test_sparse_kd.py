@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastkd
-from fastkd import _ext, backends
+from fastkd import _ext
 from fastkd.functional import kd_loss_reference, sparse_kd_loss_reference
 from fastkd.ops import sparse_kd as sparse_ops
 from kd_helpers import make_labels
@@ -552,7 +552,7 @@ def test_torch_compile_fullgraph_matches_eager(reduction, values, tail):
 @needs_ext
 def test_auto_backend_on_cpu_is_the_cpu_kernel():
     s, vals, idx = make_sparse((2, 5), 2)
-    assert backends.choose("sparse_kd_loss", sparse_ops._CHECKS, s.device, None, s, vals, idx) == "cpu"
+    assert sparse_ops.SPARSE_KD_LOSS.choose(None, s, vals, idx) == "cpu"
 
 
 def test_explicit_backend_that_cannot_run_says_why():

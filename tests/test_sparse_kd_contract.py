@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import fastkd
 from fastkd import _ext
 from fastkd.functional import sparse_kd_loss_reference
-from fastkd.ops import _fused
+from fastkd.ops import fused_autograd as _fused
 from fastkd.ops import sparse_kd as sparse_ops
 from kd_helpers import make_labels
 from sparse_kd_helpers import TAILS, make_dense, make_sparse, top_k

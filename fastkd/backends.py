@@ -80,23 +80,20 @@ def fused_checks(op: str, triton_error: Optional[str]) -> dict:
     def reference(*tensors):
         return None
 
-    def cpu(student, *tensors):
-        if student.device.type != "cpu":
-            return f"it runs on CPU tensors, got a {student.device.type} tensor"
-        if _ext.LOAD_ERROR is not None:
-            return _ext.LOAD_ERROR
-        if not has_cpu:
-            return f"the extension has no CPU kernel for fastkd::{op}"
-        return None
+    def extension(device: str, kernel_missing: Optional[str]) -> Check:
+        """The check of the C++ kernel for ``device``; ``kernel_missing``: why it is not there."""
 
-    def cuda(student, *tensors):
-        if student.device.type != "cuda":
-            return f"it runs on CUDA tensors, got a {student.device.type} tensor"
-        if _ext.LOAD_ERROR is not None:
-            return _ext.LOAD_ERROR
-        if not has_cuda:
-            return "the extension was built without CUDA (nvcc missing, or FASTKD_NO_CUDA=1)"
-        return None
+        def check(student, *tensors):
+            if student.device.type != device:
+                return f"it runs on {device.upper()} tensors, got a {student.device.type} tensor"
+            if _ext.LOAD_ERROR is not None:
+                return _ext.LOAD_ERROR
+            return kernel_missing
+
+        return check
+
+    cpu = extension("cpu", None if has_cpu else f"the extension has no CPU kernel for fastkd::{op}")
+    cuda = extension("cuda", None if has_cuda else "the extension was built without CUDA (nvcc missing, or FASTKD_NO_CUDA=1)")
 
     def triton(student, *tensors):
         if triton_error is not None:

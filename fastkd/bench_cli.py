@@ -32,21 +32,14 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from fastkd.engine.config import ConfigError
+from fastkd.ops import table
 
-# The public fused ops and the bench ops (Op.name, in bench/test_bench_*.py) that measure them.
-# tests/test_bench_cli.py checks that these are exactly the registered ops (besides linear_ce,
-# PyTorch's own op timed for scale, which is named only by its bench name).
+# The public fused ops (the op table's) and the bench ops (Op.name in bench/test_bench_*.py) that
+# measure them: ``<stem>`` and one ``<stem>_<variant>`` per variant (kd_loss: kd, kd_jsd, ...,
+# kd_ensemble). tests/test_bench_cli.py checks that these are exactly the registered ops (besides
+# linear_ce, PyTorch's own op timed for scale, which is named only by its bench name).
 PUBLIC_OPS: Dict[str, Tuple[str, ...]] = {
-    "kd_loss": ("kd", "kd_reverse_kl", "kd_jsd", "kd_tvd", "kd_skew_kl", "kd_skew_reverse_kl", "kd_ensemble"),
-    "dkd_loss": ("dkd",),
-    "sparse_kd_loss": ("sparse_kd",),
-    "fused_linear_kd_loss": ("fused_linear_kd",),
-    "hint_loss": ("hint",),
-    "attention_transfer_loss": ("attention_transfer",),
-    "rkd_distance_loss": ("rkd_distance",),
-    "rkd_angle_loss": ("rkd_angle",),
-    "sp_loss": ("sp",),
-    "pkt_loss": ("pkt",),
+    op.name: (op.stem,) + tuple(f"{op.stem}_{variant}" for variant in op.variants) for op in table.all_ops()
 }
 EXTRA_BENCH_OPS = ("linear_ce",)
 PUBLIC_OF = {b: p for p, bs in PUBLIC_OPS.items() for b in bs}

@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+import dataclasses
+
 from fastkd.backends import requested_backend
 from fastkd.functional import (
     attention_transfer_loss,
@@ -21,12 +23,49 @@ from fastkd.functional import (
 )
 from fastkd.ops import dkd as _dkd
 from fastkd.ops import feature as _feature
+from fastkd.ops import fused_linear as _fused_linear
 from fastkd.ops import kd as _kd
 from fastkd.ops import relational as _relational
 from fastkd.ops import sparse_kd as _sparse_kd
+from fastkd.ops.options import KDOptions
 
 
-class KDLoss(torch.nn.Module):
+def _check_backend(backend: Optional[str]) -> None:
+    if backend is not None:
+        requested_backend(backend)  # an unknown name fails now, not at the first forward
+
+
+class _KDOptionsModule(torch.nn.Module):
+    """A module whose KD options are one :class:`~fastkd.ops.options.KDOptions`, ``self.options``.
+    Each option it takes (``OPTIONS``) also reads and writes as an attribute: ``criterion.temperature
+    = 2.0`` (a temperature schedule) checks the new value as the constructor does."""
+
+    OPTIONS = tuple(f.name for f in dataclasses.fields(KDOptions))
+
+    def __init__(self, options: KDOptions, backend: Optional[str]):
+        super().__init__()
+        _check_backend(backend)
+        self.options = options
+        self.backend = backend
+
+    def option_kwargs(self) -> dict:
+        return {name: getattr(self.options, name) for name in self.OPTIONS}
+
+    def __getattr__(self, name):
+        if name in type(self).OPTIONS and "options" in self.__dict__:
+            return getattr(self.__dict__["options"], name)
+        return super().__getattr__(name)
+
+    def __setattr__(self, name, value):
+        if name in type(self).OPTIONS:
+            name, value = "options", dataclasses.replace(self.options, **{name: value})
+        super().__setattr__(name, value)
+
+    def _repr_options(self) -> str:
+        return ", ".join(f"{name}={value!r}" for name, value in self.option_kwargs().items())
+
+
+class KDLoss(_KDOptionsModule):
     """Module form of :func:`fastkd.kd_loss`; the constructor takes its keyword options
     (``divergence``, ``beta`` and an ensemble's ``teacher_weights`` among them).
 
@@ -55,51 +94,22 @@ class KDLoss(torch.nn.Module):
         teacher_weights: Optional[torch.Tensor] = None,
         backend: Optional[str] = None,
     ):
-        super().__init__()
-        temperature, hard_weight, ignore_index, _ = _kd.validate_options(
-            temperature, hard_weight, ignore_index, reduction, t2_scale, divergence, beta
-        )
+        super().__init__(KDOptions(temperature, hard_weight, ignore_index, reduction, t2_scale, divergence, beta), backend)
         if teacher_weights is not None:
             one_d = isinstance(teacher_weights, torch.Tensor) and teacher_weights.dim() == 1
             _kd.validate_teacher_weights(teacher_weights, teacher_weights.shape[0] if one_d else 0)
-        if backend is not None:
-            requested_backend(backend)  # an unknown name fails now, not at the first forward
-        self.divergence = divergence
-        self.beta = beta
         # A buffer, so that .to(device) moves it with the module (not saved in the state dict).
         self.register_buffer("teacher_weights", teacher_weights, persistent=False)
-        self.temperature = temperature
-        self.hard_weight = hard_weight
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.t2_scale = t2_scale
-        self.backend = backend
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return kd_loss(
-            student_logits,
-            teacher_logits,
-            self.temperature,
-            labels=labels,
-            hard_weight=self.hard_weight,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            t2_scale=self.t2_scale,
-            divergence=self.divergence,
-            beta=self.beta,
-            teacher_weights=self.teacher_weights,
-            backend=self.backend,
-        )
+        return kd_loss(student_logits, teacher_logits, labels=labels, teacher_weights=self.teacher_weights, backend=self.backend,
+                       **self.option_kwargs())
 
     def extra_repr(self) -> str:
-        return (
-            f"temperature={self.temperature}, hard_weight={self.hard_weight}, ignore_index={self.ignore_index}, "
-            f"reduction={self.reduction!r}, t2_scale={self.t2_scale}, divergence={self.divergence!r}, "
-            f"beta={self.beta!r}, backend={self.backend!r}"
-        )
+        return f"{self._repr_options()}, backend={self.backend!r}"
 
 
-class FusedLinearKDLoss(torch.nn.Module):
+class FusedLinearKDLoss(_KDOptionsModule):
     """Module form of :func:`fastkd.fused_linear_kd_loss`; the constructor takes its keyword
     options, checked at construction.
 
@@ -126,23 +136,8 @@ class FusedLinearKDLoss(torch.nn.Module):
         chunk_size: Optional[int] = None,
         backend: Optional[str] = None,
     ):
-        super().__init__()
-        temperature, hard_weight, ignore_index, _ = _kd.validate_options(
-            temperature, hard_weight, ignore_index, reduction, t2_scale, divergence, beta
-        )
-        if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be an int >= 1 or None, got {chunk_size!r}")
-        if backend is not None:
-            requested_backend(backend)
-        self.temperature = temperature
-        self.hard_weight = hard_weight
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.t2_scale = t2_scale
-        self.divergence = divergence
-        self.beta = beta
-        self.chunk_size = chunk_size
-        self.backend = backend
+        super().__init__(KDOptions(temperature, hard_weight, ignore_index, reduction, t2_scale, divergence, beta), backend)
+        self.chunk_size = _fused_linear.check_chunk_size(chunk_size)
 
     @staticmethod
     def _head(head):
@@ -155,17 +150,12 @@ class FusedLinearKDLoss(torch.nn.Module):
         w_s, b_s = self._head(student_head)
         w_t, b_t = self._head(teacher_head)
         return fused_linear_kd_loss(
-            student_hidden, w_s, teacher_hidden, w_t, self.temperature,
-            student_bias=b_s, teacher_bias=b_t, labels=labels, hard_weight=self.hard_weight,
-            ignore_index=self.ignore_index, reduction=self.reduction, t2_scale=self.t2_scale,
-            divergence=self.divergence, beta=self.beta, chunk_size=self.chunk_size, backend=self.backend,
+            student_hidden, w_s, teacher_hidden, w_t, student_bias=b_s, teacher_bias=b_t, labels=labels,
+            chunk_size=self.chunk_size, backend=self.backend, **self.option_kwargs(),
         )
 
     def extra_repr(self) -> str:
-        return (
-            f"temperature={self.temperature}, hard_weight={self.hard_weight}, ignore_index={self.ignore_index}, "
-            f"reduction={self.reduction!r}, t2_scale={self.t2_scale}, chunk_size={self.chunk_size}, backend={self.backend!r}"
-        )
+        return f"{self._repr_options()}, chunk_size={self.chunk_size}, backend={self.backend!r}"
 
 
 class DKDLoss(torch.nn.Module):
@@ -194,8 +184,7 @@ class DKDLoss(torch.nn.Module):
     ):
         super().__init__()
         temperature, alpha, beta, ignore_index = _dkd.validate_options(temperature, alpha, beta, ignore_index, reduction)
-        if backend is not None:
-            requested_backend(backend)  # an unknown name fails now, not at the first forward
+        _check_backend(backend)
         self.temperature = temperature
         self.alpha = alpha
         self.beta = beta
@@ -223,7 +212,7 @@ class DKDLoss(torch.nn.Module):
         )
 
 
-class SparseKDLoss(torch.nn.Module):
+class SparseKDLoss(_KDOptionsModule):
     """Module form of :func:`fastkd.sparse_kd_loss` (a teacher given as top-k values and indices);
     the constructor takes its keyword options and checks them.
 
@@ -234,6 +223,9 @@ class SparseKDLoss(torch.nn.Module):
         criterion = fastkd.nn.SparseKDLoss(temperature=2.0, values="logprobs", tail="uniform")
         loss = criterion(student(x), topk_logprobs, topk_indices)
     """
+
+    # KL only: the options without a divergence.
+    OPTIONS = ("temperature", "hard_weight", "ignore_index", "reduction", "t2_scale")
 
     def __init__(
         self,
@@ -247,20 +239,10 @@ class SparseKDLoss(torch.nn.Module):
         t2_scale: bool = True,
         backend: Optional[str] = None,
     ):
-        super().__init__()
-        temperature, hard_weight, ignore_index = _sparse_kd.validate_options(
-            temperature, values, tail, hard_weight, ignore_index, reduction, t2_scale
-        )
-        if backend is not None:
-            requested_backend(backend)  # an unknown name fails now, not at the first forward
-        self.temperature = temperature
+        super().__init__(KDOptions(temperature, hard_weight, ignore_index, reduction, t2_scale), backend)
+        _sparse_kd.check_teacher_format(values, tail)
         self.values = values
         self.tail = tail
-        self.hard_weight = hard_weight
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.t2_scale = t2_scale
-        self.backend = backend
 
     def forward(
         self,
@@ -270,26 +252,12 @@ class SparseKDLoss(torch.nn.Module):
         labels: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         return sparse_kd_loss(
-            student_logits,
-            teacher_values,
-            teacher_indices,
-            self.temperature,
-            values=self.values,
-            tail=self.tail,
-            labels=labels,
-            hard_weight=self.hard_weight,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            t2_scale=self.t2_scale,
-            backend=self.backend,
+            student_logits, teacher_values, teacher_indices, values=self.values, tail=self.tail, labels=labels,
+            backend=self.backend, **self.option_kwargs(),
         )
 
     def extra_repr(self) -> str:
-        return (
-            f"temperature={self.temperature}, values={self.values!r}, tail={self.tail!r}, "
-            f"hard_weight={self.hard_weight}, ignore_index={self.ignore_index}, "
-            f"reduction={self.reduction!r}, t2_scale={self.t2_scale}, backend={self.backend!r}"
-        )
+        return f"values={self.values!r}, tail={self.tail!r}, {self._repr_options()}, backend={self.backend!r}"
 
 
 class HintLoss(torch.nn.Module):
@@ -308,8 +276,7 @@ class HintLoss(torch.nn.Module):
     def __init__(self, kind: str = "mse", *, reduction: str = "mean", backend: Optional[str] = None):
         super().__init__()
         _feature.validate_hint_options(kind, reduction)
-        if backend is not None:
-            requested_backend(backend)
+        _check_backend(backend)
         self.kind, self.reduction, self.backend = kind, reduction, backend
 
     def forward(self, student_feat: torch.Tensor, teacher_feat: torch.Tensor) -> torch.Tensor:
@@ -334,8 +301,7 @@ class AttentionTransferLoss(torch.nn.Module):
     def __init__(self, p: float = 2.0, *, reduction: str = "mean", backend: Optional[str] = None):
         super().__init__()
         p = _feature.validate_attention_options(p, reduction)
-        if backend is not None:
-            requested_backend(backend)
+        _check_backend(backend)
         self.p, self.reduction, self.backend = p, reduction, backend
 
     def forward(self, student_feats, teacher_feats) -> torch.Tensor:
@@ -350,8 +316,7 @@ class _RelationalLoss(torch.nn.Module):
 
     def __init__(self, backend: Optional[str] = None):
         super().__init__()
-        if backend is not None:
-            requested_backend(backend)  # an unknown name fails now, not at the first forward
+        _check_backend(backend)
         self.backend = backend
 
     def extra_repr(self) -> str:

@@ -84,7 +84,7 @@ def shape_label(block: int, num_warps: int, name: str = "BLOCK_V") -> str:
     return f"{name}={block} · {num_warps} warp{'s' if num_warps > 1 else ''}"
 
 
-# grad_scale (fastkd/ops/_fused.py): every fused kernel takes ``go_ptr`` and two constexprs,
+# grad_scale (fastkd/ops/fused_autograd.py): every fused kernel takes ``go_ptr`` and two constexprs,
 # GO_MODE (0: no grad_scale; 1: one value; 2: one per row, go_ptr[row]) and GO_SKIP (the kernel
 # rewrites the forward's gradient in place: a program whose scale is exactly 1 returns at once).
 # The scale multiplies the float32 gradient coefficient, before the one rounding to the

@@ -1,7 +1,7 @@
 """The backward of every fused loss of a float32 or float64 student on a GPU: scale the saved
 gradient by grad_output, in place, unless grad_output is exactly 1. (A 16-bit gradient is not
 scaled after its rounding, which would round it twice: the op's own kernel rewrites it with
-grad_output folded in, skipping rows whose grad_output is 1 the same way; fastkd/ops/_fused.py.)
+grad_output folded in, skipping rows whose grad_output is 1 the same way; fastkd/ops/fused_autograd.py.)
 
     grad[i] *= s   where s = *scale_ptr (a 0-dim tensor on the device), skipped when s == 1
 

@@ -17,7 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastkd import _ext
-from fastkd.ops import _fused
+from fastkd.ops import fused_autograd as _fused
 from op_specs import GPU, SPECS, device_of
 
 needs_ext = pytest.mark.skipif(_ext.LOAD_ERROR is not None, reason=str(_ext.LOAD_ERROR))

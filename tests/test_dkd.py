@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import fastkd
 from fastkd import _ext
 from fastkd.functional import dkd_loss_reference
-from fastkd.ops import _fused
+from fastkd.ops import fused_autograd as _fused
 from fastkd.ops import dkd as dkd_ops
 from dkd_helpers import check_against_reference, mdistiller_dkd
 from kd_helpers import make_labels, make_logits

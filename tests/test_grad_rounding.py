@@ -169,11 +169,11 @@ CASES = [
     Case("hint_cosine", _feature_make, _hint_call("cosine"), "mean", triton_error=feature_ops.HINT_TRITON_ERROR),
     Case("attention_transfer", _at_make, _at_call, "mean", triton_error=feature_ops.AT_TRITON_ERROR),
     Case("rkd_distance", _relational_make, _relational_call(fastkd.rkd_distance_loss), None, False,
-         relational_ops.TRITON_ERRORS["rkd_distance_loss"]),
+         relational_ops.RKD_DISTANCE_LOSS.kernel.triton_error),
     Case("rkd_angle", _relational_make, _relational_call(fastkd.rkd_angle_loss), None, False,
-         relational_ops.TRITON_ERRORS["rkd_angle_loss"]),
-    Case("sp", _relational_make, _relational_call(fastkd.sp_loss), None, False, relational_ops.TRITON_ERRORS["sp_loss"]),
-    Case("pkt", _relational_make, _relational_call(fastkd.pkt_loss), None, False, relational_ops.TRITON_ERRORS["pkt_loss"]),
+         relational_ops.RKD_ANGLE_LOSS.kernel.triton_error),
+    Case("sp", _relational_make, _relational_call(fastkd.sp_loss), None, False, relational_ops.SP_LOSS.kernel.triton_error),
+    Case("pkt", _relational_make, _relational_call(fastkd.pkt_loss), None, False, relational_ops.PKT_LOSS.kernel.triton_error),
     Case("fused_linear_kd", _linear_make, _linear_call, triton_error=kd_ops.TRITON_ERROR),
 ]
 
@@ -293,7 +293,7 @@ def _rescale_cases():
 def _triton_rescale(module: str, op: str):
     if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
         return None
-    kernels, _ = fastkd.ops._fused.import_triton(f"fastkd.kernels.{module}")
+    kernels, _ = fastkd.ops.fused_autograd.import_triton(f"fastkd.kernels.{module}")
     return None if kernels is None else getattr(kernels, f"{op}_rescale_")
 
 

@@ -365,10 +365,10 @@ def test_gradcheck_float64_per_row_reference():
 def test_environment_variable_picks_the_backend(monkeypatch):
     s, _ = make_logits((2, 5))
     monkeypatch.setenv("FASTKD_BACKEND", "reference")
-    assert backends.choose("kd_loss", kd_ops._CHECKS, s.device, None, s, s) == "reference"
+    assert kd_ops.KD_LOSS.choose(None, s, s) == "reference"
     # the argument wins over the environment
     if _ext.LOAD_ERROR is None:
-        assert backends.choose("kd_loss", kd_ops._CHECKS, s.device, "cpu", s, s) == "cpu"
+        assert kd_ops.KD_LOSS.choose("cpu", s, s) == "cpu"
 
 
 def test_unknown_backend_names_the_choices(monkeypatch):
@@ -382,7 +382,7 @@ def test_unknown_backend_names_the_choices(monkeypatch):
 
 def test_automatic_fallback_is_logged(caplog):
     s, t = make_logits((2, 5))
-    checks = dict(kd_ops._CHECKS, cpu=lambda *x: "pretend the extension is missing")
+    checks = dict(kd_ops.KD_FORWARD.checks, cpu=lambda *x: "pretend the extension is missing")
     with caplog.at_level("WARNING", logger="fastkd"):
         assert backends.choose("kd_test_fallback", checks, s.device, None, s, s) == "reference"
     assert "pretend the extension is missing" in caplog.text

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastkd
-from fastkd.ops import relational as rel
+from fastkd.ops import table
 from kd_helpers import assert_within_tolerance
 from relational_helpers import (
     OPS,
@@ -25,7 +25,7 @@ from relational_helpers import (
     rkd_distance_from_differences,
 )
 
-_errors = {e for e in rel.TRITON_ERRORS.values() if e is not None}
+_errors = {op.kernel.triton_error for op in table.all_ops("relational")} - {None}
 if _errors:
     pytest.skip(_errors.pop(), allow_module_level=True)
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":

@@ -127,10 +127,12 @@ def nonempty_rows(student: torch.Tensor) -> None:
         raise ValueError(f"empty batch: student_logits of shape {tuple(student.shape)} has no rows")
 
 
-def labels(labels, student: torch.Tensor, ignore_index: int, *, required: bool = False, why: str = "") -> None:
+def labels(labels, student: torch.Tensor, ignore_index: int, *, required: bool = False, why: str = "",
+           student_name: str = "student_logits", vocab: Optional[int] = None) -> None:
     """``labels`` int64, shaped like the student's leading dims (or flat ``[N]``), on its device;
     on the CPU also in ``[0, V)`` unless equal to ``ignore_index`` (a GPU check would need a host
-    synchronisation: the kernels turn an out-of-range label into a NaN row instead)."""
+    synchronisation: the kernels turn an out-of-range label into a NaN row instead). ``V`` is the
+    student's last dimension unless ``vocab`` is given (hidden states: the head's rows)."""
     if labels is None:
         if required:
             raise ValueError(f"labels are required{why}")
@@ -141,10 +143,11 @@ def labels(labels, student: torch.Tensor, ignore_index: int, *, required: bool =
         raise TypeError(f"labels must be an int64 tensor, got {labels.dtype}")
     rows = student.shape[:-1]
     if labels.shape != rows and labels.shape != (student.numel() // student.shape[-1],):
-        raise ValueError(f"labels shape {tuple(labels.shape)} must equal student_logits' leading shape {tuple(rows)}")
-    same_device("labels", labels, "student_logits", student)
+        whose = student_name + ("'" if student_name.endswith("s") else "'s")
+        raise ValueError(f"labels shape {tuple(labels.shape)} must equal {whose} leading shape {tuple(rows)}")
+    same_device("labels", labels, student_name, student)
     if labels.device.type == "cpu" and not torch.compiler.is_compiling():
-        vocab = student.shape[-1]
+        vocab = student.shape[-1] if vocab is None else vocab
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         if bool(bad.any()):
             raise ValueError(f"labels holds {int(labels[bad][0])}, outside [0, {vocab}) and not ignore_index={ignore_index}")

@@ -2,13 +2,13 @@
 
 Everything about the op lives here or is named here:
 
-- math and contract: ``dkd_loss`` below, and ``../shared/DESIGN.md`` ("Other logit losses");
+- math and contract: ``dkd_loss`` below, and ``docs/design.md#dkd``;
 - reference (the oracle): ``dkd_loss_reference``, plain PyTorch;
 - cpu kernel: ``csrc/cpu/dkd_cpu.cpp`` (torch wrapper) and ``csrc/cpu/dkd_kernel.h`` (the row
   kernel, compiled for AVX-512, AVX2 and scalar; the gradient's derivation is written there);
 - cuda kernel: ``csrc/cuda/dkd_cuda.cu``; triton kernel: ``kernels/dkd.py``;
-- schema: ``csrc/ops.cpp`` (``fastkd::dkd_forward``); fake kernels and autograd: here (through
-  ``fastkd/ops/_fused.py``);
+- schema: ``csrc/ops.cpp`` (``fastkd::dkd_forward``); fake kernels and autograd:
+  ``fastkd/ops/fused_autograd.py``; dispatch: ``fastkd/ops/table.py``;
 - tests: ``tests/test_dkd.py`` (cpu grid, contract), ``tests/test_dkd_triton.py`` (interpreter),
   ``tests/test_dkd_gpu.py`` (GPU only); engine term: ``fastkd/engine/losses.py`` (``kind = "dkd"``).
 """
@@ -21,9 +21,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastkd import backends
-from fastkd.ops import _fused
-from fastkd.ops import _validate as _validate_args
+from fastkd.ops import _validate, fused_autograd, table
+from fastkd.ops.options import reduce_rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -56,7 +55,7 @@ def dkd_loss_reference(
     subtracts 1000 from its logit instead).
     """
     vocab = student_logits.shape[-1]
-    compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    compute = fused_autograd.loss_dtype(student_logits)
     s = student_logits.reshape(-1, vocab).to(compute)
     t = teacher_logits.detach().reshape(-1, vocab).to(compute)
     y = labels.reshape(-1)
@@ -92,16 +91,11 @@ def dkd_loss_reference(
     # T * T one factor at a time, as the composite's `* temperature**2` on a float32 loss.
     rows = (alpha * tckd + beta * nckd) * temperature * temperature
     rows = torch.where(use, rows, torch.where(valid, torch.full_like(rows, math.nan), torch.zeros_like(rows)))
-    if reduction == "none":
-        return rows.reshape(student_logits.shape[:-1])
-    if reduction == "sum":
-        return rows.sum()
-    return rows.sum() / valid.sum().clamp_min(1)
+    return reduce_rows(rows, valid, reduction, student_logits.shape[:-1])
 
 
 # --------------------------------------------------------------------------------------------
-# Registered ops: fake kernels and autograd (shared by every fused loss, fastkd/ops/_fused.py),
-# the Triton twin, the backends' checks.
+# The registered op (fastkd/ops/table.py) and the checks of the arguments
 # --------------------------------------------------------------------------------------------
 
 
@@ -111,14 +105,13 @@ def _reference_from_op_args(student, teacher, labels, temperature, alpha, beta, 
     )
 
 
-OP = _fused.FusedLoss("dkd_forward", _reference_from_op_args, reduction_arg=7)
-_triton_dkd, _triton_error = _fused.import_triton("fastkd.kernels.dkd")
-TRITON_ERROR = OP.register(_triton_dkd and _triton_dkd.dkd_forward, _triton_error, _triton_dkd and _triton_dkd.dkd_forward_rescale_)
-_CHECKS = backends.fused_checks("dkd_forward", TRITON_ERROR)
+DKD_FORWARD = table.register_kernel("dkd", "dkd_forward", _reference_from_op_args, reduction_arg=7)
+TRITON_ERROR = DKD_FORWARD.triton_error
+DKD_LOSS = table.Op("dkd_loss", "dkd", DKD_FORWARD, dkd_loss_reference)
 
 
 def _weight(name: str, x) -> float:
-    value = _validate_args.real(name, x, lo=0.0)
+    value = _validate.real(name, x, lo=0.0)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number >= 0, got {x}")
     return value
@@ -126,24 +119,24 @@ def _weight(name: str, x) -> float:
 
 def validate_options(temperature, alpha, beta, ignore_index, reduction):
     """The non-tensor arguments, normalised (``nn.DKDLoss`` checks them at construction)."""
-    temperature = _validate_args.temperature(temperature)
+    temperature = _validate.temperature(temperature)
     alpha = _weight("alpha", alpha)
     beta = _weight("beta", beta)
-    ignore_index = _validate_args.integer("ignore_index", ignore_index)
-    _validate_args.reduction(reduction)
+    ignore_index = _validate.integer("ignore_index", ignore_index)
+    _validate.reduction(reduction)
     return temperature, alpha, beta, ignore_index
 
 
-def _validate(student, teacher, labels, temperature, alpha, beta, ignore_index, reduction):
+def _check_arguments(student, teacher, labels, temperature, alpha, beta, ignore_index, reduction):
     """The arguments as the op takes them; every error names the argument and what was wrong."""
-    _validate_args.logits_pair(student, teacher)
+    _validate.logits_pair(student, teacher)
     if student.shape[-1] < 2:
         raise ValueError(
             f"student_logits has {student.shape[-1]} class (last dimension); DKD needs at least 2: "
             "the target class and at least one non-target class"
         )
     options = validate_options(temperature, alpha, beta, ignore_index, reduction)
-    _validate_args.labels(labels, student, options[3], required=True, why=" (DKD is defined by the target class of each row)")
+    _validate.labels(labels, student, options[3], required=True, why=" (DKD is defined by the target class of each row)")
     return options
 
 
@@ -233,12 +226,11 @@ def dkd_loss(
     ``grad_output`` is not 1); backpropagating again through a retained graph runs the kernel
     again; ``create_graph=True`` differentiates the reference, so second derivatives are exact.
     """
-    temperature, alpha, beta, ignore_index = _validate(
+    temperature, alpha, beta, ignore_index = _check_arguments(
         student_logits, teacher_logits, labels, temperature, alpha, beta, ignore_index, reduction
     )
-    _fused.note_constant_teacher("dkd_loss", (teacher_logits,))
-    name = backends.choose("dkd_loss", _CHECKS, student_logits.device, backend, student_logits, teacher_logits)
-    if name == "reference":
+    run = DKD_LOSS.dispatch(backend, student_logits, teacher_logits)
+    if run is None:
         return dkd_loss_reference(
             student_logits, teacher_logits, labels, temperature, alpha=alpha, beta=beta, ignore_index=ignore_index,
             reduction=reduction,
@@ -248,7 +240,5 @@ def dkd_loss(
     student = student_logits.reshape(-1, vocab).contiguous()
     teacher = teacher_logits.detach().reshape(-1, vocab).contiguous()
     flat_labels = labels.reshape(-1).contiguous()
-    compute_grad = _fused.compute_grad(student_logits)
-    op = torch.ops.fastkd.dkd_forward_triton if name == "triton" else torch.ops.fastkd.dkd_forward
-    loss, _ = op(student, teacher, flat_labels, temperature, alpha, beta, ignore_index, reduction, compute_grad)
+    loss, _ = run(student, teacher, flat_labels, temperature, alpha, beta, ignore_index, reduction)
     return loss.reshape(student_logits.shape[:-1]) if reduction == "none" else loss

@@ -3,13 +3,13 @@
 Everything about the two ops lives here or is named here:
 
 - math and contract: ``hint_loss`` and ``attention_transfer_loss`` below, and
-  ``../shared/DESIGN.md`` ("Feature and relational losses");
+  ``docs/design.md#feature``;
 - references (the oracles): ``hint_loss_reference``, ``attention_transfer_loss_reference``;
 - cpu kernels: ``csrc/cpu/feature_cpu.cpp`` (torch wrapper) and ``csrc/cpu/feature_kernel.h``
   (compiled for AVX-512, AVX2 and scalar);
 - cuda kernels: ``csrc/cuda/feature_cuda.cu``; triton kernels: ``kernels/feature.py``;
 - schemas: ``csrc/ops.cpp`` (``fastkd::hint_forward``, ``fastkd::attention_transfer_forward``);
-  fake kernels and autograd: here, through ``fastkd/ops/_fused.py``;
+  fake kernels and autograd: ``fastkd/ops/fused_autograd.py``; dispatch: ``fastkd/ops/table.py``;
 - tests: ``tests/test_feature*.py``.
 
 Unlike the logit losses, the rows here are *samples*: a feature ``[B, ...]`` is flattened to
@@ -24,19 +24,13 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from fastkd import backends
-from fastkd.ops import _fused
-from fastkd.ops import _validate as _validate_args
+from fastkd.ops import _validate, fused_autograd, table
 
 HINT_KINDS = ("mse", "l1", "smooth_l1", "cosine", "normalized_mse")
 FEATURE_REDUCTIONS = ("mean", "sum", "none")
 # The eps of the reference's clamped norms: F.cosine_similarity's and F.normalize's defaults.
 COSINE_EPS = 1e-8
 NORMALIZE_EPS = 1e-12
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------------------------
@@ -49,7 +43,7 @@ def hint_loss_reference(
 ) -> torch.Tensor:
     """The composite ``hint_loss`` is checked against; same arguments and semantics."""
     validate_hint_options(kind, reduction)
-    c = _compute_dtype(student_feat)
+    c = fused_autograd.loss_dtype(student_feat)
     batch = student_feat.shape[0]
     s = student_feat.reshape(batch, -1).to(c)
     t = teacher_feat.detach().reshape(batch, -1).to(c)
@@ -82,7 +76,7 @@ def attention_transfer_loss_reference(
     p = validate_attention_options(p, reduction)
     total = None
     for s, t in pairs:
-        c = _compute_dtype(s)
+        c = fused_autograd.loss_dtype(s)
         diff = (attention_map_reference(s.to(c), p) - attention_map_reference(t.detach().to(c), p)).pow(2)
         term = diff.mean(1) if reduction == "none" else diff.sum() if reduction == "sum" else diff.mean()
         total = term if total is None else total + term
@@ -90,7 +84,7 @@ def attention_transfer_loss_reference(
 
 
 # --------------------------------------------------------------------------------------------
-# Registered ops: fake kernels and autograd (fastkd/ops/_fused.py), Triton twins, checks.
+# The registered ops (fastkd/ops/table.py)
 # --------------------------------------------------------------------------------------------
 
 
@@ -103,18 +97,11 @@ def _attention_reference_from_op_args(student, teacher, p, reduction, compute_gr
     return attention_transfer_loss_reference(student, teacher, p=p, reduction=reduction)
 
 
-HINT_OP = _fused.FusedLoss("hint_forward", _hint_reference_from_op_args, reduction_arg=3)
-AT_OP = _fused.FusedLoss("attention_transfer_forward", _attention_reference_from_op_args, reduction_arg=3)
-_triton_feature, _triton_error = _fused.import_triton("fastkd.kernels.feature")
-HINT_TRITON_ERROR = HINT_OP.register(
-    _triton_feature and _triton_feature.hint_forward, _triton_error, _triton_feature and _triton_feature.hint_forward_rescale_
-)
-AT_TRITON_ERROR = AT_OP.register(
-    _triton_feature and _triton_feature.attention_transfer_forward, _triton_error,
-    _triton_feature and _triton_feature.attention_transfer_forward_rescale_,
-)
-_HINT_CHECKS = backends.fused_checks("hint_forward", HINT_TRITON_ERROR)
-_AT_CHECKS = backends.fused_checks("attention_transfer_forward", AT_TRITON_ERROR)
+HINT_FORWARD = table.register_kernel("feature", "hint_forward", _hint_reference_from_op_args, reduction_arg=3)
+AT_FORWARD = table.register_kernel("feature", "attention_transfer_forward", _attention_reference_from_op_args, reduction_arg=3)
+HINT_TRITON_ERROR, AT_TRITON_ERROR = HINT_FORWARD.triton_error, AT_FORWARD.triton_error
+HINT_LOSS = table.Op("hint_loss", "feature", HINT_FORWARD, hint_loss_reference)
+ATTENTION_TRANSFER_LOSS = table.Op("attention_transfer_loss", "feature", AT_FORWARD, attention_transfer_loss_reference)
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,22 +110,22 @@ _AT_CHECKS = backends.fused_checks("attention_transfer_forward", AT_TRITON_ERROR
 
 
 def validate_hint_options(kind, reduction) -> None:
-    _validate_args.choice("kind", kind, HINT_KINDS)
-    _validate_args.choice("reduction", reduction, FEATURE_REDUCTIONS)
+    _validate.choice("kind", kind, HINT_KINDS)
+    _validate.choice("reduction", reduction, FEATURE_REDUCTIONS)
 
 
 def validate_attention_options(p, reduction) -> float:
-    p = _validate_args.real("p", p, lo=1.0)
+    p = _validate.real("p", p, lo=1.0)
     if p == float("inf"):
         raise ValueError("p must be a finite number >= 1, got inf")
-    _validate_args.choice("reduction", reduction, FEATURE_REDUCTIONS)
+    _validate.choice("reduction", reduction, FEATURE_REDUCTIONS)
     return p
 
 
 def _features(name: str, x, min_dim: int, what: str) -> torch.Tensor:
-    if isinstance(x, torch.Tensor) and x.dtype in _validate_args.FLOAT_DTYPES and x.dim() < min_dim:
+    if isinstance(x, torch.Tensor) and x.dtype in _validate.FLOAT_DTYPES and x.dim() < min_dim:
         raise ValueError(f"{name} must have at least {min_dim} dimensions ({what}), got shape {tuple(x.shape)}")
-    _validate_args.float_tensor(name, x, min_dim=min_dim)
+    _validate.float_tensor(name, x, min_dim=min_dim)
     if x.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
     return x
@@ -152,7 +139,7 @@ def _validate_hint(student, teacher, kind, reduction) -> None:
             f"teacher_feat shape {tuple(teacher.shape)} must equal student_feat shape {tuple(student.shape)} "
             "(map the student to the teacher's width with a regressor module first)"
         )
-    _validate_args.same_device("teacher_feat", teacher, "student_feat", student)
+    _validate.same_device("teacher_feat", teacher, "student_feat", student)
     validate_hint_options(kind, reduction)
 
 
@@ -188,10 +175,10 @@ def _pairs(student_feats, teacher_feats):
                 f"{tn} has spatial shape {tuple(t.shape[2:])} but {sn} has {tuple(s.shape[2:])} "
                 "(the channel counts may differ; the spatial sizes must match)"
             )
-        _validate_args.same_device(tn, t, sn, s)
+        _validate.same_device(tn, t, sn, s)
     if len(students) > 1:
         for (sn, _), s in zip(names[1:], students[1:]):
-            _validate_args.same_device(sn, s, names[0][0], students[0])
+            _validate.same_device(sn, s, names[0][0], students[0])
     return list(zip(students, teachers))
 
 
@@ -263,16 +250,13 @@ def hint_loss(
     the reference composite, so second derivatives are exact on every backend.
     """
     _validate_hint(student_feat, teacher_feat, kind, reduction)
-    _fused.note_constant_teacher("hint_loss", (teacher_feat,))
-    name = backends.choose("hint_loss", _HINT_CHECKS, student_feat.device, backend, student_feat, teacher_feat)
-    if name == "reference":
+    run = HINT_LOSS.dispatch(backend, student_feat, teacher_feat)
+    if run is None:
         return hint_loss_reference(student_feat, teacher_feat, kind=kind, reduction=reduction)
     batch = student_feat.shape[0]
     student = student_feat.reshape(batch, -1).contiguous()
     teacher = teacher_feat.detach().reshape(batch, -1).contiguous()
-    compute_grad = _fused.compute_grad(student_feat)
-    op = torch.ops.fastkd.hint_forward_triton if name == "triton" else torch.ops.fastkd.hint_forward
-    loss, _ = op(student, teacher, kind, reduction, compute_grad)
+    loss, _ = run(student, teacher, kind, reduction)
     return loss
 
 
@@ -331,17 +315,14 @@ def attention_transfer_loss(
     """
     pairs = _pairs(student_feats, teacher_feats)
     p = validate_attention_options(p, reduction)
-    _fused.note_constant_teacher("attention_transfer_loss", [t for _, t in pairs])
     total = None
     for s, t in pairs:
-        name = backends.choose("attention_transfer_loss", _AT_CHECKS, s.device, backend, s, t)
-        if name == "reference":
+        run = ATTENTION_TRANSFER_LOSS.dispatch(backend, s, t)
+        if run is None:
             term = attention_transfer_loss_reference(s, t, p=p, reduction=reduction)
         else:
             student = s.reshape(s.shape[0], s.shape[1], -1).contiguous()
             teacher = t.detach().reshape(t.shape[0], t.shape[1], -1).contiguous()
-            compute_grad = _fused.compute_grad(s)
-            op = torch.ops.fastkd.attention_transfer_forward_triton if name == "triton" else torch.ops.fastkd.attention_transfer_forward
-            term, _ = op(student, teacher, p, reduction, compute_grad)
+            term, _ = run(student, teacher, p, reduction)
         total = term if total is None else total + term
     return total

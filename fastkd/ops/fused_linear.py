@@ -2,13 +2,15 @@
 
 Everything about the op lives here or is named here:
 
-- math and contract: ``fused_linear_kd_loss`` below; it equals ``kd_loss`` of the two heads'
-  logits, so the per-row math is ``kd_loss``'s (``fastkd/ops/kd.py``, ``../shared/DESIGN.md``);
+- math and contract: ``fused_linear_kd_loss`` below, ``docs/design.md#fused-linear``; it equals
+  ``kd_loss`` of the two heads' logits, so the per-row math and the options (``KDOptions``) are
+  ``kd_loss``'s (``fastkd/ops/kd.py``, ``docs/design.md#kd``);
 - reference (the oracle): ``fused_linear_kd_loss_reference``, the materialised composite;
 - the chunk loop (shared by the cpu, triton and cuda backends): ``_chunked_forward`` here; the
   per-chunk loss-and-gradient kernel is the ``kd`` family's (``csrc/cpu/kd_kernel.h``,
   ``kernels/kd.py``, ``csrc/cuda/kd_cuda.cu``); the GEMMs are torch's (MKL/oneDNN, cuBLAS);
-- op: ``fastkd::fused_linear_kd_forward``, a Python custom op (fake and autograd here);
+- op: ``fastkd::fused_linear_kd_forward``, a Python custom op (fake and autograd here); its
+  backend is chosen as ``kd_loss``'s (``fastkd/ops/table.py``);
 - tests: ``tests/test_fused_linear.py``; benchmark: ``bench/test_bench_fused_linear.py``.
 
 Per chunk of rows ``c`` (memory: three ``[chunk, V]`` float32 buffers, never ``[N, V]``)::
@@ -22,7 +24,7 @@ Four GEMMs, as the materialised composite does; what is saved is every ``[N, V]`
 The op returns dh_s, dW_s, db_s in float32 (float64 for float64 input) whatever the inputs'
 dtype: the backward scales them by grad_output (which carries batchmean's 1/valid-rows) and only
 then casts them to the inputs' dtypes, so a 16-bit gradient is rounded once
-(``fastkd/ops/_fused.py``). They are held from forward to backward in float32: 2 bytes per entry
+(``fastkd/ops/fused_autograd.py``). They are held from forward to backward in float32: 2 bytes per entry
 more than in 16 bits, i.e. 2·(N + V)·H bytes (V = 128256, H = 4096, N = 8192: 1.1 GB, nearly all
 of it dW_s), below the forward's own peak (float32 copies of both heads' weights and dW_s).
 """
@@ -33,10 +35,9 @@ from typing import Optional
 
 import torch
 
-from fastkd import backends
-from fastkd.ops import _fused
-from fastkd.ops import _validate as _validate_args
+from fastkd.ops import _validate, divergences, fused_autograd, table
 from fastkd.ops import kd as _kd
+from fastkd.ops.options import KDOptions
 
 # chunk_size=None: the chunk's three float32 [chunk, V] buffers (student logits, teacher logits,
 # gradient) fit in this many bytes; at least one row. 256 MiB keeps the GEMMs large enough to run
@@ -75,7 +76,13 @@ def fused_linear_kd_loss_reference(
 ) -> torch.Tensor:
     """``kd_loss_reference`` of the two heads' logits, computed in float32 (float64 for
     float64 input): the composite the fused op is checked against."""
-    compute = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    options = KDOptions(temperature, hard_weight, ignore_index, reduction, t2_scale, divergence, beta)
+    return _reference(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, options)
+
+
+def _reference(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
+               options: KDOptions) -> torch.Tensor:
+    compute = fused_autograd.loss_dtype(student_hidden)
 
     def logits(h, w, b):
         out = h.to(compute) @ w.to(compute).t()
@@ -84,10 +91,7 @@ def fused_linear_kd_loss_reference(
     s = logits(student_hidden, student_weight, student_bias)
     with torch.no_grad():
         t = logits(teacher_hidden, teacher_weight, teacher_bias)
-    return _kd.kd_loss_reference(
-        s, t, temperature, labels=labels, hard_weight=hard_weight, ignore_index=ignore_index, reduction=reduction,
-        t2_scale=t2_scale, divergence=divergence, beta=beta,
-    )
+    return _kd._reference(s, t, options, labels, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,7 +111,7 @@ def _chunked_forward(
     Σ_rows row_weight · row_loss (row_weight 1 when None), chunk by chunk."""
     n, vocab = h_s.shape[0], w_s.shape[0]
     acc = torch.float64 if h_s.dtype == torch.float64 else torch.float32
-    op = torch.ops.fastkd.kd_forward_triton if kernel == "triton" else torch.ops.fastkd.kd_forward
+    op = _kd.KD_FORWARD.op(kernel)
     # Every GEMM accumulates and returns float32 (float64 for float64 input): rounding a bf16 GEMM
     # result to bf16 before the loss costs 4-23 % in the gradient (a peer library's bug). A
     # low-precision weight is therefore copied to float32 once per call ([V, H], not [N, V]); the
@@ -182,13 +186,13 @@ def _fused_linear_kd_forward(
 def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
       temperature, hard_weight, ignore_index, reduction, t2_scale, divergence, beta, chunk_size, kernel, compute_grad):
     n = student_hidden.shape[0]
-    loss = student_hidden.new_empty((n,) if reduction == "none" else (), dtype=_fused.loss_dtype(student_hidden))
+    loss = student_hidden.new_empty((n,) if reduction == "none" else (), dtype=fused_autograd.loss_dtype(student_hidden))
     def empty():
         return student_hidden.new_empty((0,))
 
     if not compute_grad or reduction == "none":
         return loss, empty(), empty(), empty()
-    acc = _fused.loss_dtype(student_hidden)
+    acc = fused_autograd.loss_dtype(student_hidden)
     d_b = student_bias.new_empty(student_bias.shape, dtype=acc) if student_bias is not None else empty()
     return loss, student_hidden.new_empty(student_hidden.shape, dtype=acc), student_weight.new_empty(student_weight.shape, dtype=acc), d_b
 
@@ -198,7 +202,7 @@ _INPUTS = ("student_hidden", "student_weight", "student_bias", "teacher_hidden",
 
 def _setup_context(ctx, inputs, output):
     ctx.args = [None if isinstance(x, torch.Tensor) else x for x in inputs]
-    ctx.eager = _fused._plain_eager(output[1])
+    ctx.eager = fused_autograd._plain_eager(output[1])
     if ctx.eager:
         ctx.save_for_backward(*inputs[:7])
         ctx.grads = output[1:]  # handed out once, like the kd family's saved gradient
@@ -219,12 +223,11 @@ def _backward(ctx, grad_loss, *_):
     wants = ctx.needs_input_grad
     if ctx.eager and torch.is_grad_enabled():
         # create_graph=True: differentiate the materialised composite instead.
+        divergence, beta = ctx.args[12], ctx.args[13]
+        options = KDOptions(ctx.args[7], ctx.args[8], ctx.args[9], "sum" if reduction != "none" else "none", ctx.args[11],
+                            divergence, divergences.beta_argument(divergence, beta))
         with torch.enable_grad():
-            loss = fused_linear_kd_loss_reference(
-                h_s, w_s, saved[3], saved[4], ctx.args[7], student_bias=b_s, teacher_bias=saved[5], labels=saved[6],
-                hard_weight=ctx.args[8], ignore_index=ctx.args[9], reduction="sum" if reduction != "none" else "none",
-                t2_scale=ctx.args[11], divergence=ctx.args[12], beta=ctx.args[13],
-            )
+            loss = _reference(h_s, w_s, b_s, saved[3], saved[4], saved[5], saved[6], options)
         inputs = [x for x, want in zip((h_s, w_s, b_s), wants[:3]) if want]
         grads = iter(torch.autograd.grad(loss, inputs, grad_loss, create_graph=True))
         for i, want in enumerate(wants[:3]):
@@ -257,6 +260,9 @@ def _backward(ctx, grad_loss, *_):
 
 _fused_linear_kd_forward.register_autograd(_backward, setup_context=_setup_context)
 
+# The public op; each chunk runs kd_loss's kernel, on the backend chosen as for kd_loss.
+FUSED_LINEAR_KD_LOSS = table.Op("fused_linear_kd_loss", "fused_linear", _kd.KD_FORWARD, fused_linear_kd_loss_reference)
+
 
 # --------------------------------------------------------------------------------------------
 # Validation and the public function
@@ -264,8 +270,8 @@ _fused_linear_kd_forward.register_autograd(_backward, setup_context=_setup_conte
 
 
 def _check_linear(prefix: str, hidden, weight, bias):
-    _validate_args.float_tensor(f"{prefix}_hidden", hidden)
-    _validate_args.float_tensor(f"{prefix}_weight", weight, min_dim=2)
+    _validate.float_tensor(f"{prefix}_hidden", hidden)
+    _validate.float_tensor(f"{prefix}_weight", weight, min_dim=2)
     if weight.dim() != 2:
         raise ValueError(f"{prefix}_weight must be [V, H] (an nn.Linear's weight), got shape {tuple(weight.shape)}")
     if hidden.shape[-1] != weight.shape[1]:
@@ -273,18 +279,28 @@ def _check_linear(prefix: str, hidden, weight, bias):
             f"{prefix}_hidden's last dimension {hidden.shape[-1]} must equal {prefix}_weight's second "
             f"dimension {weight.shape[1]} (weight is [V, H]; shapes {tuple(hidden.shape)} and {tuple(weight.shape)})"
         )
-    _validate_args.same_device(f"{prefix}_weight", weight, f"{prefix}_hidden", hidden)
+    _validate.same_device(f"{prefix}_weight", weight, f"{prefix}_hidden", hidden)
     if bias is not None:
-        _validate_args.float_tensor(f"{prefix}_bias", bias)
+        _validate.float_tensor(f"{prefix}_bias", bias)
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"{prefix}_bias must be [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
-        _validate_args.same_device(f"{prefix}_bias", bias, f"{prefix}_hidden", hidden)
+        _validate.same_device(f"{prefix}_bias", bias, f"{prefix}_hidden", hidden)
     if hidden.numel() == 0:
         raise ValueError(f"empty batch: {prefix}_hidden of shape {tuple(hidden.shape)} has no rows")
 
 
-def _validate(h_s, w_s, b_s, h_t, w_t, b_t, labels, temperature, hard_weight, ignore_index, reduction, t2_scale, divergence, beta,
-              chunk_size):
+def check_chunk_size(chunk_size) -> Optional[int]:
+    """``chunk_size``: None, or an integral number >= 1 (``nn.FusedLinearKDLoss`` checks it at
+    construction)."""
+    if chunk_size is None:
+        return None
+    chunk_size = _validate.integer("chunk_size", chunk_size)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 (rows per chunk) or None, got {chunk_size}")
+    return chunk_size
+
+
+def _check_tensors(h_s, w_s, b_s, h_t, w_t, b_t, labels, options: KDOptions) -> None:
     _check_linear("student", h_s, w_s, b_s)
     _check_linear("teacher", h_t, w_t, b_t)
     if w_t.shape[0] != w_s.shape[0]:
@@ -294,34 +310,9 @@ def _validate(h_s, w_s, b_s, h_t, w_t, b_t, labels, temperature, hard_weight, ig
         )
     if h_t.shape[:-1] != h_s.shape[:-1]:
         raise ValueError(f"teacher_hidden's leading shape {tuple(h_t.shape[:-1])} must equal student_hidden's {tuple(h_s.shape[:-1])}")
-    _validate_args.same_device("teacher_hidden", h_t, "student_hidden", h_s)
-    temperature, hard_weight, ignore_index, beta = _kd.validate_options(
-        temperature, hard_weight, ignore_index, reduction, t2_scale, divergence, beta
-    )
-    if labels is None and hard_weight > 0:
-        raise ValueError(f"hard_weight={hard_weight} > 0 needs labels (the hard term is cross-entropy with labels)")
-    if labels is not None:
-        _check_labels(labels, h_s, w_s.shape[0], ignore_index)
-    if chunk_size is not None:
-        chunk_size = _validate_args.integer("chunk_size", chunk_size)
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1 (rows per chunk) or None, got {chunk_size}")
-    return temperature, hard_weight, ignore_index, beta, chunk_size
-
-
-def _check_labels(labels, h_s, vocab, ignore_index):
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
-    if labels.dtype != torch.int64:
-        raise TypeError(f"labels must be an int64 tensor, got {labels.dtype}")
-    rows = h_s.shape[:-1]
-    if labels.shape != rows and labels.shape != (h_s.numel() // h_s.shape[-1],):
-        raise ValueError(f"labels shape {tuple(labels.shape)} must equal student_hidden's leading shape {tuple(rows)}")
-    _validate_args.same_device("labels", labels, "student_hidden", h_s)
-    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-        if bool(bad.any()):
-            raise ValueError(f"labels holds {int(labels[bad][0])}, outside [0, {vocab}) and not ignore_index={ignore_index}")
+    _validate.same_device("teacher_hidden", h_t, "student_hidden", h_s)
+    options.require_labels(labels)
+    _validate.labels(labels, h_s, options.ignore_index, student_name="student_hidden", vocab=w_s.shape[0])
 
 
 def fused_linear_kd_loss(
@@ -378,18 +369,15 @@ def fused_linear_kd_loss(
     Returns:
         The loss as ``kd_loss`` returns it (float32; float64 for float64 input).
     """
-    temperature, hard_weight, ignore_index, beta, chunk_size = _validate(
-        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
-        temperature, hard_weight, ignore_index, reduction, t2_scale, divergence, beta, chunk_size,
-    )
-    _fused.note_constant_teacher("fused_linear_kd_loss", (teacher_hidden, teacher_weight, teacher_bias))
-    name = backends.choose("fused_linear_kd_loss", _kd._CHECKS, student_hidden.device, backend, student_hidden, teacher_hidden)
-    kwargs = dict(labels=labels, hard_weight=hard_weight, ignore_index=ignore_index, reduction=reduction, t2_scale=t2_scale,
-                  divergence=divergence, beta=beta)
+    options = KDOptions(temperature, hard_weight, ignore_index, reduction, t2_scale, divergence, beta)
+    _check_tensors(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, options)
+    chunk_size = check_chunk_size(chunk_size)
+    # The backend that runs kd_loss's kernel for each chunk.
+    name = FUSED_LINEAR_KD_LOSS.choose(backend, student_hidden, teacher_hidden, teacher_weight, teacher_bias)
     if name == "reference":
-        return fused_linear_kd_loss_reference(
-            student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(), temperature,
-            student_bias=student_bias, teacher_bias=None if teacher_bias is None else teacher_bias.detach(), **kwargs,
+        return _reference(
+            student_hidden, student_weight, student_bias, teacher_hidden.detach(), teacher_weight.detach(),
+            None if teacher_bias is None else teacher_bias.detach(), labels, options,
         )
     lead = student_hidden.shape[:-1]
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1]).contiguous()
@@ -400,11 +388,11 @@ def fused_linear_kd_loss(
     wants = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias))
     loss, *_ = _fused_linear_kd_forward(
         h_s, student_weight, student_bias, h_t, teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
-        flat_labels, temperature, hard_weight, ignore_index, reduction, t2_scale, divergence, beta, chunk, name, wants,
+        flat_labels, *options.op_args(), *options.resolved(), chunk, name, wants,
     )
     if reduction == "none":
         return loss.reshape(lead)
     if reduction == "batchmean":
-        valid = n if flat_labels is None else flat_labels.ne(ignore_index).sum().clamp_min(1)
+        valid = n if flat_labels is None else flat_labels.ne(options.ignore_index).sum().clamp_min(1)
         return loss / valid
     return loss

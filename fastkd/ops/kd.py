@@ -4,13 +4,16 @@ and ensembles of teachers.
 
 Everything about the op lives here or is named here:
 
-- math and contract: ``kd_loss`` below, and ``../shared/DESIGN.md`` ("The op contract");
+- math and contract: ``kd_loss`` below, and ``docs/design.md#kd`` (``#divergences`` for the
+  divergences, ``#op-contract`` for what every op promises);
+- options: ``fastkd/ops/options.py`` (``KDOptions``) and ``fastkd/ops/divergences.py`` (beta
+  ranges, endpoints, gradient factors), shared with ``sparse_kd`` and ``fused_linear``;
 - reference (the oracle): ``kd_loss_reference``, plain PyTorch;
-- cpu kernel: ``csrc/cpu/kd_cpu.cpp`` (torch wrapper), ``csrc/cpu/kd_kernel.h`` (forward KL, one
-  teacher) and ``csrc/cpu/kd_div_kernel.h`` (the other divergences and ensembles): row kernels
-  compiled for AVX-512, AVX2 and scalar;
+- cpu kernels: ``csrc/cpu/kd_cpu.cpp`` (torch wrapper) and the row kernels it includes (forward
+  KL with one teacher; the other divergences and ensembles), compiled for AVX-512, AVX2 and scalar;
 - cuda kernel: ``csrc/cuda/kd_cuda.cu``; triton kernel: ``kernels/kd.py``;
-- schema: ``csrc/ops.cpp`` (``fastkd::kd_forward``); fake kernels and autograd: here;
+- schema: ``csrc/ops.cpp`` (``fastkd::kd_forward``); fake kernels and autograd:
+  ``fastkd/ops/fused_autograd.py``; dispatch: ``fastkd/ops/table.py``;
 - tests: ``tests/test_kd.py``, ``tests/test_kd_contract.py``, ``tests/test_kd_divergences.py``
   (divergences and ensembles); benchmark: ``bench/test_bench_kd.py``.
 """
@@ -23,25 +26,17 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastkd import backends
-from fastkd.ops import _fused
-from fastkd.ops import _validate as _validate_args
+from fastkd.ops import _validate, divergences, fused_autograd, table
+from fastkd.ops.options import KDOptions
+
+# The engine's KD term reads these two names (fastkd/ops/divergences.py holds them).
+DIVERGENCES = divergences.DIVERGENCES
+validate_divergence = divergences.check
 
 
 # --------------------------------------------------------------------------------------------
 # Reference: plain PyTorch, computed in float32 (float64 for float64 input). Never clever.
 # --------------------------------------------------------------------------------------------
-
-
-# divergence -> (default beta, beta range as (low, high, high included)); None: takes no beta.
-DIVERGENCES = {
-    "kl": None,
-    "reverse_kl": None,
-    "jsd": (0.5, (0.0, 1.0, True)),
-    "tvd": None,
-    "skew_kl": (0.1, (0.0, 1.0, False)),
-    "skew_reverse_kl": (0.1, (0.0, 1.0, False)),
-}
 
 
 def _plogr(w: torch.Tensor, log_w: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
@@ -52,7 +47,9 @@ def _plogr(w: torch.Tensor, log_w: torch.Tensor, log_r: torch.Tensor) -> torch.T
 
 
 def divergence_rows(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
-    """Per-row divergence between the teacher ``p`` and the student ``q``, from their log-probabilities.
+    """Per-row divergence between the teacher ``p`` and the student ``q``, from their
+    log-probabilities, for a resolved ``(divergence, beta)`` (``divergences.resolve``: an
+    endpoint is already the divergence it equals).
 
     ``log m`` of a mixture is a log-sum-exp of the two log-probabilities, never the log of a sum
     of probabilities, so entries whose probabilities underflow keep finite terms.
@@ -63,10 +60,6 @@ def divergence_rows(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, b
     dead = (p == 0) & (q == 0)
     log_p = torch.where(dead, torch.zeros_like(log_p), log_p)
     log_q = torch.where(dead, torch.zeros_like(log_q), log_q)
-    if divergence == "jsd" and beta == 0.0 or divergence == "skew_kl" and beta == 0.0:
-        divergence = "kl"
-    elif divergence == "jsd" and beta == 1.0 or divergence == "skew_reverse_kl" and beta == 0.0:
-        divergence = "reverse_kl"
     if divergence == "kl":
         return _plogr(p, log_p, log_q)
     if divergence == "reverse_kl":
@@ -80,15 +73,7 @@ def divergence_rows(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, b
         return _plogr(p, log_p, torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta)))
     if divergence == "skew_reverse_kl":
         return _plogr(q, log_q, torch.logaddexp(log_p + math.log1p(-beta), log_q + math.log(beta)))
-    raise ValueError(f"divergence must be one of {', '.join(map(repr, DIVERGENCES))}, got {divergence!r}")
-
-
-def default_beta(divergence: str, beta: Optional[float]) -> float:
-    """``beta`` or, when None, the divergence's default (0.0 for those that take none)."""
-    spec = DIVERGENCES.get(divergence)
-    if beta is not None:
-        return float(beta)
-    return spec[0] if spec is not None else 0.0
+    raise ValueError(f"divergence must be one of {', '.join(map(repr, divergences.DIVERGENCES))}, got {divergence!r}")
 
 
 def kd_loss_reference(
@@ -106,9 +91,13 @@ def kd_loss_reference(
     teacher_weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The composite ``kd_loss`` is checked against; same arguments and semantics."""
+    options = KDOptions(temperature, hard_weight, ignore_index, reduction, t2_scale, divergence, beta)
+    return _reference(student_logits, teacher_logits, options, labels, teacher_weights)
+
+
+def _reference(student_logits, teacher_logits, options: KDOptions, labels, teacher_weights) -> torch.Tensor:
     vocab = student_logits.shape[-1]
-    compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
-    beta = default_beta(divergence, beta)
+    compute = fused_autograd.loss_dtype(student_logits)
     ensemble = teacher_logits.dim() == student_logits.dim() + 1
     s = student_logits.reshape(-1, vocab).to(compute)
     # Teachers as [M, N, V] (M = 1 for one teacher).
@@ -117,13 +106,13 @@ def kd_loss_reference(
         valid = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
     else:
         labels = labels.reshape(-1)
-        valid = labels != ignore_index
+        valid = labels != options.ignore_index
         # An ignored row must influence nothing: not even a NaN in it may reach the gradient
         # (softmax's backward would spread it over the row even where the loss is masked).
         s = torch.where(valid.unsqueeze(-1), s, torch.zeros_like(s))
         t = torch.where(valid.unsqueeze(-1), t, torch.zeros_like(t))
-    log_q = F.log_softmax(s / temperature, dim=-1)
-    log_pm = F.log_softmax(t / temperature, dim=-1)
+    log_q = F.log_softmax(s / options.temperature, dim=-1)
+    log_pm = F.log_softmax(t / options.temperature, dim=-1)
     if ensemble:
         # p = sum_m w_m p_m, as a log-sum-exp of the members' log-probabilities.
         n_teachers = t.shape[0]
@@ -134,72 +123,26 @@ def kd_loss_reference(
         log_p = torch.logsumexp(log_pm + log_w.view(-1, 1, 1), dim=0)
     else:
         log_p = log_pm[0]
-    soft = divergence_rows(log_p, log_q, divergence, beta)
-    # T * T one factor at a time, as the composite `kl_div(...) * T * T` does: T² alone
-    # overflows float32 from T ≈ 1.8e19, and inf * 0 would turn an exact 0 into NaN.
-    rows = soft * temperature * temperature if t2_scale else soft
-    rows = (1.0 - hard_weight) * rows
-    if labels is not None and hard_weight > 0:
-        rows = rows + hard_weight * F.cross_entropy(s, labels, ignore_index=ignore_index, reduction="none")
-    rows = torch.where(valid, rows, torch.zeros_like(rows))
-    if reduction == "none":
-        return rows.reshape(student_logits.shape[:-1])
-    if reduction == "sum":
-        return rows.sum()
-    return rows.sum() / valid.sum().clamp_min(1)
+    soft = divergence_rows(log_p, log_q, *options.resolved())
+    return options.reference_loss(soft, s, labels, valid, student_logits.shape[:-1])
 
 
 # --------------------------------------------------------------------------------------------
-# Registered ops: fake kernels and autograd (shared by every fused loss, fastkd/ops/_fused.py),
-# the Triton twin, the backends' checks.
+# The registered op (fastkd/ops/table.py) and the checks of the arguments
 # --------------------------------------------------------------------------------------------
 
 
-def _reference_from_op_args(student, teacher, labels, teacher_weights, divergence, beta, temperature, hard_weight, ignore_index, reduction, t2_scale, compute_grad):
-    # The op's teacher is [N, V] or [M, N, V]; the student [N, V].
-    return kd_loss_reference(
-        student, teacher, temperature, labels=labels, hard_weight=hard_weight, ignore_index=ignore_index,
-        reduction=reduction, t2_scale=t2_scale, divergence=divergence, beta=beta, teacher_weights=teacher_weights,
-    )
+def _reference_from_op_args(student, teacher, labels, teacher_weights, divergence, beta, temperature, hard_weight, ignore_index,
+                            reduction, t2_scale, compute_grad):
+    # The op's teacher is [N, V] or [M, N, V]; the student [N, V]; (divergence, beta) resolved.
+    options = KDOptions(temperature, hard_weight, ignore_index, reduction, t2_scale, divergence,
+                        divergences.beta_argument(divergence, beta))
+    return _reference(student, teacher, options, labels, teacher_weights)
 
 
-OP = _fused.FusedLoss("kd_forward", _reference_from_op_args, reduction_arg=9)
-_triton_kd, _triton_error = _fused.import_triton("fastkd.kernels.kd")
-TRITON_ERROR = OP.register(_triton_kd and _triton_kd.kd_forward, _triton_error, _triton_kd and _triton_kd.kd_forward_rescale_)
-_CHECKS = backends.fused_checks("kd_forward", TRITON_ERROR)
-
-
-def validate_divergence(divergence, beta) -> float:
-    """``divergence`` checked, and its ``beta`` (None: the default) checked and returned."""
-    _validate_args.choice("divergence", divergence, tuple(DIVERGENCES))
-    spec = DIVERGENCES[divergence]
-    if spec is None:
-        if beta is not None:
-            raise ValueError(
-                f"beta={beta!r} was given but divergence={divergence!r} takes no beta "
-                f"(only 'jsd', 'skew_kl' and 'skew_reverse_kl' do)"
-            )
-        return 0.0
-    if beta is None:
-        return spec[0]
-    lo, hi, hi_closed = spec[1]
-    if not _validate_args.is_real(beta):
-        raise TypeError(f"beta must be a real number (divergence={divergence!r}), got {type(beta).__name__}")
-    value = float(beta)
-    if not (lo <= value <= hi if hi_closed else lo <= value < hi):
-        raise ValueError(f"beta must be in [{lo:g}, {hi:g}{']' if hi_closed else ')'} for divergence={divergence!r}, got {beta}")
-    return value
-
-
-def validate_options(temperature, hard_weight, ignore_index, reduction, t2_scale, divergence="kl", beta=None):
-    """The non-tensor arguments, normalised (``nn.KDLoss`` checks them at construction)."""
-    temperature = _validate_args.temperature(temperature)
-    hard_weight = _validate_args.real("hard_weight", hard_weight, lo=0.0, hi=1.0)
-    ignore_index = _validate_args.integer("ignore_index", ignore_index)
-    _validate_args.reduction(reduction)
-    _validate_args.boolean("t2_scale", t2_scale)
-    beta = validate_divergence(divergence, beta)
-    return temperature, hard_weight, ignore_index, beta
+KD_FORWARD = table.register_kernel("kd", "kd_forward", _reference_from_op_args, reduction_arg=9)
+TRITON_ERROR = KD_FORWARD.triton_error
+KD_LOSS = table.Op("kd_loss", "kd", KD_FORWARD, kd_loss_reference, variants=tuple(d for d in divergences.DIVERGENCES if d != "kl") + ("ensemble",))
 
 
 def validate_teacher_weights(teacher_weights, n_teachers: Optional[int]) -> None:
@@ -229,18 +172,14 @@ def validate_teacher_weights(teacher_weights, n_teachers: Optional[int]) -> None
             raise ValueError(f"teacher_weights must sum to 1, got {teacher_weights.tolist()} (sum {total:.7g})")
 
 
-def _validate(student, teacher, temperature, labels, hard_weight, ignore_index, reduction, t2_scale, divergence, beta, teacher_weights):
-    """The arguments as the op takes them; every error names the argument and what was wrong.
-    Returns the normalised options and the number of teachers (None for a single teacher)."""
-    n_teachers = _validate_args.logits_pair(student, teacher, ensemble=True)
-    temperature, hard_weight, ignore_index, beta = validate_options(
-        temperature, hard_weight, ignore_index, reduction, t2_scale, divergence, beta
-    )
-    if labels is None and hard_weight > 0:
-        raise ValueError(f"hard_weight={hard_weight} > 0 needs labels (the hard term is cross-entropy with labels)")
-    _validate_args.labels(labels, student, ignore_index)
+def _check_tensors(student, teacher, options: KDOptions, labels, teacher_weights) -> Optional[int]:
+    """The tensors as the op takes them; every error names the argument and what was wrong.
+    Returns the number of teachers (None for a single teacher)."""
+    n_teachers = _validate.logits_pair(student, teacher, ensemble=True)
+    options.require_labels(labels)
+    _validate.labels(labels, student, options.ignore_index)
     validate_teacher_weights(teacher_weights, n_teachers)
-    return temperature, hard_weight, ignore_index, beta, n_teachers
+    return n_teachers
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,7 +236,7 @@ def kd_loss(
     :math:`g = \partial D / \partial q`, :math:`\partial D / \partial (s/T) = q \odot (g - \langle q, g \rangle)`,
     e.g. :math:`q - p` for ``"kl"``, :math:`q \odot (\log q - \log p - \mathrm{KL}(q\|p))` for
     ``"reverse_kl"`` and :math:`(1-\beta)\, q \odot (\log q - \log m - \mathrm{KL}(q\|m))` for
-    ``"jsd"`` (``../shared/DESIGN.md`` and ``csrc/cpu/kd_div_kernel.h`` list all of them).
+    ``"jsd"`` (``docs/design.md#divergences`` lists all of them).
     ``"tvd"`` uses the subgradient :math:`\mathrm{sign}(0) = 0`: its gradient is 0 where
     :math:`p = q`. :math:`\log m` is formed as a log-sum-exp of the two log-probabilities, never
     as the log of a sum of probabilities, so rows whose log-probabilities fall below -104 (where
@@ -359,25 +298,18 @@ def kd_loss(
           backward runs the kernel again with ``grad_output`` folded in before the rounding, in
           place of the forward's buffer (one more read of the inputs, no extra memory);
           ``grad_output == 1`` costs nothing. Multiplying the stored 16-bit value instead would
-          round it twice (``fastkd/ops/_fused.py``).
+          round it twice (``fastkd/ops/fused_autograd.py``).
         * Backpropagating again through a retained graph (``retain_graph=True``) is correct: the
           first backward hands its buffer to autograd, so later ones run the kernel again.
         * ``create_graph=True`` (gradient penalties, meta-learning) differentiates a composite
           formula of the same loss, so second derivatives are exact on every backend
           (``torch.autograd.gradgradcheck`` passes); that backward costs what the composite costs.
     """
-    temperature, hard_weight, ignore_index, beta, n_teachers = _validate(
-        student_logits, teacher_logits, temperature, labels, hard_weight, ignore_index, reduction, t2_scale,
-        divergence, beta, teacher_weights,
-    )
-    _fused.note_constant_teacher("kd_loss", (teacher_logits,))
-    name = backends.choose("kd_loss", _CHECKS, student_logits.device, backend, student_logits, teacher_logits)
-    kwargs = dict(labels=labels, hard_weight=hard_weight, ignore_index=ignore_index, reduction=reduction, t2_scale=t2_scale)
-    if name == "reference":
-        return kd_loss_reference(
-            student_logits, teacher_logits, temperature, divergence=divergence, beta=beta,
-            teacher_weights=teacher_weights, **kwargs,
-        )
+    options = KDOptions(temperature, hard_weight, ignore_index, reduction, t2_scale, divergence, beta)
+    n_teachers = _check_tensors(student_logits, teacher_logits, options, labels, teacher_weights)
+    run = KD_LOSS.dispatch(backend, student_logits, teacher_logits)
+    if run is None:
+        return _reference(student_logits, teacher_logits, options, labels, teacher_weights)
 
     vocab = student_logits.shape[-1]
     student = student_logits.reshape(-1, vocab).contiguous()
@@ -387,11 +319,6 @@ def kd_loss(
     flat_labels = None if labels is None else labels.reshape(-1).contiguous()
     weights = None
     if teacher_weights is not None:
-        weights = teacher_weights.detach().to(device=student.device, dtype=_fused.loss_dtype(student)).contiguous()
-    compute_grad = _fused.compute_grad(student_logits)
-    op = torch.ops.fastkd.kd_forward_triton if name == "triton" else torch.ops.fastkd.kd_forward
-    loss, _ = op(
-        student, teacher, flat_labels, weights, divergence, beta, temperature, hard_weight, ignore_index,
-        reduction, t2_scale, compute_grad,
-    )
+        weights = teacher_weights.detach().to(device=student.device, dtype=fused_autograd.loss_dtype(student)).contiguous()
+    loss, _ = run(student, teacher, flat_labels, weights, *options.resolved(), *options.op_args())
     return loss.reshape(student_logits.shape[:-1]) if reduction == "none" else loss

@@ -8,8 +8,7 @@ differ) and returns one scalar; only the student receives a gradient.
 
 Everything about the family lives here or is named here:
 
-- math and contract: the public functions below, and ``../shared/DESIGN.md`` ("Feature and
-  relational losses");
+- math and contract: the public functions below, and ``docs/design.md#relational``;
 - references (the oracles): ``*_reference``, plain PyTorch, written as torchdistill writes them
   (deviations are listed in each docstring);
 - cpu kernels: ``csrc/cpu/relational_cpu.cpp`` (torch wrapper: GEMMs through at::mm, the B²
@@ -17,7 +16,8 @@ Everything about the family lives here or is named here:
   AVX2 and scalar);
 - cuda kernels: ``csrc/cuda/relational_cuda.cu``; triton kernels: ``kernels/relational.py``;
 - schemas: ``csrc/ops.cpp`` (``fastkd::rkd_distance_forward``, ``rkd_angle_forward``,
-  ``sp_forward``, ``pkt_forward``); fake kernels and autograd: here, through ``_fused``;
+  ``sp_forward``, ``pkt_forward``); fake kernels and autograd: ``fastkd/ops/fused_autograd.py``;
+  dispatch: ``fastkd/ops/table.py``;
 - tests: ``tests/test_relational*.py``.
 
 How the fused backends compute (all four backends share the reference's math; the fused ones
@@ -25,6 +25,28 @@ share this structure): the GEMMs go to the BLAS (``at::mm``/``torch.mm``, cuBLAS
 fused kernels do everything between them, and the gradient comes back through one more GEMM:
 ``dE = M · E`` with a ``[B, B]`` matrix ``M`` built by the kernel (``M = dG + dGᵀ`` for a loss of
 the Gram matrix ``G = E·Eᵀ``). Memory is O(B²) for every op, RKD angle included.
+
+What the four public functions share:
+
+Args:
+    student: ``[B, ...]`` float32, bfloat16, float16 or float64; trailing dimensions flatten into
+        the embedding (``[B, C, H, W]`` is ``B`` embeddings of size ``C·H·W``).
+    teacher: ``[B, ...]`` any floating dtype, the same B (the same samples, in the same order) on
+        the same device; its embedding size may differ from the student's. A constant: no
+        gradient flows into it, even when it requires grad (fastkd says so once).
+    backend: ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``; default: the
+        ``FASTKD_BACKEND`` environment variable, else the fastest for the tensors' device.
+
+Returns:
+    A scalar loss, float32 (float64 for float64 input); computed in float32 for 16-bit input.
+    The gradient w.r.t. ``student`` comes back in its dtype and shape. NaN anywhere in the input
+    gives a NaN loss.
+
+Backward: ``loss.backward()`` only scales the gradient the forward computed (for a 16-bit student
+the op runs on a float32 copy, so the gradient is scaled in float32 and rounded to the student's
+dtype once); repeated backward through a retained graph recomputes it; ``create_graph=True``
+differentiates the reference composite, so second derivatives are exact (and cost what the
+composite costs).
 """
 
 from __future__ import annotations
@@ -34,19 +56,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastkd import backends
-from fastkd.ops import _fused
-from fastkd.ops import _validate as _validate_args
+from fastkd.ops import _validate, fused_autograd, table
 
 # F.normalize's default: a vector shorter than this normalises to itself divided by it (a zero
 # vector to zero). The RKD kernels follow it exactly, value and gradient.
 NORMALIZE_EPS = 1e-12
 # torchdistill's pdist clamps squared distances at this before the square root.
 PDIST_EPS = 1e-12
-
-
-def _compute_dtype(student: torch.Tensor) -> torch.dtype:
-    return torch.float64 if student.dtype == torch.float64 else torch.float32
 
 
 def _flat(x: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
@@ -76,7 +92,7 @@ def _rkd_normalised_distances(e: torch.Tensor) -> torch.Tensor:
 
 def rkd_distance_loss_reference(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """The composite ``rkd_distance_loss`` is checked against; same arguments and semantics."""
-    compute = _compute_dtype(student)
+    compute = fused_autograd.loss_dtype(student)
     s, t = _flat(student, compute), _flat(teacher.detach(), compute)
     return F.smooth_l1_loss(_rkd_normalised_distances(s), _rkd_normalised_distances(t))
 
@@ -100,7 +116,7 @@ def rkd_angle_loss_reference(student: torch.Tensor, teacher: torch.Tensor) -> to
     """The composite ``rkd_angle_loss`` is checked against: torchdistill's formulation, which
     builds ``[B, B, D]`` differences and ``[B, B, B]`` cosines (O(B²·D + B³) memory), with
     ``F.normalize`` written so that double backward is finite (see ``_normalize``)."""
-    compute = _compute_dtype(student)
+    compute = fused_autograd.loss_dtype(student)
     s, t = _flat(student, compute), _flat(teacher.detach(), compute)
     return F.smooth_l1_loss(_rkd_angles(s), _rkd_angles(t))
 
@@ -111,7 +127,7 @@ def _sp_similarity(f: torch.Tensor) -> torch.Tensor:
 
 def sp_loss_reference(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """The composite ``sp_loss`` is checked against; same arguments and semantics."""
-    compute = _compute_dtype(student)
+    compute = fused_autograd.loss_dtype(student)
     s, t = _flat(student, compute), _flat(teacher.detach(), compute)
     b = s.shape[0]
     return ((_sp_similarity(t) - _sp_similarity(s)) ** 2).sum() / (b * b)
@@ -125,62 +141,44 @@ def _pkt_probabilities(f: torch.Tensor, eps: float) -> torch.Tensor:
 
 def pkt_loss_reference(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """The composite ``pkt_loss`` is checked against; same arguments and semantics."""
-    compute = _compute_dtype(student)
+    compute = fused_autograd.loss_dtype(student)
     s, t = _flat(student, compute), _flat(teacher.detach(), compute)
     p_s, p_t = _pkt_probabilities(s, eps), _pkt_probabilities(t, eps)
     return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
 
 
 # --------------------------------------------------------------------------------------------
-# Registered ops: fake kernels and autograd (fastkd/ops/_fused.py), the Triton twins, checks.
-# Schemas (csrc/ops.cpp): <name>(Tensor student, Tensor teacher[, float eps], bool compute_grad)
-# -> (Tensor loss, Tensor grad), student and teacher contiguous [B, D] and [B, Dt].
+# The registered ops (fastkd/ops/table.py). Schemas (csrc/ops.cpp): <name>(Tensor student, Tensor
+# teacher[, float eps], bool compute_grad) -> (Tensor loss, Tensor grad), student and teacher
+# contiguous [B, D] and [B, Dt]; no grad_scale (a 16-bit student runs as a float32 copy, _run).
 # --------------------------------------------------------------------------------------------
 
-_triton_rel, _triton_error = _fused.import_triton("fastkd.kernels.relational")
+
+def _op(reference) -> table.Op:
+    """The public loss ``<name>_loss`` of ``<name>_loss_reference`` and its kernel
+    ``fastkd::<name>_forward`` (whose arguments are the reference's and ``compute_grad``)."""
+    name = reference.__name__.removesuffix("_loss_reference")
+    kernel = table.register_kernel("relational", f"{name}_forward", lambda *args: reference(*args[:-1]), reduction_arg=None,
+                                   rescales=False)
+    return table.Op(f"{name}_loss", "relational", kernel, reference)
 
 
-def _register(name: str, reference, launcher_name: str):
-    op = _fused.FusedLoss(name, reference, reduction_arg=None, grad_scale=False)
-    error = op.register(_triton_rel and getattr(_triton_rel, launcher_name), _triton_error)
-    return op, error, backends.fused_checks(name, error)
-
-
-RKD_DISTANCE, RKD_DISTANCE_TRITON_ERROR, _RKD_DISTANCE_CHECKS = _register(
-    "rkd_distance_forward", lambda s, t, compute_grad: rkd_distance_loss_reference(s, t), "rkd_distance_forward"
-)
-RKD_ANGLE, RKD_ANGLE_TRITON_ERROR, _RKD_ANGLE_CHECKS = _register(
-    "rkd_angle_forward", lambda s, t, compute_grad: rkd_angle_loss_reference(s, t), "rkd_angle_forward"
-)
-SP, SP_TRITON_ERROR, _SP_CHECKS = _register("sp_forward", lambda s, t, compute_grad: sp_loss_reference(s, t), "sp_forward")
-PKT, PKT_TRITON_ERROR, _PKT_CHECKS = _register(
-    "pkt_forward", lambda s, t, eps, compute_grad: pkt_loss_reference(s, t, eps), "pkt_forward"
-)
-# Why the Triton backend cannot run (None when it can), per op.
-TRITON_ERRORS = {
-    "rkd_distance_loss": RKD_DISTANCE_TRITON_ERROR,
-    "rkd_angle_loss": RKD_ANGLE_TRITON_ERROR,
-    "sp_loss": SP_TRITON_ERROR,
-    "pkt_loss": PKT_TRITON_ERROR,
-}
-CHECKS = {
-    "rkd_distance_loss": _RKD_DISTANCE_CHECKS,
-    "rkd_angle_loss": _RKD_ANGLE_CHECKS,
-    "sp_loss": _SP_CHECKS,
-    "pkt_loss": _PKT_CHECKS,
-}
+RKD_DISTANCE_LOSS = _op(rkd_distance_loss_reference)
+RKD_ANGLE_LOSS = _op(rkd_angle_loss_reference)
+SP_LOSS = _op(sp_loss_reference)
+PKT_LOSS = _op(pkt_loss_reference)
 
 
 def validate_eps(eps) -> float:
     """PKT's ``eps``, normalised (``nn.PKTLoss`` checks it at construction)."""
-    return _validate_args.real("eps", eps, lo=0.0, lo_open=True, hi=1.0)
+    return _validate.real("eps", eps, lo=0.0, lo_open=True, hi=1.0)
 
 
-def _validate(student, teacher, min_batch: int) -> None:
+def _check_tensors(student, teacher, min_batch: int) -> None:
     """Student ``[B, ...]`` and teacher ``[B, ...]`` float tensors on one device, the batch at
     least ``min_batch``; every error names the argument and what was wrong."""
     for name, x in (("student", student), ("teacher", teacher)):
-        _validate_args.float_tensor(name, x)
+        _validate.float_tensor(name, x)
         if x.dim() < 2:
             raise ValueError(f"{name} must have at least 2 dimensions [B, D] (a batch of embeddings), got shape {tuple(x.shape)}")
         if x.shape[0] == 0:
@@ -192,7 +190,7 @@ def _validate(student, teacher, min_batch: int) -> None:
             f"teacher has batch size {teacher.shape[0]} but student has {student.shape[0]} "
             f"(shapes {tuple(teacher.shape)} and {tuple(student.shape)}); the rows must be the same samples"
         )
-    _validate_args.same_device("teacher", teacher, "student", student)
+    _validate.same_device("teacher", teacher, "student", student)
     if student.shape[0] < min_batch:
         raise ValueError(
             f"student has batch size {student.shape[0]}: this relational loss needs at least {min_batch} "
@@ -200,54 +198,27 @@ def _validate(student, teacher, min_batch: int) -> None:
         )
 
 
-def _run(op_name: str, student, teacher, extra: tuple, min_batch: int, reference, backend: Optional[str]):
-    _validate(student, teacher, min_batch)
-    _fused.note_constant_teacher(op_name, (teacher,))
-    name = backends.choose(op_name, CHECKS[op_name], student.device, backend, student, teacher)
-    if name == "reference":
-        return reference(student, teacher, *extra)
+def _run(op: table.Op, student, teacher, extra: tuple, min_batch: int, backend: Optional[str]):
+    _check_tensors(student, teacher, min_batch)
+    run = op.dispatch(backend, student, teacher)
+    if run is None:
+        return op.reference(student, teacher, *extra)
     b = student.shape[0]
     s = student.reshape(b, -1)
-    if s.dtype in _fused.LOW_PRECISION:
+    if s.dtype in fused_autograd.LOW_PRECISION:
         # The kernels compute in float32 either way; handed float32 (an exact copy), they keep the
         # gradient in float32 until the backward has scaled it by grad_output, and autograd's cast
-        # back rounds it to the student's dtype once (fastkd/ops/_fused.py). [B, D] is small.
+        # back rounds it to the student's dtype once (fastkd/ops/fused_autograd.py). [B, D] is small.
         s = s.float()
     s = s.contiguous()
     t = teacher.detach().reshape(b, -1).contiguous()
-    compute_grad = torch.is_grad_enabled() and student.requires_grad
-    schema = {"rkd_distance_loss": "rkd_distance_forward", "rkd_angle_loss": "rkd_angle_forward", "sp_loss": "sp_forward", "pkt_loss": "pkt_forward"}[op_name]
-    op = getattr(torch.ops.fastkd, schema + "_triton" if name == "triton" else schema)
-    loss, _ = op(s, t, *extra, compute_grad)
+    loss, _ = run(s, t, *extra)
     return loss
 
 
 # --------------------------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------------------------
-
-_COMMON = """
-    Args:
-        student: ``[B, ...]`` float32, bfloat16, float16 or float64; trailing dimensions flatten
-            into the embedding (``[B, C, H, W]`` is ``B`` embeddings of size ``C·H·W``).
-        teacher: ``[B, ...]`` any floating dtype, the same B (the same samples, in the same order)
-            on the same device; its embedding size may differ from the student's. A constant: no
-            gradient flows into it, even when it requires grad (fastkd says so once).
-        backend: ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``; default: the
-            ``FASTKD_BACKEND`` environment variable, else the fastest for the tensors' device.
-
-    Returns:
-        A scalar loss, float32 (float64 for float64 input); computed in float32 for 16-bit
-        input. The gradient w.r.t. ``student`` comes back in its dtype and shape. NaN anywhere in
-        the input gives a NaN loss.
-
-    Backward: ``loss.backward()`` only scales the gradient the forward computed (for a 16-bit
-    student the op runs on a float32 copy, so the gradient is scaled in float32 and rounded to
-    the student's dtype once); repeated backward
-    through a retained graph recomputes it; ``create_graph=True`` differentiates the reference
-    composite, so second derivatives are exact (and cost what the composite costs).
-"""
-
 
 def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
     r"""RKD distance loss (Park et al. 2019, "Relational Knowledge Distillation"), fused.
@@ -273,8 +244,11 @@ def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor, *, backend: 
     where the Gram identity and the GEMM cancel) are computed from the rows: their squared
     distance, and their gradient term :math:`Z_{ij}(e_i - e_j)`, O(D) each (every fused backend).
     Needs B ≥ 2 (with one sample μ is 0/0).
+
+    ``student``, ``teacher``, ``backend``, the result and the backward: as every relational loss
+    (``fastkd.ops.relational``).
     """
-    return _run("rkd_distance_loss", student, teacher, (), 2, rkd_distance_loss_reference, backend)
+    return _run(RKD_DISTANCE_LOSS, student, teacher, (), 2, backend)
 
 
 def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
@@ -309,8 +283,11 @@ def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor, *, backend: Opt
     composite there (the derivation: "Precision" atop ``csrc/cpu/relational_kernel.h``). On a GPU
     that costs a float64 pass over the thin vertices and the final GEMM in float64 (a batch without
     thin vertices pays only the latter), and up to ~2× the B×B working memory. Needs B ≥ 2.
+
+    ``student``, ``teacher``, ``backend``, the result and the backward: as every relational loss
+    (``fastkd.ops.relational``).
     """
-    return _run("rkd_angle_loss", student, teacher, (), 2, rkd_angle_loss_reference, backend)
+    return _run(RKD_ANGLE_LOSS, student, teacher, (), 2, backend)
 
 
 def sp_loss(student: torch.Tensor, teacher: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
@@ -330,8 +307,11 @@ def sp_loss(student: torch.Tensor, teacher: torch.Tensor, *, backend: Optional[s
     gradient :math:`dF = (dG + dG^\top) F` through one more GEMM. A zero row of F gives a zero row
     of G (normalised to zero) and, as ``F.normalize``'s gradient, a row gradient scaled by 1e12.
     B = 1 is allowed (the loss is then 0).
+
+    ``student``, ``teacher``, ``backend``, the result and the backward: as every relational loss
+    (``fastkd.ops.relational``).
     """
-    return _run("sp_loss", student, teacher, (), 1, sp_loss_reference, backend)
+    return _run(SP_LOSS, student, teacher, (), 1, backend)
 
 
 def pkt_loss(student: torch.Tensor, teacher: torch.Tensor, *, eps: float = 1e-7, backend: Optional[str] = None) -> torch.Tensor:
@@ -354,10 +334,9 @@ def pkt_loss(student: torch.Tensor, teacher: torch.Tensor, *, eps: float = 1e-7,
     from one GEMM :math:`G = F F^\top` per network, the kernel, probabilities, loss and
     :math:`\partial L / \partial G` in fused passes, and :math:`dF = (dG + dG^\top) F`. ``eps`` in
     (0, 1]. B = 1 is allowed (the loss is then 0).
+
+    ``student``, ``teacher``, ``backend``, the result and the backward: as every relational loss
+    (``fastkd.ops.relational``).
     """
     eps = validate_eps(eps)
-    return _run("pkt_loss", student, teacher, (eps,), 1, pkt_loss_reference, backend)
-
-
-for _fn in (rkd_distance_loss, rkd_angle_loss, sp_loss, pkt_loss):
-    _fn.__doc__ += _COMMON
+    return _run(PKT_LOSS, student, teacher, (eps,), 1, backend)

@@ -3,13 +3,14 @@
 
 Everything about the op lives here or is named here:
 
-- math and contract: ``sparse_kd_loss`` below, ``../shared/DESIGN.md`` ("Sparse teacher"), and
-  the derivation at the top of ``csrc/cpu/sparse_kd_kernel.h``;
+- math and contract: ``sparse_kd_loss`` below, ``docs/design.md#sparse-kd``; the KD options
+  (``KDOptions``, ``fastkd/ops/options.py``) are ``kd_loss``'s, without a divergence (KL only);
 - reference (the oracle): ``sparse_kd_loss_reference``, plain PyTorch on the dense teacher;
 - cpu kernel: ``csrc/cpu/sparse_kd_cpu.cpp`` (torch wrapper) and ``csrc/cpu/sparse_kd_kernel.h``
   (the row kernel, compiled for AVX-512, AVX2 and scalar);
 - cuda kernel: ``csrc/cuda/sparse_kd_cuda.cu``; triton kernel: ``kernels/sparse_kd.py``;
-- schema: ``csrc/ops.cpp`` (``fastkd::sparse_kd_forward``); fake kernels and autograd: here;
+- schema: ``csrc/ops.cpp`` (``fastkd::sparse_kd_forward``); fake kernels and autograd:
+  ``fastkd/ops/fused_autograd.py``; dispatch: ``fastkd/ops/table.py``;
 - tests: ``tests/test_sparse_kd*.py``.
 """
 
@@ -21,9 +22,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastkd import _ext, backends
-from fastkd.ops import _fused
-from fastkd.ops import _validate as _validate_args
+from fastkd import _ext
+from fastkd.ops import _validate, fused_autograd, table
+from fastkd.ops.options import KDOptions
 
 VALUES = ("logits", "logprobs")
 TAILS = ("renormalize", "uniform")
@@ -65,9 +66,16 @@ def sparse_kd_loss_reference(
     indices leave ``[0, V)`` or repeat (which the public function refuses on CPU) gets a NaN loss
     and gradient, as on the GPU backends.
     """
+    check_teacher_format(values, tail)
+    options = KDOptions(temperature, hard_weight, ignore_index, reduction, t2_scale)
+    return _reference(student_logits, teacher_values, teacher_indices, options, values, tail, labels)
+
+
+def _reference(student_logits, teacher_values, teacher_indices, options: KDOptions, values: str, tail: str, labels):
     vocab = student_logits.shape[-1]
     k = teacher_values.shape[-1]
-    compute = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    temperature = options.temperature
+    compute = fused_autograd.loss_dtype(student_logits)
     s = student_logits.reshape(-1, vocab).to(compute)
     n = s.shape[0]
     v = teacher_values.detach().reshape(n, k).to(compute)
@@ -76,7 +84,7 @@ def sparse_kd_loss_reference(
         valid = torch.ones(n, dtype=torch.bool, device=s.device)
     else:
         labels = labels.reshape(-1)
-        valid = labels != ignore_index
+        valid = labels != options.ignore_index
     ordered = idx.sort(-1).values
     broken = ((idx < 0) | (idx >= vocab)).any(-1) | (ordered[:, 1:] == ordered[:, :-1]).any(-1)
     bad = valid & broken
@@ -103,65 +111,46 @@ def sparse_kd_loss_reference(
     p = log_p.exp()
     # Where the teacher gives an entry no mass the term is 0, not 0 * inf; NaN stays NaN.
     kl = torch.where(p == 0, torch.zeros_like(p), p * (log_p - log_q)).sum(-1)
-    rows = kl * temperature * temperature if t2_scale else kl
-    rows = (1.0 - hard_weight) * rows
-    if labels is not None and hard_weight > 0:
-        rows = rows + hard_weight * F.cross_entropy(s, labels, ignore_index=ignore_index, reduction="none")
-    rows = torch.where(valid, rows, torch.zeros_like(rows))
-    if reduction == "none":
-        return rows.reshape(student_logits.shape[:-1])
-    if reduction == "sum":
-        return rows.sum()
-    return rows.sum() / valid.sum().clamp_min(1)
+    return options.reference_loss(kl, s, labels, valid, student_logits.shape[:-1])
 
 
 # --------------------------------------------------------------------------------------------
-# Registered ops: fake kernels and autograd (fastkd/ops/_fused.py), the Triton twin, the checks.
+# The registered op (fastkd/ops/table.py) and the checks of the arguments
 # --------------------------------------------------------------------------------------------
 
 
 def _reference_from_op_args(student, values, indices, labels, values_kind, tail, temperature, hard_weight, ignore_index, reduction, t2_scale, compute_grad):
-    return sparse_kd_loss_reference(
-        student, values, indices, temperature, values=values_kind, tail=tail, labels=labels,
-        hard_weight=hard_weight, ignore_index=ignore_index, reduction=reduction, t2_scale=t2_scale,
-    )
+    options = KDOptions(temperature, hard_weight, ignore_index, reduction, t2_scale)
+    return _reference(student, values, indices, options, values_kind, tail, labels)
 
 
-OP = _fused.FusedLoss("sparse_kd_forward", _reference_from_op_args, reduction_arg=9)
-_triton_sparse, _triton_error = _fused.import_triton("fastkd.kernels.sparse_kd")
-TRITON_ERROR = OP.register(
-    _triton_sparse and _triton_sparse.sparse_kd_forward, _triton_error, _triton_sparse and _triton_sparse.sparse_kd_forward_rescale_
-)
-_CHECKS = backends.fused_checks("sparse_kd_forward", TRITON_ERROR)
+SPARSE_KD_FORWARD = table.register_kernel("sparse_kd", "sparse_kd_forward", _reference_from_op_args, reduction_arg=9)
+TRITON_ERROR = SPARSE_KD_FORWARD.triton_error
+SPARSE_KD_LOSS = table.Op("sparse_kd_loss", "sparse_kd", SPARSE_KD_FORWARD, sparse_kd_loss_reference)
 
 
-def validate_options(temperature, values, tail, hard_weight, ignore_index, reduction, t2_scale):
-    """The non-tensor arguments, normalised (``nn.SparseKDLoss`` checks them at construction)."""
-    temperature = _validate_args.temperature(temperature)
-    _validate_args.choice("values", values, VALUES)
-    _validate_args.choice("tail", tail, TAILS)
+def check_teacher_format(values, tail) -> None:
+    """``values`` and ``tail``, the sparse teacher's format (``nn.SparseKDLoss`` checks them at
+    construction, with the ``KDOptions``)."""
+    _validate.choice("values", values, VALUES)
+    _validate.choice("tail", tail, TAILS)
     if tail == "uniform" and values != "logprobs":
         raise ValueError(
             "tail='uniform' needs values='logprobs': the missing mass 1 - sum(exp(values)) is only "
             f"defined for full-vocabulary log-probabilities, got values={values!r}"
         )
-    hard_weight = _validate_args.real("hard_weight", hard_weight, lo=0.0, hi=1.0)
-    ignore_index = _validate_args.integer("ignore_index", ignore_index)
-    _validate_args.reduction(reduction)
-    _validate_args.boolean("t2_scale", t2_scale)
-    return temperature, hard_weight, ignore_index
 
 
 def _validate_tensors(student, values, indices) -> None:
-    _validate_args.float_tensor("student_logits", student)
-    _validate_args.float_tensor("teacher_values", values)
+    _validate.float_tensor("student_logits", student)
+    _validate.float_tensor("teacher_values", values)
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"teacher_indices must be a torch.Tensor, got {type(indices).__name__}")
     if indices.dtype not in INDEX_DTYPES:
         raise TypeError(f"teacher_indices must be an int64 or int32 tensor, got {indices.dtype}")
     if indices.shape != values.shape:
         raise ValueError(f"teacher_indices shape {tuple(indices.shape)} must equal teacher_values shape {tuple(values.shape)}")
-    _validate_args.nonempty_rows(student)
+    _validate.nonempty_rows(student)
     vocab = student.shape[-1]
     rows = student.shape[:-1]
     lead = values.shape[:-1]
@@ -175,8 +164,8 @@ def _validate_tensors(student, values, indices) -> None:
         raise ValueError("teacher_values has k = 0 entries per row; a sparse teacher needs k >= 1")
     if k > vocab:
         raise ValueError(f"teacher_indices has k = {k} entries per row but the vocabulary has V = {vocab}: a row's indices must be distinct")
-    _validate_args.same_device("teacher_values", values, "student_logits", student)
-    _validate_args.same_device("teacher_indices", indices, "student_logits", student)
+    _validate.same_device("teacher_values", values, "student_logits", student)
+    _validate.same_device("teacher_indices", indices, "student_logits", student)
 
 
 def _row_problem_torch(values, indices, vocab, tail, labels, ignore_index):
@@ -247,15 +236,12 @@ def _validate_rows(student, values, indices, tail, labels, ignore_index) -> None
     )
 
 
-def _validate(student, values, indices, temperature, values_kind, tail, labels, hard_weight, ignore_index, reduction, t2_scale):
-    """The arguments as the op takes them; every error names the argument and what was wrong."""
+def _check_arguments(student, values, indices, options: KDOptions, tail, labels) -> None:
+    """The tensors as the op takes them; every error names the argument and what was wrong."""
     _validate_tensors(student, values, indices)
-    temperature, hard_weight, ignore_index = validate_options(temperature, values_kind, tail, hard_weight, ignore_index, reduction, t2_scale)
-    if labels is None and hard_weight > 0:
-        raise ValueError(f"hard_weight={hard_weight} > 0 needs labels (the hard term is cross-entropy with labels)")
-    _validate_args.labels(labels, student, ignore_index)
-    _validate_rows(student, values, indices, tail, labels, ignore_index)
-    return temperature, hard_weight, ignore_index
+    options.require_labels(labels)
+    _validate.labels(labels, student, options.ignore_index)
+    _validate_rows(student, values, indices, tail, labels, options.ignore_index)
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,14 +337,12 @@ def sparse_kd_loss(
         loss = fastkd.sparse_kd_loss(student_logits, values, indices, 2.0, values="logprobs",
                                      tail="uniform", labels=y, hard_weight=0.1)
     """
-    temperature, hard_weight, ignore_index = _validate(
-        student_logits, teacher_values, teacher_indices, temperature, values, tail, labels, hard_weight, ignore_index, reduction, t2_scale
-    )
-    _fused.note_constant_teacher("sparse_kd_loss", (teacher_values,))
-    name = backends.choose("sparse_kd_loss", _CHECKS, student_logits.device, backend, student_logits, teacher_values, teacher_indices)
-    kwargs = dict(values=values, tail=tail, labels=labels, hard_weight=hard_weight, ignore_index=ignore_index, reduction=reduction, t2_scale=t2_scale)
-    if name == "reference":
-        return sparse_kd_loss_reference(student_logits, teacher_values, teacher_indices, temperature, **kwargs)
+    options = KDOptions(temperature, hard_weight, ignore_index, reduction, t2_scale)
+    check_teacher_format(values, tail)
+    _check_arguments(student_logits, teacher_values, teacher_indices, options, tail, labels)
+    run = SPARSE_KD_LOSS.dispatch(backend, student_logits, teacher_values, teacher_indices)
+    if run is None:
+        return _reference(student_logits, teacher_values, teacher_indices, options, values, tail, labels)
 
     vocab = student_logits.shape[-1]
     k = teacher_values.shape[-1]
@@ -366,7 +350,5 @@ def sparse_kd_loss(
     vals = teacher_values.detach().reshape(-1, k).contiguous()
     idx = teacher_indices.reshape(-1, k).contiguous()
     flat_labels = None if labels is None else labels.reshape(-1).contiguous()
-    compute_grad = _fused.compute_grad(student_logits)
-    op = torch.ops.fastkd.sparse_kd_forward_triton if name == "triton" else torch.ops.fastkd.sparse_kd_forward
-    loss, _ = op(student, vals, idx, flat_labels, values, tail, temperature, hard_weight, ignore_index, reduction, t2_scale, compute_grad)
+    loss, _ = run(student, vals, idx, flat_labels, values, tail, *options.op_args())
     return loss.reshape(student_logits.shape[:-1]) if reduction == "none" else loss

@@ -85,12 +85,13 @@ def loss_dtype(student: torch.Tensor) -> torch.dtype:
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def compute_grad(student: torch.Tensor) -> bool:
-    """The ``compute_grad`` a public wrapper passes its op: whether the student needs a gradient,
-    except under torch.compile for a 16-bit student, whose traced backward computes it afresh
-    with ``grad_output`` folded in (so the forward would compute one for nothing)."""
+def compute_grad(student: torch.Tensor, rescales: bool = True) -> bool:
+    """The ``compute_grad`` an op is called with: whether the student needs a gradient, except
+    under torch.compile for a 16-bit student of an op that rescales (``grad_scale``): its traced
+    backward computes the gradient afresh with ``grad_output`` folded in (so the forward would
+    compute one for nothing)."""
     wanted = torch.is_grad_enabled() and student.requires_grad
-    return wanted and not (student.dtype in LOW_PRECISION and torch.compiler.is_compiling())
+    return wanted and not (rescales and student.dtype in LOW_PRECISION and torch.compiler.is_compiling())
 
 
 def _plain_eager(*tensors) -> bool:

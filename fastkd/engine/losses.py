@@ -20,7 +20,8 @@ from torch import nn
 
 import fastkd
 from fastkd.engine.schema import ConfigError, Field
-from fastkd.ops import kd as kd_ops
+from fastkd.ops import divergences, table
+from fastkd.ops.feature import HINT_KINDS
 
 LOSS_TERMS: Dict[str, type] = {}
 
@@ -191,7 +192,7 @@ class KDTerm(LossTerm):
         "temperature": Field("float", 4.0, lo=0.0, lo_open=True),
         "hard_weight": Field("float", 0.0, lo=0.0, hi=1.0),
         "t2_scale": Field("bool", True),
-        "divergence": Field("str", "kl", choices=tuple(kd_ops.DIVERGENCES), doc="fastkd.kd_loss's divergence"),
+        "divergence": Field("str", "kl", choices=tuple(divergences.DIVERGENCES), doc="fastkd.kd_loss's divergence"),
         "beta": Field("float", -1.0, doc="the divergence's beta (jsd, skew_kl, skew_reverse_kl); -1: its default"),
         "fused_head": Field("bool", False, doc="distil through the output layers without materialising logits"),
         "student_head": Field("str", "", doc="module path of the student's output layer (fused_head)"),
@@ -209,7 +210,7 @@ class KDTerm(LossTerm):
     @classmethod
     def validate(cls, spec: dict, where: str) -> None:
         try:
-            kd_ops.validate_divergence(spec["divergence"], cls._beta(spec))
+            divergences.check(spec["divergence"], cls._beta(spec))
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{where}: {exc}") from None
         if bool(spec.get("student_head")) != bool(spec.get("teacher_head")):
@@ -346,11 +347,10 @@ class CETerm(LossTerm):
 
 # Hint metrics: fastkd.hint_loss(kind=...) between equal-shape features (a learnable regressor
 # maps the student's feature to the teacher's shape when they differ).
-HINT_METRICS = ("mse", "l1", "smooth_l1", "cosine", "normalized_mse")
+HINT_METRICS = HINT_KINDS
 # Relational metrics: fastkd.<metric>_loss(student, teacher) on [B, ...] features (trailing dims
-# flattened, widths may differ: no regressor). Looked up when used (relational_loss_fn): a build
-# of fastkd without one refuses a job naming it at start, in one line.
-RELATIONAL_METRICS = ("rkd_distance", "rkd_angle", "sp", "pkt")
+# flattened, widths may differ: no regressor), one per relational op of fastkd's op table.
+RELATIONAL_METRICS = tuple(op.stem for op in table.all_ops("relational"))
 FEATURE_METRICS = HINT_METRICS + ("at",) + RELATIONAL_METRICS
 
 

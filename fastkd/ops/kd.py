@@ -29,10 +29,6 @@ import torch.nn.functional as F
 from fastkd.ops import _validate, divergences, fused_autograd, table
 from fastkd.ops.options import KDOptions
 
-# The engine's KD term reads these two names (fastkd/ops/divergences.py holds them).
-DIVERGENCES = divergences.DIVERGENCES
-validate_divergence = divergences.check
-
 
 # --------------------------------------------------------------------------------------------
 # Reference: plain PyTorch, computed in float32 (float64 for float64 input). Never clever.

@@ -24,7 +24,7 @@ from fastkd import functional as F_
 from fastkd.ops import dkd as dkd_ops
 from fastkd.ops import feature as feature_ops
 from fastkd.ops import kd as kd_ops
-from fastkd.ops import relational as rel_ops
+from fastkd.ops import table
 from fastkd.ops import sparse_kd as sparse_ops
 from feature_helpers import make_features, make_maps
 from kd_helpers import make_labels, make_logits
@@ -597,7 +597,8 @@ RELATIONAL_BAD = [
 ]
 
 
-def _relational(short, module_cls, triton_error, **options):
+def _relational(short, module_cls, **options):
+    triton_error = table.OPS[f"{short}_loss"].kernel.triton_error
     kernel = f"{short}_forward"
     extra = tuple(options.values())  # pkt's eps sits between the tensors and compute_grad
 
@@ -619,10 +620,10 @@ def _relational(short, module_cls, triton_error, **options):
 
 
 RELATIONAL = [
-    _relational("rkd_distance", fastkd.nn.RKDDistanceLoss, rel_ops.RKD_DISTANCE_TRITON_ERROR),
-    _relational("rkd_angle", fastkd.nn.RKDAngleLoss, rel_ops.RKD_ANGLE_TRITON_ERROR),
-    _relational("sp", fastkd.nn.SPLoss, rel_ops.SP_TRITON_ERROR),
-    _relational("pkt", fastkd.nn.PKTLoss, rel_ops.PKT_TRITON_ERROR, eps=1e-7),
+    _relational("rkd_distance", fastkd.nn.RKDDistanceLoss),
+    _relational("rkd_angle", fastkd.nn.RKDAngleLoss),
+    _relational("sp", fastkd.nn.SPLoss),
+    _relational("pkt", fastkd.nn.PKTLoss, eps=1e-7),
 ]
 
 SPECS = [KD, DKD, SPARSE, LINEAR, HINT, ATTENTION, *RELATIONAL]

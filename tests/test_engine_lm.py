@@ -253,8 +253,10 @@ def test_data_lm_runs_the_lm_config():
 def test_lm_job_claim(tmp_path):
     """The issue's claim from one run of configs/lm.toml as shipped (the embedded corpus):
     the KD student agrees with the teacher more and has a lower predictive KL than the
-    baseline, with a perplexity no worse."""
-    m = run_config(CONFIGS / "lm.toml", tmp_path / "lm")["models"]
+    baseline, with a perplexity no worse. Every core trains (the config's one thread suits a
+    machine shared with other work; a test suite's process has the machine to itself), which
+    changes no result beyond float rounding."""
+    m = run_config(CONFIGS / "lm.toml", tmp_path / "lm", train__threads=0)["models"]
     kd, base = m["student_kd"], m["student_baseline"]
     assert kd["agreement"] > base["agreement"]
     assert kd["predictive_kl"] < base["predictive_kl"]

@@ -71,9 +71,9 @@ def test_triton_opcheck():
 
 
 def test_launch_configuration_is_named_in_one_place():
-    from fastkd.kernels import dkd as kernel
+    from fastkd.kernels import _softmax, dkd as kernel
 
     assert kernel.launch_config(32000, True) in kernel.LAUNCH_CONFIGS
     assert kernel.launch_config(5, True) == (8, 1)
-    assert kernel.launch_config(32000, False)[0] == kernel.BLOCK_V_MAX_INTERPRETER
+    assert kernel.launch_config(32000, False)[0] == _softmax.BLOCK_V_MAX_INTERPRETER
     assert max(b for b, _ in kernel.LAUNCH_CONFIGS) == kernel.BLOCK_V_MAX_GPU

@@ -127,7 +127,7 @@ def _chunked_forward(
         lt = ht @ wt.t() if b_t is None else torch.addmm(b_t.to(acc), ht, wt.t())
         del ht
         y = None if labels is None else labels[rows]
-        loss, g = op(ls, lt, y, None, divergence, beta, temperature, hard_weight, ignore_index, "none" if per_row else "sum", t2_scale, compute_grad)
+        loss, g = op(ls, lt, y, None, *_kd.resolve_divergence(divergence, beta), temperature, hard_weight, ignore_index, "none" if per_row else "sum", t2_scale, compute_grad)
         del ls, lt
         losses.append(loss)
         if compute_grad:

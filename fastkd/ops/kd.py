@@ -51,6 +51,16 @@ def _plogr(w: torch.Tensor, log_w: torch.Tensor, log_r: torch.Tensor) -> torch.T
     return (w * torch.where(w == 0, torch.zeros_like(log_w), log_w - log_r)).sum(-1)
 
 
+def resolve_divergence(divergence: str, beta: float) -> tuple:
+    """The pair the kernels take: an endpoint that is another divergence becomes it (jsd at 0 is
+    kl and at 1 reverse_kl, skew_kl at 0 kl, skew_reverse_kl at 0 reverse_kl)."""
+    if divergence in ("jsd", "skew_kl") and beta == 0.0:
+        return "kl", 0.0
+    if divergence == "jsd" and beta == 1.0 or divergence == "skew_reverse_kl" and beta == 0.0:
+        return "reverse_kl", 0.0
+    return divergence, beta
+
+
 def divergence_rows(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
     """Per-row divergence between the teacher ``p`` and the student ``q``, from their log-probabilities.
 
@@ -63,10 +73,7 @@ def divergence_rows(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, b
     dead = (p == 0) & (q == 0)
     log_p = torch.where(dead, torch.zeros_like(log_p), log_p)
     log_q = torch.where(dead, torch.zeros_like(log_q), log_q)
-    if divergence == "jsd" and beta == 0.0 or divergence == "skew_kl" and beta == 0.0:
-        divergence = "kl"
-    elif divergence == "jsd" and beta == 1.0 or divergence == "skew_reverse_kl" and beta == 0.0:
-        divergence = "reverse_kl"
+    divergence, beta = resolve_divergence(divergence, beta)
     if divergence == "kl":
         return _plogr(p, log_p, log_q)
     if divergence == "reverse_kl":
@@ -391,7 +398,7 @@ def kd_loss(
     compute_grad = _fused.compute_grad(student_logits)
     op = torch.ops.fastkd.kd_forward_triton if name == "triton" else torch.ops.fastkd.kd_forward
     loss, _ = op(
-        student, teacher, flat_labels, weights, divergence, beta, temperature, hard_weight, ignore_index,
+        student, teacher, flat_labels, weights, *resolve_divergence(divergence, beta), temperature, hard_weight, ignore_index,
         reduction, t2_scale, compute_grad,
     )
     return loss.reshape(student_logits.shape[:-1]) if reduction == "none" else loss

@@ -102,6 +102,20 @@ def switch_variant(combo: dict) -> list:
     ]
 
 
+def static_launch(kernel, args: dict, num_warps: int, label: str, v: int, combo: dict, row_bytes, before=(), after=()):
+    """A StaticLaunch of a row kernel with switches() (kernels/__init__.py): the label marks a row
+    length that is not a multiple of 16 (Triton cannot then vectorise the loads), the variant
+    lists ``before``, the switches, ``after`` and the grad_scale mode."""
+    from . import StaticLaunch, grad_scale_variant
+
+    variant = [*before, *switch_variant(combo), *after, *([grad_scale_variant(combo)] if combo["GO_MODE"] else [])]
+    return StaticLaunch(
+        kernel=kernel, args=args, num_warps=num_warps,
+        label=label + ("" if v % 16 == 0 or v < 16 else " · V % 16 != 0"),
+        variant=", ".join(variant), row_bytes=row_bytes,
+    )
+
+
 def check_reduction(op: str, reduction: str) -> None:
     if reduction not in ("none", "sum", "batchmean"):
         raise ValueError(f"{op} (triton): reduction must be 'none', 'sum' or 'batchmean', got {reduction!r}")
@@ -149,6 +163,39 @@ def grad_scale_of(go_ptr, row, GO_MODE: tl.constexpr):
     else:
         go = tl.full((), 1.0, tl.float32)
     return go
+
+
+@triton.jit
+def load_chunk(ptrs, mask, EVICT: tl.constexpr):
+    """A chunk of a row in float32, -inf where masked (out of the row: in no maximum or sum).
+    EVICT: "evict_last" on a pass whose row is read again (keep it in L2), "evict_first" on
+    the last pass over it, "" for the default."""
+    return tl.load(ptrs, mask=mask, other=float("-inf"), eviction_policy=EVICT).to(tl.float32)
+
+
+@triton.jit
+def row_start(s_ptr, V, go_ptr, GO_MODE: tl.constexpr, GO_SKIP: tl.constexpr):
+    """The program's row (int64: row * V passes 2^31 on large batches), its grad_scale, whether
+    the program has nothing to do (a relaunch that rewrites the forward's gradient in place,
+    GO_SKIP, at a grad_scale of exactly 1 leaves it as it stands, with no traffic), and the
+    row's student logits."""
+    row = tl.program_id(0).to(tl.int64)
+    go = grad_scale_of(go_ptr, row, GO_MODE)
+    if GO_SKIP:
+        skip = go == 1.0
+    else:
+        skip = False
+    return row, go, skip, s_ptr + row * V
+
+
+@triton.jit
+def kd_scalars(x_scale, soft_loss_coef, soft_loss_t, hard_weight, soft_grad_coef):
+    """The KD kernels' float scalars in fp32 whoever launches: torch.compile passes them as fp64
+    (kernels/__init__.py)."""
+    return (tl.cast(x_scale, tl.float32), tl.cast(soft_loss_coef, tl.float32), tl.cast(soft_loss_t, tl.float32),
+            tl.cast(hard_weight, tl.float32), tl.cast(soft_grad_coef, tl.float32))
+
+
 
 
 @triton.jit
@@ -215,6 +262,48 @@ def kl_step(m_s, m_t, sum_s, sum_t, acc_a, s, t, x_scale):
 
 
 @triton.jit
+def kl_pass(s_row, t_row, V, cols, label, compute, x_scale, BLOCK_V: tl.constexpr, SKIP_LABEL: tl.constexpr,
+            CE_SUM: tl.constexpr):
+    """The first pass of a two-distribution kernel over its row (nothing for a row not computed):
+    kl_step over every chunk, the label's entry left out with SKIP_LABEL (loaded as -inf: in no
+    maximum or sum), and with CE_SUM the CE's sum at T = 1, S_1 = sum 2^((s - r_s) log2(e)), from
+    the same loads. Returns (m_s, m_t, S_s, S_t, A, S_1)."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    NEG_INF: tl.constexpr = float("-inf")
+    m_s = tl.full((), NEG_INF, tl.float32)
+    m_t = tl.full((), NEG_INF, tl.float32)
+    sum_s = tl.zeros((), tl.float32)
+    sum_t = tl.zeros((), tl.float32)
+    acc_a = tl.zeros((), tl.float32)
+    sum_1 = tl.zeros((), tl.float32)
+    if compute:
+        for start in range(0, V, BLOCK_V):
+            offs, mask = forward_chunk(start, V, cols)
+            if SKIP_LABEL:
+                mask = mask & (offs != label)
+            # evict_last: keep the row in L2 for the next pass.
+            s = load_chunk(s_row + offs, mask, "evict_last")
+            t = load_chunk(t_row + offs, mask, "evict_last")
+            old_m_s = m_s
+            m_s, m_t, sum_s, sum_t, acc_a = kl_step(m_s, m_t, sum_s, sum_t, acc_a, s, t, x_scale)
+            if CE_SUM:
+                sum_1 = sum_step(sum_1, old_m_s, reference(m_s), s, LOG2E)
+    return m_s, m_t, sum_s, sum_t, acc_a, sum_1
+
+
+@triton.jit
+def student_step(m_s, sum_s, sum_1, s, x_scale, CE_SUM: tl.constexpr):
+    """One chunk of the student's own online sums: S_s at T and, with CE_SUM, the CE's S_1 at
+    T = 1. Returns the new maximum, its reference, S_s and S_1."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    new_m, r = online_max(m_s, s)
+    sum_s = sum_step(sum_s, m_s, r, s, x_scale)
+    if CE_SUM:
+        sum_1 = sum_step(sum_1, m_s, r, s, LOG2E)
+    return new_m, r, sum_s, sum_1
+
+
+@triton.jit
 def ce_loss(s_row, label, compute, r_s, sum_1):
     """The hard-label cross-entropy logsumexp(s) - s[label] from the T = 1 sum S_1 = sum e^(s - r_s)."""
     LN2: tl.constexpr = 0.6931471805599453
@@ -234,6 +323,19 @@ def ce_grad(q, s, r_s, inv_1, offs, label, SAME_T: tl.constexpr):
 
 
 @triton.jit
+def finish_loss(row_loss_ptr, row, loss, s_row, label, compute, bad, r_s, sum_s, sum_1, hard_weight,
+                HAS_CE: tl.constexpr, SAME_T: tl.constexpr):
+    """Stores the row's loss: the soft term ``loss``, plus hard_weight times the CE with one; 0
+    for an ignored row, NaN for a bad one. Returns S_1, the sum of the CE's softmax (S_s at T = 1)."""
+    if HAS_CE:
+        if SAME_T:
+            sum_1 = sum_s
+        loss += hard_weight * ce_loss(s_row, label, compute, r_s, sum_1)
+    store_row_loss(row_loss_ptr, row, loss, compute, bad)
+    return sum_1
+
+
+@triton.jit
 def store_row_loss(row_loss_ptr, row, loss, compute, bad):
     """The row's loss; 0 for an ignored row, NaN for a bad one."""
     tl.store(row_loss_ptr + row, tl.where(compute, loss, tl.where(bad, float("nan"), 0.0)))
@@ -250,6 +352,30 @@ def gradient_scale(scale_ptr, n_rows, go, SCALE_MODE: tl.constexpr):
     else:
         scale = 1.0
     return scale * go
+
+
+@triton.jit
+def grad_coefs(scale_ptr, n_rows, go, soft_grad_coef, hard_weight, sum_1, SCALE_MODE: tl.constexpr):
+    """The soft and hard terms' gradient factors (theirs times gradient_scale()), and 1 / S_1."""
+    scale = gradient_scale(scale_ptr, n_rows, go, SCALE_MODE)
+    return soft_grad_coef * scale, hard_weight * scale, 1.0 / sum_1
+
+
+@triton.jit
+def store_grad(g_row, offs, mask, g, q, s, r_s, inv_1, label, k_hard, HAS_CE: tl.constexpr, SAME_T: tl.constexpr):
+    """Writes the soft term's gradient ``g`` plus, with the CE, k_hard (softmax(s) - onehot(label))
+    at ``offs``, rounded once to the gradient's dtype."""
+    if HAS_CE:
+        g += k_hard * ce_grad(q, s, r_s, inv_1, offs, label, SAME_T)
+    tl.store(g_row + offs, g.to(g_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def forward_chunk(start, V, cols):
+    """Offsets and mask of the chunk at ``start`` of a row of V (``cols``: tl.arange(0, BLOCK_V),
+    made once per kernel)."""
+    offs = start + cols
+    return offs, offs < V
 
 
 @triton.jit

@@ -11,8 +11,8 @@ import triton.language as tl
 
 from . import GRAD_SCALE_OFF, GRAD_SCALE_ON, grad_scale_switches, grad_scale_variant
 from ._softmax import (
-    LOG2E, backward_chunk, batchmean_scale, check_reduction, fill_row, gpu_shapes, grad_scale_of, gradient_scale,
-    kl_step, launch_shape, reduce_rows, reference, row_outputs, row_status, store_row_loss,
+    LOG2E, backward_chunk, batchmean_scale, check_reduction, fill_row, gpu_shapes, gradient_scale, kl_pass,
+    launch_shape, load_chunk, reduce_rows, reference, row_outputs, row_start, row_status, store_row_loss,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -117,39 +117,22 @@ def _dkd_forward_kernel(
     beta = tl.cast(beta, tl.float32)
     temperature = tl.cast(temperature, tl.float32)
     x_scale = tl.cast(x_scale, tl.float32)
-    LN2: tl.constexpr = 0.6931471805599453
-    NEG_INF: tl.constexpr = float("-inf")
 
-    row = tl.program_id(0).to(tl.int64)
-    go = grad_scale_of(go_ptr, row, GO_MODE)
-    if GO_SKIP:
-        if go == 1.0:  # the forward's gradient stands: no traffic
-            return
-    s_row = s_ptr + row * V
+    row, go, skip, s_row = row_start(s_ptr, V, go_ptr, GO_MODE, GO_SKIP)
+    if skip:
+        return
+    label, compute, bad = row_status(labels_ptr, row, ignore_index, V, True)
     t_row = t_ptr + row * V
     cols = tl.arange(0, BLOCK_V)
 
-    label, compute, bad = row_status(labels_ptr, row, ignore_index, V, True)
-
     # Pass 1: online maxima of the raw non-target logits and the sums relative to them.
-    m_s = tl.full((), NEG_INF, tl.float32)
-    m_t = tl.full((), NEG_INF, tl.float32)
-    sum_s = tl.zeros((), tl.float32)
-    sum_t = tl.zeros((), tl.float32)
-    acc_a = tl.zeros((), tl.float32)
-    if compute:
-        for start in range(0, V, BLOCK_V):
-            offs = start + cols
-            mask = (offs < V) & (offs != label)
-            # evict_last: keep the row in L2 for pass 2.
-            s = tl.load(s_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_last").to(tl.float32)
-            t = tl.load(t_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_last").to(tl.float32)
-            m_s, m_t, sum_s, sum_t, acc_a = kl_step(m_s, m_t, sum_s, sum_t, acc_a, s, t, x_scale)
+    m_s, m_t, sum_s, sum_t, acc_a, _ = kl_pass(s_row, t_row, V, cols, label, compute, x_scale, BLOCK_V, True, False)
 
-    r_s = reference(m_s)
-    r_t = reference(m_t)
+    LN2: tl.constexpr = 0.6931471805599453
     log2_ss = tl.log2(sum_s)
     log2_st = tl.log2(sum_t)
+    r_s = reference(m_s)
+    r_t = reference(m_t)
     nckd = LN2 * (acc_a / sum_t + log2_ss - log2_st)
     nckd = tl.where(nckd < 0.0, 0.0, nckd)  # KL >= 0 (rounding); a NaN fails the test and stays
     safe_label = tl.where(compute, label, 0)
@@ -179,8 +162,8 @@ def _dkd_forward_kernel(
         if compute:
             for start in range(0, V, BLOCK_V):
                 offs, mask = backward_chunk(start, V, cols, BLOCK_V)
-                s = tl.load(s_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_first").to(tl.float32)
-                t = tl.load(t_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_first").to(tl.float32)
+                s = load_chunk(s_row + offs, mask, "evict_first")
+                t = load_chunk(t_row + offs, mask, "evict_first")
                 g = k_q * tl.exp2((s - r_s) * x_scale) - k_p * tl.exp2((t - r_t) * x_scale)
                 g = tl.where(offs == label, g_y, g)
                 tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)

@@ -18,11 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import GRAD_SCALE_OFF, GRAD_SCALE_ON, grad_scale_switches, grad_scale_variant
+from . import GRAD_SCALE_OFF, GRAD_SCALE_ON, grad_scale_switches
 from ._softmax import (
-    LOG2E, SWITCH_INPUTS, backward_chunk, batchmean_scale, ce_grad, ce_loss, check_reduction, fill_row, gpu_shapes,
-    grad_scale_of, gradient_scale, kl_step, launch_shape, online_max, reduce_rows, reference,
-    row_outputs, row_status, store_row_loss, sum_step, switch_combos, switch_variant, switches,
+    LOG2E, SWITCH_INPUTS, backward_chunk, batchmean_scale, check_reduction, fill_row, finish_loss, forward_chunk,
+    gpu_shapes, grad_coefs, kd_scalars, kl_pass, launch_shape, load_chunk, online_max, reduce_rows, reference,
+    row_outputs, row_start, row_status, static_launch, store_grad, student_step, sum_step, switch_combos, switches,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -113,74 +113,40 @@ def _kd_forward_kernel(
     Bytes moved per row of V: reads 2 V elements (student, teacher; pass 2 re-reads them,
     ideally from L2), writes V gradient elements and one float32 loss, reads one int64 label.
     """
-    # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
-    hard_weight = tl.cast(hard_weight, tl.float32)
-    soft_grad_coef = tl.cast(soft_grad_coef, tl.float32)
-    soft_loss_coef = tl.cast(soft_loss_coef, tl.float32)
-    soft_loss_t = tl.cast(soft_loss_t, tl.float32)
-    x_scale = tl.cast(x_scale, tl.float32)
-    LOG2E: tl.constexpr = 1.4426950408889634
-    LN2: tl.constexpr = 0.6931471805599453
-    NEG_INF: tl.constexpr = float("-inf")
+    x_scale, soft_loss_coef, soft_loss_t, hard_weight, soft_grad_coef = kd_scalars(
+        x_scale, soft_loss_coef, soft_loss_t, hard_weight, soft_grad_coef)
 
-    row = tl.program_id(0).to(tl.int64)
-    go = grad_scale_of(go_ptr, row, GO_MODE)
-    if GO_SKIP:
-        if go == 1.0:  # the forward's gradient stands: no traffic
-            return
-    s_row = s_ptr + row * V
+    row, go, skip, s_row = row_start(s_ptr, V, go_ptr, GO_MODE, GO_SKIP)
+    if skip:
+        return
     t_row = t_ptr + row * V
     cols = tl.arange(0, BLOCK_V)
     label, compute, bad = row_status(labels_ptr, row, ignore_index, V, HAS_LABELS)
 
     # Pass 1: online maxima of the raw logits and the sums relative to them.
-    m_s = tl.full((), NEG_INF, tl.float32)
-    m_t = tl.full((), NEG_INF, tl.float32)
-    sum_s = tl.zeros((), tl.float32)
-    sum_t = tl.zeros((), tl.float32)
-    acc_a = tl.zeros((), tl.float32)
-    sum_1 = tl.zeros((), tl.float32)
-    if compute:
-        for start in range(0, V, BLOCK_V):
-            offs = start + cols
-            mask = offs < V
-            # evict_last: keep the row in L2 for pass 2.
-            s = tl.load(s_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_last").to(tl.float32)
-            t = tl.load(t_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_last").to(tl.float32)
-            old_m_s = m_s
-            m_s, m_t, sum_s, sum_t, acc_a = kl_step(m_s, m_t, sum_s, sum_t, acc_a, s, t, x_scale)
-            if HAS_CE and not SAME_T:
-                sum_1 = sum_step(sum_1, old_m_s, reference(m_s), s, LOG2E)
+    m_s, m_t, sum_s, sum_t, acc_a, sum_1 = kl_pass(s_row, t_row, V, cols, label, compute, x_scale, BLOCK_V, False,
+                                                   HAS_CE and not SAME_T)
 
+    LN2: tl.constexpr = 0.6931471805599453
+    loss = soft_loss_coef * (soft_loss_t * (LN2 * (acc_a / sum_t + tl.log2(sum_s) - tl.log2(sum_t))))
     r_s = reference(m_s)
     r_t = reference(m_t)
-    loss = soft_loss_coef * (soft_loss_t * (LN2 * (acc_a / sum_t + tl.log2(sum_s) - tl.log2(sum_t))))
-    if HAS_CE:
-        if SAME_T:
-            sum_1 = sum_s
-        loss += hard_weight * ce_loss(s_row, label, compute, r_s, sum_1)
-    store_row_loss(row_loss_ptr, row, loss, compute, bad)
+    sum_1 = finish_loss(row_loss_ptr, row, loss, s_row, label, compute, bad, r_s, sum_s, sum_1, hard_weight, HAS_CE, SAME_T)
 
     # Pass 2: the gradient, last chunk first.
     if COMPUTE_GRAD:
         g_row = grad_ptr + row * V
-        scale = gradient_scale(scale_ptr, n_rows, go, SCALE_MODE)
-        k_soft = soft_grad_coef * scale
-        k_hard = hard_weight * scale
+        k_soft, k_hard, inv_1 = grad_coefs(scale_ptr, n_rows, go, soft_grad_coef, hard_weight, sum_1, SCALE_MODE)
         inv_s = 1.0 / sum_s
         inv_t = 1.0 / sum_t
-        inv_1 = 1.0 / sum_1
         if compute:
             for start in range(0, V, BLOCK_V):
                 offs, mask = backward_chunk(start, V, cols, BLOCK_V)
-                s = tl.load(s_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_first").to(tl.float32)
-                t = tl.load(t_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_first").to(tl.float32)
+                s = load_chunk(s_row + offs, mask, "evict_first")
+                t = load_chunk(t_row + offs, mask, "evict_first")
                 q = tl.exp2((s - r_s) * x_scale) * inv_s
                 p = tl.exp2((t - r_t) * x_scale) * inv_t
-                g = k_soft * (q - p)
-                if HAS_CE:
-                    g += k_hard * ce_grad(q, s, r_s, inv_1, offs, label, SAME_T)
-                tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+                store_grad(g_row, offs, mask, k_soft * (q - p), q, s, r_s, inv_1, label, k_hard, HAS_CE, SAME_T)
         else:
             fill_row(g_row, V, bad, BLOCK_V)
 
@@ -235,7 +201,7 @@ def _mixture_log2(t_row, offs, mask, teacher_stride, x_scale, M, r_vec, c_vec, m
     for m in range(M):
         r_m = tl.sum(tl.where(midx == m, r_vec, 0.0), axis=0)
         c_m = tl.sum(tl.where(midx == m, c_vec, 0.0), axis=0)
-        tm = tl.load(t_row + m * stride + offs, mask=mask, other=NEG_INF).to(tl.float32)
+        tm = load_chunk(t_row + m * stride + offs, mask, "")
         v = c_m + (tm - r_m) * x_scale
         new = tl.maximum(best, v)
         ref = tl.where(new == NEG_INF, 0.0, new)
@@ -244,6 +210,22 @@ def _mixture_log2(t_row, offs, mask, teacher_stride, x_scale, M, r_vec, c_vec, m
     # Every term -inf (a masked entry): best = -inf, acc = 0, and the sum is -inf + -inf = -inf;
     # a NaN term leaves acc NaN, whatever tl.maximum made of it.
     return best + tl.log2(acc)
+
+
+@triton.jit
+def _chunk_log_probs(s_row, t_row, offs, mask, teacher_stride, x_scale, M, r_s, log2_ss, r_t, log2_st, r_vec, c_vec,
+                     midx, MIX: tl.constexpr, BLOCK_V: tl.constexpr, EVICT: tl.constexpr):
+    """A chunk's student logits s, q and log2 q, and the teacher's (or the mixture's) p and log2 p,
+    exactly: log2 q = x - log2 S, never the log of a probability."""
+    s = load_chunk(s_row + offs, mask, EVICT)
+    lq2 = (s - r_s) * x_scale - log2_ss
+    q = tl.exp2(lq2)
+    if MIX:
+        lp2 = _mixture_log2(t_row, offs, mask, teacher_stride, x_scale, M, r_vec, c_vec, midx, BLOCK_V)
+    else:
+        t = load_chunk(t_row + offs, mask, EVICT)
+        lp2 = (t - r_t) * x_scale - log2_st
+    return s, q, lq2, tl.exp2(lp2), lp2
 
 
 @triton.jit
@@ -307,25 +289,18 @@ def _kd_div_kernel(
     Bytes moved per row of V: reads 3 (M + 1) V elements (passes 2 and 3 re-read the row, from
     L2 where it stays), writes V gradient elements and one float32 loss, reads one int64 label.
     """
+    x_scale, soft_loss_coef, soft_loss_t, hard_weight, soft_grad_coef = kd_scalars(
+        x_scale, soft_loss_coef, soft_loss_t, hard_weight, soft_grad_coef)
     # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
     beta = tl.cast(beta, tl.float32)
-    hard_weight = tl.cast(hard_weight, tl.float32)
     log2_1mb = tl.cast(log2_1mb, tl.float32)
     log2_b = tl.cast(log2_b, tl.float32)
     log2_uniform = tl.cast(log2_uniform, tl.float32)
-    soft_grad_coef = tl.cast(soft_grad_coef, tl.float32)
-    soft_loss_coef = tl.cast(soft_loss_coef, tl.float32)
-    soft_loss_t = tl.cast(soft_loss_t, tl.float32)
-    x_scale = tl.cast(x_scale, tl.float32)
-    LOG2E: tl.constexpr = 1.4426950408889634
     NEG_INF: tl.constexpr = float("-inf")
 
-    row = tl.program_id(0).to(tl.int64)
-    go = grad_scale_of(go_ptr, row, GO_MODE)
-    if GO_SKIP:
-        if go == 1.0:  # the forward's gradient stands: no traffic
-            return
-    s_row = s_ptr + row * V
+    row, go, skip, s_row = row_start(s_ptr, V, go_ptr, GO_MODE, GO_SKIP)
+    if skip:
+        return
     t_row = t_ptr + row * V
     cols = tl.arange(0, BLOCK_V)
     midx = tl.arange(0, M_PAD)
@@ -342,16 +317,11 @@ def _kd_div_kernel(
     c_vec = tl.zeros((M_PAD,), tl.float32)
     if compute:
         for start in range(0, V, BLOCK_V):
-            offs = start + cols
-            mask = offs < V
-            s = tl.load(s_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_last").to(tl.float32)
-            new_m_s, r_s = online_max(m_s, s)
-            sum_s = sum_step(sum_s, m_s, r_s, s, x_scale)
-            if HAS_CE and not SAME_T:
-                sum_1 = sum_step(sum_1, m_s, r_s, s, LOG2E)
-            m_s = new_m_s
+            offs, mask = forward_chunk(start, V, cols)
+            s = load_chunk(s_row + offs, mask, "evict_last")
+            m_s, r_s, sum_s, sum_1 = student_step(m_s, sum_s, sum_1, s, x_scale, HAS_CE and not SAME_T)
             if not MIX:
-                t = tl.load(t_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_last").to(tl.float32)
+                t = load_chunk(t_row + offs, mask, "evict_last")
                 new_m_t, r_t = online_max(m_t, t)
                 sum_t = sum_step(sum_t, m_t, r_t, t, x_scale)
                 m_t = new_m_t
@@ -362,8 +332,8 @@ def _kd_div_kernel(
                 mx = tl.full((), NEG_INF, tl.float32)
                 sm = tl.zeros((), tl.float32)
                 for start in range(0, V, BLOCK_V):
-                    offs = start + cols
-                    tm = tl.load(tm_row + offs, mask=offs < V, other=NEG_INF, eviction_policy="evict_last").to(tl.float32)
+                    offs, mask = forward_chunk(start, V, cols)
+                    tm = load_chunk(tm_row + offs, mask, "evict_last")
                     new_mx, r = online_max(mx, tm)
                     sm = sum_step(sm, mx, r, tm, x_scale)
                     mx = new_mx
@@ -384,17 +354,9 @@ def _kd_div_kernel(
     accc = tl.zeros((BLOCK_V,), tl.float32)
     if compute:
         for start in range(0, V, BLOCK_V):
-            offs = start + cols
-            mask = offs < V
-            s = tl.load(s_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_last").to(tl.float32)
-            lq2 = (s - r_s) * x_scale - log2_ss
-            q = tl.exp2(lq2)
-            if MIX:
-                lp2 = _mixture_log2(t_row, offs, mask, teacher_stride, x_scale, M, r_vec, c_vec, midx, BLOCK_V)
-            else:
-                t = tl.load(t_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_last").to(tl.float32)
-                lp2 = (t - r_t) * x_scale - log2_st
-            p = tl.exp2(lp2)
+            offs, mask = forward_chunk(start, V, cols)
+            s, q, lq2, p, lp2 = _chunk_log_probs(s_row, t_row, offs, mask, teacher_stride, x_scale, M, r_s, log2_ss, r_t,
+                                                 log2_st, r_vec, c_vec, midx, MIX, BLOCK_V, "evict_last")
             t1, x = _div_terms(q, lq2, p, lp2, beta, log2_b, log2_1mb, DIVERGENCE)
             acc1 += t1
             if DIVERGENCE != 0:
@@ -413,39 +375,23 @@ def _kd_div_kernel(
         soft = tot1
     soft = tl.where(soft < 0.0, 0.0, soft)  # >= 0; rounding can leave -1e-9 at p == q (NaN kept)
     loss = soft_loss_coef * (soft_loss_t * soft)
-    if HAS_CE:
-        if SAME_T:
-            sum_1 = sum_s
-        loss += hard_weight * ce_loss(s_row, label, compute, r_s, sum_1)
-    store_row_loss(row_loss_ptr, row, loss, compute, bad)
+    sum_1 = finish_loss(row_loss_ptr, row, loss, s_row, label, compute, bad, r_s, sum_s, sum_1, hard_weight, HAS_CE, SAME_T)
 
     # Pass 3: the gradient, last chunk first.
     if COMPUTE_GRAD:
         g_row = grad_ptr + row * V
-        scale = gradient_scale(scale_ptr, n_rows, go, SCALE_MODE)
-        k_soft = soft_grad_coef * scale
-        k_hard = hard_weight * scale
-        inv_1 = 1.0 / sum_1
+        k_soft, k_hard, inv_1 = grad_coefs(scale_ptr, n_rows, go, soft_grad_coef, hard_weight, sum_1, SCALE_MODE)
         if compute:
             for start in range(0, V, BLOCK_V):
                 offs, mask = backward_chunk(start, V, cols, BLOCK_V)
-                s = tl.load(s_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_first").to(tl.float32)
-                lq2 = (s - r_s) * x_scale - log2_ss
-                q = tl.exp2(lq2)
-                if MIX:
-                    lp2 = _mixture_log2(t_row, offs, mask, teacher_stride, x_scale, M, r_vec, c_vec, midx, BLOCK_V)
-                else:
-                    t = tl.load(t_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_first").to(tl.float32)
-                    lp2 = (t - r_t) * x_scale - log2_st
-                p = tl.exp2(lp2)
+                s, q, lq2, p, lp2 = _chunk_log_probs(s_row, t_row, offs, mask, teacher_stride, x_scale, M, r_s, log2_ss, r_t,
+                                                     log2_st, r_vec, c_vec, midx, MIX, BLOCK_V, "evict_first")
                 _, x = _div_terms(q, lq2, p, lp2, beta, log2_b, log2_1mb, DIVERGENCE)
                 if DIVERGENCE == 0:
                     g = k_soft * (q - x)
                 else:
                     g = k_soft * tl.where(q == 0.0, 0.0, q * (x - c))
-                if HAS_CE:
-                    g += k_hard * ce_grad(q, s, r_s, inv_1, offs, label, SAME_T)
-                tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+                store_grad(g_row, offs, mask, g, q, s, r_s, inv_1, label, k_hard, HAS_CE, SAME_T)
         else:
             fill_row(g_row, V, bad, BLOCK_V)
 
@@ -462,11 +408,7 @@ def kd_forward(
     teacher_weights: torch.Tensor | None,
     divergence: str,
     beta: float,
-    temperature: float,
-    hard_weight: float,
-    ignore_index: int,
-    reduction: str,
-    t2_scale: bool,
+    temperature: float, hard_weight: float, ignore_index: int, reduction: str, t2_scale: bool,  # the KD options
     compute_grad: bool,
     grad_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -577,7 +519,7 @@ def static_launches() -> list:
     the conversions), n_rows == 1 (Triton makes it a constant; it only removes a division), and
     ignore_index or row counts past 2**31 (64-bit scalars).
     """
-    from . import StaticLaunch, dtype_label, shape_label
+    from . import dtype_label, shape_label
 
     combos = switch_combos(switches, SWITCH_INPUTS, RICHEST_SWITCHES)
     # Scalar arguments by parameter name; Triton specialises integers on their value (1, or a
@@ -611,19 +553,9 @@ def static_launches() -> list:
         args.update(extra)
         m = extra.get("M_PAD", 1) if extra.get("MIX") else 1
         per_entry = student.itemsize + m * teacher.itemsize + (student.itemsize if combo["COMPUTE_GRAD"] else 0)
-        variant = [
-            *variant_extra,
-            *switch_variant(combo),
-            *([grad_scale_variant(combo)] if combo["GO_MODE"] else []),
-        ]
-        return StaticLaunch(
-            kernel=kernel,
-            args=args,
-            num_warps=num_warps,
-            label=f"{dtype_label(student, teacher)} · {shape_label(block_v, num_warps)}"
-            + ("" if v % 16 == 0 or v < 16 else " · V % 16 != 0"),
-            variant=", ".join(variant),
-            row_bytes=(per_entry, 4 + (8 if combo["HAS_LABELS"] else 0)),
+        return static_launch(
+            kernel, args, num_warps, f"{dtype_label(student, teacher)} · {shape_label(block_v, num_warps)}", v, combo,
+            (per_entry, 4 + (8 if combo["HAS_LABELS"] else 0)), before=variant_extra,
         )
 
     out = []

@@ -7,12 +7,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import GRAD_SCALE_OFF, GRAD_SCALE_ON, grad_scale_switches, grad_scale_variant
+from . import GRAD_SCALE_OFF, GRAD_SCALE_ON, grad_scale_switches
 from . import _softmax
 from ._softmax import (
-    LOG2E, backward_chunk, batchmean_scale, ce_grad, ce_loss, check_reduction, fill_row, gpu_shapes, grad_scale_of,
-    gradient_scale, online_max, reduce_rows, reference, row_outputs, row_status, store_row_loss, sum_step,
-    switch_combos, switch_variant,
+    LOG2E, backward_chunk, batchmean_scale, check_reduction, fill_row, finish_loss, forward_chunk, gpu_shapes,
+    grad_coefs, kd_scalars, load_chunk, reduce_rows, reference, row_outputs, row_start, row_status, static_launch,
+    store_grad, student_step, switch_combos,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -52,23 +52,14 @@ def _sparse_kd_forward_kernel(
     idx_ptr,  # [N, K] int64 or int32 vocabulary indices
     labels_ptr,  # [N] int64, or None when HAS_LABELS is False
     broken_ptr,  # [N] int8: 1 where the row's indices leave [0, V) or repeat
-    row_loss_ptr,  # [N] float32
-    grad_ptr,  # [N, V] student dtype, or None when COMPUTE_GRAD is False
-    scale_ptr,  # [] float32 reduction scale when SCALE_MODE == 2, else None
-    go_ptr,  # float32 grad_scale: [] (GO_MODE 1) or [N] (GO_MODE 2), else None
+    row_loss_ptr, grad_ptr, scale_ptr, go_ptr,  # as _kd_forward_kernel's (kernels/kd.py)
     n_rows,
     V,
     K,
     ignore_index,
     inv_t,  # 1 / T
-    x_scale,  # log2(e) / T
-    soft_loss_coef,  # (1 - a) * (T or 1); the loss's T^2 is this times soft_loss_t
-    soft_loss_t,  # T or 1: two float32 factors, since T^2 alone overflows float32 from T ~ 1.8e19
-    hard_weight,  # a
-    soft_grad_coef,  # (1 - a) * (T or 1/T), before the reduction scale
-    HAS_LABELS: tl.constexpr,
-    HAS_CE: tl.constexpr,
-    SAME_T: tl.constexpr,  # T == 1: the CE softmax is the student softmax
+    x_scale, soft_loss_coef, soft_loss_t, hard_weight, soft_grad_coef,  # as _kd_forward_kernel's (kernels/kd.py)
+    HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, SAME_T: tl.constexpr,  # as _kd_forward_kernel's
     UNIFORM: tl.constexpr,  # tail="uniform"
     SCALE_MODE: tl.constexpr,  # gradient scale: 0 -> 1, 1 -> 1 / n_rows, 2 -> *scale_ptr
     COMPUTE_GRAD: tl.constexpr,
@@ -119,23 +110,15 @@ def _sparse_kd_forward_kernel(
     k student elements at the indices, one int8 row flag and one int64 label; writes V gradient
     elements and one float32 loss.
     """
-    # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
-    hard_weight = tl.cast(hard_weight, tl.float32)
-    inv_t = tl.cast(inv_t, tl.float32)
-    soft_grad_coef = tl.cast(soft_grad_coef, tl.float32)
-    soft_loss_coef = tl.cast(soft_loss_coef, tl.float32)
-    soft_loss_t = tl.cast(soft_loss_t, tl.float32)
-    x_scale = tl.cast(x_scale, tl.float32)
-    LOG2E: tl.constexpr = 1.4426950408889634
+    x_scale, soft_loss_coef, soft_loss_t, hard_weight, soft_grad_coef = kd_scalars(
+        x_scale, soft_loss_coef, soft_loss_t, hard_weight, soft_grad_coef)
+    inv_t = tl.cast(inv_t, tl.float32)  # fp32 whoever launches (kernels/__init__.py)
     LN2: tl.constexpr = 0.6931471805599453
     NEG_INF: tl.constexpr = float("-inf")
 
-    row = tl.program_id(0).to(tl.int64)
-    go = grad_scale_of(go_ptr, row, GO_MODE)
-    if GO_SKIP:
-        if go == 1.0:  # the forward's gradient stands: no traffic
-            return
-    s_row = s_ptr + row * V
+    row, go, skip, s_row = row_start(s_ptr, V, go_ptr, GO_MODE, GO_SKIP)
+    if skip:
+        return
     v_row = v_ptr + row * K
     i_row = idx_ptr + row * K
     cols = tl.arange(0, BLOCK_V)
@@ -156,14 +139,10 @@ def _sparse_kd_forward_kernel(
     n_ninf = tl.zeros((), tl.int32)
     if compute:
         for start in range(0, V, BLOCK_V):
-            offs = start + cols
-            mask = offs < V
+            offs, mask = forward_chunk(start, V, cols)
             # evict_last: keep the row in L2 for the gradient pass.
-            s = tl.load(s_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_last").to(tl.float32)
-            new_m, r = online_max(m_s, s)
-            sum_s = sum_step(sum_s, m_s, r, s, x_scale)
-            if HAS_CE and not SAME_T:
-                sum_1 = sum_step(sum_1, m_s, r, s, LOG2E)
+            s = load_chunk(s_row + offs, mask, "evict_last")
+            new_m, r, sum_s, sum_1 = student_step(m_s, sum_s, sum_1, s, x_scale, HAS_CE and not SAME_T)
             if UNIFORM:
                 fin = mask & (s != NEG_INF)
                 d_all = d_all + n_fin * (reference(m_s) - r) + tl.sum(tl.where(fin, s - r, 0.0), axis=0)
@@ -181,7 +160,7 @@ def _sparse_kd_forward_kernel(
         for kstart in range(0, K, BLOCK_K):
             ko = kstart + kcols
             km = ko < K
-            v = tl.load(v_row + ko, mask=km, other=NEG_INF).to(tl.float32)
+            v = load_chunk(v_row + ko, km, "")
             mv = tl.maximum(mv, tl.max(tl.where(v == v, v, NEG_INF), axis=0))
             n_nan += tl.sum((v != v).to(tl.int32), axis=0)
             if UNIFORM:
@@ -203,7 +182,7 @@ def _sparse_kd_forward_kernel(
         for kstart in range(0, K, BLOCK_K):
             ko = kstart + kcols
             km = ko < K
-            v = tl.load(v_row + ko, mask=km, other=NEG_INF).to(tl.float32)
+            v = load_chunk(v_row + ko, km, "")
             z += tl.sum(tl.where(km, tl.exp((v - top) * inv_t), 0.0), axis=0)
     lz = tl.log(z)
     if UNIFORM:
@@ -221,7 +200,7 @@ def _sparse_kd_forward_kernel(
         for kstart in range(0, K, BLOCK_K):
             ko = kstart + kcols
             km = ko < K
-            v = tl.load(v_row + ko, mask=km, other=NEG_INF).to(tl.float32)
+            v = load_chunk(v_row + ko, km, "")
             j = tl.load(i_row + ko, mask=km, other=0).to(tl.int64)
             sj = tl.load(s_row + j, mask=km, other=0.0).to(tl.float32)
             p = tl.exp((v - top) * inv_t - lz)
@@ -239,44 +218,31 @@ def _sparse_kd_forward_kernel(
     kl = (kept + LN2 * tl.log2(sum_s)) - lz
     kl = tl.where(kl < 0.0, 0.0, kl)  # KL >= 0; rounding can leave a hair below 0 (NaN kept)
     loss = soft_loss_coef * (soft_loss_t * kl)
-    if HAS_CE:
-        if SAME_T:
-            sum_1 = sum_s
-        loss += hard_weight * ce_loss(s_row, label, compute, r_s, sum_1)
-    store_row_loss(row_loss_ptr, row, loss, compute, bad)
+    sum_1 = finish_loss(row_loss_ptr, row, loss, s_row, label, compute, bad, r_s, sum_s, sum_1, hard_weight, HAS_CE, SAME_T)
 
     # Pass 4: the gradient: the tail's value over the row (last chunk first: the one most likely
     # still in L2), then the kept entries' own.
     if COMPUTE_GRAD:
         g_row = grad_ptr + row * V
-        scale = gradient_scale(scale_ptr, n_rows, go, SCALE_MODE)
-        k_soft = soft_grad_coef * scale
-        k_hard = hard_weight * scale
+        k_soft, k_hard, inv_1 = grad_coefs(scale_ptr, n_rows, go, soft_grad_coef, hard_weight, sum_1, SCALE_MODE)
         inv_s = 1.0 / sum_s
-        inv_1 = 1.0 / sum_1
         if compute:
             for start in range(0, V, BLOCK_V):
                 offs, mask = backward_chunk(start, V, cols, BLOCK_V)
-                s = tl.load(s_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_first").to(tl.float32)
+                s = load_chunk(s_row + offs, mask, "evict_first")
                 q = tl.exp2((s - r_s) * x_scale) * inv_s
-                g = k_soft * (q - pb)
-                if HAS_CE:
-                    g += k_hard * ce_grad(q, s, r_s, inv_1, offs, label, SAME_T)
-                tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+                store_grad(g_row, offs, mask, k_soft * (q - pb), q, s, r_s, inv_1, label, k_hard, HAS_CE, SAME_T)
             # The kept entries are written after every thread's store above has landed.
             tl.debug_barrier()
             for kstart in range(0, K, BLOCK_K):
                 ko = kstart + kcols
                 km = ko < K
-                v = tl.load(v_row + ko, mask=km, other=NEG_INF).to(tl.float32)
+                v = load_chunk(v_row + ko, km, "")
                 j = tl.load(i_row + ko, mask=km, other=0).to(tl.int64)
-                sj = tl.load(s_row + j, mask=km, other=NEG_INF).to(tl.float32)
+                sj = load_chunk(s_row + j, km, "")
                 p = tl.exp((v - top) * inv_t - lz)
                 q = tl.exp2((sj - r_s) * x_scale) * inv_s
-                g = k_soft * (q - p)
-                if HAS_CE:
-                    g += k_hard * ce_grad(q, sj, r_s, inv_1, j, label, SAME_T)
-                tl.store(g_row + j, g.to(grad_ptr.dtype.element_ty), mask=km)
+                store_grad(g_row, j, km, k_soft * (q - p), q, sj, r_s, inv_1, label, k_hard, HAS_CE, SAME_T)
         else:
             fill_row(g_row, V, bad, BLOCK_V)
 
@@ -296,13 +262,8 @@ def sparse_kd_forward(
     values: torch.Tensor,
     indices: torch.Tensor,
     labels: torch.Tensor | None,
-    values_kind: str,
-    tail: str,
-    temperature: float,
-    hard_weight: float,
-    ignore_index: int,
-    reduction: str,
-    t2_scale: bool,
+    values_kind: str, tail: str,  # the teacher's format
+    temperature: float, hard_weight: float, ignore_index: int, reduction: str, t2_scale: bool,  # the KD options
     compute_grad: bool,
     grad_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -402,8 +363,6 @@ def static_launches() -> list:
     Not compiled: switch combinations other than the richest below BLOCK_V 4096 or with 16-bit
     inputs, other mixed dtype pairs, n_rows == 1, 64-bit scalars.
     """
-    from . import StaticLaunch
-
     combos = switch_combos(switches, SWITCH_INPUTS, RICHEST_SWITCHES)
     shapes = sorted({(b, min(b, _BLOCK_K_MAX_GPU), w) for b, w in gpu_shapes(_BLOCK_V_MAX_GPU)})
     largest = [max(s for s in shapes if s[2] == w) for w in sorted({w for _, _, w in shapes})]
@@ -440,20 +399,9 @@ def static_launches() -> list:
         dt = names[student] if student == vals else f"{names[student]}/{names[vals]}"
         per_entry = student.itemsize + (student.itemsize if combo["COMPUTE_GRAD"] else 0)
         per_row = min(block_k, v) * (vals.itemsize + index.itemsize) + 4 + 1 + (8 if combo["HAS_LABELS"] else 0)
-        variant = [
-            *switch_variant(combo),
-            "uniform" if combo["UNIFORM"] else "renormalize",
-            *([grad_scale_variant(combo)] if combo["GO_MODE"] else []),
-        ]
-        return StaticLaunch(
-            kernel=_sparse_kd_forward_kernel,
-            args=args,
-            num_warps=num_warps,
-            label=f"{dt} · {names[index]} · BLOCK_V={block_v} · BLOCK_K={block_k} · {num_warps} warp{'s' if num_warps > 1 else ''}"
-            + ("" if v % 16 == 0 or v < 16 else " · V % 16 != 0"),
-            variant=", ".join(variant),
-            row_bytes=(per_entry, per_row),
-        )
+        label = f"{dt} · {names[index]} · BLOCK_V={block_v} · BLOCK_K={block_k} · {num_warps} warp{'s' if num_warps > 1 else ''}"
+        return static_launch(_sparse_kd_forward_kernel, args, num_warps, label, v, combo, (per_entry, per_row),
+                             after=["uniform" if combo["UNIFORM"] else "renormalize"])
 
     f32, b16, i64 = torch.float32, torch.bfloat16, torch.int64
     top = largest[-1]

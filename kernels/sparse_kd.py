@@ -142,10 +142,11 @@ def _sparse_kd_forward_kernel(
             offs, mask = forward_chunk(start, V, cols)
             # evict_last: keep the row in L2 for the gradient pass.
             s = load_chunk(s_row + offs, mask, "evict_last")
+            old_r = reference(m_s)  # taken before the step: so ptxas fits sm_80 in 64 registers, no spill
             new_m, r, sum_s, sum_1 = student_step(m_s, sum_s, sum_1, s, x_scale, HAS_CE and not SAME_T)
             if UNIFORM:
                 fin = mask & (s != NEG_INF)
-                d_all = d_all + n_fin * (reference(m_s) - r) + tl.sum(tl.where(fin, s - r, 0.0), axis=0)
+                d_all = d_all + n_fin * (old_r - r) + tl.sum(tl.where(fin, s - r, 0.0), axis=0)
                 n_fin += tl.sum(fin.to(tl.float32), axis=0)
                 n_ninf += tl.sum((mask & (s == NEG_INF)).to(tl.int32), axis=0)
             m_s = new_m

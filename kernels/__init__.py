@@ -10,13 +10,17 @@ it, with no change to the test or the report:
 
 * A module ``kernels/<family>.py`` that defines ``@triton.jit`` kernels defines
   ``static_launches() -> list[StaticLaunch]``: the launches its launcher can make. The test fails
-  for a module with kernels and no ``static_launches``, and for a top-level ``@triton.jit``
-  function that is neither launched there nor called from a launched kernel.
+  for a top-level ``@triton.jit`` function that no listed launch reaches: neither launched nor
+  called, directly or through other helpers, by a launched kernel.
+* A helper module (``kernels/_softmax.py``: the online-softmax skeleton the row kernels share)
+  defines ``@triton.jit`` functions that the families' kernels call and no launches: it has no
+  ``static_launches``, and its functions are compiled inside every kernel that calls them.
 * The launcher must choose its configuration (block sizes, ``num_warps``, constexpr switches)
   by calling the same module-level functions or constants that ``static_launches`` enumerates,
   never with a rule of its own inline: that is what keeps the checked set and the launched set
-  the same. ``kernels/kd.py`` is the example: ``block_v_for()``, ``num_warps_for()``, ``switches()`` and
-  ``m_pad_for()`` at its top.
+  the same. The row kernels share one shape rule (``_softmax.launch_shape()``: the row rounded
+  up to a power of two, capped per kernel, and ``num_warps_for()``); ``kernels/kd.py`` is the
+  example: ``launch_config()``, ``switches()`` and ``m_pad_for()`` at its top.
 * ``StaticLaunch.args`` holds every kernel parameter as the launcher passes it: a
   ``torch.dtype`` for a tensor (compiled as a 16-byte aligned tensor, as torch allocates them),
   ``None`` for an absent optional pointer, a Python ``int``/``float`` for a scalar, the value of
@@ -24,7 +28,8 @@ it, with no change to the test or the report:
   a constant; one divisible by 16 lets loads vectorise), so choose them as real launches would,
   and add a launch with a non-multiple of 16 where the row length can be one.
 * A float scalar parameter is cast to fp32 on the kernel's first lines, with
-  ``x = tl.cast(x, tl.float32)`` (the interpreter passes a Python float, which has no ``.to``).
+  ``x = tl.cast(x, tl.float32)`` or a helper that does (``_softmax.kd_scalars``; the interpreter
+  passes a Python float, which has no ``.to``).
   A direct launch types a Python float as fp32, but torch.compile, which launches these kernels
   from the graphs it traces, types it as fp64: without the cast, a loop-carried fp32 value
   updated with such a scalar fails to compile, and other arithmetic silently runs in fp64 (slow

@@ -1,42 +1,6 @@
-"""Fused decoupled knowledge distillation (Zhao et al. 2022, the mdistiller formulation): Triton.
-
-One program per row. With y the row's label, a = s/T, b = t/T, R = the non-target classes:
-
-    q = softmax(a), p = softmax(b);  q^, p^ = the softmaxes over R only (target removed)
-    d_s = a_y - lse_R(a),  d_t = b_y - lse_R(b)           the target's log-odds against the rest
-    q_y = sigmoid(d_s), 1 - q_y = sigmoid(-d_s)          (log q_y = logsigmoid(d_s), and so on:
-    p_y = sigmoid(d_t), 1 - p_y = sigmoid(-d_t)           no 1 - x anywhere, any margin is finite)
-    TCKD = p_y log(p_y / q_y) + (1 - p_y) log((1 - p_y) / (1 - q_y))
-    NCKD = sum_R p^ (log p^ - log q^)
-    loss = T^2 (alpha TCKD + beta NCKD)
-
-Gradient (derivation): TCKD depends on a only through z = d_s, the logit of a two-class softmax,
-so dTCKD/dz = q_y - p_y; dz/da_y = 1 and dz/da_j = -q^_j on R. NCKD is a KL of softmaxes over R:
-dNCKD/da_j = q^_j - p^_j on R, 0 at y. With d/ds = (1/T) d/da and the loss's T^2:
-
-    dloss/ds_y = T alpha (q_y - p_y)
-    dloss/ds_j = T [(beta + alpha (p_y - q_y)) q^_j - beta p^_j]          (j in R)
-
-times the reduction scale. Each gradient row sums to 0.
-
-Pass 1 streams the row in BLOCK_V chunks with online maxima over R (the target is loaded as
--inf, so it is in no maximum or sum: a target that dominates the row by any margin cannot flush
-the non-target sums). In base 2, as kernels/kd.py: x = (s - r_s) log2(e)/T, y = (t - r_t) log2(e)/T
-with r_s, r_t the running maxima of the raw non-target logits (0 while still -inf), and
-
-    S_s = sum_R 2^x,   S_t = sum_R 2^y,   A = sum_{R, 2^y != 0} 2^y (y - x)
-
-so NCKD = ln2 (A / S_t + log2 S_s - log2 S_t), lse_R(a) = r_s/T + ln S_s and
-d_s = (s_y - r_s)/T - ln S_s (d_t likewise). Rescaling on a new maximum as kernels/kd.py. NaN
-inputs propagate through the sums (non-target) or d_s, d_t (target).
-
-Pass 2 re-reads the row (last chunk first: the one most likely still in L2) and writes the
-gradient; the target's entry is replaced by T alpha (q_y - p_y) * scale. Ignored rows
-(label == ignore_index) read nothing: loss 0, gradient 0; a label outside [0, V) that is not
-ignore_index gives a NaN loss and a NaN gradient row.
-
-Memory traffic: read 2*N*V (student, teacher; pass 2 re-reads them, ideally from L2),
-write N*V (gradient) + N (row losses); forward alone (no gradient): read 2*N*V.
+"""Fused decoupled knowledge distillation (Zhao et al. 2022, the mdistiller formulation): Triton,
+on the online-softmax skeleton of kernels/_softmax.py. The math is atop the kernel and in
+``docs/design.md#dkd``.
 """
 
 import itertools
@@ -46,36 +10,30 @@ import triton
 import triton.language as tl
 
 from . import GRAD_SCALE_OFF, GRAD_SCALE_ON, grad_scale_switches, grad_scale_variant
-from .kd import grad_scale_of
-
-_LOG2E = 1.4426950408889634
+from ._softmax import (
+    LOG2E, backward_chunk, batchmean_scale, check_reduction, fill_row, gpu_shapes, gradient_scale, kl_pass,
+    launch_shape, load_chunk, reduce_rows, reference, row_outputs, row_start, row_status, store_row_loss,
+)
 
 # --------------------------------------------------------------------------------------------
-# Launch configuration: the one place it is chosen. `launch_config` is what the launcher uses;
-# LAUNCH_CONFIGS lists every (BLOCK_V, num_warps) it can return on a GPU, and CONSTEXPR_SWITCHES
-# every value of the kernel's other constexpr arguments, so that a static check can compile
-# every variant (the grid of both) for sm_80/sm_90.
+# Launch configuration: the shape rule of kernels/_softmax.py with this kernel's cap.
+# LAUNCH_CONFIGS lists every (BLOCK_V, num_warps) it gives on a GPU for V >= 2, and
+# CONSTEXPR_SWITCHES every value of the kernel's other constexpr arguments, so that the static
+# check compiles every variant for sm_80/sm_90.
 # --------------------------------------------------------------------------------------------
 
-# Largest chunk of a row held at once. Under the interpreter (CPU tensors) a smaller chunk keeps
-# the blocked path exercised by small test shapes.
+# Largest chunk of a row held at once on a GPU.
 BLOCK_V_MAX_GPU = 4096
-BLOCK_V_MAX_INTERPRETER = 256
-
-
-def _num_warps(block_v: int) -> int:
-    return 8 if block_v >= 2048 else 4 if block_v >= 512 else 2 if block_v >= 128 else 1
 
 
 def launch_config(vocab: int, on_gpu: bool) -> tuple[int, int]:
     """``(BLOCK_V, num_warps)`` for a row of ``vocab`` entries."""
-    cap = BLOCK_V_MAX_GPU if on_gpu else BLOCK_V_MAX_INTERPRETER
-    block_v = min(triton.next_power_of_2(vocab), cap)
-    return block_v, _num_warps(block_v)
+    return launch_shape(vocab, BLOCK_V_MAX_GPU, on_gpu)
 
 
-LAUNCH_CONFIGS = [(1 << k, _num_warps(1 << k)) for k in range(1, BLOCK_V_MAX_GPU.bit_length())]
-CONSTEXPR_SWITCHES = {"HAS_SCALE": (False, True), "COMPUTE_GRAD": (False, True)}
+LAUNCH_CONFIGS = [shape for shape in gpu_shapes(BLOCK_V_MAX_GPU) if shape[0] >= 2]
+# SCALE_MODE: 0 -> 1, 2 -> *scale_ptr (batchmean; the rows are counted on the device).
+CONSTEXPR_SWITCHES = {"SCALE_MODE": (0, 2), "COMPUTE_GRAD": (False, True)}
 
 
 @triton.jit
@@ -105,7 +63,7 @@ def _dkd_forward_kernel(
     labels_ptr,  # [N] int64
     row_loss_ptr,  # [N] float32
     grad_ptr,  # [N, V] student dtype, or None when COMPUTE_GRAD is False
-    scale_ptr,  # [] float32 reduction scale when HAS_SCALE, else None
+    scale_ptr,  # [] float32 reduction scale when SCALE_MODE == 2, else None
     go_ptr,  # float32 grad_scale: [] (GO_MODE 1) or [N] (GO_MODE 2), else None
     V,
     ignore_index,
@@ -113,73 +71,68 @@ def _dkd_forward_kernel(
     temperature,  # T (the loss's T^2 is applied as two float32 factors: T^2 overflows from 1.8e19)
     alpha,
     beta,
-    HAS_SCALE: tl.constexpr,
+    SCALE_MODE: tl.constexpr,  # gradient scale: 0 -> 1, 2 -> *scale_ptr
     COMPUTE_GRAD: tl.constexpr,
     GO_MODE: tl.constexpr,  # grad_scale (kernels/__init__.py)
     GO_SKIP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
+    """DKD (docs/design.md#dkd), one program per row. With y the row's label, a = s/T, b = t/T,
+    R = the non-target classes:
+
+        q = softmax(a), p = softmax(b);  q^, p^ = the softmaxes over R only (target removed)
+        d_s = a_y - lse_R(a),  d_t = b_y - lse_R(b)           the target's log-odds against the rest
+        q_y = sigmoid(d_s), 1 - q_y = sigmoid(-d_s)          (log q_y = logsigmoid(d_s), and so on:
+        p_y = sigmoid(d_t), 1 - p_y = sigmoid(-d_t)           no 1 - x anywhere, any margin is finite)
+        TCKD = p_y log(p_y / q_y) + (1 - p_y) log((1 - p_y) / (1 - q_y))
+        NCKD = sum_R p^ (log p^ - log q^)
+        loss = T^2 (alpha TCKD + beta NCKD)
+
+    Gradient (derivation): TCKD depends on a only through z = d_s, the logit of a two-class softmax,
+    so dTCKD/dz = q_y - p_y; dz/da_y = 1 and dz/da_j = -q^_j on R. NCKD is a KL of softmaxes over R:
+    dNCKD/da_j = q^_j - p^_j on R, 0 at y. With d/ds = (1/T) d/da and the loss's T^2:
+
+        dloss/ds_y = T alpha (q_y - p_y)
+        dloss/ds_j = T [(beta + alpha (p_y - q_y)) q^_j - beta p^_j]          (j in R)
+
+    times the reduction scale. Each gradient row sums to 0.
+
+    Pass 1 streams the row with kl_step (docs/design.md#online-softmax) over R (the target is
+    loaded as -inf, so it is in no maximum or sum: a target that dominates the row by any margin
+    cannot flush the non-target sums): S_s = sum_R 2^x, S_t = sum_R 2^y, A = sum_R 2^y (y - x), so
+    NCKD = ln2 (A / S_t + log2 S_s - log2 S_t), lse_R(a) = r_s/T + ln S_s and
+    d_s = (s_y - r_s)/T - ln S_s (d_t likewise). NaN inputs propagate through the sums
+    (non-target) or d_s, d_t (target).
+
+    Pass 2 re-reads the row (last chunk first: the one most likely still in L2) and writes the
+    gradient; the target's entry is replaced by T alpha (q_y - p_y) * scale. Ignored rows
+    (label == ignore_index) read nothing: loss 0, gradient 0; a label outside [0, V) that is not
+    ignore_index gives a NaN loss and a NaN gradient row.
+
+    Bytes moved per row of V: reads 2 V elements (student, teacher; pass 2 re-reads them,
+    ideally from L2) and one int64 label, writes V gradient elements and one float32 loss.
+    """
     # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
     alpha = tl.cast(alpha, tl.float32)
     beta = tl.cast(beta, tl.float32)
     temperature = tl.cast(temperature, tl.float32)
     x_scale = tl.cast(x_scale, tl.float32)
-    LN2: tl.constexpr = 0.6931471805599453
-    NEG_INF: tl.constexpr = float("-inf")
 
-    row = tl.program_id(0).to(tl.int64)
-    go = grad_scale_of(go_ptr, row, GO_MODE)
-    if GO_SKIP:
-        if go == 1.0:  # the forward's gradient stands: no traffic
-            return
-    s_row = s_ptr + row * V
+    row, go, skip, s_row = row_start(s_ptr, V, go_ptr, GO_MODE, GO_SKIP)
+    if skip:
+        return
+    label, compute, bad = row_status(labels_ptr, row, ignore_index, V, True)
     t_row = t_ptr + row * V
     cols = tl.arange(0, BLOCK_V)
 
-    label = tl.load(labels_ptr + row)
-    valid = label != ignore_index
-    in_range = (label >= 0) & (label < V)
-    compute = valid & in_range
-    bad = valid & (~in_range)
-
     # Pass 1: online maxima of the raw non-target logits and the sums relative to them.
-    m_s = tl.full((), NEG_INF, tl.float32)
-    m_t = tl.full((), NEG_INF, tl.float32)
-    sum_s = tl.zeros((), tl.float32)
-    sum_t = tl.zeros((), tl.float32)
-    acc_a = tl.zeros((), tl.float32)
-    if compute:
-        for start in range(0, V, BLOCK_V):
-            offs = start + cols
-            mask = (offs < V) & (offs != label)
-            # evict_last: keep the row in L2 for pass 2.
-            s = tl.load(s_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_last").to(tl.float32)
-            t = tl.load(t_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_last").to(tl.float32)
-            new_m_s = tl.maximum(m_s, tl.max(s, axis=0))
-            new_m_t = tl.maximum(m_t, tl.max(t, axis=0))
-            old_r_s = tl.where(m_s == NEG_INF, 0.0, m_s)
-            old_r_t = tl.where(m_t == NEG_INF, 0.0, m_t)
-            r_s = tl.where(new_m_s == NEG_INF, 0.0, new_m_s)
-            r_t = tl.where(new_m_t == NEG_INF, 0.0, new_m_t)
-            x = (s - r_s) * x_scale
-            y = (t - r_t) * x_scale
-            e_s = tl.exp2(x)
-            e_t = tl.exp2(y)
-            # Rescale factors of the old sums: 2^(-inf) = 0 while nothing finite was seen yet.
-            a_s = tl.exp2((m_s - r_s) * x_scale)
-            a_t = tl.exp2((m_t - r_t) * x_scale)
-            shift = ((old_r_t - r_t) - (old_r_s - r_s)) * x_scale
-            term = tl.where(e_t == 0.0, 0.0, e_t * (y - x))
-            acc_a = a_t * (acc_a + sum_t * shift) + tl.sum(term, axis=0)
-            sum_t = sum_t * a_t + tl.sum(e_t, axis=0)
-            sum_s = sum_s * a_s + tl.sum(e_s, axis=0)
-            m_s = new_m_s
-            m_t = new_m_t
+    m_s, m_t, sum_s, sum_t, acc_a, _ = kl_pass(s_row, t_row, V, cols, label, compute, x_scale, BLOCK_V, True, False)
 
-    r_s = tl.where(m_s == NEG_INF, 0.0, m_s)
-    r_t = tl.where(m_t == NEG_INF, 0.0, m_t)
+    LN2: tl.constexpr = 0.6931471805599453
     log2_ss = tl.log2(sum_s)
     log2_st = tl.log2(sum_t)
+    r_s = reference(m_s)
+    r_t = reference(m_t)
     nckd = LN2 * (acc_a / sum_t + log2_ss - log2_st)
     nckd = tl.where(nckd < 0.0, 0.0, nckd)  # KL >= 0 (rounding); a NaN fails the test and stays
     safe_label = tl.where(compute, label, 0)
@@ -194,38 +147,28 @@ def _dkd_forward_kernel(
     tckd = _plogp_ratio(ls_t, ls_s) + _plogp_ratio(ls_t_not, ls_s_not)
     tckd = tl.where(tckd < 0.0, 0.0, tckd)
     loss = ((alpha * tckd + beta * nckd) * temperature) * temperature
-    loss = tl.where(compute, loss, tl.where(bad, float("nan"), 0.0))
-    tl.store(row_loss_ptr + row, loss)
+    store_row_loss(row_loss_ptr, row, loss, compute, bad)
 
     # Pass 2: the gradient, last chunk first.
     if COMPUTE_GRAD:
         g_row = grad_ptr + row * V
-        if HAS_SCALE:
-            scale = tl.load(scale_ptr)
-        else:
-            scale = 1.0
-        k = temperature * (scale * go)
+        k = temperature * gradient_scale(scale_ptr, 1, go, SCALE_MODE)
         # q_y - p_y from whichever side of 1/2 keeps the digits.
         near_one = d_s + d_t > 0.0
         dq = tl.where(near_one, tl.exp(ls_t_not) - tl.exp(ls_s_not), tl.exp(ls_s) - tl.exp(ls_t))
         k_q = k * (beta - alpha * dq) / sum_s
         k_p = k * beta / sum_t
         g_y = k * alpha * dq
-        last = ((V - 1) // BLOCK_V) * BLOCK_V
         if compute:
             for start in range(0, V, BLOCK_V):
-                offs = (last - start) + cols
-                mask = offs < V
-                s = tl.load(s_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_first").to(tl.float32)
-                t = tl.load(t_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_first").to(tl.float32)
+                offs, mask = backward_chunk(start, V, cols, BLOCK_V)
+                s = load_chunk(s_row + offs, mask, "evict_first")
+                t = load_chunk(t_row + offs, mask, "evict_first")
                 g = k_q * tl.exp2((s - r_s) * x_scale) - k_p * tl.exp2((t - r_t) * x_scale)
                 g = tl.where(offs == label, g_y, g)
                 tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
         else:
-            fill = tl.where(bad, float("nan"), 0.0).to(grad_ptr.dtype.element_ty)
-            for start in range(0, V, BLOCK_V):
-                offs = start + cols
-                tl.store(g_row + offs, tl.zeros((BLOCK_V,), grad_ptr.dtype.element_ty) + fill, mask=offs < V)
+            fill_row(g_row, V, bad, BLOCK_V)
 
 
 def dkd_forward(
@@ -258,26 +201,14 @@ def dkd_forward_rescale_(grad, student, teacher, labels, temperature, alpha, bet
 
 
 def _dkd_launch(student, teacher, labels, temperature, alpha, beta, ignore_index, reduction, compute_grad, grad_scale, into):
-    if reduction not in ("none", "sum", "batchmean"):
-        raise ValueError(f"dkd_forward (triton): reduction must be 'none', 'sum' or 'batchmean', got {reduction!r}")
+    check_reduction("dkd_forward", reduction)
     if student.shape[1] < 2:
         raise ValueError(f"dkd_forward (triton): DKD needs at least 2 classes, got V = {student.shape[1]}")
     n, v = student.shape
-    device = student.device
-    row_loss = torch.empty(n, dtype=torch.float32, device=device)
-    if into is not None:
-        grad = into
-    else:
-        grad = torch.empty_like(student) if compute_grad else torch.empty(0, dtype=student.dtype, device=device)
+    row_loss, grad = row_outputs(student, compute_grad, into)
     go = None if grad_scale is None else grad_scale.to(torch.float32).contiguous()
-
-    # batchmean divides by the number of non-ignored rows, which is only known on the device.
-    # With none of them, every row loss and gradient row is 0, so any finite scale will do.
-    scale_t = None
-    if reduction == "batchmean":
-        scale_t = labels.ne(ignore_index).sum().clamp_min(1).to(torch.float32).reciprocal()
-
-    block_v, num_warps = launch_config(v, device.type == "cuda")
+    scale_t = batchmean_scale(labels, ignore_index) if reduction == "batchmean" else None
+    block_v, num_warps = launch_config(v, student.device.type == "cuda")
     torch.library.wrap_triton(_dkd_forward_kernel)[(n,)](
         student,
         teacher,
@@ -288,30 +219,23 @@ def _dkd_launch(student, teacher, labels, temperature, alpha, beta, ignore_index
         go,
         v,
         ignore_index,
-        _LOG2E / temperature,
+        LOG2E / temperature,
         temperature,
         alpha,
         beta,
-        HAS_SCALE=scale_t is not None,
+        SCALE_MODE=0 if scale_t is None else 2,
         COMPUTE_GRAD=compute_grad,
         **grad_scale_switches(go, into is not None),
         BLOCK_V=block_v,
         num_warps=num_warps,
     )
-
-    if reduction == "none":
-        loss = row_loss
-    elif reduction == "sum":
-        loss = row_loss.sum()
-    else:
-        loss = row_loss.sum() * scale_t
-    return loss, grad
+    return reduce_rows(row_loss, reduction, scale_t, n), grad
 
 
 def static_launches() -> list:
     """The launches dkd_forward can make on a GPU (convention: kernels/__init__.py), 44 of them:
 
-    * both switches (HAS_SCALE, COMPUTE_GRAD) in every combination at the largest block of each
+    * both switches (SCALE_MODE 0/2, COMPUTE_GRAD) in every combination at the largest block of each
       warp count (BLOCK_V 64/1, 256/2, 1024/4, 4096/8 warps; the most elements per thread), fp32;
     * both switches on at every other block of LAUNCH_CONFIGS, fp32; at the largest block of each
       warp count for bf16 and fp16, and there with a row length that is not a multiple of 16
@@ -326,7 +250,7 @@ def static_launches() -> list:
 
     f32, b16 = torch.float32, torch.bfloat16
     largest = largest_per_warp_count(LAUNCH_CONFIGS)
-    both = dict(HAS_SCALE=True, COMPUTE_GRAD=True)
+    both = dict(SCALE_MODE=2, COMPUTE_GRAD=True)
 
     def launch(student, teacher, shape, switch, v):
         block_v, num_warps = shape
@@ -334,9 +258,9 @@ def static_launches() -> list:
         args = dict(
             s_ptr=student, t_ptr=teacher, labels_ptr=torch.int64, row_loss_ptr=torch.float32,
             grad_ptr=student if switch["COMPUTE_GRAD"] else None,
-            scale_ptr=torch.float32 if switch["HAS_SCALE"] else None,
+            scale_ptr=torch.float32 if switch["SCALE_MODE"] == 2 else None,
             go_ptr=torch.float32 if switch["GO_MODE"] else None,
-            V=v, ignore_index=-100, x_scale=_LOG2E / 4.0, temperature=4.0, alpha=1.0, beta=8.0,
+            V=v, ignore_index=-100, x_scale=LOG2E / 4.0, temperature=4.0, alpha=1.0, beta=8.0,
             BLOCK_V=block_v, **switch,
         )
         per_entry = student.itemsize + teacher.itemsize + (student.itemsize if switch["COMPUTE_GRAD"] else 0)
@@ -344,7 +268,7 @@ def static_launches() -> list:
             kernel=_dkd_forward_kernel, args=args, num_warps=num_warps,
             label=f"{dtype_label(student, teacher)} · {shape_label(block_v, num_warps)}"
             + ("" if v % 16 == 0 or v < 16 else " · V % 16 != 0"),
-            variant=", ".join(["batchmean scale" if switch["HAS_SCALE"] else "no scale",
+            variant=", ".join(["batchmean scale" if switch["SCALE_MODE"] == 2 else "no scale",
                                "grad" if switch["COMPUTE_GRAD"] else "loss only"]
                               + ([grad_scale_variant(switch)] if switch["GO_MODE"] else [])),
             row_bytes=(per_entry, 12),

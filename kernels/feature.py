@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from . import GRAD_SCALE_OFF, GRAD_SCALE_ON, grad_scale_switches, grad_scale_variant
-from .kd import grad_scale_of
+from ._softmax import grad_scale_of
 
 COSINE_EPS = 1e-8
 NORMALIZE_EPS = 1e-12

@@ -1,98 +1,40 @@
 """Fused temperature knowledge distillation (any divergence, one teacher or an ensemble, optional
-hard-label CE): Triton. Two kernels: ``_kd_forward_kernel`` (forward KL, one teacher: two
-passes) and ``_kd_div_kernel`` (every other divergence, and ensembles: three passes; its math is
-at its definition below).
+hard-label CE): Triton, on the online-softmax skeleton of kernels/_softmax.py.
 
-``_kd_forward_kernel``: one program per row. Per row, with p = softmax(t/T) (teacher), q = softmax(s/T) (student):
+Two kernels, one program per row each: ``_kd_forward_kernel`` (forward KL from one teacher: two
+passes) and ``_kd_div_kernel`` (every other divergence, and ensembles: three passes). Their math
+is atop each kernel; the loss and its options are ``docs/design.md#kd``, the divergences
+``#divergences``.
 
-    KL   = sum p (log p - log q)
-    CE   = logsumexp(s) - s[label]                                   (T = 1, only with labels, a > 0)
-    loss = (1 - a) * c * KL + a * CE                                 c = T^2 if t2_scale else 1
-    grad = scale * ((1 - a) * g * (q - p) + a * (softmax(s) - onehot(label)))
-                                                                     g = T if t2_scale else 1/T
-
-Pass 1 streams the row in BLOCK_V chunks with online maxima. Everything is kept in base 2:
-x = (s - r_s) * log2(e)/T and y = (t - r_t) * log2(e)/T, where r_s, r_t are the running maxima
-of the *raw* logits (0 while they are still -inf, so that -inf - -inf never occurs). The
-differences are taken before scaling, so a large common offset in the logits costs no precision.
-The accumulators are
-
-    S_s = sum 2^x,   S_t = sum 2^y,   A = sum_{2^y != 0} 2^y (y - x),   S_1 = sum e^(s - r_s)
-
-and KL = ln2 * (A / S_t + log2 S_s - log2 S_t). A is taken relative to both references, not as
-sum 2^y (t - s)/T with the offset subtracted at the end: a constant shift between teacher and
-student logits then cancels inside each term instead of cancelling between two large numbers.
-Terms with 2^y == 0 (teacher -inf: masked vocabulary) contribute 0, not 0 * inf = NaN. When a
-reference grows from r to r', the sums are multiplied by 2^((r - r')log2(e)/T) and A also gains
-S_t times the shift of both references. NaN inputs propagate through the sums, so a row holding
-a NaN gets a NaN loss whatever the max reduction does with NaN.
-
-Pass 2 re-reads the row (last chunk first: it is the one most likely still in L2) and writes
-the gradient. Ignored rows (label == ignore_index) read nothing and get loss 0 and a zero
-gradient; a label outside [0, V) (and not ignore_index) gives a NaN loss and a NaN gradient.
-
-Memory traffic: read 2*N*V (student, teacher; pass 2 re-reads them, ideally from L2),
-write N*V (gradient) + N (row losses).
+The launcher takes the divergence and beta as the op layer resolved them (an endpoint that *is*
+another divergence comes as that divergence): it checks that they are a pair the kernels can
+take, and decides nothing about them.
 """
 
 import inspect
-import itertools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from . import GRAD_SCALE_OFF, GRAD_SCALE_ON, grad_scale_switches, grad_scale_variant
+from fastkd.ops.divergences import grad_factor  # the one table of the divergences' rules
 
-_LOG2E = 1.4426950408889634
-
-# ---------------------------------------------------------------------------------------------
-# Launch configuration: the one place that decides it. The static GPU checks compile every kernel
-# of this file for every configuration listed here (block sizes up to the cap, the num_warps rule,
-# every value of every constexpr switch).
-# ---------------------------------------------------------------------------------------------
-
-# Largest chunk of a row held at once, per kernel. Under the interpreter (CPU tensors) a smaller
-# chunk keeps the blocked path exercised by small test shapes. The divergence kernel keeps about
-# twice as many live values per element (q, log q, p, log p, the mixture), hence its smaller cap.
-BLOCK_V_MAX_GPU = {"_kd_forward_kernel": 4096, "_kd_div_kernel": 2048}
-BLOCK_V_MAX_INTERPRETER = 256
-
-
-def block_v_for(kernel: str, vocab: int, device_type: str) -> int:
-    cap = BLOCK_V_MAX_GPU[kernel] if device_type == "cuda" else BLOCK_V_MAX_INTERPRETER
-    return min(triton.next_power_of_2(vocab), cap)
-
-
-def num_warps_for(block_v: int) -> int:
-    return 8 if block_v >= 2048 else 4 if block_v >= 512 else 2 if block_v >= 128 else 1
-
-
-def switches(has_labels: bool, hard_weight: float, temperature: float, reduction: str, compute_grad: bool) -> dict:
-    """The constexpr switches both kernels share, for one call."""
-    # batchmean divides by the number of non-ignored rows: with labels that count is only known
-    # on the device (SCALE_MODE 2 reads it from a tensor), without it is n_rows (SCALE_MODE 1).
-    scale_mode = 0 if reduction != "batchmean" else 2 if has_labels else 1
-    has_ce = has_labels and hard_weight > 0
-    return dict(
-        HAS_LABELS=has_labels,
-        HAS_CE=has_ce,
-        # Only the CE term reads SAME_T; without it, one value means one compiled kernel, not two.
-        SAME_T=has_ce and temperature == 1.0,
-        SCALE_MODE=scale_mode,
-        COMPUTE_GRAD=compute_grad,
-    )
-
-
-# For each input of switches(), values that reach every result it can give.
-SWITCH_INPUTS = dict(
-    has_labels=(False, True),
-    hard_weight=(0.0, 0.5),
-    temperature=(1.0, 2.0),
-    reduction=("none", "sum", "batchmean"),
-    compute_grad=(False, True),
+from . import GRAD_SCALE_OFF, GRAD_SCALE_ON, grad_scale_switches
+from ._softmax import (
+    LOG2E, SWITCH_INPUTS, backward_chunk, batchmean_scale, check_reduction, fill_row, finish_loss, forward_chunk,
+    gpu_shapes, grad_coefs, kd_scalars, kl_pass, launch_shape, load_chunk, online_max, reduce_rows, reference,
+    row_outputs, row_start, row_status, static_launch, store_grad, student_step, sum_step, switch_combos, switches,
 )
+
+# ---------------------------------------------------------------------------------------------
+# Launch configuration: the shape rule of kernels/_softmax.py with each kernel's cap. The static
+# GPU checks compile every kernel of this file for the configurations static_launches() lists.
+# ---------------------------------------------------------------------------------------------
+
+# Largest chunk of a row held at once, per kernel. The divergence kernel keeps about twice as
+# many live values per element (q, log q, p, log p, the mixture), hence its smaller cap.
+BLOCK_V_MAX_GPU = {"_kd_forward_kernel": 4096, "_kd_div_kernel": 2048}
 
 
 def m_pad_for(n_teachers: int) -> int:
@@ -107,18 +49,21 @@ def m_pad_for(n_teachers: int) -> int:
 
 # DIVERGENCE codes of _kd_div_kernel (kl comes here only for an ensemble).
 DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3, "skew_kl": 4, "skew_reverse_kl": 5}
+# Those with a beta: the kernel takes log2(beta) and log2(1 - beta), so beta is inside (0, 1)
+# (the endpoints are other divergences, resolved before the launch).
+_WITH_BETA = ("jsd", "skew_kl", "skew_reverse_kl")
 
 
-@triton.jit
-def grad_scale_of(go_ptr, row, GO_MODE: tl.constexpr):
-    """Row ``row``'s grad_scale (kernels/__init__.py): 1 without one."""
-    if GO_MODE == 1:
-        go = tl.load(go_ptr).to(tl.float32)
-    elif GO_MODE == 2:
-        go = tl.load(go_ptr + row).to(tl.float32)
-    else:
-        go = tl.full((), 1.0, tl.float32)
-    return go
+def _check_resolved(divergence: str, beta: float) -> None:
+    """The kernels' precondition on (divergence, beta): a name they have a code for and, for one
+    with a beta, beta strictly inside (0, 1)."""
+    if divergence not in DIVERGENCE_CODES:
+        raise ValueError(f"kd_forward (triton): divergence must be one of {', '.join(DIVERGENCE_CODES)}, got {divergence!r}")
+    if divergence in _WITH_BETA and not 0.0 < beta < 1.0:
+        raise ValueError(
+            f"kd_forward (triton): beta={beta} for divergence {divergence!r} must be inside (0, 1); an endpoint is "
+            "another divergence, which the op layer passes instead"
+        )
 
 
 @triton.jit
@@ -147,124 +92,58 @@ def _kd_forward_kernel(
     GO_SKIP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
-    hard_weight = tl.cast(hard_weight, tl.float32)
-    soft_grad_coef = tl.cast(soft_grad_coef, tl.float32)
-    soft_loss_coef = tl.cast(soft_loss_coef, tl.float32)
-    soft_loss_t = tl.cast(soft_loss_t, tl.float32)
-    x_scale = tl.cast(x_scale, tl.float32)
-    LOG2E: tl.constexpr = 1.4426950408889634
-    LN2: tl.constexpr = 0.6931471805599453
-    NEG_INF: tl.constexpr = float("-inf")
+    """Forward KL from one teacher (docs/design.md#kd). Per row, p = softmax(t/T), q = softmax(s/T):
 
-    row = tl.program_id(0).to(tl.int64)
-    go = grad_scale_of(go_ptr, row, GO_MODE)
-    if GO_SKIP:
-        if go == 1.0:  # the forward's gradient stands: no traffic
-            return
-    s_row = s_ptr + row * V
+        KL   = sum p (log p - log q)
+        CE   = logsumexp(s) - s[label]                        (T = 1, only with labels, a > 0)
+        loss = (1 - a) c KL + a CE                            c = T^2 if t2_scale else 1
+        grad = scale ((1 - a) g (q - p) + a (softmax(s) - onehot(label)))
+                                                              g = T if t2_scale else 1/T
+
+    Pass 1 streams the row with kl_step (docs/design.md#online-softmax), and the T = 1 sum of
+    the CE with sum_step; NaN inputs propagate through the sums. Pass 2 re-reads the row, last
+    chunk first, and writes the gradient. An ignored row reads nothing (loss 0, gradient 0); a
+    label outside [0, V) gives a NaN loss and gradient row.
+
+    Bytes moved per row of V: reads 2 V elements (student, teacher; pass 2 re-reads them,
+    ideally from L2), writes V gradient elements and one float32 loss, reads one int64 label.
+    """
+    x_scale, soft_loss_coef, soft_loss_t, hard_weight, soft_grad_coef = kd_scalars(
+        x_scale, soft_loss_coef, soft_loss_t, hard_weight, soft_grad_coef)
+
+    row, go, skip, s_row = row_start(s_ptr, V, go_ptr, GO_MODE, GO_SKIP)
+    if skip:
+        return
     t_row = t_ptr + row * V
     cols = tl.arange(0, BLOCK_V)
-
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row)
-        valid = label != ignore_index
-        in_range = (label >= 0) & (label < V)
-        compute = valid & in_range
-        bad = valid & (~in_range)
-    else:
-        label = -1
-        compute = True
-        bad = False
+    label, compute, bad = row_status(labels_ptr, row, ignore_index, V, HAS_LABELS)
 
     # Pass 1: online maxima of the raw logits and the sums relative to them.
-    m_s = tl.full((), NEG_INF, tl.float32)
-    m_t = tl.full((), NEG_INF, tl.float32)
-    sum_s = tl.zeros((), tl.float32)
-    sum_t = tl.zeros((), tl.float32)
-    acc_a = tl.zeros((), tl.float32)
-    sum_1 = tl.zeros((), tl.float32)
-    if compute:
-        for start in range(0, V, BLOCK_V):
-            offs = start + cols
-            mask = offs < V
-            # evict_last: keep the row in L2 for pass 2.
-            s = tl.load(s_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_last").to(tl.float32)
-            t = tl.load(t_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_last").to(tl.float32)
-            new_m_s = tl.maximum(m_s, tl.max(s, axis=0))
-            new_m_t = tl.maximum(m_t, tl.max(t, axis=0))
-            old_r_s = tl.where(m_s == NEG_INF, 0.0, m_s)
-            old_r_t = tl.where(m_t == NEG_INF, 0.0, m_t)
-            r_s = tl.where(new_m_s == NEG_INF, 0.0, new_m_s)
-            r_t = tl.where(new_m_t == NEG_INF, 0.0, new_m_t)
-            x = (s - r_s) * x_scale
-            y = (t - r_t) * x_scale
-            e_s = tl.exp2(x)
-            e_t = tl.exp2(y)
-            # Rescale factors of the old sums: 2^(-inf) = 0 while nothing finite was seen yet.
-            a_s = tl.exp2((m_s - r_s) * x_scale)
-            a_t = tl.exp2((m_t - r_t) * x_scale)
-            shift = ((old_r_t - r_t) - (old_r_s - r_s)) * x_scale
-            term = tl.where(e_t == 0.0, 0.0, e_t * (y - x))
-            acc_a = a_t * (acc_a + sum_t * shift) + tl.sum(term, axis=0)
-            sum_t = sum_t * a_t + tl.sum(e_t, axis=0)
-            sum_s = sum_s * a_s + tl.sum(e_s, axis=0)
-            if HAS_CE and not SAME_T:
-                a_1 = tl.exp2((m_s - r_s) * LOG2E)
-                sum_1 = sum_1 * a_1 + tl.sum(tl.exp2((s - r_s) * LOG2E), axis=0)
-            m_s = new_m_s
-            m_t = new_m_t
+    m_s, m_t, sum_s, sum_t, acc_a, sum_1 = kl_pass(s_row, t_row, V, cols, label, compute, x_scale, BLOCK_V, False,
+                                                   HAS_CE and not SAME_T)
 
-    r_s = tl.where(m_s == NEG_INF, 0.0, m_s)
-    r_t = tl.where(m_t == NEG_INF, 0.0, m_t)
+    LN2: tl.constexpr = 0.6931471805599453
     loss = soft_loss_coef * (soft_loss_t * (LN2 * (acc_a / sum_t + tl.log2(sum_s) - tl.log2(sum_t))))
-    if HAS_CE:
-        if SAME_T:
-            sum_1 = sum_s
-        safe_label = tl.where(compute, label, 0)
-        s_label = tl.load(s_row + safe_label).to(tl.float32)
-        loss += hard_weight * (LN2 * tl.log2(sum_1) + (r_s - s_label))
-    if HAS_LABELS:
-        loss = tl.where(compute, loss, tl.where(bad, float("nan"), 0.0))
-    tl.store(row_loss_ptr + row, loss)
+    r_s = reference(m_s)
+    r_t = reference(m_t)
+    sum_1 = finish_loss(row_loss_ptr, row, loss, s_row, label, compute, bad, r_s, sum_s, sum_1, hard_weight, HAS_CE, SAME_T)
 
     # Pass 2: the gradient, last chunk first.
     if COMPUTE_GRAD:
         g_row = grad_ptr + row * V
-        if SCALE_MODE == 2:
-            scale = tl.load(scale_ptr)
-        elif SCALE_MODE == 1:
-            scale = 1.0 / n_rows
-        else:
-            scale = 1.0
-        scale = scale * go
-        k_soft = soft_grad_coef * scale
-        k_hard = hard_weight * scale
+        k_soft, k_hard, inv_1 = grad_coefs(scale_ptr, n_rows, go, soft_grad_coef, hard_weight, sum_1, SCALE_MODE)
         inv_s = 1.0 / sum_s
         inv_t = 1.0 / sum_t
-        inv_1 = 1.0 / sum_1
-        last = ((V - 1) // BLOCK_V) * BLOCK_V
         if compute:
             for start in range(0, V, BLOCK_V):
-                offs = (last - start) + cols
-                mask = offs < V
-                s = tl.load(s_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_first").to(tl.float32)
-                t = tl.load(t_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_first").to(tl.float32)
+                offs, mask = backward_chunk(start, V, cols, BLOCK_V)
+                s = load_chunk(s_row + offs, mask, "evict_first")
+                t = load_chunk(t_row + offs, mask, "evict_first")
                 q = tl.exp2((s - r_s) * x_scale) * inv_s
                 p = tl.exp2((t - r_t) * x_scale) * inv_t
-                g = k_soft * (q - p)
-                if HAS_CE:
-                    if SAME_T:
-                        sm = q
-                    else:
-                        sm = tl.exp2((s - r_s) * LOG2E) * inv_1
-                    g += k_hard * (sm - tl.where(offs == label, 1.0, 0.0))
-                tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+                store_grad(g_row, offs, mask, k_soft * (q - p), q, s, r_s, inv_1, label, k_hard, HAS_CE, SAME_T)
         else:
-            fill = tl.where(bad, float("nan"), 0.0).to(grad_ptr.dtype.element_ty)
-            for start in range(0, V, BLOCK_V):
-                offs = start + cols
-                tl.store(g_row + offs, tl.zeros((BLOCK_V,), grad_ptr.dtype.element_ty) + fill, mask=offs < V)
+            fill_row(g_row, V, bad, BLOCK_V)
 
 
 @triton.jit
@@ -317,7 +196,7 @@ def _mixture_log2(t_row, offs, mask, teacher_stride, x_scale, M, r_vec, c_vec, m
     for m in range(M):
         r_m = tl.sum(tl.where(midx == m, r_vec, 0.0), axis=0)
         c_m = tl.sum(tl.where(midx == m, c_vec, 0.0), axis=0)
-        tm = tl.load(t_row + m * stride + offs, mask=mask, other=NEG_INF).to(tl.float32)
+        tm = load_chunk(t_row + m * stride + offs, mask, "")
         v = c_m + (tm - r_m) * x_scale
         new = tl.maximum(best, v)
         ref = tl.where(new == NEG_INF, 0.0, new)
@@ -326,6 +205,22 @@ def _mixture_log2(t_row, offs, mask, teacher_stride, x_scale, M, r_vec, c_vec, m
     # Every term -inf (a masked entry): best = -inf, acc = 0, and the sum is -inf + -inf = -inf;
     # a NaN term leaves acc NaN, whatever tl.maximum made of it.
     return best + tl.log2(acc)
+
+
+@triton.jit
+def _chunk_log_probs(s_row, t_row, offs, mask, teacher_stride, x_scale, M, r_s, log2_ss, r_t, log2_st, r_vec, c_vec,
+                     midx, MIX: tl.constexpr, BLOCK_V: tl.constexpr, EVICT: tl.constexpr):
+    """A chunk's student logits s, q and log2 q, and the teacher's (or the mixture's) p and log2 p,
+    exactly: log2 q = x - log2 S, never the log of a probability."""
+    s = load_chunk(s_row + offs, mask, EVICT)
+    lq2 = (s - r_s) * x_scale - log2_ss
+    q = tl.exp2(lq2)
+    if MIX:
+        lp2 = _mixture_log2(t_row, offs, mask, teacher_stride, x_scale, M, r_vec, c_vec, midx, BLOCK_V)
+    else:
+        t = load_chunk(t_row + offs, mask, EVICT)
+        lp2 = (t - r_t) * x_scale - log2_st
+    return s, q, lq2, tl.exp2(lp2), lp2
 
 
 @triton.jit
@@ -383,43 +278,29 @@ def _kd_div_kernel(
     probabilities underflow), the skews' p/m and q/m from that same 2^-|A-B|; sums of the loss
     terms and of q x. Pass 3: the gradient, recomputing pass 2's per-entry values. An entry where
     p and q are both 0 (masked vocabulary) contributes 0 and gets 0: its terms are taken only
-    where their weight (p or q) is nonzero. Memory traffic: read 3 (M+1) N V (passes 2 and 3
-    re-read the row, from L2 where it stays), write N V.
+    where their weight (p or q) is nonzero. The loss, CE, reduction and gradient scale are
+    _kd_forward_kernel's, with KL replaced by the divergence (docs/design.md#divergences).
+
+    Bytes moved per row of V: reads 3 (M + 1) V elements (passes 2 and 3 re-read the row, from
+    L2 where it stays), writes V gradient elements and one float32 loss, reads one int64 label.
     """
+    x_scale, soft_loss_coef, soft_loss_t, hard_weight, soft_grad_coef = kd_scalars(
+        x_scale, soft_loss_coef, soft_loss_t, hard_weight, soft_grad_coef)
     # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
     beta = tl.cast(beta, tl.float32)
-    hard_weight = tl.cast(hard_weight, tl.float32)
     log2_1mb = tl.cast(log2_1mb, tl.float32)
     log2_b = tl.cast(log2_b, tl.float32)
     log2_uniform = tl.cast(log2_uniform, tl.float32)
-    soft_grad_coef = tl.cast(soft_grad_coef, tl.float32)
-    soft_loss_coef = tl.cast(soft_loss_coef, tl.float32)
-    soft_loss_t = tl.cast(soft_loss_t, tl.float32)
-    x_scale = tl.cast(x_scale, tl.float32)
-    LOG2E: tl.constexpr = 1.4426950408889634
-    LN2: tl.constexpr = 0.6931471805599453
     NEG_INF: tl.constexpr = float("-inf")
 
-    row = tl.program_id(0).to(tl.int64)
-    go = grad_scale_of(go_ptr, row, GO_MODE)
-    if GO_SKIP:
-        if go == 1.0:  # the forward's gradient stands: no traffic
-            return
-    s_row = s_ptr + row * V
+    row, go, skip, s_row = row_start(s_ptr, V, go_ptr, GO_MODE, GO_SKIP)
+    if skip:
+        return
     t_row = t_ptr + row * V
     cols = tl.arange(0, BLOCK_V)
     midx = tl.arange(0, M_PAD)
 
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row)
-        valid = label != ignore_index
-        in_range = (label >= 0) & (label < V)
-        compute = valid & in_range
-        bad = valid & (~in_range)
-    else:
-        label = -1
-        compute = True
-        bad = False
+    label, compute, bad = row_status(labels_ptr, row, ignore_index, V, HAS_LABELS)
 
     # Pass 1: the student's (and one teacher's) online maximum and sum; then each teacher's.
     m_s = tl.full((), NEG_INF, tl.float32)
@@ -431,20 +312,13 @@ def _kd_div_kernel(
     c_vec = tl.zeros((M_PAD,), tl.float32)
     if compute:
         for start in range(0, V, BLOCK_V):
-            offs = start + cols
-            mask = offs < V
-            s = tl.load(s_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_last").to(tl.float32)
-            new_m_s = tl.maximum(m_s, tl.max(s, axis=0))
-            r_s = tl.where(new_m_s == NEG_INF, 0.0, new_m_s)
-            sum_s = sum_s * tl.exp2((m_s - r_s) * x_scale) + tl.sum(tl.exp2((s - r_s) * x_scale), axis=0)
-            if HAS_CE and not SAME_T:
-                sum_1 = sum_1 * tl.exp2((m_s - r_s) * LOG2E) + tl.sum(tl.exp2((s - r_s) * LOG2E), axis=0)
-            m_s = new_m_s
+            offs, mask = forward_chunk(start, V, cols)
+            s = load_chunk(s_row + offs, mask, "evict_last")
+            m_s, r_s, sum_s, sum_1 = student_step(m_s, sum_s, sum_1, s, x_scale, HAS_CE and not SAME_T)
             if not MIX:
-                t = tl.load(t_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_last").to(tl.float32)
-                new_m_t = tl.maximum(m_t, tl.max(t, axis=0))
-                r_t = tl.where(new_m_t == NEG_INF, 0.0, new_m_t)
-                sum_t = sum_t * tl.exp2((m_t - r_t) * x_scale) + tl.sum(tl.exp2((t - r_t) * x_scale), axis=0)
+                t = load_chunk(t_row + offs, mask, "evict_last")
+                new_m_t, r_t = online_max(m_t, t)
+                sum_t = sum_step(sum_t, m_t, r_t, t, x_scale)
                 m_t = new_m_t
         if MIX:
             stride = tl.zeros((), tl.int64) + teacher_stride  # as in _mixture_log2
@@ -453,21 +327,20 @@ def _kd_div_kernel(
                 mx = tl.full((), NEG_INF, tl.float32)
                 sm = tl.zeros((), tl.float32)
                 for start in range(0, V, BLOCK_V):
-                    offs = start + cols
-                    tm = tl.load(tm_row + offs, mask=offs < V, other=NEG_INF, eviction_policy="evict_last").to(tl.float32)
-                    new_mx = tl.maximum(mx, tl.max(tm, axis=0))
-                    r = tl.where(new_mx == NEG_INF, 0.0, new_mx)
-                    sm = sm * tl.exp2((mx - r) * x_scale) + tl.sum(tl.exp2((tm - r) * x_scale), axis=0)
+                    offs, mask = forward_chunk(start, V, cols)
+                    tm = load_chunk(tm_row + offs, mask, "evict_last")
+                    new_mx, r = online_max(mx, tm)
+                    sm = sum_step(sm, mx, r, tm, x_scale)
                     mx = new_mx
                 if HAS_WEIGHTS:
                     lw = tl.load(lw_ptr + m)
                 else:
                     lw = log2_uniform
-                r_vec = tl.where(midx == m, tl.where(mx == NEG_INF, 0.0, mx), r_vec)
+                r_vec = tl.where(midx == m, reference(mx), r_vec)
                 c_vec = tl.where(midx == m, lw - tl.log2(sm), c_vec)
 
-    r_s = tl.where(m_s == NEG_INF, 0.0, m_s)
-    r_t = tl.where(m_t == NEG_INF, 0.0, m_t)
+    r_s = reference(m_s)
+    r_t = reference(m_t)
     log2_ss = tl.log2(sum_s)
     log2_st = tl.log2(sum_t)
 
@@ -476,17 +349,9 @@ def _kd_div_kernel(
     accc = tl.zeros((BLOCK_V,), tl.float32)
     if compute:
         for start in range(0, V, BLOCK_V):
-            offs = start + cols
-            mask = offs < V
-            s = tl.load(s_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_last").to(tl.float32)
-            lq2 = (s - r_s) * x_scale - log2_ss
-            q = tl.exp2(lq2)
-            if MIX:
-                lp2 = _mixture_log2(t_row, offs, mask, teacher_stride, x_scale, M, r_vec, c_vec, midx, BLOCK_V)
-            else:
-                t = tl.load(t_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_last").to(tl.float32)
-                lp2 = (t - r_t) * x_scale - log2_st
-            p = tl.exp2(lp2)
+            offs, mask = forward_chunk(start, V, cols)
+            s, q, lq2, p, lp2 = _chunk_log_probs(s_row, t_row, offs, mask, teacher_stride, x_scale, M, r_s, log2_ss, r_t,
+                                                 log2_st, r_vec, c_vec, midx, MIX, BLOCK_V, "evict_last")
             t1, x = _div_terms(q, lq2, p, lp2, beta, log2_b, log2_1mb, DIVERGENCE)
             acc1 += t1
             if DIVERGENCE != 0:
@@ -505,75 +370,30 @@ def _kd_div_kernel(
         soft = tot1
     soft = tl.where(soft < 0.0, 0.0, soft)  # >= 0; rounding can leave -1e-9 at p == q (NaN kept)
     loss = soft_loss_coef * (soft_loss_t * soft)
-    if HAS_CE:
-        if SAME_T:
-            sum_1 = sum_s
-        safe_label = tl.where(compute, label, 0)
-        s_label = tl.load(s_row + safe_label).to(tl.float32)
-        loss += hard_weight * (LN2 * tl.log2(sum_1) + (r_s - s_label))
-    if HAS_LABELS:
-        loss = tl.where(compute, loss, tl.where(bad, float("nan"), 0.0))
-    tl.store(row_loss_ptr + row, loss)
+    sum_1 = finish_loss(row_loss_ptr, row, loss, s_row, label, compute, bad, r_s, sum_s, sum_1, hard_weight, HAS_CE, SAME_T)
 
     # Pass 3: the gradient, last chunk first.
     if COMPUTE_GRAD:
         g_row = grad_ptr + row * V
-        if SCALE_MODE == 2:
-            scale = tl.load(scale_ptr)
-        elif SCALE_MODE == 1:
-            scale = 1.0 / n_rows
-        else:
-            scale = 1.0
-        scale = scale * go
-        k_soft = soft_grad_coef * scale
-        k_hard = hard_weight * scale
-        inv_1 = 1.0 / sum_1
-        last = ((V - 1) // BLOCK_V) * BLOCK_V
+        k_soft, k_hard, inv_1 = grad_coefs(scale_ptr, n_rows, go, soft_grad_coef, hard_weight, sum_1, SCALE_MODE)
         if compute:
             for start in range(0, V, BLOCK_V):
-                offs = (last - start) + cols
-                mask = offs < V
-                s = tl.load(s_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_first").to(tl.float32)
-                lq2 = (s - r_s) * x_scale - log2_ss
-                q = tl.exp2(lq2)
-                if MIX:
-                    lp2 = _mixture_log2(t_row, offs, mask, teacher_stride, x_scale, M, r_vec, c_vec, midx, BLOCK_V)
-                else:
-                    t = tl.load(t_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_first").to(tl.float32)
-                    lp2 = (t - r_t) * x_scale - log2_st
-                p = tl.exp2(lp2)
+                offs, mask = backward_chunk(start, V, cols, BLOCK_V)
+                s, q, lq2, p, lp2 = _chunk_log_probs(s_row, t_row, offs, mask, teacher_stride, x_scale, M, r_s, log2_ss, r_t,
+                                                     log2_st, r_vec, c_vec, midx, MIX, BLOCK_V, "evict_first")
                 _, x = _div_terms(q, lq2, p, lp2, beta, log2_b, log2_1mb, DIVERGENCE)
                 if DIVERGENCE == 0:
                     g = k_soft * (q - x)
                 else:
                     g = k_soft * tl.where(q == 0.0, 0.0, q * (x - c))
-                if HAS_CE:
-                    if SAME_T:
-                        sm = q
-                    else:
-                        sm = tl.exp2((s - r_s) * LOG2E) * inv_1
-                    g += k_hard * (sm - tl.where(offs == label, 1.0, 0.0))
-                tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+                store_grad(g_row, offs, mask, g, q, s, r_s, inv_1, label, k_hard, HAS_CE, SAME_T)
         else:
-            fill = tl.where(bad, float("nan"), 0.0).to(grad_ptr.dtype.element_ty)
-            for start in range(0, V, BLOCK_V):
-                offs = start + cols
-                tl.store(g_row + offs, tl.zeros((BLOCK_V,), grad_ptr.dtype.element_ty) + fill, mask=offs < V)
+            fill_row(g_row, V, bad, BLOCK_V)
 
 
-# The divergence's beta range and its gradient factor k (see _kd_div_kernel).
-def _resolve_divergence(divergence: str, beta: float) -> tuple[str, float]:
-    """The endpoints that are another divergence become it (as the cpu kernel does): jsd at 0 is
-    kl and at 1 reverse_kl, skew_kl at 0 kl, skew_reverse_kl at 0 reverse_kl."""
-    if divergence not in DIVERGENCE_CODES:
-        raise ValueError(f"kd_forward (triton): divergence must be one of {', '.join(DIVERGENCE_CODES)}, got {divergence!r}")
-    if divergence == "jsd" and not 0.0 <= beta <= 1.0 or divergence in ("skew_kl", "skew_reverse_kl") and not 0.0 <= beta < 1.0:
-        raise ValueError(f"kd_forward (triton): beta={beta} is out of range for divergence {divergence!r}")
-    if divergence in ("jsd", "skew_kl") and beta == 0.0:
-        return "kl", 0.0
-    if divergence == "jsd" and beta == 1.0 or divergence == "skew_reverse_kl" and beta == 0.0:
-        return "reverse_kl", 0.0
-    return divergence, beta
+def launch_config(kernel: str, vocab: int, on_gpu: bool) -> tuple[int, int]:
+    """``(BLOCK_V, num_warps)`` of ``kernel`` for a row of ``vocab`` entries."""
+    return launch_shape(vocab, BLOCK_V_MAX_GPU[kernel], on_gpu)
 
 
 def kd_forward(
@@ -583,11 +403,7 @@ def kd_forward(
     teacher_weights: torch.Tensor | None,
     divergence: str,
     beta: float,
-    temperature: float,
-    hard_weight: float,
-    ignore_index: int,
-    reduction: str,
-    t2_scale: bool,
+    temperature: float, hard_weight: float, ignore_index: int, reduction: str, t2_scale: bool,  # the KD options
     compute_grad: bool,
     grad_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -595,7 +411,8 @@ def kd_forward(
 
     Inputs are expected validated by the caller (contiguous student [N, V], teacher [N, V] or
     [M, N, V], labels int64 [N] or None, teacher_weights [M] or None, grad_scale a float32
-    tensor of 1 or N elements or None).
+    tensor of 1 or N elements or None), and (divergence, beta) resolved: an endpoint that is
+    another divergence passed as that one, beta 0.0 for a divergence without one.
     Uses only torch ops and one wrap_triton launch, with no host synchronisation, so that it
     can run inside torch.library.triton_op.
     """
@@ -613,63 +430,43 @@ def kd_forward_rescale_(grad, student, teacher, labels, teacher_weights, diverge
 
 def _kd_launch(student, teacher, labels, teacher_weights, divergence, beta, temperature, hard_weight, ignore_index,
                reduction, t2_scale, compute_grad, grad_scale, into):
-    if reduction not in ("none", "sum", "batchmean"):
-        raise ValueError(f"kd_forward (triton): reduction must be 'none', 'sum' or 'batchmean', got {reduction!r}")
-    divergence, beta = _resolve_divergence(divergence, beta)
+    check_reduction("kd_forward", reduction)
+    _check_resolved(divergence, beta)
     n, v = student.shape[0], student.shape[-1]
     mix = teacher.dim() == 3
-    device = student.device
-    row_loss = torch.empty(n, dtype=torch.float32, device=device)
-    if into is not None:
-        grad = into
-    else:
-        grad = torch.empty_like(student) if compute_grad else torch.empty(0, dtype=student.dtype, device=device)
+    on_gpu = student.device.type == "cuda"
+    row_loss, grad = row_outputs(student, compute_grad, into)
     go = None if grad_scale is None else grad_scale.to(torch.float32).contiguous()
 
-    has_labels = labels is not None
-    # batchmean divides by the number of non-ignored rows, which is only known on the device.
-    # With none of them, every row loss and gradient row is 0, so any finite scale will do.
-    common = switches(has_labels, hard_weight, temperature, reduction, compute_grad)
+    common = switches(labels is not None, hard_weight, temperature, reduction, compute_grad)
     common.update(grad_scale_switches(go, into is not None))
-    scale_t = None
-    if common["SCALE_MODE"] == 2:
-        scale_t = labels.ne(ignore_index).sum().clamp_min(1).to(torch.float32).reciprocal()
+    scale_t = batchmean_scale(labels, ignore_index) if common["SCALE_MODE"] == 2 else None
 
     soft_loss_coef = (1.0 - hard_weight) * (temperature if t2_scale else 1.0)
     soft_grad_coef = (1.0 - hard_weight) * (temperature if t2_scale else 1.0 / temperature)
     if divergence == "kl" and not mix:
-        block_v = block_v_for("_kd_forward_kernel", v, device.type)
+        block_v, num_warps = launch_config("_kd_forward_kernel", v, on_gpu)
         torch.library.wrap_triton(_kd_forward_kernel)[(n,)](
             student, teacher, labels, row_loss, grad if compute_grad else None, scale_t, go,
-            n, v, ignore_index, _LOG2E / temperature, soft_loss_coef, temperature if t2_scale else 1.0,
+            n, v, ignore_index, LOG2E / temperature, soft_loss_coef, temperature if t2_scale else 1.0,
             hard_weight, soft_grad_coef,
-            BLOCK_V=block_v, num_warps=num_warps_for(block_v), **common,
+            BLOCK_V=block_v, num_warps=num_warps, **common,
         )
     else:
         n_teachers = teacher.shape[0] if mix else 1
-        factor = 1.0 - beta if divergence in ("jsd", "skew_kl") else 0.5 if divergence == "tvd" else 1.0
-        has_beta = divergence in ("jsd", "skew_kl", "skew_reverse_kl")
+        has_beta = divergence in _WITH_BETA
         log2_w = None if teacher_weights is None else torch.log2(teacher_weights.to(torch.float32)).contiguous()
-        block_v = block_v_for("_kd_div_kernel", v, device.type)
+        block_v, num_warps = launch_config("_kd_div_kernel", v, on_gpu)
         torch.library.wrap_triton(_kd_div_kernel)[(n,)](
             student, teacher, labels, log2_w, row_loss, grad if compute_grad else None, scale_t, go,
-            n, v, n_teachers, n * v, ignore_index, _LOG2E / temperature, soft_loss_coef,
-            temperature if t2_scale else 1.0, hard_weight, soft_grad_coef * factor, beta,
+            n, v, n_teachers, n * v, ignore_index, LOG2E / temperature, soft_loss_coef,
+            temperature if t2_scale else 1.0, hard_weight, soft_grad_coef * grad_factor(divergence, beta), beta,
             math.log2(beta) if has_beta else 0.0, math.log2(1.0 - beta) if has_beta else 0.0,
             -math.log2(n_teachers),
             DIVERGENCE=DIVERGENCE_CODES[divergence], MIX=mix, M_PAD=m_pad_for(n_teachers),
-            HAS_WEIGHTS=log2_w is not None, BLOCK_V=block_v, num_warps=num_warps_for(block_v), **common,
+            HAS_WEIGHTS=log2_w is not None, BLOCK_V=block_v, num_warps=num_warps, **common,
         )
-
-    if reduction == "none":
-        loss = row_loss
-    elif reduction == "sum":
-        loss = row_loss.sum()
-    elif scale_t is not None:
-        loss = row_loss.sum() * scale_t
-    else:
-        loss = row_loss.sum() / n
-    return loss, grad
+    return reduce_rows(row_loss, reduction, scale_t, n), grad
 
 
 # ----------------------------------------------------------------------------------------------
@@ -682,21 +479,11 @@ RICHEST_SWITCHES = dict(HAS_LABELS=True, HAS_CE=True, SAME_T=False, SCALE_MODE=2
 STATIC_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _switch_combos() -> list:
-    combos = []
-    for values in itertools.product(*SWITCH_INPUTS.values()):
-        combo = switches(**dict(zip(SWITCH_INPUTS, values)))
-        if combo not in combos:
-            combos.append(combo)
-    assert RICHEST_SWITCHES in combos, "RICHEST_SWITCHES must be a combination switches() can return"
-    return combos
-
-
 def _shapes(kernel: str) -> tuple:
     """(BLOCK_V, num_warps) of every row length, and the largest block of each warp count."""
     from . import largest_per_warp_count
 
-    shapes = sorted({(b, num_warps_for(b)) for b in (block_v_for(kernel, 1 << k, "cuda") for k in range(31))})
+    shapes = gpu_shapes(BLOCK_V_MAX_GPU[kernel])
     return shapes, largest_per_warp_count(shapes)
 
 
@@ -727,13 +514,13 @@ def static_launches() -> list:
     the conversions), n_rows == 1 (Triton makes it a constant; it only removes a division), and
     ignore_index or row counts past 2**31 (64-bit scalars).
     """
-    from . import StaticLaunch, dtype_label, shape_label
+    from . import dtype_label, shape_label
 
-    combos = _switch_combos()
+    combos = switch_combos(switches, SWITCH_INPUTS, RICHEST_SWITCHES)
     # Scalar arguments by parameter name; Triton specialises integers on their value (1, or a
     # multiple of 16), so these are values real launches have.
     scalars = dict(
-        n_rows=64, ignore_index=-100, x_scale=_LOG2E / 2.0, soft_loss_coef=0.5, soft_loss_t=2.0,
+        n_rows=64, ignore_index=-100, x_scale=LOG2E / 2.0, soft_loss_coef=0.5, soft_loss_t=2.0,
         hard_weight=0.5, soft_grad_coef=0.5, M=4, teacher_stride=64 * 4096, beta=0.5, log2_b=-1.0,
         log2_1mb=-1.0, log2_uniform=-2.0,
     )
@@ -761,23 +548,9 @@ def static_launches() -> list:
         args.update(extra)
         m = extra.get("M_PAD", 1) if extra.get("MIX") else 1
         per_entry = student.itemsize + m * teacher.itemsize + (student.itemsize if combo["COMPUTE_GRAD"] else 0)
-        variant = [
-            *variant_extra,
-            "labels" if combo["HAS_LABELS"] else "no labels",
-            *(["CE"] if combo["HAS_CE"] else []),
-            *(["T = 1"] if combo["SAME_T"] else []),
-            "grad" if combo["COMPUTE_GRAD"] else "loss only",
-            f"scale mode {combo['SCALE_MODE']}",
-            *([grad_scale_variant(combo)] if combo["GO_MODE"] else []),
-        ]
-        return StaticLaunch(
-            kernel=kernel,
-            args=args,
-            num_warps=num_warps,
-            label=f"{dtype_label(student, teacher)} · {shape_label(block_v, num_warps)}"
-            + ("" if v % 16 == 0 or v < 16 else " · V % 16 != 0"),
-            variant=", ".join(variant),
-            row_bytes=(per_entry, 4 + (8 if combo["HAS_LABELS"] else 0)),
+        return static_launch(
+            kernel, args, num_warps, f"{dtype_label(student, teacher)} · {shape_label(block_v, num_warps)}", v, combo,
+            (per_entry, 4 + (8 if combo["HAS_LABELS"] else 0)), before=variant_extra,
         )
 
     out = []

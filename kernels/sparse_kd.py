@@ -1,107 +1,48 @@
 """Fused KD against a sparse teacher (top-k logits or log-probabilities), with optional hard-label
-CE: Triton.
-
-One program per row. The teacher is known at k entries K = {idx_i} of a row of V, values v_i;
-s is the student row, T the temperature, r = max s (0 while it is still -inf):
-
-    student   x_j = (s_j - r)/T,  S = sum_j e^{x_j},  log q_j = x_j - log S   (FULL vocabulary)
-    teacher   tail="renormalize":  p_i = softmax(v/T)_i on K, 0 elsewhere
-              tail="uniform" (v: full-vocabulary log-probabilities): the missing mass
-              m = max(0, 1 - sum_K e^{v_i}) spread evenly over the n = V - k other entries,
-              u = log(m / n); p proportional to e^{lp/T} over the full row:
-              log Z = LSE((v_1..v_k)/T, u/T + log n),  p_i = e^{v_i/T - log Z},  p_b = e^{u/T - log Z}
-              (each tail entry). An empty tail (k = V, or m = 0) has p_b = 0 and contributes nothing.
-    KL(p||q)  = sum_j p_j (log p_j - log q_j) = sum_j p_j ((v_j - top) - (s_j - r)) / T + log S - lz
-              with top the teacher's maximum (of v, and of u on the uniform tail), log Z = top/T + lz,
-              v_j = u off K, and sum_j p_j = 1: kernels/kd.py's form, each term a difference taken
-              before scaling, and log S - lz (both near log V) subtracted last. The tail's part is
-              p_b (n (u - top) - sum_{j not in K} (s_j - r)) / T, and its student sum needs no
-              membership test:
-              sum_{j not in K} (s_j - r) = sum_all (s_j - r) - sum_K (s_j - r), summed over finite
-              entries with the -inf ones counted apart (-inf - -inf is undefined): a -inf student
-              entry in a tail of positive mass makes the loss +inf.
-    grad      d KL / d s_j = (q_j - p_j) / T over the full row (the teacher is a constant,
-              sum_j p_j = 1), so with p_j = p_b off K (0 for "renormalize"):
-              grad = scale * ((1 - a) * g * (q - p) + a * (softmax(s) - onehot(label)))
-    CE        = logsumexp(s) - s[label]                          (T = 1, only with labels, a > 0)
-    loss      = (1 - a) * c * KL + a * CE,  c = T^2 if t2_scale else 1, g = T if t2_scale else 1/T
-
-Pass 1 streams the student row in BLOCK_V chunks with an online maximum (base 2, as
-kernels/kd.py), keeping S and, for the uniform tail, sum (s - r) over the finite entries (shifted
-with the reference: sum (s - r') = sum (s - r) + n_finite (r - r')) and the count of -inf ones.
-Pass 2 reads the k values (BLOCK_K chunks) for the teacher's maximum and normaliser; pass 3 the
-k values, indices and the student at those indices for the KL's kept terms. Pass 4 writes the
-gradient over the row (the tail's value soft (q - p_b) everywhere), then, after a barrier, the k
-kept entries' own value soft (q_i - p_i) at their indices.
-
-A row whose indices leave [0, V) or repeat (found by the launcher with device-side torch ops,
-no host synchronisation) gets a NaN loss and a NaN gradient, as a label outside [0, V) does.
-Ignored rows (label == ignore_index) read nothing: loss 0, gradient 0.
-
-Memory traffic: read N*V (student; passes 1 and 4, ideally the second from L2) + 2*N*k
-(values, indices), write N*V (gradient) + N (row losses).
+CE: Triton, on the online-softmax skeleton of kernels/_softmax.py. The math is atop the kernel
+and in ``docs/design.md#sparse-kd``.
 """
-
-import itertools
 
 import torch
 import triton
 import triton.language as tl
 
-from . import GRAD_SCALE_OFF, GRAD_SCALE_ON, grad_scale_switches, grad_scale_variant
-from .kd import grad_scale_of
-
-_LOG2E = 1.4426950408889634
+from . import GRAD_SCALE_OFF, GRAD_SCALE_ON, grad_scale_switches
+from . import _softmax
+from ._softmax import (
+    LOG2E, backward_chunk, batchmean_scale, check_reduction, fill_row, finish_loss, forward_chunk, gpu_shapes,
+    grad_coefs, kd_scalars, load_chunk, reduce_rows, reference, row_outputs, row_start, row_status, static_launch,
+    store_grad, student_step, switch_combos,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Launch configurations: sparse_kd_forward chooses only through launch_shape() and switches(),
 # and static_launches() enumerates them (every launch compiled for sm_80 and sm_90 by the static
-# GPU checks; see kernels/__init__.py on a branch that has them).
+# GPU checks; kernels/__init__.py).
 # ----------------------------------------------------------------------------------------------
 
-# Largest chunk of a row (BLOCK_V) and of the k teacher entries (BLOCK_K) held at once. Under
-# the interpreter (CPU tensors) smaller chunks keep the blocked paths exercised by small shapes.
+# Largest chunk of a row (BLOCK_V: the shape rule of kernels/_softmax.py) and of the k teacher
+# entries (BLOCK_K) held at once. Under the interpreter (CPU tensors) a smaller BLOCK_K keeps the
+# blocked path over the kept entries exercised by small shapes.
 _BLOCK_V_MAX_GPU = 4096
 _BLOCK_K_MAX_GPU = 1024
-_BLOCK_V_MAX_INTERPRETER = 256
 _BLOCK_K_MAX_INTERPRETER = 16
 
 
 def launch_shape(v: int, k: int, on_gpu: bool = True) -> tuple[int, int, int]:
     """(BLOCK_V, BLOCK_K, num_warps) for rows of v entries and k teacher entries (k <= v)."""
-    cap_v, cap_k = (_BLOCK_V_MAX_GPU, _BLOCK_K_MAX_GPU) if on_gpu else (_BLOCK_V_MAX_INTERPRETER, _BLOCK_K_MAX_INTERPRETER)
-    block_v = min(triton.next_power_of_2(v), cap_v)
-    block_k = min(triton.next_power_of_2(k), cap_k)
-    num_warps = 8 if block_v >= 2048 else 4 if block_v >= 512 else 2 if block_v >= 128 else 1
+    block_v, num_warps = _softmax.launch_shape(v, _BLOCK_V_MAX_GPU, on_gpu)
+    block_k = min(triton.next_power_of_2(k), _BLOCK_K_MAX_GPU if on_gpu else _BLOCK_K_MAX_INTERPRETER)
     return block_v, block_k, num_warps
 
 
 def switches(has_labels: bool, hard_weight: float, temperature: float, reduction: str, compute_grad: bool, uniform: bool) -> dict:
-    """The kernel's constexpr switches other than the block sizes, for one call."""
-    # batchmean divides by the number of non-ignored rows: with labels that count is only known
-    # on the device (SCALE_MODE 2 reads it from a tensor), without it is n_rows (SCALE_MODE 1).
-    scale_mode = 0 if reduction != "batchmean" else 2 if has_labels else 1
-    has_ce = has_labels and hard_weight > 0
-    return dict(
-        HAS_LABELS=has_labels,
-        HAS_CE=has_ce,
-        # Only the CE term reads SAME_T; without it, one value means one compiled kernel, not two.
-        SAME_T=has_ce and temperature == 1.0,
-        UNIFORM=uniform,
-        SCALE_MODE=scale_mode,
-        COMPUTE_GRAD=compute_grad,
-    )
+    """The kernel's constexpr switches other than the block sizes, for one call: kd's, and UNIFORM."""
+    return dict(_softmax.switches(has_labels, hard_weight, temperature, reduction, compute_grad), UNIFORM=uniform)
 
 
 # For each input of switches(), values that reach every result it can give.
-SWITCH_INPUTS = dict(
-    has_labels=(False, True),
-    hard_weight=(0.0, 0.5),
-    temperature=(1.0, 2.0),
-    reduction=("none", "sum", "batchmean"),
-    compute_grad=(False, True),
-    uniform=(False, True),
-)
+SWITCH_INPUTS = dict(_softmax.SWITCH_INPUTS, uniform=(False, True))
 
 
 @triton.jit
@@ -111,23 +52,14 @@ def _sparse_kd_forward_kernel(
     idx_ptr,  # [N, K] int64 or int32 vocabulary indices
     labels_ptr,  # [N] int64, or None when HAS_LABELS is False
     broken_ptr,  # [N] int8: 1 where the row's indices leave [0, V) or repeat
-    row_loss_ptr,  # [N] float32
-    grad_ptr,  # [N, V] student dtype, or None when COMPUTE_GRAD is False
-    scale_ptr,  # [] float32 reduction scale when SCALE_MODE == 2, else None
-    go_ptr,  # float32 grad_scale: [] (GO_MODE 1) or [N] (GO_MODE 2), else None
+    row_loss_ptr, grad_ptr, scale_ptr, go_ptr,  # as _kd_forward_kernel's (kernels/kd.py)
     n_rows,
     V,
     K,
     ignore_index,
     inv_t,  # 1 / T
-    x_scale,  # log2(e) / T
-    soft_loss_coef,  # (1 - a) * (T or 1); the loss's T^2 is this times soft_loss_t
-    soft_loss_t,  # T or 1: two float32 factors, since T^2 alone overflows float32 from T ~ 1.8e19
-    hard_weight,  # a
-    soft_grad_coef,  # (1 - a) * (T or 1/T), before the reduction scale
-    HAS_LABELS: tl.constexpr,
-    HAS_CE: tl.constexpr,
-    SAME_T: tl.constexpr,  # T == 1: the CE softmax is the student softmax
+    x_scale, soft_loss_coef, soft_loss_t, hard_weight, soft_grad_coef,  # as _kd_forward_kernel's (kernels/kd.py)
+    HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr, SAME_T: tl.constexpr,  # as _kd_forward_kernel's
     UNIFORM: tl.constexpr,  # tail="uniform"
     SCALE_MODE: tl.constexpr,  # gradient scale: 0 -> 1, 1 -> 1 / n_rows, 2 -> *scale_ptr
     COMPUTE_GRAD: tl.constexpr,
@@ -136,39 +68,67 @@ def _sparse_kd_forward_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
-    hard_weight = tl.cast(hard_weight, tl.float32)
-    inv_t = tl.cast(inv_t, tl.float32)
-    soft_grad_coef = tl.cast(soft_grad_coef, tl.float32)
-    soft_loss_coef = tl.cast(soft_loss_coef, tl.float32)
-    soft_loss_t = tl.cast(soft_loss_t, tl.float32)
-    x_scale = tl.cast(x_scale, tl.float32)
-    LOG2E: tl.constexpr = 1.4426950408889634
+    """KD against a sparse teacher (docs/design.md#sparse-kd).
+    One program per row. The teacher is known at k entries K = {idx_i} of a row of V, values v_i;
+    s is the student row, T the temperature, r = max s (0 while it is still -inf):
+
+        student   x_j = (s_j - r)/T,  S = sum_j e^{x_j},  log q_j = x_j - log S   (FULL vocabulary)
+        teacher   tail="renormalize":  p_i = softmax(v/T)_i on K, 0 elsewhere
+                  tail="uniform" (v: full-vocabulary log-probabilities): the missing mass
+                  m = max(0, 1 - sum_K e^{v_i}) spread evenly over the n = V - k other entries,
+                  u = log(m / n); p proportional to e^{lp/T} over the full row:
+                  log Z = LSE((v_1..v_k)/T, u/T + log n),  p_i = e^{v_i/T - log Z},  p_b = e^{u/T - log Z}
+                  (each tail entry). An empty tail (k = V, or m = 0) has p_b = 0 and contributes nothing.
+        KL(p||q)  = sum_j p_j (log p_j - log q_j) = sum_j p_j ((v_j - top) - (s_j - r)) / T + log S - lz
+                  with top the teacher's maximum (of v, and of u on the uniform tail), log Z = top/T + lz,
+                  v_j = u off K, and sum_j p_j = 1: kernels/kd.py's form, each term a difference taken
+                  before scaling, and log S - lz (both near log V) subtracted last. The tail's part is
+                  p_b (n (u - top) - sum_{j not in K} (s_j - r)) / T, and its student sum needs no
+                  membership test:
+                  sum_{j not in K} (s_j - r) = sum_all (s_j - r) - sum_K (s_j - r), summed over finite
+                  entries with the -inf ones counted apart (-inf - -inf is undefined): a -inf student
+                  entry in a tail of positive mass makes the loss +inf.
+        grad      d KL / d s_j = (q_j - p_j) / T over the full row (the teacher is a constant,
+                  sum_j p_j = 1), so with p_j = p_b off K (0 for "renormalize"):
+                  grad = scale * ((1 - a) * g * (q - p) + a * (softmax(s) - onehot(label)))
+        CE        = logsumexp(s) - s[label]                          (T = 1, only with labels, a > 0)
+        loss      = (1 - a) * c * KL + a * CE,  c = T^2 if t2_scale else 1, g = T if t2_scale else 1/T
+
+    Pass 1 streams the student row with an online maximum (docs/design.md#online-softmax), keeping S and, for the uniform tail, sum (s - r) over the finite entries (shifted
+    with the reference: sum (s - r') = sum (s - r) + n_finite (r - r')) and the count of -inf ones.
+    Pass 2 reads the k values (BLOCK_K chunks) for the teacher's maximum and normaliser; pass 3 the
+    k values, indices and the student at those indices for the KL's kept terms. Pass 4 writes the
+    gradient over the row (the tail's value soft (q - p_b) everywhere), then, after a barrier, the k
+    kept entries' own value soft (q_i - p_i) at their indices.
+
+    A row whose indices leave [0, V) or repeat (found by the launcher with device-side torch ops,
+    no host synchronisation) gets a NaN loss and a NaN gradient, as a label outside [0, V) does.
+    Ignored rows (label == ignore_index) read nothing: loss 0, gradient 0.
+
+    Bytes moved per row of V with k kept entries: reads V student elements (passes 1 and 4, the
+    second ideally from L2), k values and k indices (passes 2 to 4, from L1/L2 after the first),
+    k student elements at the indices, one int8 row flag and one int64 label; writes V gradient
+    elements and one float32 loss.
+    """
+    x_scale, soft_loss_coef, soft_loss_t, hard_weight, soft_grad_coef = kd_scalars(
+        x_scale, soft_loss_coef, soft_loss_t, hard_weight, soft_grad_coef)
+    inv_t = tl.cast(inv_t, tl.float32)  # fp32 whoever launches (kernels/__init__.py)
     LN2: tl.constexpr = 0.6931471805599453
     NEG_INF: tl.constexpr = float("-inf")
 
-    row = tl.program_id(0).to(tl.int64)
-    go = grad_scale_of(go_ptr, row, GO_MODE)
-    if GO_SKIP:
-        if go == 1.0:  # the forward's gradient stands: no traffic
-            return
-    s_row = s_ptr + row * V
+    row, go, skip, s_row = row_start(s_ptr, V, go_ptr, GO_MODE, GO_SKIP)
+    if skip:
+        return
     v_row = v_ptr + row * K
     i_row = idx_ptr + row * K
     cols = tl.arange(0, BLOCK_V)
     kcols = tl.arange(0, BLOCK_K)
     broken = tl.load(broken_ptr + row) != 0
 
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row)
-        valid = label != ignore_index
-        in_range = (label >= 0) & (label < V)
-        compute = valid & in_range & (~broken)
-        bad = valid & ((~in_range) | broken)
-    else:
-        label = -1
-        compute = ~broken
-        bad = broken
+    # A broken row (indices outside [0, V) or repeated) is bad unless its label is ignored.
+    label, compute, bad = row_status(labels_ptr, row, ignore_index, V, HAS_LABELS)
+    bad = bad | (compute & broken)
+    compute = compute & (~broken)
 
     # Pass 1: the student row: online maximum, S, sum (s - r) over finite entries, -inf count.
     m_s = tl.full((), NEG_INF, tl.float32)
@@ -179,24 +139,18 @@ def _sparse_kd_forward_kernel(
     n_ninf = tl.zeros((), tl.int32)
     if compute:
         for start in range(0, V, BLOCK_V):
-            offs = start + cols
-            mask = offs < V
+            offs, mask = forward_chunk(start, V, cols)
             # evict_last: keep the row in L2 for the gradient pass.
-            s = tl.load(s_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_last").to(tl.float32)
-            new_m = tl.maximum(m_s, tl.max(s, axis=0))
-            old_r = tl.where(m_s == NEG_INF, 0.0, m_s)
-            r = tl.where(new_m == NEG_INF, 0.0, new_m)
-            # Rescale factor of the old sums: 2^(-inf) = 0 while nothing finite was seen yet.
-            sum_s = sum_s * tl.exp2((m_s - r) * x_scale) + tl.sum(tl.exp2((s - r) * x_scale), axis=0)
-            if HAS_CE and not SAME_T:
-                sum_1 = sum_1 * tl.exp2((m_s - r) * LOG2E) + tl.sum(tl.exp2((s - r) * LOG2E), axis=0)
+            s = load_chunk(s_row + offs, mask, "evict_last")
+            old_r = reference(m_s)  # taken before the step: so ptxas fits sm_80 in 64 registers, no spill
+            new_m, r, sum_s, sum_1 = student_step(m_s, sum_s, sum_1, s, x_scale, HAS_CE and not SAME_T)
             if UNIFORM:
                 fin = mask & (s != NEG_INF)
                 d_all = d_all + n_fin * (old_r - r) + tl.sum(tl.where(fin, s - r, 0.0), axis=0)
                 n_fin += tl.sum(fin.to(tl.float32), axis=0)
                 n_ninf += tl.sum((mask & (s == NEG_INF)).to(tl.int32), axis=0)
             m_s = new_m
-    r_s = tl.where(m_s == NEG_INF, 0.0, m_s)
+    r_s = reference(m_s)
 
     # Pass 2: the teacher's maximum (NaN kept), the uniform tail, log Z = top / T + lz. Differences
     # are taken before scaling by 1/T.
@@ -207,7 +161,7 @@ def _sparse_kd_forward_kernel(
         for kstart in range(0, K, BLOCK_K):
             ko = kstart + kcols
             km = ko < K
-            v = tl.load(v_row + ko, mask=km, other=NEG_INF).to(tl.float32)
+            v = load_chunk(v_row + ko, km, "")
             mv = tl.maximum(mv, tl.max(tl.where(v == v, v, NEG_INF), axis=0))
             n_nan += tl.sum((v != v).to(tl.int32), axis=0)
             if UNIFORM:
@@ -229,7 +183,7 @@ def _sparse_kd_forward_kernel(
         for kstart in range(0, K, BLOCK_K):
             ko = kstart + kcols
             km = ko < K
-            v = tl.load(v_row + ko, mask=km, other=NEG_INF).to(tl.float32)
+            v = load_chunk(v_row + ko, km, "")
             z += tl.sum(tl.where(km, tl.exp((v - top) * inv_t), 0.0), axis=0)
     lz = tl.log(z)
     if UNIFORM:
@@ -247,7 +201,7 @@ def _sparse_kd_forward_kernel(
         for kstart in range(0, K, BLOCK_K):
             ko = kstart + kcols
             km = ko < K
-            v = tl.load(v_row + ko, mask=km, other=NEG_INF).to(tl.float32)
+            v = load_chunk(v_row + ko, km, "")
             j = tl.load(i_row + ko, mask=km, other=0).to(tl.int64)
             sj = tl.load(s_row + j, mask=km, other=0.0).to(tl.float32)
             p = tl.exp((v - top) * inv_t - lz)
@@ -265,68 +219,33 @@ def _sparse_kd_forward_kernel(
     kl = (kept + LN2 * tl.log2(sum_s)) - lz
     kl = tl.where(kl < 0.0, 0.0, kl)  # KL >= 0; rounding can leave a hair below 0 (NaN kept)
     loss = soft_loss_coef * (soft_loss_t * kl)
-    if HAS_CE:
-        if SAME_T:
-            sum_1 = sum_s
-        safe_label = tl.where(compute, label, 0)
-        s_label = tl.load(s_row + safe_label).to(tl.float32)
-        loss += hard_weight * (LN2 * tl.log2(sum_1) + (r_s - s_label))
-    loss = tl.where(compute, loss, tl.where(bad, float("nan"), 0.0))
-    tl.store(row_loss_ptr + row, loss)
+    sum_1 = finish_loss(row_loss_ptr, row, loss, s_row, label, compute, bad, r_s, sum_s, sum_1, hard_weight, HAS_CE, SAME_T)
 
     # Pass 4: the gradient: the tail's value over the row (last chunk first: the one most likely
     # still in L2), then the kept entries' own.
     if COMPUTE_GRAD:
         g_row = grad_ptr + row * V
-        if SCALE_MODE == 2:
-            scale = tl.load(scale_ptr)
-        elif SCALE_MODE == 1:
-            scale = 1.0 / n_rows
-        else:
-            scale = 1.0
-        scale = scale * go
-        k_soft = soft_grad_coef * scale
-        k_hard = hard_weight * scale
+        k_soft, k_hard, inv_1 = grad_coefs(scale_ptr, n_rows, go, soft_grad_coef, hard_weight, sum_1, SCALE_MODE)
         inv_s = 1.0 / sum_s
-        inv_1 = 1.0 / sum_1
-        last = ((V - 1) // BLOCK_V) * BLOCK_V
         if compute:
             for start in range(0, V, BLOCK_V):
-                offs = (last - start) + cols
-                mask = offs < V
-                s = tl.load(s_row + offs, mask=mask, other=NEG_INF, eviction_policy="evict_first").to(tl.float32)
+                offs, mask = backward_chunk(start, V, cols, BLOCK_V)
+                s = load_chunk(s_row + offs, mask, "evict_first")
                 q = tl.exp2((s - r_s) * x_scale) * inv_s
-                g = k_soft * (q - pb)
-                if HAS_CE:
-                    if SAME_T:
-                        sm = q
-                    else:
-                        sm = tl.exp2((s - r_s) * LOG2E) * inv_1
-                    g += k_hard * (sm - tl.where(offs == label, 1.0, 0.0))
-                tl.store(g_row + offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
+                store_grad(g_row, offs, mask, k_soft * (q - pb), q, s, r_s, inv_1, label, k_hard, HAS_CE, SAME_T)
             # The kept entries are written after every thread's store above has landed.
             tl.debug_barrier()
             for kstart in range(0, K, BLOCK_K):
                 ko = kstart + kcols
                 km = ko < K
-                v = tl.load(v_row + ko, mask=km, other=NEG_INF).to(tl.float32)
+                v = load_chunk(v_row + ko, km, "")
                 j = tl.load(i_row + ko, mask=km, other=0).to(tl.int64)
-                sj = tl.load(s_row + j, mask=km, other=NEG_INF).to(tl.float32)
+                sj = load_chunk(s_row + j, km, "")
                 p = tl.exp((v - top) * inv_t - lz)
                 q = tl.exp2((sj - r_s) * x_scale) * inv_s
-                g = k_soft * (q - p)
-                if HAS_CE:
-                    if SAME_T:
-                        sm = q
-                    else:
-                        sm = tl.exp2((sj - r_s) * LOG2E) * inv_1
-                    g += k_hard * (sm - tl.where(j == label, 1.0, 0.0))
-                tl.store(g_row + j, g.to(grad_ptr.dtype.element_ty), mask=km)
+                store_grad(g_row, j, km, k_soft * (q - p), q, sj, r_s, inv_1, label, k_hard, HAS_CE, SAME_T)
         else:
-            fill = tl.where(bad, float("nan"), 0.0).to(grad_ptr.dtype.element_ty)
-            for start in range(0, V, BLOCK_V):
-                offs = start + cols
-                tl.store(g_row + offs, tl.zeros((BLOCK_V,), grad_ptr.dtype.element_ty) + fill, mask=offs < V)
+            fill_row(g_row, V, bad, BLOCK_V)
 
 
 def broken_rows(indices: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -344,13 +263,8 @@ def sparse_kd_forward(
     values: torch.Tensor,
     indices: torch.Tensor,
     labels: torch.Tensor | None,
-    values_kind: str,
-    tail: str,
-    temperature: float,
-    hard_weight: float,
-    ignore_index: int,
-    reduction: str,
-    t2_scale: bool,
+    values_kind: str, tail: str,  # the teacher's format
+    temperature: float, hard_weight: float, ignore_index: int, reduction: str, t2_scale: bool,  # the KD options
     compute_grad: bool,
     grad_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -382,26 +296,18 @@ def _sparse_kd_launch(student, values, indices, labels, values_kind, tail, tempe
         raise ValueError(f"sparse_kd_forward (triton): tail must be 'renormalize' or 'uniform', got {tail!r}")
     if tail == "uniform" and values_kind != "logprobs":
         raise ValueError("sparse_kd_forward (triton): tail='uniform' needs values='logprobs'")
-    if reduction not in ("none", "sum", "batchmean"):
-        raise ValueError(f"sparse_kd_forward (triton): reduction must be 'none', 'sum' or 'batchmean', got {reduction!r}")
+    check_reduction("sparse_kd_forward", reduction)
     n, v = student.shape
     k = values.shape[1]
-    device = student.device
-    row_loss = torch.empty(n, dtype=torch.float32, device=device)
-    if into is not None:
-        grad = into
-    else:
-        grad = torch.empty_like(student) if compute_grad else torch.empty(0, dtype=student.dtype, device=device)
+    row_loss, grad = row_outputs(student, compute_grad, into)
     go = None if grad_scale is None else grad_scale.to(torch.float32).contiguous()
     broken = broken_rows(indices, v)
 
     has_labels = labels is not None
     sw = switches(has_labels, hard_weight, temperature, reduction, compute_grad, tail == "uniform")
     sw.update(grad_scale_switches(go, into is not None))
-    # batchmean with labels: the count of non-ignored rows, on the device. With none of them,
-    # every row loss and gradient row is 0, so any finite scale will do.
-    scale_t = labels.ne(ignore_index).sum().clamp_min(1).to(torch.float32).reciprocal() if sw["SCALE_MODE"] == 2 else None
-    block_v, block_k, num_warps = launch_shape(v, k, on_gpu=device.type == "cuda")
+    scale_t = batchmean_scale(labels, ignore_index) if sw["SCALE_MODE"] == 2 else None
+    block_v, block_k, num_warps = launch_shape(v, k, on_gpu=student.device.type == "cuda")
 
     torch.library.wrap_triton(_sparse_kd_forward_kernel)[(n,)](
         student,
@@ -418,7 +324,7 @@ def _sparse_kd_launch(student, values, indices, labels, values_kind, tail, tempe
         k,
         ignore_index,
         1.0 / temperature,
-        _LOG2E / temperature,
+        LOG2E / temperature,
         (1.0 - hard_weight) * (temperature if t2_scale else 1.0),
         temperature if t2_scale else 1.0,
         hard_weight,
@@ -428,20 +334,11 @@ def _sparse_kd_launch(student, values, indices, labels, values_kind, tail, tempe
         num_warps=num_warps,
         **sw,
     )
-
-    if reduction == "none":
-        loss = row_loss
-    elif reduction == "sum":
-        loss = row_loss.sum()
-    elif scale_t is not None:
-        loss = row_loss.sum() * scale_t
-    else:
-        loss = row_loss.sum() / n
-    return loss, grad
+    return reduce_rows(row_loss, reduction, scale_t, n), grad
 
 
 # ----------------------------------------------------------------------------------------------
-# Static launches (the convention of kernels/__init__.py on the branch with the GPU checks)
+# Every launch sparse_kd_forward can make, for the static GPU check (convention: kernels/__init__.py).
 # ----------------------------------------------------------------------------------------------
 
 RICHEST_SWITCHES = dict(HAS_LABELS=True, HAS_CE=True, SAME_T=False, UNIFORM=True, SCALE_MODE=2, COMPUTE_GRAD=True)
@@ -467,15 +364,8 @@ def static_launches() -> list:
     Not compiled: switch combinations other than the richest below BLOCK_V 4096 or with 16-bit
     inputs, other mixed dtype pairs, n_rows == 1, 64-bit scalars.
     """
-    from . import StaticLaunch
-
-    combos = []
-    for vals in itertools.product(*SWITCH_INPUTS.values()):
-        combo = switches(**dict(zip(SWITCH_INPUTS, vals)))
-        if combo not in combos:
-            combos.append(combo)
-    assert RICHEST_SWITCHES in combos, "RICHEST_SWITCHES must be a combination switches() can return"
-    shapes = sorted({launch_shape(1 << e, 1 << e) for e in range(0, 31)})
+    combos = switch_combos(switches, SWITCH_INPUTS, RICHEST_SWITCHES)
+    shapes = sorted({(b, min(b, _BLOCK_K_MAX_GPU), w) for b, w in gpu_shapes(_BLOCK_V_MAX_GPU)})
     largest = [max(s for s in shapes if s[2] == w) for w in sorted({w for _, _, w in shapes})]
     k_shapes = [(_BLOCK_V_MAX_GPU, 1 << e, launch_shape(_BLOCK_V_MAX_GPU, 1)[2]) for e in range(0, 11)]
     names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64", torch.int32: "i32"}
@@ -498,7 +388,7 @@ def static_launches() -> list:
             K=min(block_k, v),
             ignore_index=-100,
             inv_t=0.5,
-            x_scale=_LOG2E / 2.0,
+            x_scale=LOG2E / 2.0,
             soft_loss_coef=0.5,
             soft_loss_t=2.0,
             hard_weight=0.5,
@@ -510,24 +400,9 @@ def static_launches() -> list:
         dt = names[student] if student == vals else f"{names[student]}/{names[vals]}"
         per_entry = student.itemsize + (student.itemsize if combo["COMPUTE_GRAD"] else 0)
         per_row = min(block_k, v) * (vals.itemsize + index.itemsize) + 4 + 1 + (8 if combo["HAS_LABELS"] else 0)
-        variant = [
-            "labels" if combo["HAS_LABELS"] else "no labels",
-            *(["CE"] if combo["HAS_CE"] else []),
-            "T = 1" if combo["SAME_T"] else "T != 1",
-            "uniform" if combo["UNIFORM"] else "renormalize",
-            "grad" if combo["COMPUTE_GRAD"] else "loss only",
-            f"scale mode {combo['SCALE_MODE']}",
-            *([grad_scale_variant(combo)] if combo["GO_MODE"] else []),
-        ]
-        return StaticLaunch(
-            kernel=_sparse_kd_forward_kernel,
-            args=args,
-            num_warps=num_warps,
-            label=f"{dt} · {names[index]} · BLOCK_V={block_v} · BLOCK_K={block_k} · {num_warps} warp{'s' if num_warps > 1 else ''}"
-            + ("" if v % 16 == 0 or v < 16 else " · V % 16 != 0"),
-            variant=", ".join(variant),
-            row_bytes=(per_entry, per_row),
-        )
+        label = f"{dt} · {names[index]} · BLOCK_V={block_v} · BLOCK_K={block_k} · {num_warps} warp{'s' if num_warps > 1 else ''}"
+        return static_launch(_sparse_kd_forward_kernel, args, num_warps, label, v, combo, (per_entry, per_row),
+                             after=["uniform" if combo["UNIFORM"] else "renormalize"])
 
     f32, b16, i64 = torch.float32, torch.bfloat16, torch.int64
     top = largest[-1]

@@ -59,9 +59,9 @@ def test_triton_out_of_range_label_gives_nan_and_float64_is_refused():
 
 
 def test_launch_configuration_is_named_in_one_place():
-    from fastkd.kernels import dkd as kernel
+    from fastkd.kernels import _softmax, dkd as kernel
 
     assert kernel.launch_config(32000, True) in kernel.LAUNCH_CONFIGS
     assert kernel.launch_config(5, True) == (8, 1)
-    assert kernel.launch_config(32000, False)[0] == kernel.BLOCK_V_MAX_INTERPRETER
+    assert kernel.launch_config(32000, False)[0] == _softmax.BLOCK_V_MAX_INTERPRETER
     assert max(b for b, _ in kernel.LAUNCH_CONFIGS) == kernel.BLOCK_V_MAX_GPU

@@ -23,7 +23,7 @@ import triton.language as tl  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import gpu_static  # noqa: E402  (tools/gpu_static.py: a tool of the checkout, not of the package)
-from fastkd.kernels import kd as kd_kernels  # noqa: E402
+from fastkd.kernels import _softmax, kd as kd_kernels  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -240,6 +240,82 @@ def test_cache_follows_the_kernel_source(tmp_path):
     assert "error" not in changed["launches"][0], changed["launches"][0]
 
 
+_DISCOVERY_DEMO = {
+    "__init__.py": "from fastkd.kernels import StaticLaunch\n",
+    # A helper module: jit functions the family's kernel calls, no launches of its own.
+    "_helper.py": """
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def twice(x):
+    return inner(x) * 2.0
+
+
+@triton.jit
+def inner(x):
+    return x + 1.0
+""",
+    "family.py": """
+import torch
+import triton
+import triton.language as tl
+
+from . import StaticLaunch, _helper
+from ._helper import twice
+
+
+@triton.jit
+def _kernel(out_ptr):
+    tl.store(out_ptr, twice(1.0) + _helper.inner(2.0))
+
+
+def static_launches():
+    return [StaticLaunch(_kernel, dict(out_ptr=torch.float32), 1, "demo")]
+""",
+}
+
+
+def _discovery_problems(tmp_path, files):
+    """discover_triton()'s problems on a package of ``files`` (in a process of its own: kernels
+    imported here run in the interpreter and are not JIT functions)."""
+    import json
+    import os
+    import subprocess
+
+    pkg = tmp_path / "demo_kernels"
+    pkg.mkdir(parents=True)
+    for name, text in files.items():
+        (pkg / name).write_text(text)
+    code = (
+        "import importlib, json, sys; import gpu_static\n"
+        "gpu_static._kernels_package = lambda: importlib.import_module('demo_kernels')\n"
+        "launches, problems = gpu_static.discover_triton()\n"
+        "print(json.dumps([len(launches), problems]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(Path(gpu_static.__file__).parent), *sys.path])
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_discovery_accepts_a_helper_module_and_flags_what_no_launch_reaches(tmp_path):
+    """A module of jit helpers without static_launches() passes when listed launches call all of
+    it (directly, through ``module.f``, or through another helper); a helper nothing calls, and a
+    kernel module without static_launches(), are reported."""
+    n, problems = _discovery_problems(tmp_path / "ok", _DISCOVERY_DEMO)
+    assert (n, problems) == (1, []), problems
+    files = dict(_DISCOVERY_DEMO)
+    files["_helper.py"] += "\n\n@triton.jit\ndef unused(x):\n    return x\n"
+    files["orphan.py"] = "import triton\nimport triton.language as tl\n\n\n@triton.jit\ndef _k(p):\n    tl.store(p, 1.0)\n"
+    n, problems = _discovery_problems(tmp_path / "bad", files)
+    assert n == 1 and [kind for kind, _ in problems] == ["convention", "convention"], problems
+    assert "_helper.py defines @triton.jit functions that no listed launch reaches (unused)" in problems[0][1]
+    assert "orphan.py defines @triton.jit functions that no listed launch reaches (_k)" in problems[1][1]
+
+
 def test_occupancy_rules():
     occ = gpu_static.occupancy
     # 32 registers: 1024 per warp, 16 warps per sub-partition -> 64 warps: full.
@@ -330,7 +406,8 @@ def test_kd_launcher_uses_only_listed_configurations(monkeypatch):
             continue  # refused by kd_loss's validation before any launch
         labels = torch.zeros(3, dtype=torch.int64) if call["has_labels"] else None
         # kl with one teacher, jsd with one (every switch combination of the divergence kernel
-        # is compiled for jsd), every divergence with an ensemble of 3 (M_PAD 4) at the richest.
+        # is compiled for jsd), every divergence with an ensemble of 3 (M_PAD 4) at the richest;
+        # (divergence, beta) as the op layer resolves them.
         for divergence, teachers in (("kl", 1), ("jsd", 1), *((d, 3) for d in kd_kernels.DIVERGENCE_CODES)):
             richest = call == dict(has_labels=True, hard_weight=0.5, temperature=2.0, reduction="batchmean", compute_grad=True)
             if teachers > 1 and not richest:
@@ -338,21 +415,21 @@ def test_kd_launcher_uses_only_listed_configurations(monkeypatch):
             s = torch.zeros(3, 7)
             t = torch.zeros(teachers, 3, 7) if teachers > 1 else s
             w = torch.full((teachers,), 1.0 / teachers) if teachers > 1 else None
-            kd_kernels.kd_forward(s, t, labels, w, divergence, 0.5 if divergence == "jsd" else 0.0, call["temperature"],
+            beta = 0.5 if divergence in ("jsd", "skew_kl", "skew_reverse_kl") else 0.0
+            kd_kernels.kd_forward(s, t, labels, w, divergence, beta, call["temperature"],
                                   call["hard_weight"], -100, call["reduction"], True, call["compute_grad"])
             name, got = launches.pop()
             seen.add(name)
             assert constexprs[name] <= set(got), f"{name}: constexprs {sorted(constexprs[name] - set(got))} not passed by name"
             sw = {c: got[c] for c in constexprs[name] - {"BLOCK_V"}}
             assert sw in compiled[name], f"{name}: kd_forward launched switches {sw} that static_launches() does not compile"
-            assert got["num_warps"] == kd_kernels.num_warps_for(got["BLOCK_V"])
+            assert got["num_warps"] == _softmax.num_warps_for(got["BLOCK_V"])
     assert seen == set(kernels)
     # Every row length a GPU launch can get maps to a compiled (BLOCK_V, num_warps) of each kernel.
     for name, k in kernels.items():
         shapes = {(l.args["BLOCK_V"], l.num_warps) for l in listed if l.kernel is k}
         for v in [*range(1, 5000), 32000, 50257, 131072, 2**31 - 1]:
-            b = kd_kernels.block_v_for(name, v, "cuda")
-            shape = (b, kd_kernels.num_warps_for(b))
+            shape = kd_kernels.launch_config(name, v, True)
             # the kl kernel compiles every block; the divergence kernel the largest block of each
             # warp count, which stands for the smaller ones (its docstring says why)
             if name == "_kd_div_kernel":

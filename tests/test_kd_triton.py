@@ -152,3 +152,20 @@ def test_triton_divergence_opcheck(div, beta, teachers):
     if DEVICE == "cuda":
         utils += ("test_aot_dispatch_dynamic",)
     torch.library.opcheck(torch.ops.fastkd.kd_forward_triton.default, args, test_utils=utils)
+
+
+@pytest.mark.parametrize("div,beta,message", [
+    ("jsd", 0.0, r"beta=0.0 for divergence 'jsd' must be inside \(0, 1\); an endpoint is another divergence"),
+    ("jsd", 1.0, r"beta=1.0 for divergence 'jsd' must be inside \(0, 1\)"),
+    ("skew_reverse_kl", 0.0, r"beta=0.0 for divergence 'skew_reverse_kl' must be inside \(0, 1\)"),
+    ("skew_kl", 1.5, r"beta=1.5 for divergence 'skew_kl'"),
+    ("kld", 0.0, r"divergence must be one of kl, reverse_kl, jsd, tvd, skew_kl, skew_reverse_kl, got 'kld'"),
+])
+def test_triton_launcher_takes_only_resolved_divergences(div, beta, message):
+    """The launcher decides no divergence rule: the op layer resolves an endpoint to the divergence
+    it equals, and a pair the kernels cannot take is refused before any launch, naming it."""
+    from fastkd.kernels import kd as kernels
+
+    s, t = make_logits((2, 5), device=DEVICE)
+    with pytest.raises(ValueError, match=message):
+        kernels.kd_forward(s, t, None, None, div, beta, 1.0, 0.0, -100, "sum", True, False)

@@ -228,14 +228,19 @@ def _kernels_package():
 
 def discover_triton() -> Tuple[List[Tuple[str, Any]], List[List[str]]]:
     """Every (module name, StaticLaunch) of every module in ``fastkd.kernels``, and its problems
-    as [kind, message]: a module that does not import ("compile"), kernels with no
-    ``static_launches``, a ``@triton.jit`` function neither launched nor called by a launched
-    kernel ("convention")."""
+    as [kind, message]: a module that does not import ("compile"), a ``static_launches`` that
+    fails or lists nothing, a ``@triton.jit`` function that no listed launch reaches ("convention").
+
+    A module may be a helper (``kernels/_softmax.py``): ``@triton.jit`` functions that other
+    modules' kernels call, and no ``static_launches`` of its own. Its functions are compiled
+    inside the kernels that call them, so each must be reached by a listed launch; one that is
+    not is a kernel without launches or a helper nothing calls, and both are reported."""
     from triton.runtime.jit import JITFunction
 
     pkg = _kernels_package()
     launches: List[Tuple[str, Any]] = []
     problems: List[List[str]] = []
+    modules = []
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
         name = f"{pkg.__name__}.{info.name}"
         try:
@@ -244,13 +249,8 @@ def discover_triton() -> Tuple[List[Tuple[str, Any]], List[List[str]]]:
             problems.append(["compile", f"{name} does not import: {type(exc).__name__}: {exc}"])
             continue
         jitted = {k: v for k, v in vars(module).items() if isinstance(v, JITFunction) and v.fn.__module__ == name}
+        modules.append((module, jitted))
         if not hasattr(module, "static_launches"):
-            if jitted:
-                problems.append([
-                    "convention",
-                    f"{_module_file(module)} defines Triton kernels ({', '.join(sorted(jitted))}) but no "
-                    "static_launches(): list the launches its launcher can make (see kernels/__init__.py)"
-                ])
             continue
         try:
             listed = list(module.static_launches())
@@ -259,24 +259,45 @@ def discover_triton() -> Tuple[List[Tuple[str, Any]], List[List[str]]]:
             continue
         if not listed:
             problems.append(["convention", f"{_module_file(module)}: static_launches() returned no launches"])
-        launched = {l.kernel.fn.__name__ for l in listed}
-        # What the launched kernels reach through calls, helpers of helpers included.
-        reached, frontier = set(launched), [l.kernel.src for l in listed]
-        while frontier:
-            src = frontier.pop()
-            for fname, fn in jitted.items():
-                if fname not in reached and re.search(rf"\b{re.escape(fname)}\s*\(", src):
-                    reached.add(fname)
-                    frontier.append(fn.src)
-        for fname in sorted(jitted):
-            if fname not in reached:
-                problems.append([
-                    "convention",
-                    f"{_module_file(module)}: @triton.jit function {fname} is neither in static_launches() "
-                    "nor called by a kernel that is"
-                ])
         launches += [(name, l) for l in listed]
+
+    reached = _reached({id(l.kernel): l.kernel for _, l in launches})
+    for module, jitted in modules:
+        missed = sorted(f for f, fn in jitted.items() if id(fn) not in reached)
+        if not missed:
+            continue
+        if hasattr(module, "static_launches"):
+            problems += [["convention", f"{_module_file(module)}: @triton.jit function {f} is neither in static_launches() "
+                          "nor called by a kernel that is"] for f in missed]
+        else:
+            problems.append([
+                "convention",
+                f"{_module_file(module)} defines @triton.jit functions that no listed launch reaches "
+                f"({', '.join(missed)}): a kernel needs a static_launches() listing its launches, a helper a kernel "
+                "that calls it (see kernels/__init__.py)"
+            ])
     return launches, problems
+
+
+def _reached(roots: Dict[int, Any]) -> Dict[int, Any]:
+    """The jit functions ``roots`` call, helpers of helpers included, by identity: a name called
+    in a function's source (``f(`` or ``module.f(``) is looked up in that function's module, so a
+    helper imported from another module counts where it is called."""
+    from triton.runtime.jit import JITFunction
+
+    reached, frontier = dict(roots), list(roots.values())
+    while frontier:
+        fn = frontier.pop()
+        scope = fn.fn.__globals__
+        for dotted in set(re.findall(r"(?<![\w.])([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\s*\(", fn.src)):
+            head, *rest = dotted.split(".")
+            obj = scope.get(head)
+            for attr in rest:
+                obj = getattr(obj, attr, None)
+            if isinstance(obj, JITFunction) and id(obj) not in reached:
+                reached[id(obj)] = obj
+                frontier.append(obj)
+    return reached
 
 
 def _module_file(module) -> str:
@@ -452,8 +473,10 @@ def _frontend_job(job: Dict[str, Any]) -> Dict[str, Any]:
             ir.load_dialects(context)
             backend.load_dialects(context)
             ttir = src.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(), context)
+            # A call passes its arguments on (a helper that casts them, kernels/_softmax.py); the
+            # arithmetic is counted in the callee's own body.
             return [ln.strip() for ln in str(ttir).splitlines() if "f64" in ln and "tt.func" not in ln
-                    and not re.search(r"arith\.truncf %\w+ : f64 to f32", ln)]
+                    and "tt.call" not in ln and not re.search(r"arith\.truncf %\w+ : f64 to f32", ln)]
 
         compiled_typing = f64_ops(job["signature"])
         result["lowered"] = True

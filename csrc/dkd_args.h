@@ -1,9 +1,9 @@
-// Arguments of one fused decoupled-KD pass over a block of rows, as plain data (see kd_args.h
+// Arguments of one fused decoupled-KD pass over a block of rows, as plain data (see dtype.h
 // for why the per-instruction-set kernels see no torch type).
 #pragma once
 #include <cstdint>
 
-#include "kd_args.h"
+#include "dtype.h"
 
 namespace fastkd {
 
@@ -25,7 +25,7 @@ struct DkdArgs {
   double nckd_loss_coef = 8;   // beta * T^2
   double alpha_grad_coef = 1;  // alpha * T * reduction scale
   double beta_grad_coef = 8;   // beta * T * reduction scale
-  const double* grad_row_scale = nullptr;  // [N] per-row gradient factor, or null (kd_args.h)
+  const double* grad_row_scale = nullptr;  // [N] per-row gradient factor, or null (dtype.h)
   bool stream_grad = false;    // write grad with non-temporal stores (it outgrows the caches)
 };
 

@@ -1,11 +1,11 @@
 // Arguments of the feature-matching losses (hint, attention transfer) as plain data.
 //
 // Shared by the torch-facing wrapper (csrc/cpu/feature_cpu.cpp) and the per-instruction-set CPU
-// kernels (csrc/cpu/feature_kernel.h), which include no torch header (see kd_args.h for why).
+// kernels (csrc/cpu/feature_kernel.h), which include no torch header (see dtype.h for why).
 #pragma once
 #include <cstdint>
 
-#include "kd_args.h"  // DType
+#include "dtype.h"
 
 namespace fastkd {
 
@@ -38,7 +38,7 @@ struct HintArgs {
   // 1 - cos; normalized_mse: the sum of squared differences) is multiplied by this: the
   // reduction's scale (and 1/dim where the row loss is a mean over entries).
   double grad_coef = 1;
-  const double* grad_row_scale = nullptr;  // [n_rows] per-row gradient factor, or null (kd_args.h)
+  const double* grad_row_scale = nullptr;  // [n_rows] per-row gradient factor, or null (dtype.h)
   bool stream_grad = false;  // write grad with non-temporal stores (it outgrows the caches)
 };
 
@@ -57,7 +57,7 @@ struct AttentionArgs {
   int64_t spatial = 0;
   double p = 2;          // the exponent of |x|^p, >= 1
   double grad_coef = 1;  // multiplies d(row_loss)/d(student): the reduction's scale
-  const double* grad_row_scale = nullptr;  // [n_rows] per-row gradient factor, or null (kd_args.h)
+  const double* grad_row_scale = nullptr;  // [n_rows] per-row gradient factor, or null (dtype.h)
   bool stream_grad = false;
 };
 

@@ -7,15 +7,11 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
-#include <string_view>
+
+#include "divergence.h"
+#include "dtype.h"
 
 namespace fastkd {
-
-enum class DType : int32_t { Float32 = 0, BFloat16 = 1, Float16 = 2, Float64 = 3 };
-
-// The soft term's divergence between p (teacher, or the teachers' mixture) and q (student);
-// DESIGN.md's table, fastkd/ops/kd.py's docstring.
-enum class Divergence : int32_t { KL = 0, ReverseKL = 1, JSD = 2, TVD = 3, SkewKL = 4, SkewReverseKL = 5 };
 
 struct KdArgs {
   const void* student = nullptr;  // [N, V] contiguous, dtype student_dtype
@@ -47,23 +43,11 @@ struct KdArgs {
   bool stream_grad = false;     // write grad with non-temporal stores (it outgrows the caches)
 };
 
-// Row `row`'s gradient factor: grad_row_scale[row], or 1 without one.
-inline double row_factor(const double* grad_row_scale, int64_t row) { return grad_row_scale ? grad_row_scale[row] : 1.0; }
-
-// The divergence named by kd_forward's string; its beta (in/out) is checked against the
-// divergence's range, and an endpoint that reduces to another divergence becomes it (jsd at
-// beta 0 is kl and at 1 reverse_kl, skew_kl at 0 kl, skew_reverse_kl at 0 reverse_kl).
-// Raises (TORCH_CHECK) naming `op` for an unknown name or a beta out of range. In kd_cpu.cpp.
-Divergence parse_divergence(std::string_view name, double* beta, const char* op);
-
-// The per-thread scratch of the divergence/ensemble row kernel (csrc/cpu/kd_div_kernel.h): rows
-// of vocab + 64 entries of the compute type (2 for one teacher: e_s and e_t/x; 3 for an ensemble:
-// e_s, P/x and one teacher's e_m), 64-byte multiples, then 3 doubles per teacher.
-inline size_t kd_div_row_bytes(int64_t vocab, size_t compute_size) {
-  return (size_t(vocab + 64) * compute_size + 63) / 64 * 64;
-}
-inline size_t kd_div_scratch_bytes(int64_t vocab, int64_t n_teachers, size_t compute_size) {
-  return (n_teachers > 1 ? 3 : 2) * kd_div_row_bytes(vocab, compute_size) + 3 * size_t(n_teachers) * sizeof(double);
+// The per-thread scratch of the divergence/ensemble row kernel (csrc/cpu/divergence_kernel.h):
+// 2 scratch rows (e_s and e_t/x) for one teacher, 3 for an ensemble (e_s, P/x and one teacher's
+// e_m), then 3 doubles per teacher.
+inline size_t divergence_scratch_bytes(int64_t vocab, int64_t n_teachers, size_t compute_size) {
+  return (n_teachers > 1 ? 3 : 2) * scratch_row_bytes(vocab, compute_size) + 3 * size_t(n_teachers) * sizeof(double);
 }
 
 }  // namespace fastkd

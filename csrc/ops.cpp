@@ -7,8 +7,8 @@
 #include <string>
 
 namespace fastkd {
-std::string cpu_isa();      // csrc/cpu/kd_cpu.cpp
-int64_t cpu_empty_cache();  // csrc/cpu/kd_cpu.cpp
+std::string cpu_isa();      // csrc/cpu/cpu_common.cpp
+int64_t cpu_empty_cache();  // csrc/cpu/cpu_common.cpp
 }
 
 extern "C" {

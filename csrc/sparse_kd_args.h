@@ -1,12 +1,12 @@
 // Arguments of one fused sparse-teacher KD pass over a block of rows, as plain data.
 //
 // Shared by the torch-facing wrapper (csrc/cpu/sparse_kd_cpu.cpp) and the per-instruction-set
-// CPU kernels (csrc/cpu/sparse_kd_kernel.h), which include no torch header (see kd_args.h).
+// CPU kernels (csrc/cpu/sparse_kd_kernel.h), which include no torch header (see dtype.h).
 #pragma once
 #include <cstddef>
 #include <cstdint>
 
-#include "kd_args.h"
+#include "dtype.h"
 
 namespace fastkd {
 
@@ -34,7 +34,7 @@ struct SparseKdArgs {
   double soft_grad_coef = 1;   // (1 - hard_weight) * (T or 1/T) * reduction scale
   double hard_weight = 0;      // CE weight in the loss
   double hard_grad_coef = 0;   // hard_weight * reduction scale
-  const double* grad_row_scale = nullptr;  // [N] per-row gradient factor, or null (kd_args.h)
+  const double* grad_row_scale = nullptr;  // [N] per-row gradient factor, or null (dtype.h)
   bool stream_grad = false;    // write grad with non-temporal stores (it outgrows the caches)
 };
 

@@ -177,6 +177,26 @@ at::Tensor reduce_rows(const at::Tensor& row_loss, std::string_view reduction, i
   return loss.to(loss_dtype);
 }
 
+RowCall begin_row_call(const at::Tensor& student, const std::optional<at::Tensor>& labels, int64_t ignore_index,
+                       std::string_view reduction, bool compute_grad, const std::optional<at::Tensor>& grad_scale,
+                       at::Tensor* into, const char* op) {
+  RowCall c;
+  c.n_rows = student.size(0);
+  c.vocab = student.size(1);
+  c.n_valid = count_valid_rows(labels, c.n_rows, ignore_index, op, &c.labels);
+  c.extra = read_grad_scale(grad_scale, c.n_rows, op);
+  c.scale = reduction_scale(reduction, c.n_valid) * c.extra.scalar;
+  c.row_loss = at::empty({c.n_rows}, student.options().dtype(at::kDouble));
+  c.compute_grad = compute_grad;
+  c.grad = compute_grad ? grad_buffer(student, into, op) : at::empty({0}, student.options());
+  return c;
+}
+
+std::tuple<at::Tensor, at::Tensor> RowCall::finish(std::string_view reduction, const at::Tensor& student,
+                                                   const at::Tensor* into) const {
+  return {reduce_rows(row_loss, reduction, n_valid, student.scalar_type()), into ? at::empty({0}, student.options()) : grad};
+}
+
 }  // namespace cpu
 
 std::string cpu_isa() { return cpu::kIsaNames[int(cpu::selected_isa())]; }

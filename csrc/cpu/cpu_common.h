@@ -16,7 +16,7 @@
 #include <string_view>
 #include <tuple>
 
-#include "kd_args.h"
+#include "dtype.h"
 
 namespace fastkd {
 namespace cpu {
@@ -87,6 +87,67 @@ void parallel_rows(int64_t n_rows, int64_t row_len, size_t scratch_bytes, const 
     std::unique_ptr<char[]> scratch(scratch_bytes ? new char[scratch_bytes] : nullptr);
     rows(begin, end, static_cast<void*>(scratch.get()));
   });
+}
+
+// Runs a family's row kernel (picked with pick_isa) over every row with parallel_rows.
+template <class Args>
+void run_rows(void (*rows)(const Args&, int64_t, int64_t, void*), const Args& a, int64_t n_rows, int64_t row_len,
+              size_t scratch_bytes) {
+  parallel_rows(n_rows, row_len, scratch_bytes, [&](int64_t begin, int64_t end, void* scratch) { rows(a, begin, end, scratch); });
+}
+
+// One call of a fused softmax row op (kd, dkd, sparse kd), set up the same way for every family:
+// its rows, labels and valid rows, grad_scale and the reduction's scale, and the per-row loss
+// and gradient buffers.
+struct RowCall {
+  int64_t n_rows = 0, vocab = 0, n_valid = 0;
+  const int64_t* labels = nullptr;
+  GradScale extra;
+  double scale = 1;  // the reduction's scale times a one-element grad_scale
+  at::Tensor row_loss, grad;
+  bool compute_grad = false;
+
+  // The argument fields every family's struct has (KdArgs, DkdArgs, SparseKdArgs).
+  template <class Args>
+  void fill(Args& a, const at::Tensor& student, int64_t ignore_index, const char* op) const {
+    a.student = student.data_ptr();
+    a.labels = labels;
+    a.grad = compute_grad ? grad.data_ptr() : nullptr;
+    a.row_loss = row_loss.data_ptr<double>();
+    a.student_dtype = to_dtype(student, op, "student");
+    a.n_rows = n_rows;
+    a.vocab = vocab;
+    a.ignore_index = ignore_index;
+    a.grad_row_scale = extra.row_ptr();
+    a.stream_grad = compute_grad && grad.nbytes() >= kLargeGradBytes;
+  }
+
+  // The op's (loss, grad); grad is empty for a rescale op (it wrote into its target).
+  std::tuple<at::Tensor, at::Tensor> finish(std::string_view reduction, const at::Tensor& student, const at::Tensor* into) const;
+};
+
+// student: [N, V] (checked by the family); into: a rescale op's target, else null.
+RowCall begin_row_call(const at::Tensor& student, const std::optional<at::Tensor>& labels, int64_t ignore_index,
+                       std::string_view reduction, bool compute_grad, const std::optional<at::Tensor>& grad_scale,
+                       at::Tensor* into, const char* op);
+
+// The temperature-KD coefficients of KdArgs and SparseKdArgs (kd_args.h): the soft term weighs
+// 1 - hard_weight, times T^2 (loss) and T (gradient) with t2_scale, else 1 and 1/T.
+template <class Args>
+void set_kd_coefs(Args& a, double temperature, double hard_weight, bool t2_scale, double scale) {
+  a.inv_temperature = 1.0 / temperature;
+  a.soft_loss_coef = (1 - hard_weight) * (t2_scale ? temperature * temperature : 1.0);
+  a.soft_grad_coef = (1 - hard_weight) * (t2_scale ? temperature : 1.0 / temperature) * scale;
+  a.hard_weight = hard_weight;
+  a.hard_grad_coef = hard_weight * scale;
+}
+
+// The body of a rescale op (<op>_rescale_, csrc/ops.cpp): impl(&grad) recomputes the forward's
+// gradient into `grad` with grad_scale folded in; nothing to do when grad_scale is 1.
+template <class Impl>
+void rescale_into(at::Tensor& grad, const at::Tensor& student, const at::Tensor& grad_scale, const char* op, Impl&& impl) {
+  if (read_grad_scale(grad_scale, student.size(0), op).is_one()) return;
+  impl(&grad);
 }
 
 }  // namespace cpu

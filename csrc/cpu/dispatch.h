@@ -1,6 +1,8 @@
 // Storage-type dispatch for the row kernels (included per instruction set, see kernels.h).
 #pragma once
 
+#include "cpu/storage.h"
+
 template <class T>
 struct Storage {
   using type = T;

@@ -30,40 +30,22 @@ std::tuple<at::Tensor, at::Tensor> dkd_impl(const at::Tensor& student, const at:
   TORCH_CHECK(temperature > 0, "fastkd::dkd_forward: temperature must be > 0, got ", temperature);
   TORCH_CHECK(alpha >= 0 && std::isfinite(alpha), "fastkd::dkd_forward: alpha must be finite and >= 0, got ", alpha);
   TORCH_CHECK(beta >= 0 && std::isfinite(beta), "fastkd::dkd_forward: beta must be finite and >= 0, got ", beta);
-  const int64_t n_rows = student.size(0), vocab = student.size(1);
-  const int64_t* label_ptr = nullptr;
-  const int64_t n_valid = cpu::count_valid_rows(labels, n_rows, ignore_index, kOp, &label_ptr);
-
-  const cpu::GradScale extra = cpu::read_grad_scale(grad_scale, n_rows, kOp);
-  const double scale = cpu::reduction_scale(reduction, n_valid) * extra.scalar;
-  at::Tensor row_loss = at::empty({n_rows}, student.options().dtype(at::kDouble));
-  at::Tensor grad = compute_grad ? cpu::grad_buffer(student, into, kOp) : at::empty({0}, student.options());
+  const cpu::RowCall c = cpu::begin_row_call(student, labels, ignore_index, reduction, compute_grad, grad_scale, into, kOp);
 
   DkdArgs a;
-  a.student = student.data_ptr();
+  c.fill(a, student, ignore_index, kOp);
   a.teacher = teacher.data_ptr();
-  a.labels = label_ptr;
-  a.grad = compute_grad ? grad.data_ptr() : nullptr;
-  a.row_loss = row_loss.data_ptr<double>();
-  a.student_dtype = cpu::to_dtype(student, kOp, "student");
   a.teacher_dtype = cpu::to_dtype(teacher, kOp, "teacher");
-  a.n_rows = n_rows;
-  a.vocab = vocab;
-  a.ignore_index = ignore_index;
   a.inv_temperature = 1.0 / temperature;
   a.tckd_loss_coef = alpha * temperature * temperature;
   a.nckd_loss_coef = beta * temperature * temperature;
-  a.alpha_grad_coef = alpha * temperature * scale;
-  a.beta_grad_coef = beta * temperature * scale;
-  a.grad_row_scale = extra.row_ptr();
-  a.stream_grad = compute_grad && grad.nbytes() >= cpu::kLargeGradBytes;
+  a.alpha_grad_coef = alpha * temperature * c.scale;
+  a.beta_grad_coef = beta * temperature * c.scale;
 
-  const bool in_double = a.student_dtype == DType::Float64 || a.teacher_dtype == DType::Float64;
-  // Each task keeps a row's exponentials in its own scratch (2 x (V + one vector) entries).
-  const size_t scratch_bytes = 2 * size_t(vocab + 16) * (in_double ? sizeof(double) : sizeof(float));
-  const auto rows = cpu::pick_isa(avx512::dkd_rows, avx2::dkd_rows, scalar::dkd_rows);
-  cpu::parallel_rows(n_rows, vocab, scratch_bytes, [&](int64_t begin, int64_t end, void* scratch) { rows(a, begin, end, scratch); });
-  return {cpu::reduce_rows(row_loss, reduction, n_valid, student.scalar_type()), into ? at::empty({0}, student.options()) : grad};
+  // Each task keeps a row's two exponential rows in its own scratch.
+  cpu::run_rows(cpu::pick_isa(avx512::dkd_rows, avx2::dkd_rows, scalar::dkd_rows), a, c.n_rows, c.vocab,
+                2 * scratch_row_bytes(c.vocab, compute_size(a.student_dtype, a.teacher_dtype)));
+  return c.finish(reduction, student, into);
 }
 
 std::tuple<at::Tensor, at::Tensor> dkd_forward_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels,
@@ -77,8 +59,9 @@ std::tuple<at::Tensor, at::Tensor> dkd_forward_cpu(const at::Tensor& student, co
 void dkd_forward_rescale_cpu(at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels,
                              double temperature, double alpha, double beta, int64_t ignore_index, c10::string_view reduction,
                              const at::Tensor& grad_scale) {
-  if (cpu::read_grad_scale(grad_scale, student.size(0), kOp).is_one()) return;
-  dkd_impl(student, teacher, labels, temperature, alpha, beta, ignore_index, reduction, true, grad_scale, &grad);
+  cpu::rescale_into(grad, student, grad_scale, kOp, [&](at::Tensor* into) {
+    dkd_impl(student, teacher, labels, temperature, alpha, beta, ignore_index, reduction, true, grad_scale, into);
+  });
 }
 
 }  // namespace

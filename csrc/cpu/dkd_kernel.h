@@ -1,9 +1,7 @@
 // Fused decoupled KD (Zhao et al. 2022) on the CPU: one row's loss and gradient, generic over the
-// vector type. Included (through kernels.h) by isa_{avx512,avx2,scalar}.cpp inside namespace
-// fastkd::<isa>, after kd_kernel.h (load_tail, store_tail, fill_row); the same algorithm is
-// thereby compiled once per instruction set.
+// vector type; built from the shared row sweep (softmax_rows.h).
 //
-// Math, per row, with s = student, t = teacher logits, y the label, T the temperature,
+// Math (docs/design.md#dkd), per row, with s = student, t = teacher logits, y the label, T the temperature,
 // a = s/T, b = t/T, R = the non-target classes {j != y}:
 //
 //   q = softmax(a), p = softmax(b)                 (student, teacher)
@@ -39,7 +37,8 @@
 // (gradient, non-temporal stores when it outgrows the caches); two exp per entry.
 #pragma once
 
-#include "cpu/kd_kernel.h"
+#include "cpu/softmax_rows.h"
+#include "dkd_args.h"
 
 // V::L entries of p (the first `count` of them; the rest pad) with entry `skip` replaced by pad.
 template <class V, class T>
@@ -49,6 +48,23 @@ static inline V load_without(const T* p, int64_t count, int64_t skip, typename V
   for (int i = 0; i < V::L; ++i) buf[i] = i < count && i != skip ? C(to_compute<C>(p[i])) : pad;
   return V::load(buf);
 }
+
+// The loader of the non-target sweeps: the target's entry reads as -inf (softmax_rows.h).
+struct LoadWithoutTarget {
+  int64_t ky;      // the vector that holds the target (n_full when it is in the tail) ...
+  int64_t lane;    // ... and its lane
+  int64_t n_full;
+  template <class V, class T>
+  V load(const T* p, int64_t i, FullVec) const {
+    if (i == ky) [[unlikely]]
+      return load_without<V>(p + i, V::L, lane, -std::numeric_limits<typename V::scalar>::infinity());
+    return V::load(p + i);
+  }
+  template <class V, class T>
+  V load(const T* p, int64_t i, TailVec tail) const {
+    return load_without<V>(p + i, tail.count, ky == n_full ? lane : -1, -std::numeric_limits<typename V::scalar>::infinity());
+  }
+};
 
 // log(sigmoid(x)), accurate for any x; -inf at -inf, NaN kept.
 static inline double log_sigmoid(double x) { return x >= 0 ? -std::log1p(std::exp(-x)) : x - std::log1p(std::exp(x)); }
@@ -76,101 +92,36 @@ static inline double sigmoid_difference(double d_s, double d_t) {
   return sigmoid(d_s) - sigmoid(d_t);
 }
 
-// scratch: 2 * (vocab + one vector) entries of the compute type, owned by the calling thread.
+// scratch: 2 scratch rows (scratch_row_bytes) of the compute type, owned by the calling thread.
 template <class V, class TS, class TT>
 static void dkd_rows(const DkdArgs& a, int64_t row_begin, int64_t row_end, void* scratch) {
   using C = typename V::scalar;
-  constexpr int L = V::L;
+  const RowShape<V> r(a.vocab);
   const int64_t n = a.vocab;
-  const int64_t n_full = n - n % L;
-  const int64_t n_tail = n - n_full;
-  const C neg_inf = -std::numeric_limits<C>::infinity();
   const C inv_t = C(a.inv_temperature);
   C* const exp_s = static_cast<C*>(scratch);
-  C* const exp_t = exp_s + n_full + L;
+  C* const exp_t = reinterpret_cast<C*>(static_cast<char*>(scratch) + scratch_row_bytes(n, sizeof(C)));
 
   for (int64_t row = row_begin; row < row_end; ++row) {
     const TS* s = static_cast<const TS*>(a.student) + row * n;
     const TT* t = static_cast<const TT*>(a.teacher) + row * n;
     TS* g = a.grad ? static_cast<TS*>(a.grad) + row * n : nullptr;
+    if (!row_is_live(a.labels, a.ignore_index, row, n, a.row_loss, g)) continue;
     const int64_t label = a.labels[row];
-    if (label == a.ignore_index) {
-      a.row_loss[row] = 0;
-      if (g) fill_row(g, n, 0.f);
-      continue;
-    }
-    if (label < 0 || label >= n) {
-      // No exception can leave a parallel region: the row reports NaN instead.
-      a.row_loss[row] = std::numeric_limits<double>::quiet_NaN();
-      if (g) fill_row(g, n, std::numeric_limits<float>::quiet_NaN());
-      continue;
-    }
-    // The vector that holds the target (n_full when the target is in the tail) and its lane.
-    const int64_t ky = label - label % L;
-    const int64_t lane = label - ky;
-    const int64_t tail_skip = ky == n_full ? lane : -1;
+    const LoadWithoutTarget skip{label - label % V::L, label % V::L, r.n_full};
 
-    // Sweep 1: maxima over the non-target entries.
-    V mx_s = V::set1(neg_inf), mx_t = V::set1(neg_inf);
-    for (int64_t i = 0; i < n_full; i += L) {
-      if (i == ky) [[unlikely]] {
-        mx_s = V::max(mx_s, load_without<V>(s + i, L, lane, neg_inf));
-        mx_t = V::max(mx_t, load_without<V>(t + i, L, lane, neg_inf));
-        continue;
-      }
-      mx_s = V::max(mx_s, V::load(s + i));
-      mx_t = V::max(mx_t, V::load(t + i));
-    }
-    if (n_tail) {
-      mx_s = V::max(mx_s, load_without<V>(s + n_full, n_tail, tail_skip, neg_inf));
-      mx_t = V::max(mx_t, load_without<V>(t + n_full, n_tail, tail_skip, neg_inf));
-    }
-    const C ms = mx_s.max(), mt = mx_t.max();
-    const V vms = V::set1(ms), vmt = V::set1(mt), vit = V::set1(inv_t);
-
-    // Sweep 2: non-target exponentials (kept for sweep 3), their sums, the NCKD numerator;
-    // flushed into double every kBlock entries as in kd_kernel.h.
-    V sum_s = V::set1(0), sum_t = V::set1(0), num = V::set1(0);
-    double tot_s = 0, tot_t = 0, tot_num = 0;
-    auto sweep2 = [&](V xs, V xt, int64_t i) {
-      const V ls = (xs - vms) * vit, lt = (xt - vmt) * vit;
-      const V es = V::exp(ls), et = V::exp(lt);
-      es.store(exp_s + i);
-      et.store(exp_t + i);
-      sum_s = sum_s + es;
-      sum_t = sum_t + et;
-      num = num + V::zero_where_zero(et, et * (lt - ls));
-    };
-    auto flush = [&] {
-      tot_s += double(sum_s.sum()), tot_t += double(sum_t.sum()), tot_num += double(num.sum());
-      sum_s = sum_t = num = V::set1(0);
-    };
-    constexpr int64_t kBlock = 64 * L;
+    // Sweeps 1 and 2 over the non-target entries: maxima, then the exponentials (kept for sweep
+    // 3), their sums and the NCKD numerator.
+    C ms, mt;
+    row_max2(s, t, r, ms, mt, skip);
     const bool prefetch = row + 1 < row_end;
-    for (int64_t b = 0; b < n_full; b += kBlock) {
-      const int64_t e = std::min(b + kBlock, n_full);
-      for (int64_t i = b; i < e; i += L) {
-        if (prefetch) {
-          __builtin_prefetch(s + n + i, 0, 2);
-          __builtin_prefetch(t + n + i, 0, 2);
-        }
-        if (i == ky) [[unlikely]] {
-          sweep2(load_without<V>(s + i, L, lane, neg_inf), load_without<V>(t + i, L, lane, neg_inf), i);
-        } else {
-          sweep2(V::load(s + i), V::load(t + i), i);
-        }
-      }
-      flush();
-    }
-    if (n_tail) {
-      sweep2(load_without<V>(s + n_full, n_tail, tail_skip, neg_inf), load_without<V>(t + n_full, n_tail, tail_skip, neg_inf),
-             n_full);
-      flush();
-    }
+    const ExpSums tot = exp_sweep<V, true, true>(s, t, r, ms, mt, inv_t, false,
+                                                 ExpRows<C, TS, TT>{exp_s, exp_t, prefetch ? s + n : nullptr, prefetch ? t + n : nullptr},
+                                                 skip);
 
     // The row's loss, in double (see the top).
-    const double log_ss = std::log(tot_s), log_st = std::log(tot_t);
-    double nckd = tot_num / tot_t + log_ss - log_st;
+    const double log_ss = std::log(tot.s), log_st = std::log(tot.t);
+    double nckd = tot.num / tot.t + log_ss - log_st;
     nckd = nckd < 0 ? 0 : nckd;  // KL >= 0; rounding can leave -1e-16 when p^ == q^ (NaN kept)
     const double d_s = (double(to_compute<C>(s[label])) - double(ms)) * a.inv_temperature - log_ss;
     const double d_t = (double(to_compute<C>(t[label])) - double(mt)) * a.inv_temperature - log_st;
@@ -183,26 +134,12 @@ static void dkd_rows(const DkdArgs& a, int64_t row_begin, int64_t row_end, void*
     const double dq = sigmoid_difference(d_s, d_t);  // q_y - p_y
     const double rs = row_factor(a.grad_row_scale, row);
     const double alpha_coef = a.alpha_grad_coef * rs, beta_coef = a.beta_grad_coef * rs;
-    const V vcq = V::set1(C((beta_coef - alpha_coef * dq) / tot_s));
-    const V vcp = V::set1(C(-beta_coef / tot_t));
-    auto sweep3 = [&](int64_t i) { return V::fma(vcp, V::load(exp_t + i), vcq * V::load(exp_s + i)); };
-    const bool stream = a.stream_grad && reinterpret_cast<uintptr_t>(g) % (L * sizeof(TS)) == 0;
-    if (stream) {
-      for (int64_t i = 0; i < n_full; i += L) sweep3(i).stream(g + i);
-    } else {
-      for (int64_t i = 0; i < n_full; i += L) sweep3(i).store(g + i);
-    }
-    if (n_tail) store_tail(sweep3(n_full), g + n_full, n_tail);
-    if (stream) V::fence();
+    const V vcq = V::set1(C((beta_coef - alpha_coef * dq) / tot.s));
+    const V vcp = V::set1(C(-beta_coef / tot.t));
+    write_grad_row(g, r, a.stream_grad,
+                   [&](int64_t i, auto) { return V::fma(vcp, V::load(exp_t + i), vcq * V::load(exp_s + i)); });
     g[label] = from_compute<TS>(C(alpha_coef * dq));
   }
 }
 
-// The entry point: every storage-type pair, float64 input computing in double.
-void dkd_rows(const DkdArgs& a, int64_t begin, int64_t end, void* scratch) {
-  with_storage(a.student_dtype, a.teacher_dtype, [&](auto s, auto t) {
-    using TS = typename decltype(s)::type;
-    using TT = typename decltype(t)::type;
-    dkd_rows<VecFor<TS, TT>, TS, TT>(a, begin, end, scratch);
-  });
-}
+FASTKD_ROWS_ENTRY(dkd_rows, DkdArgs, dkd_rows)

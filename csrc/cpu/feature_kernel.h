@@ -2,8 +2,7 @@
 // generic over the vector type.
 //
 // Included (through kernels.h) by isa_{avx512,avx2,scalar}.cpp inside namespace fastkd::<isa>,
-// after the matching vec_*.h and kd_kernel.h (whose load_tail / store_tail / fill_row it uses);
-// the same algorithm is thereby compiled once per instruction set.
+// after the matching vec_*.h; the same algorithm is thereby compiled once per instruction set.
 //
 // hint_forward, per row (sample) of D entries, s = student, t = teacher, e = s - t:
 //   mse        sum e^2                         grad 2e
@@ -31,6 +30,10 @@
 //   (from cache: a sample's slab is Cs*HW entries) to write the gradient.
 //   Memory traffic: read N*Cs*HW + N*Ct*HW, write N*Cs*HW.
 #pragma once
+
+#include "cpu/dispatch.h"
+#include "cpu/row_io.h"
+#include "feature_args.h"
 
 // -- elementwise helpers ----------------------------------------------------------------------
 // On the vector types' raw member `v`: a GCC vector (__m256, __m512) or, for VecScalar, a plain

@@ -46,45 +46,22 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_impl(const at::Tensor& student, con
               "fastkd::sparse_kd_forward (cpu): tensors must be on the CPU");
   TORCH_CHECK(temperature > 0, "fastkd::sparse_kd_forward: temperature must be > 0, got ", temperature);
   TORCH_CHECK(hard_weight >= 0 && hard_weight <= 1, "fastkd::sparse_kd_forward: hard_weight must be in [0, 1], got ", hard_weight);
-  const int64_t n_rows = student.size(0), vocab = student.size(1);
-  const int64_t* label_ptr = nullptr;
-  const int64_t n_valid = cpu::count_valid_rows(labels, n_rows, ignore_index, kOp, &label_ptr);
-  TORCH_CHECK(hard_weight == 0 || label_ptr != nullptr, "fastkd::sparse_kd_forward: hard_weight > 0 needs labels");
-
-  const cpu::GradScale extra = cpu::read_grad_scale(grad_scale, n_rows, kOp);
-  const double scale = cpu::reduction_scale(reduction, n_valid) * extra.scalar;
-  const double alpha = hard_weight;
-  at::Tensor row_loss = at::empty({n_rows}, student.options().dtype(at::kDouble));
-  at::Tensor grad = compute_grad ? cpu::grad_buffer(student, into, kOp) : at::empty({0}, student.options());
+  const cpu::RowCall c = cpu::begin_row_call(student, labels, ignore_index, reduction, compute_grad, grad_scale, into, kOp);
+  TORCH_CHECK(hard_weight == 0 || c.labels != nullptr, "fastkd::sparse_kd_forward: hard_weight > 0 needs labels");
 
   SparseKdArgs a;
-  a.student = student.data_ptr();
+  c.fill(a, student, ignore_index, kOp);
   a.values = values.data_ptr();
   a.indices = indices.data_ptr();
   a.indices_int32 = indices.scalar_type() == at::kInt;
-  a.labels = label_ptr;
-  a.grad = compute_grad ? grad.data_ptr() : nullptr;
-  a.row_loss = row_loss.data_ptr<double>();
-  a.student_dtype = cpu::to_dtype(student, kOp, "student");
   a.values_dtype = cpu::to_dtype(values, kOp, "values");
-  a.n_rows = n_rows;
-  a.vocab = vocab;
   a.k = values.size(1);
-  a.ignore_index = ignore_index;
   a.uniform_tail = tail == "uniform";
-  a.inv_temperature = 1.0 / temperature;
-  a.soft_loss_coef = (1 - alpha) * (t2_scale ? temperature * temperature : 1.0);
-  a.soft_grad_coef = (1 - alpha) * (t2_scale ? temperature : 1.0 / temperature) * scale;
-  a.hard_weight = alpha;
-  a.hard_grad_coef = alpha * scale;
-  a.grad_row_scale = extra.row_ptr();
-  a.stream_grad = compute_grad && grad.nbytes() >= cpu::kLargeGradBytes;
+  cpu::set_kd_coefs(a, temperature, hard_weight, t2_scale, c.scale);
 
-  const size_t compute_size = a.student_dtype == DType::Float64 ? sizeof(double) : sizeof(float);
-  const size_t scratch_bytes = sparse_kd_scratch_bytes(vocab, compute_size);
-  const auto rows = cpu::pick_isa(avx512::sparse_kd_rows, avx2::sparse_kd_rows, scalar::sparse_kd_rows);
-  cpu::parallel_rows(n_rows, vocab, scratch_bytes, [&](int64_t begin, int64_t end, void* scratch) { rows(a, begin, end, scratch); });
-  return {cpu::reduce_rows(row_loss, reduction, n_valid, student.scalar_type()), into ? at::empty({0}, student.options()) : grad};
+  cpu::run_rows(cpu::pick_isa(avx512::sparse_kd_rows, avx2::sparse_kd_rows, scalar::sparse_kd_rows), a, c.n_rows, c.vocab,
+                sparse_kd_scratch_bytes(c.vocab, compute_size(a.student_dtype, a.student_dtype)));
+  return c.finish(reduction, student, into);
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_kd_forward_cpu(const at::Tensor& student, const at::Tensor& values,
@@ -103,9 +80,10 @@ void sparse_kd_forward_rescale_cpu(at::Tensor& grad, const at::Tensor& student, 
                                    c10::string_view values_kind, c10::string_view tail, double temperature,
                                    double hard_weight, int64_t ignore_index, c10::string_view reduction, bool t2_scale,
                                    const at::Tensor& grad_scale) {
-  if (cpu::read_grad_scale(grad_scale, student.size(0), kOp).is_one()) return;
-  sparse_kd_impl(student, values, indices, labels, values_kind, tail, temperature, hard_weight, ignore_index, reduction,
-                 t2_scale, true, grad_scale, &grad);
+  cpu::rescale_into(grad, student, grad_scale, kOp, [&](at::Tensor* into) {
+    sparse_kd_impl(student, values, indices, labels, values_kind, tail, temperature, hard_weight, ignore_index, reduction,
+                   t2_scale, true, grad_scale, into);
+  });
 }
 
 // See the schema (csrc/ops.cpp). Single-threaded: [N, k] is small, and an OpenMP region costs more

@@ -1,7 +1,5 @@
-// Fused sparse-teacher KD on the CPU: one row's loss and gradient, generic over the vector type.
-//
-// Included (through kernels.h) by isa_{avx512,avx2,scalar}.cpp inside namespace fastkd::<isa>,
-// after kd_kernel.h (whose load_tail, store_tail and fill_row it uses).
+// Fused sparse-teacher KD on the CPU: one row's loss and gradient, generic over the vector type;
+// built from the shared row sweep (softmax_rows.h). Math: docs/design.md#sparse-kd.
 //
 // The teacher is known at k entries K = {idx_1..idx_k} of a row of V: values v_i (logits or
 // log-probabilities). With s the student row, T the temperature:
@@ -44,6 +42,9 @@
 // One exp per entry (two with labels and T != 1).
 #pragma once
 
+#include "cpu/softmax_rows.h"
+#include "sparse_kd_args.h"
+
 // One teacher value as double, one index as int64, whatever their storage.
 static inline double sparse_value(const SparseKdArgs& a, int64_t pos) {
   switch (a.values_dtype) {
@@ -63,11 +64,9 @@ static inline int64_t sparse_index(const SparseKdArgs& a, int64_t pos) {
 template <class V, class TS>
 static void sparse_kd_rows(const SparseKdArgs& a, int64_t row_begin, int64_t row_end, void* scratch) {
   using C = typename V::scalar;
-  constexpr int L = V::L;
   const int64_t n = a.vocab;
   const int64_t k = a.k;
-  const int64_t n_full = n - n % L;
-  const int64_t n_tail = n - n_full;
+  const RowShape<V> r(n);
   const int64_t n_rest = n - k;  // entries not kept: the uniform tail's size
   const double nan = std::numeric_limits<double>::quiet_NaN();
   const double inf = std::numeric_limits<double>::infinity();
@@ -85,69 +84,49 @@ static void sparse_kd_rows(const SparseKdArgs& a, int64_t row_begin, int64_t row
     const TS* s = static_cast<const TS*>(a.student) + row * n;
     TS* g = a.grad ? static_cast<TS*>(a.grad) + row * n : nullptr;
     const int64_t base = row * k;
+    if (!row_is_live(a.labels, a.ignore_index, row, n, a.row_loss, g)) continue;
     const int64_t label = a.labels ? a.labels[row] : -1;
-    if (a.labels && label == a.ignore_index) {
-      a.row_loss[row] = 0;
-      if (g) fill_row(g, n, 0.f);
-      continue;
-    }
-    // Indices outside [0, V) or repeated, or a label outside [0, V): no exception can leave a
-    // parallel region, so the row reports NaN (the Python wrapper raises before on CPU).
-    bool bad = a.labels && (label < 0 || label >= n);
+    // Indices outside [0, V) or repeated: the row fails (the Python wrapper raises before on CPU).
+    bool bad = false;
     for (int64_t i = 0; i < k && !bad; ++i) {
       const int64_t j = sparse_index(a, base + i);
       bad = j < 0 || j >= n || stamp[j] == row;
       if (!bad) stamp[j] = row;
     }
     if (bad) {
-      a.row_loss[row] = nan;
-      if (g) fill_row(g, n, std::numeric_limits<float>::quiet_NaN());
+      fail_row(a.row_loss, row, g, n);
       continue;
     }
 
     // Sweep 1: the student's maximum.
-    V mx = V::set1(neg_inf);
-    for (int64_t i = 0; i < n_full; i += L) mx = V::max(mx, V::load(s + i));
-    if (n_tail) mx = V::max(mx, load_tail<V>(s + n_full, n_tail, neg_inf));
-    const C ms = mx.max();
-    const V vms = V::set1(ms), vit = V::set1(inv_t);
+    const C ms = row_max(s, r);
+    const V vms = V::set1(ms), vit = V::set1(inv_t), zero = V::set1(C(0));
 
     // Sweep 2: exponentials (kept for sweep 4), their sum, sum (s - ms) for the uniform tail, and
-    // the temperature-1 sum for the CE. Vector accumulators are emptied into double totals every
-    // kBlock entries, as in kd_kernel.h.
-    V sum_s = V::set1(0), sum_d = V::set1(0), sum_ce = V::set1(0);
+    // the temperature-1 sum for the CE.
+    V sum_s = zero, sum_d = zero, sum_ce = zero;
     double tot_s = 0, tot_d = 0, tot_ce = 0;
-    auto sweep2 = [&](V xs, int64_t i, bool with_d) {
-      const V ds = xs - vms;
+    const bool prefetch = row + 1 < row_end;
+    auto step = [&](int64_t i, auto part) {
+      constexpr bool full = std::is_same_v<decltype(part), FullVec>;
+      if (full && prefetch) __builtin_prefetch(s + n + i, 0, 2);
+      const V ds = load_part<V>(s + i, part) - vms;
       const V es = V::exp(ds * vit);
       es.store(exp_s + i);
       sum_s = sum_s + es;
-      if (with_d) sum_d = sum_d + ds;
+      // The tail's padding lanes hold -inf: their exponentials are 0, but they must not enter
+      // sum (s - ms); the tail's entries are added one by one below.
+      if (full && uniform) sum_d = sum_d + ds;
       if (ce_needs_own_sum) sum_ce = sum_ce + V::exp(ds);
     };
-    auto flush = [&] {
+    blocked_sweep(r, step, [&] {
       tot_s += double(sum_s.sum());
-      sum_s = V::set1(0);
-      if (uniform) tot_d += double(sum_d.sum()), sum_d = V::set1(0);
-      if (ce_needs_own_sum) tot_ce += double(sum_ce.sum()), sum_ce = V::set1(0);
-    };
-    constexpr int64_t kBlock = 64 * L;
-    const bool prefetch = row + 1 < row_end;
-    for (int64_t b = 0; b < n_full; b += kBlock) {
-      const int64_t e = std::min(b + kBlock, n_full);
-      for (int64_t i = b; i < e; i += L) {
-        if (prefetch) __builtin_prefetch(s + n + i, 0, 2);
-        sweep2(V::load(s + i), i, uniform);
-      }
-      flush();
-    }
-    if (n_tail) {
-      // The padding lanes hold -inf: their exponentials are 0, but they must not enter sum (s - ms).
-      sweep2(load_tail<V>(s + n_full, n_tail, neg_inf), n_full, false);
-      flush();
-      if (uniform)
-        for (int64_t j = n_full; j < n; ++j) tot_d += double(C(to_compute<C>(s[j]) - ms));
-    }
+      sum_s = zero;
+      if (uniform) tot_d += double(sum_d.sum()), sum_d = zero;
+      if (ce_needs_own_sum) tot_ce += double(sum_ce.sum()), sum_ce = zero;
+    });
+    if (uniform)
+      for (int64_t j = r.n_full; j < n; ++j) tot_d += double(C(to_compute<C>(s[j]) - ms));
     const double log_s = std::log(tot_s);
 
     // The teacher, in double, in the values' own units (differences are taken before scaling by
@@ -178,8 +157,8 @@ static void sparse_kd_rows(const SparseKdArgs& a, int64_t row_begin, int64_t row
     // weight joins q's. A kept entry's own value, cq e_j - soft p_j, is folded into its
     // exponential: e_j <- e_j - ratio S p_j + ce, ratio = soft / (cq S); an entry where q and p are
     // both 0 (student and teacher -inf) thus gets ce itself, and a gradient of exactly 0.
-    const double rs = row_factor(a.grad_row_scale, row);
-    const double soft = a.soft_grad_coef * rs, hard_coef = a.hard_grad_coef * rs;
+    const GradCoefs gc = grad_coefs(a, row);
+    const double soft = gc.soft, hard_coef = gc.hard;
     const double q_coef = soft + (hard && !ce_needs_own_sum ? hard_coef : 0.0);
     const double ratio = soft != 0 ? soft / q_coef : 0.0;
     const double ce_d = ratio * tot_s * pb;
@@ -224,25 +203,17 @@ static void sparse_kd_rows(const SparseKdArgs& a, int64_t row_begin, int64_t row
       kl = kl < 0 ? 0 : kl;  // KL >= 0; rounding can leave -1e-16 when p == q (NaN kept)
       loss += a.soft_loss_coef * kl;
     }
-    if (hard) loss += a.hard_weight * (double(ms) + std::log(ce_needs_own_sum ? tot_ce : tot_s) - double(to_compute<C>(s[label])));
+    if (hard) loss += a.hard_weight * row_cross_entropy(ms, ce_needs_own_sum ? tot_ce : tot_s, s, label);
     a.row_loss[row] = loss;
     if (!g) continue;
 
     // Sweep 4: the gradient.
     const V vcq = V::set1(cq), vce = V::set1(ce), vcce = V::set1(cce);
-    auto sweep4 = [&](int64_t i, V xs) {
-      V r = (V::load(exp_s + i) - vce) * vcq;
-      if (ce_needs_own_sum) r = V::fma(vcce, V::exp(xs - vms), r);
-      return r;
-    };
-    const bool stream = a.stream_grad && reinterpret_cast<uintptr_t>(g) % (L * sizeof(TS)) == 0;
-    if (stream) {
-      for (int64_t i = 0; i < n_full; i += L) sweep4(i, ce_needs_own_sum ? V::load(s + i) : vms).stream(g + i);
-    } else {
-      for (int64_t i = 0; i < n_full; i += L) sweep4(i, ce_needs_own_sum ? V::load(s + i) : vms).store(g + i);
-    }
-    if (n_tail) store_tail(sweep4(n_full, load_tail<V>(s + n_full, n_tail, neg_inf)), g + n_full, n_tail);
-    if (stream) V::fence();
+    write_grad_row(g, r, a.stream_grad, [&](int64_t i, auto part) {
+      V v = (V::load(exp_s + i) - vce) * vcq;
+      if (ce_needs_own_sum) v = V::fma(vcce, V::exp(load_part<V>(s + i, part) - vms), v);
+      return v;
+    });
 
     if (hard) {
       // The label's entry, written once and computed afresh in the compute type, coefficient by

@@ -2,6 +2,8 @@
 // compiled only into kd_cpu_avx2.cpp.
 #pragma once
 
+#include "cpu/storage.h"
+
 struct VecAvx2 {
   using scalar = float;
   static constexpr int L = 8;

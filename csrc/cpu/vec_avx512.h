@@ -2,6 +2,8 @@
 // since Skylake-SP); compiled only into kd_cpu_avx512.cpp.
 #pragma once
 
+#include "cpu/storage.h"
+
 struct VecAvx512 {
   using scalar = float;
   static constexpr int L = 16;

@@ -1,6 +1,8 @@
 // One lane of plain C++: the portable path, and the float64 path (C = double).
 #pragma once
 
+#include "cpu/storage.h"
+
 template <class C>
 struct VecScalar {
   using scalar = C;

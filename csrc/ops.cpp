@@ -34,7 +34,7 @@ TORCH_LIBRARY(fastkd, m) {
   //   is false.
   //   grad_scale (every fused op below has it, last): None, or a float tensor of 1 or N (one
   //   per row) elements on the student's device that the gradient is multiplied by before its
-  //   one rounding to the student's dtype: the backward's grad_output (fastkd/ops/_fused.py).
+  //   one rounding to the student's dtype: the backward's grad_output (fastkd/ops/fused_autograd.py).
   //   It changes neither the loss nor the reduction's own scale.
   m.def(
       "kd_forward(Tensor student, Tensor teacher, Tensor? labels, Tensor? teacher_weights, str divergence, "

@@ -143,16 +143,25 @@ __global__ void __launch_bounds__(kRowMaxThreads) dkd_forward_kernel(const scala
   const acc_t k_q = k * (p.beta - p.alpha * dq) / tot.sum_s;
   const acc_t k_p = k * p.beta / tot.sum_t;
   const acc_t g_y = k * p.alpha * dq;
-  // Loaded as in pass 1 (the target as -inf: its entry is g_y, whatever g would be).
-  write_grad_row<VEC>(g_row, vocab, chunks, [&](int64_t base) {
+  // The loads keep pass 1's test for a skipped index (-1 matches none): the shape under which the
+  // float64 kernels fit in 128 registers on sm_90 (without the test, ptxas spilled two of them).
+  for (int64_t c = chunks.count - 1; c >= 0; --c) {
     acc_t sv[kE], tv[kE];
-    load_chunk<VEC>(s_row, vocab, base, sv, SkipIndex{label});
-    load_chunk<VEC>(t_row, vocab, base, tv, SkipIndex{label});
-    return [&, sv, tv](int e, int64_t i) {
-      const acc_t g = k_q * exp2_((sv[e] - r_s) * xs) - k_p * exp2_((tv[e] - r_t) * xs);
-      return i == label ? g_y : g;
-    };
-  });
+    load_chunk<VEC>(s_row, vocab, c * chunks.size, sv, SkipIndex{-1});
+    load_chunk<VEC>(t_row, vocab, c * chunks.size, tv, SkipIndex{-1});
+#pragma unroll
+    for (int u = 0; u < kE / VEC; ++u) {
+      const int64_t i = slot_index<VEC>(c * chunks.size, u);
+      if (i >= vocab) continue;
+      Vec<scalar_s, VEC> out;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const acc_t g = k_q * exp2_((sv[u * VEC + e] - r_s) * xs) - k_p * exp2_((tv[u * VEC + e] - r_t) * xs);
+        out.v[e] = store_as<scalar_s>(i + e == label ? g_y : g);
+      }
+      *reinterpret_cast<Vec<scalar_s, VEC>*>(g_row + i) = out;
+    }
+  }
 }
 
 // The forward, or (into given) the rescale op's recomputation into the forward's gradient.

@@ -94,9 +94,7 @@ __global__ void __launch_bounds__(kRowMaxThreads, kMinBlocks<acc_t>) kd_forward_
     acc_t sv[kE], tv[kE];
     load_chunk<VEC>(s_row, vocab, c * chunks.size, sv);
     load_chunk<VEC>(t_row, vocab, c * chunks.size, tv);
-    const acc_t m_s = st.kl.m_s;
-    st.kl.add_chunk(sv, tv, xs);
-    if (sep_ce) add_chunk_at(st.sum_1, m_s, st.kl.m_s, sv, log2e);
+    st.kl.add_chunk(sv, tv, xs, sep_ce, st.sum_1);
   }
 
   const KdState<acc_t> tot = block_allreduce<kRowMaxWarps>(
@@ -123,19 +121,27 @@ __global__ void __launch_bounds__(kRowMaxThreads, kMinBlocks<acc_t>) kd_forward_
   const acc_t inv_s = acc_t(1) / tot.kl.sum_s;
   const acc_t inv_t = acc_t(1) / tot.kl.sum_t;
   const acc_t inv_1 = acc_t(1) / sum_1;
-  write_grad_row<VEC>(g_row, vocab, chunks, [&](int64_t base) {
+  for (int64_t c = chunks.count - 1; c >= 0; --c) {
     acc_t sv[kE], tv[kE];
-    load_chunk<VEC>(s_row, vocab, base, sv);
-    load_chunk<VEC>(t_row, vocab, base, tv);
-    return [&, sv, tv](int e, int64_t i) {
-      const acc_t s = sv[e];
-      const acc_t q = exp2_((s - r_s) * xs) * inv_s;
-      const acc_t pt = exp2_((tv[e] - r_t) * xs) * inv_t;
-      acc_t g = k_soft * (q - pt);
-      if (p.has_ce) g += ce_grad(k_hard, s, q, i == label, p.same_t, r_s, inv_1);
-      return g;
-    };
-  });
+    load_chunk<VEC>(s_row, vocab, c * chunks.size, sv);
+    load_chunk<VEC>(t_row, vocab, c * chunks.size, tv);
+#pragma unroll
+    for (int u = 0; u < kE / VEC; ++u) {
+      const int64_t i = slot_index<VEC>(c * chunks.size, u);
+      if (i >= vocab) continue;
+      Vec<scalar_s, VEC> out;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const acc_t s = sv[u * VEC + k];
+        const acc_t q = exp2_((s - r_s) * xs) * inv_s;
+        const acc_t pt = exp2_((tv[u * VEC + k] - r_t) * xs) * inv_t;
+        acc_t g = k_soft * (q - pt);
+        if (p.has_ce) g += ce_grad(k_hard, s, q, i + k == label, p.same_t, r_s, inv_1);
+        out.v[k] = store_as<scalar_s>(g);
+      }
+      *reinterpret_cast<Vec<scalar_s, VEC>*>(g_row + i) = out;
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -386,18 +392,27 @@ __global__ void __launch_bounds__(kRowMaxThreads) kd_div_kernel(const scalar_s* 
   // Pass 3: the gradient, last chunk first.
   const auto [k_soft, k_hard] = p.grad_coefs(row);
   const acc_t inv_1 = acc_t(1) / sum_1;
-  write_grad_row<VEC>(g_row, vocab, chunks, [&](int64_t base) {
+  for (int64_t c = chunks.count - 1; c >= 0; --c) {
     acc_t sv[kE], lq2[kE], lp2[kE];
-    entries(base, sv, lq2, lp2);
-    return [&, sv, lq2, lp2](int e, int64_t i) {
-      const acc_t q = exp2_(lq2[e]), pp = exp2_(lp2[e]);
-      acc_t t1, x;
-      div_terms(p, q, lq2[e], pp, lp2[e], t1, x);
-      acc_t g = p.divergence == kDivKL ? k_soft * (q - x) : (q == acc_t(0) ? acc_t(0) : k_soft * q * (x - cstat));
-      if (p.has_ce) g += ce_grad(k_hard, sv[e], q, i == label, p.same_t, r_s, inv_1);
-      return g;
-    };
-  });
+    entries(c * chunks.size, sv, lq2, lp2);
+#pragma unroll
+    for (int u = 0; u < kE / VEC; ++u) {
+      const int64_t i = slot_index<VEC>(c * chunks.size, u);
+      if (i >= vocab) continue;
+      Vec<scalar_s, VEC> out;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const int e = u * VEC + k;
+        const acc_t q = exp2_(lq2[e]), pp = exp2_(lp2[e]);
+        acc_t t1, x;
+        div_terms(p, q, lq2[e], pp, lp2[e], t1, x);
+        acc_t g = p.divergence == kDivKL ? k_soft * (q - x) : (q == acc_t(0) ? acc_t(0) : k_soft * q * (x - cstat));
+        if (p.has_ce) g += ce_grad(k_hard, sv[e], q, i + k == label, p.same_t, r_s, inv_1);
+        out.v[k] = store_as<scalar_s>(g);
+      }
+      *reinterpret_cast<Vec<scalar_s, VEC>*>(g_row + i) = out;
+    }
+  }
 }
 
 // The forward, or (into given) the rescale op's recomputation into the forward's gradient.

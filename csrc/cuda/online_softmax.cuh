@@ -83,17 +83,6 @@ __device__ __forceinline__ acc_t chunk_max(const acc_t (&v)[N]) {
   return m;
 }
 
-// sum <- sum moved from the reference of m_old to that of m_new (>= m_old), plus the chunk's
-// 2^((v - r) * scale). A second sum over the same logits at another scale (the hard-label CE's
-// e^(s - r) beside the soft term's 2^((s - r) log2(e)/T)) shares their maximum this way.
-template <int N, typename acc_t>
-__device__ __forceinline__ void add_chunk_at(acc_t& sum, acc_t m_old, acc_t m_new, const acc_t (&v)[N], acc_t scale) {
-  const acc_t r = ref_of(m_new);
-  sum *= exp2_((m_old - r) * scale);
-#pragma unroll
-  for (int k = 0; k < N; ++k) sum += exp2_((v[k] - r) * scale);
-}
-
 // Two sums at maxima ma and mb merged at r, the reference of the larger maximum.
 template <typename acc_t>
 __device__ __forceinline__ acc_t merge_sums(acc_t sa, acc_t ma, acc_t sb, acc_t mb, acc_t r, acc_t scale) {
@@ -111,7 +100,10 @@ struct Lse {
   template <int N>
   __device__ __forceinline__ void add_chunk(const acc_t (&v)[N], acc_t scale) {
     const acc_t nm = max_(m, chunk_max(v));
-    add_chunk_at(sum, m, nm, v, scale);
+    const acc_t r = ref_of(nm);
+    sum *= exp2_((m - r) * scale);
+#pragma unroll
+    for (int k = 0; k < N; ++k) sum += exp2_((v[k] - r) * scale);
     m = nm;
   }
 
@@ -131,11 +123,20 @@ struct StudentLse {
 
   __device__ __forceinline__ static StudentLse empty() { return {Lse<acc_t>::empty(), acc_t(0)}; }
 
+  // Both sums in one pass over the chunk, so that its entries are not held for a second one.
   template <int N>
   __device__ __forceinline__ void add_chunk(const acc_t (&v)[N], acc_t xs, bool sep_ce) {
-    const acc_t m_old = lse.m;
-    lse.add_chunk(v, xs);
-    if (sep_ce) add_chunk_at(sum_1, m_old, lse.m, v, Consts<acc_t>::kLog2e);
+    const acc_t log2e = Consts<acc_t>::kLog2e;
+    const acc_t nm = max_(lse.m, chunk_max(v));
+    const acc_t r = ref_of(nm);
+    lse.sum *= exp2_((lse.m - r) * xs);
+    if (sep_ce) sum_1 *= exp2_((lse.m - r) * log2e);
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      lse.sum += exp2_((v[k] - r) * xs);
+      if (sep_ce) sum_1 += exp2_((v[k] - r) * log2e);
+    }
+    lse.m = nm;
   }
 
   __device__ __forceinline__ void merge(const StudentLse& b, acc_t xs, bool sep_ce) {
@@ -167,6 +168,15 @@ struct KlState {
   // One chunk of both rows (-inf past the row end): one rescale, then the entries.
   template <int N>
   __device__ __forceinline__ void add_chunk(const acc_t (&sv)[N], const acc_t (&tv)[N], acc_t xs) {
+    acc_t none = acc_t(0);
+    add_chunk(sv, tv, xs, false, none);
+  }
+
+  // The same and, with ce, sum_1 = sum e^(s - r_s) (the CE's sum when T != 1) in the same pass, so
+  // that the chunk's entries are not held for a second one.
+  template <int N>
+  __device__ __forceinline__ void add_chunk(const acc_t (&sv)[N], const acc_t (&tv)[N], acc_t xs, bool ce, acc_t& sum_1) {
+    const acc_t log2e = Consts<acc_t>::kLog2e;
     const acc_t nm_s = max_(m_s, chunk_max(sv));
     const acc_t nm_t = max_(m_t, chunk_max(tv));
     const acc_t r_s = ref_of(nm_s);
@@ -175,6 +185,7 @@ struct KlState {
     a = f_t * (a + sum_t * (((ref_of(m_t) - r_t) - (ref_of(m_s) - r_s)) * xs));
     sum_t *= f_t;
     sum_s *= exp2_((m_s - r_s) * xs);
+    if (ce) sum_1 *= exp2_((m_s - r_s) * log2e);
 #pragma unroll
     for (int k = 0; k < N; ++k) {
       const acc_t x = (sv[k] - r_s) * xs;
@@ -183,6 +194,7 @@ struct KlState {
       sum_s += exp2_(x);
       sum_t += e_t;
       a += e_t == acc_t(0) ? acc_t(0) : e_t * (y - x);
+      if (ce) sum_1 += exp2_((sv[k] - r_s) * log2e);
     }
     m_s = nm_s;
     m_t = nm_t;
@@ -264,27 +276,6 @@ struct Chunks {
   __device__ __forceinline__ explicit Chunks(int64_t vocab)
       : size(static_cast<int64_t>(blockDim.x) * kRowElems<VEC>), count((vocab + size - 1) / size) {}
 };
-
-// The gradient pass: the row's chunks, last first (the one most likely still in L2). For each,
-// load(base) reads this thread's entries of the chunk at `base` and returns value(e, i), the
-// gradient of its entry e (0 <= e < kRowElems<VEC>), at row index i; the entries in the row are
-// written VEC at a time.
-template <int VEC, typename S, typename Load>
-__device__ __forceinline__ void write_grad_row(S* __restrict__ g_row, int64_t vocab, const Chunks<VEC>& chunks, Load load) {
-  for (int64_t c = chunks.count - 1; c >= 0; --c) {
-    const int64_t base = c * chunks.size;
-    const auto value = load(base);
-#pragma unroll
-    for (int u = 0; u < kRowElems<VEC> / VEC; ++u) {
-      const int64_t i = slot_index<VEC>(base, u);
-      if (i >= vocab) continue;
-      Vec<S, VEC> out;
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) out.v[k] = store_as<S>(value(u * VEC + k, i + k));
-      *reinterpret_cast<Vec<S, VEC>*>(g_row + i) = out;
-    }
-  }
-}
 
 // The factor of a row's gradient: the reduction scale (1 / valid rows for batchmean, on the device
 // when only the labels tell it) times grad_scale.

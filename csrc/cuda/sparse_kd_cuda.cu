@@ -196,23 +196,27 @@ __global__ void __launch_bounds__(kRowMaxThreads, 1) sparse_kd_forward_kernel(co
   constexpr int kE = kRowElems<VEC>;
   const Chunks<VEC> chunks(vocab);
 
-  // Pass 1: the student row.
+  // Pass 1: the student row, every sum in one loop (a second loop would hold the chunk longer).
+  const acc_t log2e = Consts<acc_t>::kLog2e;
   RowState<acc_t> st = RowState<acc_t>::empty();
   for (int64_t c = 0; c < chunks.count; ++c) {
     acc_t sv[kE];
     load_chunk<VEC>(s_row, vocab, c * chunks.size, sv);
-    const acc_t m_old = st.s.lse.m;
-    st.s.add_chunk(sv, xs, sep_ce);
-    if (!p.uniform) continue;
-    const acc_t r = ref_of(st.s.lse.m);
-    st.d += st.n_fin * (ref_of(m_old) - r);
+    Lse<acc_t>& lse = st.s.lse;
+    const acc_t m = max_(lse.m, chunk_max(sv));
+    const acc_t r = ref_of(m);
+    lse.sum *= exp2_((lse.m - r) * xs);
+    if (sep_ce) st.s.sum_1 *= exp2_((lse.m - r) * log2e);
+    if (p.uniform) st.d += st.n_fin * (ref_of(lse.m) - r);
 #pragma unroll
     for (int u = 0; u < kE / VEC; ++u) {
       const bool in_row = slot_index<VEC>(c * chunks.size, u) < vocab;  // a vector is all in or all out
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         const acc_t x = sv[u * VEC + e];
-        if (in_row) {
+        lse.sum += exp2_((x - r) * xs);
+        if (sep_ce) st.s.sum_1 += exp2_((x - r) * log2e);
+        if (p.uniform && in_row) {
           if (x == neg_inf<acc_t>()) {
             st.n_ninf += 1;
           } else {
@@ -222,6 +226,7 @@ __global__ void __launch_bounds__(kRowMaxThreads, 1) sparse_kd_forward_kernel(co
         }
       }
     }
+    lse.m = m;
   }
   const RowState<acc_t> tot = block_allreduce<kRowMaxWarps>(
       st, RowState<acc_t>::empty(), [&](RowState<acc_t>& a, const RowState<acc_t>& b) { a.merge(b, xs, sep_ce); },
@@ -294,11 +299,19 @@ __global__ void __launch_bounds__(kRowMaxThreads, 1) sparse_kd_forward_kernel(co
     if (p.has_ce) g += ce_grad(k_hard, s, q, j == label, p.same_t, r_s, inv_1);
     return g;
   };
-  write_grad_row<VEC>(g_row, vocab, chunks, [&](int64_t base) {
+  for (int64_t c = chunks.count - 1; c >= 0; --c) {
     acc_t sv[kE];
-    load_chunk<VEC>(s_row, vocab, base, sv);
-    return [&, sv](int e, int64_t i) { return value(sv[e], pb, i); };
-  });
+    load_chunk<VEC>(s_row, vocab, c * chunks.size, sv);
+#pragma unroll
+    for (int u = 0; u < kE / VEC; ++u) {
+      const int64_t i = slot_index<VEC>(c * chunks.size, u);
+      if (i >= vocab) continue;
+      Vec<S, VEC> out;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) out.v[e] = store_as<S>(value(sv[u * VEC + e], pb, i + e));
+      *reinterpret_cast<Vec<S, VEC>*>(g_row + i) = out;
+    }
+  }
   // Every thread's stores above are visible to, and ordered before, the block's stores below.
   __syncthreads();
   for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {

@@ -8,7 +8,10 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <optional>
+#include <string>
+#include <string_view>
 #include <type_traits>
 
 namespace fastkd::cuda_common {
@@ -77,6 +80,49 @@ struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
+// st of the lane `mask` away (lane ^ mask), moved as 32-bit words: any trivially copyable state.
+template <typename State>
+__device__ __forceinline__ State shfl_xor_state(const State& st, int mask) {
+  static_assert(std::is_trivially_copyable_v<State> && sizeof(State) % 4 == 0, "a state of 32-bit words");
+  constexpr int kWords = sizeof(State) / 4;
+  unsigned int w[kWords];
+  std::memcpy(w, &st, sizeof(State));
+#pragma unroll
+  for (int i = 0; i < kWords; ++i) w[i] = __shfl_xor_sync(0xffffffffu, w[i], mask);
+  State out;
+  std::memcpy(&out, w, sizeof(State));
+  return out;
+}
+
+// The states of all threads of the block merged, merge(a, b) folding b into a; every thread gets
+// the result. A butterfly within each warp (masks 16 to 1), then the same over the warps' results
+// in warp 0, `empty` standing in for missing warps: the order of the merges is fixed by the block
+// size, so a row's result does not depend on timing. blockDim.x must be a multiple of 32 and at
+// most 32 * MAX_WARPS; smem holds MAX_WARPS + 1 states. smem may go straight to the next
+// block_allreduce (every thread has read the result before any can pass that call's first
+// barrier); any other use of it needs a __syncthreads() first.
+template <int MAX_WARPS, typename State, typename Merge>
+__device__ State block_allreduce(State st, const State& empty, Merge merge, State* smem) {
+  for (int mask = 16; mask > 0; mask >>= 1) merge(st, shfl_xor_state(st, mask));
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (lane == 0) smem[warp] = st;
+  __syncthreads();
+  if (warp == 0) {
+    st = lane < static_cast<int>(blockDim.x / 32) ? smem[lane] : empty;
+    for (int mask = 16; mask > 0; mask >>= 1) merge(st, shfl_xor_state(st, mask));
+    if (lane == 0) smem[MAX_WARPS] = st;
+  }
+  __syncthreads();
+  return smem[MAX_WARPS];
+}
+
+// The sum over the block (block_allreduce's order); every thread gets it.
+template <int MAX_WARPS, typename acc_t>
+__device__ __forceinline__ acc_t block_sum(acc_t x, acc_t* smem) {
+  return block_allreduce<MAX_WARPS>(x, acc_t(0), [](acc_t& a, acc_t b) { a += b; }, smem);
+}
+
 // Index of the first of the VEC elements this thread handles in vector slot u of the chunk at
 // `base` (one block per row, the row read in chunks of blockDim.x * VEC * slots).
 template <int VEC>
@@ -136,6 +182,30 @@ inline at::Tensor grad_buffer(const at::Tensor& student, at::Tensor* into, const
               op, "grad must be the forward's gradient, contiguous ", student.scalar_type(), " ", student.sizes(), " on ",
               student.device(), ", got ", into->scalar_type(), " ", into->sizes(), " on ", into->device());
   return *into;
+}
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// f(Tag<S>{}) with S the C++ type of st (float32, float16, bfloat16 or float64); else an error
+// naming op (its prefix, "fastkd::<op> (cuda): ").
+template <typename F>
+void dispatch_dtype(at::ScalarType st, const char* op, F&& f) {
+  switch (st) {
+    case at::kFloat: f(Tag<float>{}); break;
+    case at::kHalf: f(Tag<at::Half>{}); break;
+    case at::kBFloat16: f(Tag<at::BFloat16>{}); break;
+    case at::kDouble: f(Tag<double>{}); break;
+    default: TORCH_CHECK(false, op, "unsupported dtype ", st);
+  }
+}
+
+// f(Tag<S>{}, Tag<T>{}) for a student of dtype s and a teacher of dtype t.
+template <typename F>
+void dispatch_dtypes(at::ScalarType s, at::ScalarType t, const char* op, F&& f) {
+  dispatch_dtype(s, op, [&](auto s_tag) { dispatch_dtype(t, op, [&](auto t_tag) { f(s_tag, t_tag); }); });
 }
 
 inline bool is_float_dtype(at::ScalarType st) {

@@ -77,23 +77,6 @@ constexpr double kNormalizeEps = 1e-12;
 
 enum HintKind : int { kMse = 0, kL1 = 1, kSmoothL1 = 2, kCosine = 3, kNormalizedMse = 4 };
 
-// Sum over the block; every thread gets the result. smem: kWarps + 1 entries.
-template <typename acc_t>
-__device__ acc_t block_sum(acc_t x, acc_t* smem) {
-  for (int m = 16; m > 0; m >>= 1) x += __shfl_xor_sync(0xffffffffu, x, m);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();  // smem may still be read from a previous call
-  if (lane == 0) smem[warp] = x;
-  __syncthreads();
-  if (warp == 0) {
-    x = lane < kWarps ? smem[lane] : acc_t(0);
-    for (int m = 16; m > 0; m >>= 1) x += __shfl_xor_sync(0xffffffffu, x, m);
-    if (lane == 0) smem[kWarps] = x;
-  }
-  __syncthreads();
-  return smem[kWarps];
-}
-
 template <typename acc_t>
 __device__ __forceinline__ acc_t sign_of(acc_t x) {  // sign(NaN) = 0, as torch.sign
   return x > acc_t(0) ? acc_t(1) : (x < acc_t(0) ? acc_t(-1) : acc_t(0));
@@ -128,7 +111,7 @@ __global__ void __launch_bounds__(kThreads) hint_sums_kernel(const S* __restrict
   }
 #pragma unroll
   for (int k = 0; k < 6; ++k) {
-    const acc_t total = block_sum(sum[k], smem);
+    const acc_t total = block_sum<kWarps>(sum[k], smem);
     if (threadIdx.x == 0) part[pid * 6 + k] = total;
   }
 }
@@ -184,7 +167,7 @@ __global__ void __launch_bounds__(kThreads) hint_kernel(const S* __restrict__ s,
     }
     if (g_row != nullptr) g_row[i] = store_as<S>(g);
   }
-  loss = block_sum(loss, smem);
+  loss = block_sum<kWarps>(loss, smem);
   if (threadIdx.x == 0) part[pid] = loss;
 }
 
@@ -255,22 +238,6 @@ __global__ void __launch_bounds__(kThreads) at_grad_kernel(const S* __restrict__
 }
 
 // -- launchers ------------------------------------------------------------------------------
-
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-template <typename F>
-void dispatch_dtype(at::ScalarType st, const char* op, F&& f) {
-  switch (st) {
-    case at::kFloat: f(Tag<float>{}); break;
-    case at::kHalf: f(Tag<at::Half>{}); break;
-    case at::kBFloat16: f(Tag<at::BFloat16>{}); break;
-    case at::kDouble: f(Tag<double>{}); break;
-    default: TORCH_CHECK(false, op, "unsupported dtype ", st);
-  }
-}
 
 // A teacher of another dtype than the student is converted to the student's compute type
 // (float32, or float64 for a float64 student), as the reference does; so the kernels are
@@ -545,7 +512,7 @@ void attention_transfer_forward_rescale_cuda(at::Tensor& grad, const at::Tensor&
 
 TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
   m.impl("hint_forward", &fastkd::hint_forward_cuda);
+  m.impl("hint_forward_rescale_", &fastkd::hint_forward_rescale_cuda);  // grad_scale (csrc/ops.cpp)
   m.impl("attention_transfer_forward", &fastkd::attention_transfer_forward_cuda);
-  m.impl("hint_forward_rescale_", &fastkd::hint_forward_rescale_cuda);
   m.impl("attention_transfer_forward_rescale_", &fastkd::attention_transfer_forward_rescale_cuda);
 }

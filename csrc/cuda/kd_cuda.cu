@@ -11,19 +11,10 @@
 //                                                         g = T if t2_scale else 1/T
 //   scale = 1 / (number of non-ignored rows) for "batchmean" (computed on the device), else 1.
 //
-// Pass 1: every thread keeps an online (max, sum) state over its strided elements, in base 2:
-// x = (s - r_s) * log2(e)/T, y = (t - r_t) * log2(e)/T, with r_s, r_t the running maxima of the
-// raw logits (0 while still -inf, so that -inf - -inf never occurs). It accumulates
-//
-//   S_s = sum 2^x,   S_t = sum 2^y,   A = sum_{2^y != 0} 2^y (y - x),   S_1 = sum e^(s - r_s)
-//
-// and KL = ln2 * (A / S_t + log2 S_s - log2 S_t). A is relative to both references, so a
-// constant offset between teacher and student logits cancels inside each term instead of
-// between two large numbers at the end; terms with 2^y == 0 (teacher -inf, masked vocabulary)
-// are 0, not 0 * inf. When a reference grows from r to r', the sums are multiplied by
-// 2^((r - r') log2(e)/T) and A also gains S_t times the shift of both references. The thread
-// states are merged with the same rule (warp shuffles, then shared memory). NaN inputs
-// propagate through the sums, whatever fmax does with NaN.
+// Pass 1: every thread keeps the online KL statistics of online_softmax.cuh (KlState: S_s, S_t
+// and A over its strided entries, in base 2; docs/design.md#online-softmax) and, for the CE when
+// T != 1, S_1 = sum e^(s - r_s) at the student's reference; block_allreduce merges them. Then
+// KL = ln2 * (A / S_t + log2 S_s - log2 S_t).
 //
 // Pass 2 re-reads the row, last chunk first (the one most likely still in L2), and writes the
 // gradient. Ignored rows (label == ignore_index) read nothing: loss 0, gradient 0. A label
@@ -52,230 +43,91 @@
 #include "cuda_common.cuh"
 #include "gpu_kernel_info.h"
 #include "kd_args.h"
+#include "online_softmax.cuh"
 
 namespace fastkd {
 namespace {
 
 using namespace cuda_common;
+using namespace online_softmax;
 
-// Block sizes the launcher chooses from (the smallest whose chunk covers the row), recorded in
-// the library for the static occupancy report. The largest is the kernel's __launch_bounds__;
-// all are multiples of 32 (block_reduce needs whole warps).
-#define FASTKD_KD_THREADS 64, 128, 256, 512
-constexpr int kBlockThreads[] = {FASTKD_KD_THREADS};
 // Reads and writes each row's student, teacher and gradient once, its label and its loss.
-FASTKD_GPU_KERNEL_INFO(kd_forward_kernel, "V*(2*$0+$1)+$2+8", FASTKD_KD_THREADS);
+FASTKD_GPU_KERNEL_INFO(kd_forward_kernel, "V*(2*$0+$1)+$2+8", FASTKD_ROW_THREADS);
 // The same for one teacher; an ensemble of M teachers reads M teacher rows (V*(2*$0+M*$1)+$2+8),
 // which a formula in V and the template arguments cannot say.
-FASTKD_GPU_KERNEL_INFO(kd_div_kernel, "V*(2*$0+$1)+$2+8", FASTKD_KD_THREADS);
-constexpr int kMaxThreads = kBlockThreads[std::size(kBlockThreads) - 1];
-static_assert(valid_block_table(kBlockThreads), "kBlockThreads must be increasing multiples of 32");
-constexpr int kMaxWarps = kMaxThreads / 32;
-// Elements of each input a thread holds per chunk: kElems<VEC> / VEC loads of VEC elements.
-// Scalar loads take fewer, to stay within the 128 registers that kMaxThreads threads allow.
-template <int VEC>
-constexpr int kElems = VEC == 1 ? 4 : 2 * VEC;
+FASTKD_GPU_KERNEL_INFO(kd_div_kernel, "V*(2*$0+$1)+$2+8", FASTKD_ROW_THREADS);
 
+// The kd kernel's per-thread state: the KL statistics and, for the CE when T != 1,
+// sum_1 = sum e^(s - r_s) at the student's reference.
 template <typename acc_t>
-struct KdParams {
-  int64_t vocab;
-  int64_t ignore_index;
-  acc_t x_scale;         // log2(e) / T
-  acc_t soft_loss_coef;  // (1 - a) * (T or 1); the loss's T^2 is this times soft_loss_t
-  acc_t soft_loss_t;     // T or 1: two factors, since T^2 alone overflows float from T ~ 1.8e19
-  acc_t hard_weight;     // a
-  acc_t soft_grad_coef;  // (1 - a) * (T or 1/T), before the reduction scale
-  const acc_t* scale_ptr;  // device reduction scale (batchmean with labels), or null
-  acc_t host_scale;        // reduction scale when scale_ptr is null
-  GradScale<acc_t> gs;     // grad_scale (cuda_common.cuh)
-  bool has_ce;             // labels given and a > 0
-  bool same_t;             // T == 1: the CE softmax is the student softmax
+struct KdState {
+  KlState<acc_t> kl;
+  acc_t sum_1;
 };
 
-// Online statistics of (part of) one row; see the comment at the top.
+// float64 asks for one block of 512 threads per SM, i.e. up to 128 registers: with only the
+// thread bound, ptxas gave the sm_90 float64 kernel at one element per load 64 registers and it
+// spilled (STACK 80 B) while its siblings took up to 126. float32 keeps the default (0: none).
 template <typename acc_t>
-struct RowState {
-  acc_t m_s, m_t;      // maxima of the raw student / teacher logits (-inf: nothing finite yet)
-  acc_t sum_s, sum_t;  // sum 2^x, sum 2^y
-  acc_t a;             // sum 2^y (y - x)
-  acc_t sum_1;         // sum e^(s - r_s), for the CE when T != 1
-
-  __device__ __forceinline__ static RowState empty() {
-    return {neg_inf<acc_t>(), neg_inf<acc_t>(), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
-  }
-};
-
-// a <- a merged with b. Each side is rescaled from its own references to the merged ones;
-// 2^(-inf) = 0 takes care of a side that has seen nothing finite.
-template <typename acc_t>
-__device__ __forceinline__ void merge(RowState<acc_t>& a, const RowState<acc_t>& b, acc_t x_scale, bool sep_ce) {
-  const acc_t m_s = max_(a.m_s, b.m_s);
-  const acc_t m_t = max_(a.m_t, b.m_t);
-  const acc_t r_s = ref_of(m_s);
-  const acc_t r_t = ref_of(m_t);
-  const acc_t fa_s = exp2_((a.m_s - r_s) * x_scale);
-  const acc_t fb_s = exp2_((b.m_s - r_s) * x_scale);
-  const acc_t fa_t = exp2_((a.m_t - r_t) * x_scale);
-  const acc_t fb_t = exp2_((b.m_t - r_t) * x_scale);
-  const acc_t da = ((ref_of(a.m_t) - r_t) - (ref_of(a.m_s) - r_s)) * x_scale;
-  const acc_t db = ((ref_of(b.m_t) - r_t) - (ref_of(b.m_s) - r_s)) * x_scale;
-  a.a = fa_t * (a.a + a.sum_t * da) + fb_t * (b.a + b.sum_t * db);
-  a.sum_s = a.sum_s * fa_s + b.sum_s * fb_s;
-  a.sum_t = a.sum_t * fa_t + b.sum_t * fb_t;
-  if (sep_ce) {
-    a.sum_1 = a.sum_1 * exp2_((a.m_s - r_s) * Consts<acc_t>::kLog2e) +
-              b.sum_1 * exp2_((b.m_s - r_s) * Consts<acc_t>::kLog2e);
-  }
-  a.m_s = m_s;
-  a.m_t = m_t;
-}
-
-template <typename acc_t>
-__device__ __forceinline__ RowState<acc_t> shfl_xor(const RowState<acc_t>& st, int mask) {
-  RowState<acc_t> o;
-  o.m_s = __shfl_xor_sync(0xffffffffu, st.m_s, mask);
-  o.m_t = __shfl_xor_sync(0xffffffffu, st.m_t, mask);
-  o.sum_s = __shfl_xor_sync(0xffffffffu, st.sum_s, mask);
-  o.sum_t = __shfl_xor_sync(0xffffffffu, st.sum_t, mask);
-  o.a = __shfl_xor_sync(0xffffffffu, st.a, mask);
-  o.sum_1 = __shfl_xor_sync(0xffffffffu, st.sum_1, mask);
-  return o;
-}
-
-// Merges the states of all threads of the block; every thread gets the result.
-// blockDim.x must be a multiple of 32 and at most kMaxThreads.
-template <typename acc_t>
-__device__ RowState<acc_t> block_reduce(RowState<acc_t> st, acc_t x_scale, bool sep_ce, RowState<acc_t>* smem) {
-  for (int mask = 16; mask > 0; mask >>= 1) merge(st, shfl_xor(st, mask), x_scale, sep_ce);
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (lane == 0) smem[warp] = st;
-  __syncthreads();
-  if (warp == 0) {
-    st = lane < static_cast<int>(blockDim.x / 32) ? smem[lane] : RowState<acc_t>::empty();
-    for (int mask = 16; mask > 0; mask >>= 1) merge(st, shfl_xor(st, mask), x_scale, sep_ce);
-    if (lane == 0) smem[kMaxWarps] = st;
-  }
-  __syncthreads();
-  return smem[kMaxWarps];
-}
-
-// Loads this thread's kElems<VEC> elements of the chunk at `base`; past the row end: -inf.
-// With VEC > 1 the host guarantees V % VEC == 0 and aligned rows, so a vector is all in or all out.
-template <int VEC, typename T, typename acc_t>
-__device__ __forceinline__ void load_chunk(const T* __restrict__ row, int64_t vocab, int64_t base, acc_t (&out)[kElems<VEC>]) {
-#pragma unroll
-  for (int u = 0; u < kElems<VEC> / VEC; ++u) {
-    const int64_t i = slot_index<VEC>(base, u);
-    if (i < vocab) {
-      const Vec<T, VEC> v = *reinterpret_cast<const Vec<T, VEC>*>(row + i);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) out[u * VEC + k] = load_as<acc_t>(&v.v[k]);
-    } else {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) out[u * VEC + k] = neg_inf<acc_t>();
-    }
-  }
-}
+constexpr int kMinBlocks = std::is_same_v<acc_t, double> ? 1 : 0;
 
 template <typename scalar_s, typename scalar_t, typename acc_t, int VEC>
-__global__ void __launch_bounds__(kMaxThreads) kd_forward_kernel(const scalar_s* __restrict__ student,
-                                                                 const scalar_t* __restrict__ teacher,
-                                                                 const int64_t* __restrict__ labels,
-                                                                 acc_t* __restrict__ row_loss,
-                                                                 scalar_s* __restrict__ grad,
-                                                                 const KdParams<acc_t> p) {
-  __shared__ RowState<acc_t> smem[kMaxWarps + 1];
+__global__ void __launch_bounds__(kRowMaxThreads, kMinBlocks<acc_t>) kd_forward_kernel(
+    const scalar_s* __restrict__ student, const scalar_t* __restrict__ teacher, const int64_t* __restrict__ labels,
+    acc_t* __restrict__ row_loss, scalar_s* __restrict__ grad, const KdCoefs<acc_t> p) {
+  __shared__ KdState<acc_t> smem[kRowMaxWarps + 1];
   const int64_t row = blockIdx.x;
-  if (p.gs.skip(row)) return;  // the forward's gradient stands: no traffic (uniform per block)
   const int64_t vocab = p.vocab;
-  const scalar_s* s_row = student + row * vocab;
-  const scalar_t* t_row = teacher + row * vocab;
-  scalar_s* g_row = grad == nullptr ? nullptr : grad + row * vocab;
-
-  // The label is the same for the whole block, so these branches are uniform.
-  int64_t label = -1;
-  if (labels != nullptr) {
-    label = labels[row];
-    if (label == p.ignore_index || label < 0 || label >= vocab) {
-      const bool bad = label != p.ignore_index;
-      if (threadIdx.x == 0) row_loss[row] = bad ? quiet_nan<acc_t>() : acc_t(0);
-      if (g_row != nullptr) {
-        fill_row<VEC>(g_row, vocab, store_as<scalar_s>(bad ? quiet_nan<acc_t>() : acc_t(0)));
-      }
-      return;
-    }
-  }
+  const auto [s_row, t_row, g_row] = row_ptrs(student, teacher, grad, row, vocab);
+  int64_t label;
+  if (!start_row<VEC>(row, labels, vocab, p.ignore_index, p.scale.gs, row_loss, g_row, label)) return;
 
   const acc_t xs = p.x_scale;
   const acc_t log2e = Consts<acc_t>::kLog2e;
   const bool sep_ce = p.has_ce && !p.same_t;
-  constexpr int kE = kElems<VEC>;
-  const int64_t chunk = static_cast<int64_t>(blockDim.x) * kE;
-  const int64_t n_chunks = (vocab + chunk - 1) / chunk;
+  constexpr int kE = kRowElems<VEC>;
+  const Chunks<VEC> chunks(vocab);
 
   // Pass 1: per-thread online statistics, one rescale per chunk.
-  RowState<acc_t> st = RowState<acc_t>::empty();
-  for (int64_t c = 0; c < n_chunks; ++c) {
+  KdState<acc_t> st{KlState<acc_t>::empty(), acc_t(0)};
+  for (int64_t c = 0; c < chunks.count; ++c) {
     acc_t sv[kE], tv[kE];
-    load_chunk<VEC>(s_row, vocab, c * chunk, sv);
-    load_chunk<VEC>(t_row, vocab, c * chunk, tv);
-    acc_t cm_s = sv[0], cm_t = tv[0];
-#pragma unroll
-    for (int k = 1; k < kE; ++k) {
-      cm_s = max_(cm_s, sv[k]);
-      cm_t = max_(cm_t, tv[k]);
-    }
-    const acc_t m_s = max_(st.m_s, cm_s);
-    const acc_t m_t = max_(st.m_t, cm_t);
-    const acc_t r_s = ref_of(m_s);
-    const acc_t r_t = ref_of(m_t);
-    const acc_t f_t = exp2_((st.m_t - r_t) * xs);
-    st.a = f_t * (st.a + st.sum_t * (((ref_of(st.m_t) - r_t) - (ref_of(st.m_s) - r_s)) * xs));
-    st.sum_t *= f_t;
-    st.sum_s *= exp2_((st.m_s - r_s) * xs);
-    if (sep_ce) st.sum_1 *= exp2_((st.m_s - r_s) * log2e);
-#pragma unroll
-    for (int k = 0; k < kE; ++k) {
-      const acc_t x = (sv[k] - r_s) * xs;
-      const acc_t y = (tv[k] - r_t) * xs;
-      const acc_t e_t = exp2_(y);
-      st.sum_s += exp2_(x);
-      st.sum_t += e_t;
-      st.a += e_t == acc_t(0) ? acc_t(0) : e_t * (y - x);
-      if (sep_ce) st.sum_1 += exp2_((sv[k] - r_s) * log2e);
-    }
-    st.m_s = m_s;
-    st.m_t = m_t;
+    load_chunk<VEC>(s_row, vocab, c * chunks.size, sv);
+    load_chunk<VEC>(t_row, vocab, c * chunks.size, tv);
+    st.kl.add_chunk(sv, tv, xs, sep_ce, st.sum_1);
   }
 
-  const RowState<acc_t> tot = block_reduce(st, xs, sep_ce, smem);
-  const acc_t r_s = ref_of(tot.m_s);
-  const acc_t r_t = ref_of(tot.m_t);
-  const acc_t sum_1 = p.same_t ? tot.sum_s : tot.sum_1;
+  const KdState<acc_t> tot = block_allreduce<kRowMaxWarps>(
+      st, KdState<acc_t>{KlState<acc_t>::empty(), acc_t(0)},
+      [&](KdState<acc_t>& a, const KdState<acc_t>& b) {
+        if (sep_ce) {
+          a.sum_1 = merge_sums(a.sum_1, a.kl.m_s, b.sum_1, b.kl.m_s, ref_of(max_(a.kl.m_s, b.kl.m_s)), log2e);
+        }
+        a.kl.merge(b.kl, xs);
+      },
+      smem);
+  const acc_t r_s = ref_of(tot.kl.m_s);
+  const acc_t r_t = ref_of(tot.kl.m_t);
+  const acc_t sum_1 = p.same_t ? tot.kl.sum_s : tot.sum_1;
 
   if (threadIdx.x == 0) {
-    const acc_t kl = Consts<acc_t>::kLn2 * (tot.a / tot.sum_t + log2_(tot.sum_s) - log2_(tot.sum_t));
-    acc_t loss = p.soft_loss_coef * (p.soft_loss_t * kl);
-    if (p.has_ce) loss += p.hard_weight * (Consts<acc_t>::kLn2 * log2_(sum_1) + (r_s - load_as<acc_t>(s_row + label)));
-    row_loss[row] = loss;
+    const acc_t kl = kl_of(tot.kl, log2_(tot.kl.sum_s), log2_(tot.kl.sum_t));
+    row_loss[row] = p.row_loss(kl, sum_1, r_s, s_row, label);
   }
   if (g_row == nullptr) return;
 
   // Pass 2: the gradient, last chunk first.
-  const acc_t scale = (p.scale_ptr != nullptr ? static_cast<acc_t>(*p.scale_ptr) : p.host_scale) * p.gs.of(row);
-  const acc_t k_soft = p.soft_grad_coef * scale;
-  const acc_t k_hard = p.hard_weight * scale;
-  const acc_t inv_s = acc_t(1) / tot.sum_s;
-  const acc_t inv_t = acc_t(1) / tot.sum_t;
+  const auto [k_soft, k_hard] = p.grad_coefs(row);
+  const acc_t inv_s = acc_t(1) / tot.kl.sum_s;
+  const acc_t inv_t = acc_t(1) / tot.kl.sum_t;
   const acc_t inv_1 = acc_t(1) / sum_1;
-  for (int64_t c = n_chunks - 1; c >= 0; --c) {
+  for (int64_t c = chunks.count - 1; c >= 0; --c) {
     acc_t sv[kE], tv[kE];
-    load_chunk<VEC>(s_row, vocab, c * chunk, sv);
-    load_chunk<VEC>(t_row, vocab, c * chunk, tv);
+    load_chunk<VEC>(s_row, vocab, c * chunks.size, sv);
+    load_chunk<VEC>(t_row, vocab, c * chunks.size, tv);
 #pragma unroll
     for (int u = 0; u < kE / VEC; ++u) {
-      const int64_t i = slot_index<VEC>(c * chunk, u);
+      const int64_t i = slot_index<VEC>(c * chunks.size, u);
       if (i >= vocab) continue;
       Vec<scalar_s, VEC> out;
 #pragma unroll
@@ -284,10 +136,7 @@ __global__ void __launch_bounds__(kMaxThreads) kd_forward_kernel(const scalar_s*
         const acc_t q = exp2_((s - r_s) * xs) * inv_s;
         const acc_t pt = exp2_((tv[u * VEC + k] - r_t) * xs) * inv_t;
         acc_t g = k_soft * (q - pt);
-        if (p.has_ce) {
-          const acc_t sm = p.same_t ? q : exp2_((s - r_s) * log2e) * inv_1;
-          g += k_hard * (sm - (i + k == label ? acc_t(1) : acc_t(0)));
-        }
+        if (p.has_ce) g += ce_grad(k_hard, s, q, i + k == label, p.same_t, r_s, inv_1);
         out.v[k] = store_as<scalar_s>(g);
       }
       *reinterpret_cast<Vec<scalar_s, VEC>*>(g_row + i) = out;
@@ -328,63 +177,29 @@ static_assert(kDivKL == int(Divergence::KL) && kDivReverseKL == int(Divergence::
               "kd_div_kernel's divergence codes are kd_args.h's Divergence");
 
 template <typename acc_t>
-struct DivParams {
-  int64_t vocab;
-  int64_t ignore_index;
+struct DivParams : KdCoefs<acc_t> {
   int64_t n_teachers;      // 1 unless mix
   int64_t teacher_stride;  // N * V
-  acc_t x_scale;           // log2(e) / T
-  acc_t soft_loss_coef;    // (1 - a) * (T or 1)
-  acc_t soft_loss_t;       // T or 1
-  acc_t hard_weight;       // a
-  acc_t soft_grad_coef;    // (1 - a) * (T or 1/T) * k, before the reduction scale
   acc_t beta, log2_b, log2_1mb;  // b, log2 b, log2(1 - b) (0 where unused)
   acc_t log2_uniform;      // -log2(M)
   const acc_t* log2_w;     // [M] log2 of the teacher weights, or null (uniform)
-  const acc_t* scale_ptr;  // device reduction scale (batchmean with labels), or null
-  acc_t host_scale;        // reduction scale when scale_ptr is null
-  GradScale<acc_t> gs;     // grad_scale (cuda_common.cuh)
   int divergence;
-  bool mix, has_ce, same_t;
+  bool mix;
 };
 
-template <typename acc_t, int N>
-struct Fields {
-  acc_t v[N];
-};
-
-// Merges the Fields of every thread of the block with merge(a, b); every thread gets the result.
-template <typename acc_t, int N, typename Merge>
-__device__ Fields<acc_t, N> block_allreduce(Fields<acc_t, N> st, const Fields<acc_t, N>& empty, Merge merge,
-                                            Fields<acc_t, N>* smem) {
-  auto shfl = [](const Fields<acc_t, N>& f, int mask) {
-    Fields<acc_t, N> o;
-#pragma unroll
-    for (int i = 0; i < N; ++i) o.v[i] = __shfl_xor_sync(0xffffffffu, f.v[i], mask);
-    return o;
-  };
-  for (int mask = 16; mask > 0; mask >>= 1) merge(st, shfl(st, mask));
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (lane == 0) smem[warp] = st;
-  __syncthreads();
-  if (warp == 0) {
-    st = lane < static_cast<int>(blockDim.x / 32) ? smem[lane] : empty;
-    for (int mask = 16; mask > 0; mask >>= 1) merge(st, shfl(st, mask));
-    if (lane == 0) smem[kMaxWarps] = st;
-  }
-  __syncthreads();
-  return smem[kMaxWarps];
-}
-
-// (m, s) <- (m, s) merged with (mb, sb): online sums of 2^((x - ref(m)) * scale).
+// Pass 1's per-thread state: the student's online log-sum-exp (with sum_1 for the CE) and one
+// teacher's (an ensemble's teachers come after, one at a time).
 template <typename acc_t>
-__device__ __forceinline__ void merge_max_sum(acc_t& m, acc_t& s, acc_t mb, acc_t sb, acc_t scale) {
-  const acc_t nm = max_(m, mb);
-  const acc_t r = ref_of(nm);
-  s = s * exp2_((m - r) * scale) + sb * exp2_((mb - r) * scale);
-  m = nm;
-}
+struct DivState {
+  StudentLse<acc_t> s;
+  Lse<acc_t> t;
+};
+
+// The loss terms and sum q x of pass 2.
+template <typename acc_t>
+struct DivSums {
+  acc_t t1, qx;
+};
 
 // The loss term t1 and x of one entry (see the table above), from q, p and their base-2 logs.
 template <typename acc_t>
@@ -435,125 +250,85 @@ __device__ __forceinline__ void div_terms(const DivParams<acc_t>& P, acc_t q, ac
 }
 
 template <typename scalar_s, typename scalar_t, typename acc_t, int VEC>
-__global__ void __launch_bounds__(kMaxThreads) kd_div_kernel(const scalar_s* __restrict__ student,
-                                                             const scalar_t* __restrict__ teacher,
-                                                             const int64_t* __restrict__ labels,
-                                                             acc_t* __restrict__ row_loss, scalar_s* __restrict__ grad,
-                                                             const DivParams<acc_t> p) {
+__global__ void __launch_bounds__(kRowMaxThreads) kd_div_kernel(const scalar_s* __restrict__ student,
+                                                                const scalar_t* __restrict__ teacher,
+                                                                const int64_t* __restrict__ labels,
+                                                                acc_t* __restrict__ row_loss, scalar_s* __restrict__ grad,
+                                                                const DivParams<acc_t> p) {
   // An ensemble's per-teacher reference and c_m: 2 * n_teachers entries of dynamic shared memory.
   extern __shared__ __align__(16) unsigned char dyn_smem[];
-  __shared__ Fields<acc_t, 5> smem5[kMaxWarps + 1];
-  __shared__ Fields<acc_t, 2> smem2[kMaxWarps + 1];
+  __shared__ DivState<acc_t> smem_state[kRowMaxWarps + 1];
+  __shared__ Lse<acc_t> smem_lse[kRowMaxWarps + 1];
+  __shared__ DivSums<acc_t> smem_sums[kRowMaxWarps + 1];
   acc_t* const t_ref = reinterpret_cast<acc_t*>(dyn_smem);
   acc_t* const t_c = t_ref + p.n_teachers;
 
   const int64_t row = blockIdx.x;
-  if (p.gs.skip(row)) return;  // the forward's gradient stands: no traffic (uniform per block)
   const int64_t vocab = p.vocab;
-  const scalar_s* s_row = student + row * vocab;
-  const scalar_t* t_row = teacher + row * vocab;  // teacher 0; teacher m at + m * teacher_stride
-  scalar_s* g_row = grad == nullptr ? nullptr : grad + row * vocab;
-
-  int64_t label = -1;
-  if (labels != nullptr) {
-    label = labels[row];
-    if (label == p.ignore_index || label < 0 || label >= vocab) {
-      const bool bad = label != p.ignore_index;
-      if (threadIdx.x == 0) row_loss[row] = bad ? quiet_nan<acc_t>() : acc_t(0);
-      if (g_row != nullptr) fill_row<VEC>(g_row, vocab, store_as<scalar_s>(bad ? quiet_nan<acc_t>() : acc_t(0)));
-      return;
-    }
-  }
+  // t_row: teacher 0; teacher m at + m * teacher_stride.
+  const auto [s_row, t_row, g_row] = row_ptrs(student, teacher, grad, row, vocab);
+  int64_t label;
+  if (!start_row<VEC>(row, labels, vocab, p.ignore_index, p.scale.gs, row_loss, g_row, label)) return;
 
   const acc_t xs = p.x_scale;
-  const acc_t log2e = Consts<acc_t>::kLog2e;
   const bool sep_ce = p.has_ce && !p.same_t;
-  constexpr int kE = kElems<VEC>;
-  const int64_t chunk = static_cast<int64_t>(blockDim.x) * kE;
-  const int64_t n_chunks = (vocab + chunk - 1) / chunk;
+  constexpr int kE = kRowElems<VEC>;
+  const Chunks<VEC> chunks(vocab);
   const acc_t ninf = neg_inf<acc_t>();
 
-  // Pass 1: the student's (and one teacher's) maximum and sums: m_s, sum_s, sum_1, m_t, sum_t.
-  Fields<acc_t, 5> st{{ninf, acc_t(0), acc_t(0), ninf, acc_t(0)}};
-  for (int64_t c = 0; c < n_chunks; ++c) {
-    acc_t sv[kE], tv[kE];
-    load_chunk<VEC>(s_row, vocab, c * chunk, sv);
-    if (!p.mix) load_chunk<VEC>(t_row, vocab, c * chunk, tv);
-    acc_t cm_s = sv[0], cm_t = p.mix ? ninf : tv[0];
-#pragma unroll
-    for (int k = 1; k < kE; ++k) {
-      cm_s = max_(cm_s, sv[k]);
-      if (!p.mix) cm_t = max_(cm_t, tv[k]);
+  // Pass 1: the student's (and one teacher's) maximum and sums.
+  const DivState<acc_t> empty{StudentLse<acc_t>::empty(), Lse<acc_t>::empty()};
+  DivState<acc_t> st = empty;
+  for (int64_t c = 0; c < chunks.count; ++c) {
+    acc_t sv[kE];
+    load_chunk<VEC>(s_row, vocab, c * chunks.size, sv);
+    st.s.add_chunk(sv, xs, sep_ce);
+    if (!p.mix) {
+      acc_t tv[kE];
+      load_chunk<VEC>(t_row, vocab, c * chunks.size, tv);
+      st.t.add_chunk(tv, xs);
     }
-    const acc_t m_s = max_(st.v[0], cm_s), r_s = ref_of(m_s);
-    st.v[1] *= exp2_((st.v[0] - r_s) * xs);
-    if (sep_ce) st.v[2] *= exp2_((st.v[0] - r_s) * log2e);
-    const acc_t m_t = max_(st.v[3], cm_t), r_t = ref_of(m_t);
-    if (!p.mix) st.v[4] *= exp2_((st.v[3] - r_t) * xs);
-#pragma unroll
-    for (int k = 0; k < kE; ++k) {
-      st.v[1] += exp2_((sv[k] - r_s) * xs);
-      if (sep_ce) st.v[2] += exp2_((sv[k] - r_s) * log2e);
-      if (!p.mix) st.v[4] += exp2_((tv[k] - r_t) * xs);
-    }
-    st.v[0] = m_s;
-    st.v[3] = m_t;
   }
-  const Fields<acc_t, 5> empty5{{ninf, acc_t(0), acc_t(0), ninf, acc_t(0)}};
-  const Fields<acc_t, 5> tot = block_allreduce(
-      st, empty5,
-      [&](Fields<acc_t, 5>& a, const Fields<acc_t, 5>& b) {
-        acc_t m1 = a.v[0], s1 = a.v[2];
-        merge_max_sum(a.v[0], a.v[1], b.v[0], b.v[1], xs);
-        if (sep_ce) {
-          merge_max_sum(m1, s1, b.v[0], b.v[2], log2e);
-          a.v[2] = s1;
-        }
-        merge_max_sum(a.v[3], a.v[4], b.v[3], b.v[4], xs);
+  const DivState<acc_t> tot = block_allreduce<kRowMaxWarps>(
+      st, empty,
+      [&](DivState<acc_t>& a, const DivState<acc_t>& b) {
+        a.s.merge(b.s, xs, sep_ce);
+        a.t.merge(b.t, xs);
       },
-      smem5);
-  const acc_t r_s = ref_of(tot.v[0]);
-  const acc_t r_t = ref_of(tot.v[3]);
-  const acc_t log2_ss = log2_(tot.v[1]);
-  const acc_t log2_st = log2_(tot.v[4]);
-  const acc_t sum_1 = p.same_t ? tot.v[1] : tot.v[2];
+      smem_state);
+  const acc_t r_s = ref_of(tot.s.lse.m);
+  const acc_t r_t = ref_of(tot.t.m);
+  const acc_t log2_ss = log2_(tot.s.lse.sum);
+  const acc_t log2_st = log2_(tot.t.sum);
+  const acc_t sum_1 = p.same_t ? tot.s.lse.sum : tot.s.sum_1;
 
   if (p.mix) {
-    const Fields<acc_t, 2> empty2{{ninf, acc_t(0)}};
     for (int64_t m = 0; m < p.n_teachers; ++m) {
       const scalar_t* tm = t_row + m * p.teacher_stride;
-      Fields<acc_t, 2> ms = empty2;
-      for (int64_t c = 0; c < n_chunks; ++c) {
+      Lse<acc_t> ms = Lse<acc_t>::empty();
+      for (int64_t c = 0; c < chunks.count; ++c) {
         acc_t tv[kE];
-        load_chunk<VEC>(tm, vocab, c * chunk, tv);
-        acc_t cm = tv[0];
-#pragma unroll
-        for (int k = 1; k < kE; ++k) cm = max_(cm, tv[k]);
-        const acc_t nm = max_(ms.v[0], cm), r = ref_of(nm);
-        ms.v[1] *= exp2_((ms.v[0] - r) * xs);
-#pragma unroll
-        for (int k = 0; k < kE; ++k) ms.v[1] += exp2_((tv[k] - r) * xs);
-        ms.v[0] = nm;
+        load_chunk<VEC>(tm, vocab, c * chunks.size, tv);
+        ms.add_chunk(tv, xs);
       }
-      const Fields<acc_t, 2> tm_tot = block_allreduce(
-          ms, empty2, [&](Fields<acc_t, 2>& a, const Fields<acc_t, 2>& b) { merge_max_sum(a.v[0], a.v[1], b.v[0], b.v[1], xs); },
-          smem2);
+      const Lse<acc_t> tm_tot = block_allreduce<kRowMaxWarps>(
+          ms, Lse<acc_t>::empty(), [&](Lse<acc_t>& a, const Lse<acc_t>& b) { a.merge(b, xs); }, smem_lse);
       if (threadIdx.x == 0) {
-        t_ref[m] = ref_of(tm_tot.v[0]);
-        t_c[m] = (p.log2_w != nullptr ? p.log2_w[m] : p.log2_uniform) - log2_(tm_tot.v[1]);
+        t_ref[m] = ref_of(tm_tot.m);
+        t_c[m] = (p.log2_w != nullptr ? p.log2_w[m] : p.log2_uniform) - log2_(tm_tot.sum);
       }
     }
     __syncthreads();
   }
 
-  // log2 q and log2 p of this thread's entries of chunk c.
-  auto entries = [&](int64_t c, acc_t (&sv)[kE], acc_t (&lq2)[kE], acc_t (&lp2)[kE]) {
-    load_chunk<VEC>(s_row, vocab, c * chunk, sv);
+  // log2 q and log2 p of this thread's entries of the chunk at base.
+  auto entries = [&](int64_t base, acc_t (&sv)[kE], acc_t (&lq2)[kE], acc_t (&lp2)[kE]) {
+    load_chunk<VEC>(s_row, vocab, base, sv);
 #pragma unroll
     for (int k = 0; k < kE; ++k) lq2[k] = (sv[k] - r_s) * xs - log2_ss;
     if (!p.mix) {
       acc_t tv[kE];
-      load_chunk<VEC>(t_row, vocab, c * chunk, tv);
+      load_chunk<VEC>(t_row, vocab, base, tv);
 #pragma unroll
       for (int k = 0; k < kE; ++k) lp2[k] = (tv[k] - r_t) * xs - log2_st;
       return;
@@ -563,7 +338,7 @@ __global__ void __launch_bounds__(kMaxThreads) kd_div_kernel(const scalar_s* __r
     for (int k = 0; k < kE; ++k) lp2[k] = ninf, acc[k] = acc_t(0);
     for (int64_t m = 0; m < p.n_teachers; ++m) {
       acc_t tv[kE];
-      load_chunk<VEC>(t_row + m * p.teacher_stride, vocab, c * chunk, tv);
+      load_chunk<VEC>(t_row + m * p.teacher_stride, vocab, base, tv);
       const acc_t rm = t_ref[m], cm = t_c[m];
 #pragma unroll
       for (int k = 0; k < kE; ++k) {
@@ -579,55 +354,50 @@ __global__ void __launch_bounds__(kMaxThreads) kd_div_kernel(const scalar_s* __r
   };
 
   // Pass 2: the row's statistics.
-  Fields<acc_t, 2> sums{{acc_t(0), acc_t(0)}};
-  for (int64_t c = 0; c < n_chunks; ++c) {
+  DivSums<acc_t> sums{acc_t(0), acc_t(0)};
+  for (int64_t c = 0; c < chunks.count; ++c) {
     acc_t sv[kE], lq2[kE], lp2[kE];
-    entries(c, sv, lq2, lp2);
+    entries(c * chunks.size, sv, lq2, lp2);
 #pragma unroll
     for (int k = 0; k < kE; ++k) {
       const acc_t q = exp2_(lq2[k]), pp = exp2_(lp2[k]);
       acc_t t1, x;
       div_terms(p, q, lq2[k], pp, lp2[k], t1, x);
-      sums.v[0] += t1;
-      if (p.divergence != kDivKL) sums.v[1] += q == acc_t(0) ? acc_t(0) : q * x;
+      sums.t1 += t1;
+      if (p.divergence != kDivKL) sums.qx += q == acc_t(0) ? acc_t(0) : q * x;
     }
   }
-  const Fields<acc_t, 2> zero2{{acc_t(0), acc_t(0)}};
-  const Fields<acc_t, 2> red = block_allreduce(
-      sums, zero2,
-      [](Fields<acc_t, 2>& a, const Fields<acc_t, 2>& b) {
-        a.v[0] += b.v[0];
-        a.v[1] += b.v[1];
+  const DivSums<acc_t> red = block_allreduce<kRowMaxWarps>(
+      sums, DivSums<acc_t>{acc_t(0), acc_t(0)},
+      [](DivSums<acc_t>& a, const DivSums<acc_t>& b) {
+        a.t1 += b.t1;
+        a.qx += b.qx;
       },
-      smem2);
-  const acc_t cstat = red.v[1];
+      smem_sums);
+  const acc_t cstat = red.qx;
 
   if (threadIdx.x == 0) {
     acc_t soft;
     switch (p.divergence) {
       case kDivReverseKL: soft = cstat; break;
-      case kDivJSD: soft = p.beta * red.v[0] + (acc_t(1) - p.beta) * cstat; break;
-      case kDivTVD: soft = acc_t(0.5) * red.v[0]; break;
-      default: soft = red.v[0];
+      case kDivJSD: soft = p.beta * red.t1 + (acc_t(1) - p.beta) * cstat; break;
+      case kDivTVD: soft = acc_t(0.5) * red.t1; break;
+      default: soft = red.t1;
     }
     soft = soft < acc_t(0) ? acc_t(0) : soft;  // >= 0; rounding can leave -1e-9 at p == q (NaN kept)
-    acc_t loss = p.soft_loss_coef * (p.soft_loss_t * soft);
-    if (p.has_ce) loss += p.hard_weight * (Consts<acc_t>::kLn2 * log2_(sum_1) + (r_s - load_as<acc_t>(s_row + label)));
-    row_loss[row] = loss;
+    row_loss[row] = p.row_loss(soft, sum_1, r_s, s_row, label);
   }
   if (g_row == nullptr) return;
 
   // Pass 3: the gradient, last chunk first.
-  const acc_t scale = (p.scale_ptr != nullptr ? static_cast<acc_t>(*p.scale_ptr) : p.host_scale) * p.gs.of(row);
-  const acc_t k_soft = p.soft_grad_coef * scale;
-  const acc_t k_hard = p.hard_weight * scale;
+  const auto [k_soft, k_hard] = p.grad_coefs(row);
   const acc_t inv_1 = acc_t(1) / sum_1;
-  for (int64_t c = n_chunks - 1; c >= 0; --c) {
+  for (int64_t c = chunks.count - 1; c >= 0; --c) {
     acc_t sv[kE], lq2[kE], lp2[kE];
-    entries(c, sv, lq2, lp2);
+    entries(c * chunks.size, sv, lq2, lp2);
 #pragma unroll
     for (int u = 0; u < kE / VEC; ++u) {
-      const int64_t i = slot_index<VEC>(c * chunk, u);
+      const int64_t i = slot_index<VEC>(c * chunks.size, u);
       if (i >= vocab) continue;
       Vec<scalar_s, VEC> out;
 #pragma unroll
@@ -637,84 +407,12 @@ __global__ void __launch_bounds__(kMaxThreads) kd_div_kernel(const scalar_s* __r
         acc_t t1, x;
         div_terms(p, q, lq2[e], pp, lp2[e], t1, x);
         acc_t g = p.divergence == kDivKL ? k_soft * (q - x) : (q == acc_t(0) ? acc_t(0) : k_soft * q * (x - cstat));
-        if (p.has_ce) {
-          const acc_t sm = p.same_t ? q : exp2_((sv[e] - r_s) * log2e) * inv_1;
-          g += k_hard * (sm - (i + k == label ? acc_t(1) : acc_t(0)));
-        }
+        if (p.has_ce) g += ce_grad(k_hard, sv[e], q, i + k == label, p.same_t, r_s, inv_1);
         out.v[k] = store_as<scalar_s>(g);
       }
       *reinterpret_cast<Vec<scalar_s, VEC>*>(g_row + i) = out;
     }
   }
-}
-
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-template <typename F>
-void dispatch_dtype(at::ScalarType st, F&& f) {
-  switch (st) {
-    case at::kFloat: f(Tag<float>{}); break;
-    case at::kHalf: f(Tag<at::Half>{}); break;
-    case at::kBFloat16: f(Tag<at::BFloat16>{}); break;
-    case at::kDouble: f(Tag<double>{}); break;
-    default: TORCH_CHECK(false, "fastkd::kd_forward (cuda): unsupported dtype ", st);
-  }
-}
-
-template <typename S, typename T>
-void launch(const at::Tensor& student, const at::Tensor& teacher, const int64_t* labels, at::Tensor& row_loss,
-            S* grad, const KdParams<acc_type_t<S, T>>& p) {
-  using acc_t = acc_type_t<S, T>;
-  constexpr int kVec = 4;
-  const int64_t n_rows = student.size(0);
-  const int64_t vocab = p.vocab;
-  const S* s = student.const_data_ptr<S>();
-  const T* t = teacher.const_data_ptr<T>();
-  // Vector loads need every row to start on a vector boundary in all three arrays.
-  const bool vec = vocab % kVec == 0 && aligned(s, kVec * sizeof(S)) && aligned(t, kVec * sizeof(T)) &&
-                   (grad == nullptr || aligned(grad, kVec * sizeof(S)));
-  const int threads = block_for_row(kBlockThreads, vocab, vec ? kElems<kVec> : kElems<1>);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned int>(n_rows));
-  acc_t* loss = row_loss.mutable_data_ptr<acc_t>();
-  if (vec) {
-    kd_forward_kernel<S, T, acc_t, kVec><<<grid, threads, 0, stream>>>(s, t, labels, loss, grad, p);
-  } else {
-    kd_forward_kernel<S, T, acc_t, 1><<<grid, threads, 0, stream>>>(s, t, labels, loss, grad, p);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename S, typename T>
-void launch_div(const at::Tensor& student, const at::Tensor& teacher, const int64_t* labels, at::Tensor& row_loss,
-                S* grad, const DivParams<acc_type_t<S, T>>& p) {
-  using acc_t = acc_type_t<S, T>;
-  // Double accumulation holds twice the registers per element: with 4-wide loads (8 elements a
-  // thread) the divergence kernel spills at the 128 registers kMaxThreads allows (the static
-  // check, fastkd/gpu_static.py, measured 8-32 bytes of stack), with 2-wide loads it does not.
-  constexpr int kVec = std::is_same_v<acc_t, double> ? 2 : 4;
-  const int64_t n_rows = student.size(0);
-  const int64_t vocab = p.vocab;
-  const S* s = student.const_data_ptr<S>();
-  const T* t = teacher.const_data_ptr<T>();
-  // Vector loads need every row of every teacher to start on a vector boundary: V % kVec == 0
-  // and aligned bases give that (the teacher stride N V is then a multiple of kVec too).
-  const bool vec = vocab % kVec == 0 && aligned(s, kVec * sizeof(S)) && aligned(t, kVec * sizeof(T)) &&
-                   (grad == nullptr || aligned(grad, kVec * sizeof(S)));
-  const int threads = block_for_row(kBlockThreads, vocab, vec ? kElems<kVec> : kElems<1>);
-  const size_t smem = p.mix ? 2 * static_cast<size_t>(p.n_teachers) * sizeof(acc_t) : 0;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned int>(n_rows));
-  acc_t* loss = row_loss.mutable_data_ptr<acc_t>();
-  if (vec) {
-    kd_div_kernel<S, T, acc_t, kVec><<<grid, threads, smem, stream>>>(s, t, labels, loss, grad, p);
-  } else {
-    kd_div_kernel<S, T, acc_t, 1><<<grid, threads, smem, stream>>>(s, t, labels, loss, grad, p);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // The forward, or (into given) the rescale op's recomputation into the forward's gradient.
@@ -727,8 +425,7 @@ std::tuple<at::Tensor, at::Tensor> kd_impl(const at::Tensor& student, const at::
   constexpr const char* kOp = "fastkd::kd_forward (cuda): ";
   double b = beta;
   const Divergence dv = parse_divergence(divergence, &b, "fastkd::kd_forward (cuda)");
-  TORCH_CHECK(reduction == "none" || reduction == "sum" || reduction == "batchmean", kOp,
-              "reduction must be 'none', 'sum' or 'batchmean', got '", std::string(reduction), "'");
+  check_row_reduction(reduction, kOp);
   TORCH_CHECK(student.is_cuda(), kOp, "student must be a CUDA tensor, got device ", student.device());
   TORCH_CHECK(teacher.device() == student.device(), kOp, "teacher is on ", teacher.device(), ", student on ",
               student.device());
@@ -756,108 +453,64 @@ std::tuple<at::Tensor, at::Tensor> kd_impl(const at::Tensor& student, const at::
   const int64_t n_rows = student.size(0);
   const int64_t vocab = student.size(1);
   TORCH_CHECK(n_rows <= std::numeric_limits<int32_t>::max(), kOp, "at most 2^31 - 1 rows, got ", n_rows);
-  const at::Tensor* labels = labels_opt.has_value() && labels_opt->defined() ? &*labels_opt : nullptr;
-  if (labels != nullptr) {
-    TORCH_CHECK(labels->scalar_type() == at::kLong, kOp, "labels must be int64, got ", labels->scalar_type());
-    TORCH_CHECK(labels->dim() == 1 && labels->size(0) == n_rows, kOp, "labels must have shape [", n_rows,
-                "], got ", labels->sizes());
-    TORCH_CHECK(labels->device() == student.device(), kOp, "labels are on ", labels->device(), ", student on ",
-                student.device());
-    TORCH_CHECK(labels->is_contiguous(), kOp, "labels must be contiguous");
-  }
+  const at::Tensor* labels = checked_labels(labels_opt, n_rows, student.device(), kOp);
 
   const c10::cuda::CUDAGuard guard(student.device());
-  const auto opts = student.options();
   // Row losses and the batchmean scale in the accumulation type; the loss is returned in float32,
   // or float64 for a float64 student.
   const bool acc_double = student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble;
   const at::ScalarType acc_dtype = acc_double ? at::kDouble : at::kFloat;
   const at::ScalarType loss_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor row_loss = at::empty({n_rows}, opts.dtype(acc_dtype));
-  at::Tensor grad = compute_grad ? grad_buffer(student, into, kOp) : at::empty({0}, opts);
-  const at::Tensor gs = grad_scale_tensor(grad_scale, n_rows, student.device(), acc_dtype, kOp);
+  RowOutputs out(student, acc_dtype, labels, ignore_index, reduction, compute_grad, grad_scale, into, kOp);
+  const int64_t* label_ptr = labels != nullptr ? labels->const_data_ptr<int64_t>() : nullptr;
 
-  // batchmean divides by the number of non-ignored rows, known only on the device. With none of
-  // them every row loss and gradient row is 0, so any finite scale will do: clamp to 1.
-  const bool batchmean = reduction == "batchmean";
-  at::Tensor scale_t;
-  if (batchmean && labels != nullptr) scale_t = labels->ne(ignore_index).sum().clamp_min(1).to(acc_dtype).reciprocal();
-  const double host_scale = batchmean && labels == nullptr ? 1.0 / static_cast<double>(n_rows) : 1.0;
-
-  if (n_rows > 0 && (mix || dv != Divergence::KL)) {
-    const double log2e = 1.4426950408889634;
-    const bool has_beta = dv == Divergence::JSD || dv == Divergence::SkewKL || dv == Divergence::SkewReverseKL;
-    const double factor = dv == Divergence::JSD || dv == Divergence::SkewKL ? 1.0 - b : dv == Divergence::TVD ? 0.5 : 1.0;
-    // log2 of the weights on the device, in the accumulation type: no host synchronisation.
-    const at::Tensor log2_w = weights != nullptr ? weights->to(acc_dtype).log2().contiguous() : at::Tensor();
-    dispatch_dtype(student.scalar_type(), [&](auto s_tag) {
-      dispatch_dtype(teacher.scalar_type(), [&](auto t_tag) {
+  const bool plain_kl = !mix && dv == Divergence::KL;
+  const bool has_beta = dv == Divergence::JSD || dv == Divergence::SkewKL || dv == Divergence::SkewReverseKL;
+  const double factor = dv == Divergence::JSD || dv == Divergence::SkewKL ? 1.0 - b : dv == Divergence::TVD ? 0.5 : 1.0;
+  // log2 of the weights on the device, in the accumulation type: no host synchronisation.
+  const at::Tensor log2_w = weights != nullptr && !plain_kl ? weights->to(acc_dtype).log2().contiguous() : at::Tensor();
+  if (n_rows > 0) {
+    dispatch_dtypes(student.scalar_type(), teacher.scalar_type(), kOp, [&](auto s_tag, auto t_tag) {
         using S = typename decltype(s_tag)::type;
         using T = typename decltype(t_tag)::type;
         using acc_t = acc_type_t<S, T>;
+        const KdCoefs<acc_t> coefs = kd_coefs<acc_t>(vocab, ignore_index, temperature, hard_weight, t2_scale, factor,
+                                                     labels != nullptr, out.row_scale<acc_t>(into != nullptr));
+        const S* s = student.const_data_ptr<S>();
+        const T* t = teacher.const_data_ptr<T>();
+        S* g = compute_grad ? out.grad.mutable_data_ptr<S>() : nullptr;
+        acc_t* loss = out.row_loss.mutable_data_ptr<acc_t>();
+        // Vector loads need every row (of every teacher: the stride N V is then a multiple of the
+        // width too) to start on a vector boundary in all three arrays.
+        const std::initializer_list<Base> bases = {{s, sizeof(S)}, {t, sizeof(T)}, {g, sizeof(S)}};
+        if (plain_kl) {
+          launch_rows<4>(n_rows, vocab, bases, [&](auto vec, dim3 grid, int threads, cudaStream_t stream) {
+            kd_forward_kernel<S, T, acc_t, decltype(vec)::value><<<grid, threads, 0, stream>>>(s, t, label_ptr, loss, g, coefs);
+          });
+          return;
+        }
         DivParams<acc_t> p;
-        p.vocab = vocab;
-        p.ignore_index = ignore_index;
+        static_cast<KdCoefs<acc_t>&>(p) = coefs;
         p.n_teachers = n_teachers;
         p.teacher_stride = n_rows * vocab;
-        p.x_scale = static_cast<acc_t>(log2e / temperature);
-        p.soft_loss_coef = static_cast<acc_t>((1.0 - hard_weight) * (t2_scale ? temperature : 1.0));
-        p.soft_loss_t = static_cast<acc_t>(t2_scale ? temperature : 1.0);
-        p.hard_weight = static_cast<acc_t>(hard_weight);
-        p.soft_grad_coef = static_cast<acc_t>((1.0 - hard_weight) * (t2_scale ? temperature : 1.0 / temperature) * factor);
         p.beta = static_cast<acc_t>(b);
         p.log2_b = static_cast<acc_t>(has_beta ? std::log2(b) : 0.0);
         p.log2_1mb = static_cast<acc_t>(has_beta ? std::log2(1.0 - b) : 0.0);
         p.log2_uniform = static_cast<acc_t>(-std::log2(static_cast<double>(n_teachers)));
         p.log2_w = log2_w.defined() ? log2_w.const_data_ptr<acc_t>() : nullptr;
-        p.scale_ptr = scale_t.defined() ? scale_t.const_data_ptr<acc_t>() : nullptr;
-        p.host_scale = static_cast<acc_t>(host_scale);
-        p.gs = grad_scale_of<acc_t>(gs, into != nullptr);
         p.divergence = static_cast<int>(dv);
         p.mix = mix;
-        p.has_ce = labels != nullptr && hard_weight > 0;
-        p.same_t = temperature == 1.0;
-        launch_div<S, T>(student, teacher, labels != nullptr ? labels->const_data_ptr<int64_t>() : nullptr, row_loss,
-                         compute_grad ? grad.mutable_data_ptr<S>() : nullptr, p);
-      });
-    });
-  } else if (n_rows > 0) {
-    const double log2e = 1.4426950408889634;
-    dispatch_dtype(student.scalar_type(), [&](auto s_tag) {
-      dispatch_dtype(teacher.scalar_type(), [&](auto t_tag) {
-        using S = typename decltype(s_tag)::type;
-        using T = typename decltype(t_tag)::type;
-        using acc_t = acc_type_t<S, T>;
-        KdParams<acc_t> p;
-        p.vocab = vocab;
-        p.ignore_index = ignore_index;
-        p.x_scale = static_cast<acc_t>(log2e / temperature);
-        p.soft_loss_coef = static_cast<acc_t>((1.0 - hard_weight) * (t2_scale ? temperature : 1.0));
-        p.soft_loss_t = static_cast<acc_t>(t2_scale ? temperature : 1.0);
-        p.hard_weight = static_cast<acc_t>(hard_weight);
-        p.soft_grad_coef = static_cast<acc_t>((1.0 - hard_weight) * (t2_scale ? temperature : 1.0 / temperature));
-        p.scale_ptr = scale_t.defined() ? scale_t.const_data_ptr<acc_t>() : nullptr;
-        p.host_scale = static_cast<acc_t>(host_scale);
-        p.gs = grad_scale_of<acc_t>(gs, into != nullptr);
-        p.has_ce = labels != nullptr && hard_weight > 0;
-        p.same_t = temperature == 1.0;
-        launch<S, T>(student, teacher, labels != nullptr ? labels->const_data_ptr<int64_t>() : nullptr, row_loss,
-                     compute_grad ? grad.mutable_data_ptr<S>() : nullptr, p);
-      });
+        const size_t smem = mix ? 2 * static_cast<size_t>(n_teachers) * sizeof(acc_t) : 0;
+        // Double accumulation holds twice the registers per element: with 4-wide loads (8 elements
+        // a thread) the divergence kernel spills at the 128 registers 512 threads allow (the static
+        // check, tests/test_gpu_static.py, measured 8-32 bytes of stack), with 2-wide loads it does not.
+        launch_rows<std::is_same_v<acc_t, double> ? 2 : 4>(n_rows, vocab, bases,
+                                                           [&](auto vec, dim3 grid, int threads, cudaStream_t stream) {
+          kd_div_kernel<S, T, acc_t, decltype(vec)::value><<<grid, threads, smem, stream>>>(s, t, label_ptr, loss, g, p);
+        });
     });
   }
-
-  at::Tensor loss;
-  if (reduction == "none") {
-    loss = row_loss;
-  } else if (reduction == "sum") {
-    loss = row_loss.sum();
-  } else if (scale_t.defined()) {
-    loss = row_loss.sum() * scale_t;
-  } else {
-    loss = row_loss.sum() / static_cast<double>(n_rows);
-  }
-  return {loss.to(loss_dtype), into != nullptr ? at::empty({0}, opts) : grad};
+  return {out.loss(loss_dtype), into != nullptr ? at::empty({0}, student.options()) : out.grad};
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,

@@ -122,24 +122,13 @@ __device__ __forceinline__ C clamp1(C x) {
   return x > C(1) ? C(1) : (x < C(-1) ? C(-1) : x);
 }
 
-// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+// Sum over the block (cuda_common.cuh's block_sum, in its own shared memory); every thread gets
+// the result. Every kernel here calls it from all its threads.
 template <typename C>
 __device__ C block_sum(C v) {
-  __shared__ C warp_sums[32];
-  __shared__ C total;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    C w = lane < int(blockDim.x / 32) ? warp_sums[lane] : C(0);
-    for (int off = 16; off > 0; off /= 2) w += __shfl_down_sync(0xffffffffu, w, off);
-    if (lane == 0) total = w;
-  }
-  __syncthreads();
-  const C out = total;
-  __syncthreads();  // warp_sums and total may be reused by the next call
-  return out;
+  constexpr int kWarps = kThreads / 32;
+  __shared__ C smem[kWarps + 1];
+  return cuda_common::block_sum<kWarps>(v, smem);
 }
 
 template <typename C>

@@ -24,10 +24,10 @@
 //   CE        = logsumexp(s) - s[label]                        (T = 1; only with labels and a > 0)
 //   loss      = (1 - a) c KL + a CE,  c = T^2 if t2_scale else 1,  g = T if t2_scale else 1/T
 //
-// Pass 1 (the student row): per-thread online state in base 2, as kd_cuda.cu: the maximum, S,
-// and for the uniform tail sum (s - r) over finite entries (shifted with the reference:
-// sum (s - r') = sum (s - r) + n_finite (r - r')) and the count of -inf entries; the states are
-// merged by warp shuffles and shared memory. Pass 2: the k values, strided over the threads:
+// Pass 1 (the student row): per-thread online state in base 2 (online_softmax.cuh's Lse: the
+// maximum and S), and for the uniform tail sum (s - r) over finite entries (shifted with the
+// reference: sum (s - r') = sum (s - r) + n_finite (r - r')) and the count of -inf entries; the
+// states are merged by block_allreduce. Pass 2: the k values, strided over the threads:
 // maximum (NaN kept), kept mass, then lz. Pass 3: the kept entries' KL terms (student gathered at
 // the indices). Pass 4: the gradient over the row (the tail's value), last chunk first; then,
 // after a barrier, each kept entry's own value at its index.
@@ -59,36 +59,22 @@
 
 #include "cuda_common.cuh"
 #include "gpu_kernel_info.h"
+#include "online_softmax.cuh"
 
 namespace fastkd {
 namespace {
 
 using namespace cuda_common;
+using namespace online_softmax;
 
-// Block sizes the launcher chooses from (the smallest whose chunk covers the row), recorded in
-// the library for the static occupancy report. The largest is the kernel's __launch_bounds__;
-// all are multiples of 32 (the block reductions need whole warps).
-#define FASTKD_SPARSE_KD_THREADS 64, 128, 256, 512
-constexpr int kBlockThreads[] = {FASTKD_SPARSE_KD_THREADS};
 // Reads the student row and writes its gradient; reads the label and the broken flag, writes the
 // loss (4 bytes: the accumulation type, 8 for a float64 student, is no template argument). The
 // k teacher values and k indices, k * (sizeof value + sizeof index) bytes, come on top: k is a
 // run-time size, not V.
-FASTKD_GPU_KERNEL_INFO(sparse_kd_forward_kernel, "V*2*$0+8+1+4", FASTKD_SPARSE_KD_THREADS);
-constexpr int kMaxThreads = kBlockThreads[std::size(kBlockThreads) - 1];
-static_assert(valid_block_table(kBlockThreads), "kBlockThreads must be increasing multiples of 32");
-constexpr int kMaxWarps = kMaxThreads / 32;
-// Elements a thread holds per chunk: kElems / VEC loads of VEC elements.
-template <int VEC, typename S>
-constexpr int kElems = VEC == 1 ? 4 : 2 * VEC;
+FASTKD_GPU_KERNEL_INFO(sparse_kd_forward_kernel, "V*2*$0+8+1+4", FASTKD_ROW_THREADS);
 
 __device__ __forceinline__ float log_(float x) { return logf(x); }
 __device__ __forceinline__ double log_(double x) { return log(x); }
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t ref_of(acc_t m) {
-  return m == neg_inf<acc_t>() ? acc_t(0) : m;
-}
 
 // The teacher's storage, read by a switch per entry (k entries per row: not worth a template).
 enum ValuesDtype : int { kValF32 = 0, kValBF16 = 1, kValF16 = 2, kValF64 = 3 };
@@ -108,86 +94,35 @@ __device__ __forceinline__ int64_t load_index(const void* indices, bool int32, i
 }
 
 template <typename acc_t>
-struct SparseParams {
-  int64_t vocab;
+struct SparseParams : KdCoefs<acc_t> {
   int64_t k;
-  int64_t ignore_index;
-  acc_t inv_t;           // 1 / T
-  acc_t x_scale;         // log2(e) / T
-  acc_t soft_loss_coef;  // (1 - a) * (T or 1); the loss's T^2 is this times soft_loss_t
-  acc_t soft_loss_t;     // T or 1: two factors, since T^2 alone overflows float from T ~ 1.8e19
-  acc_t hard_weight;     // a
-  acc_t soft_grad_coef;  // (1 - a) * (T or 1/T), before the reduction scale
-  const acc_t* scale_ptr;  // device reduction scale (batchmean with labels), or null
-  acc_t host_scale;        // reduction scale when scale_ptr is null
-  GradScale<acc_t> gs;     // grad_scale (cuda_common.cuh)
+  acc_t inv_t;             // 1 / T
   const void* values;      // [N, k]
   int values_dtype;        // ValuesDtype
   const void* indices;     // [N, k] int64, or int32 when indices_int32
   bool indices_int32;
   const int8_t* broken;    // [N]: 1 where the row's indices leave [0, V) or repeat
-  bool has_ce;             // labels given and a > 0
-  bool same_t;             // T == 1: the CE softmax is the student softmax
   bool uniform;            // tail="uniform"
 };
 
 // Online statistics of (part of) the student row; see the comment at the top.
 template <typename acc_t>
 struct RowState {
-  acc_t m;      // maximum of the raw logits (-inf: nothing finite yet)
-  acc_t sum_s;  // sum 2^{(s - r) x_scale}
-  acc_t sum_1;  // sum e^{s - r}, for the CE when T != 1
-  acc_t d;      // sum over finite entries of (s - r)           (uniform tail)
-  acc_t n_fin;  // number of finite (or NaN) entries           (uniform tail)
-  int n_ninf;   // number of -inf entries                       (uniform tail)
+  StudentLse<acc_t> s;  // maximum, sum 2^{(s - r) x_scale} and (CE when T != 1) sum e^{s - r}
+  acc_t d;              // sum over finite entries of (s - r)           (uniform tail)
+  acc_t n_fin;          // number of finite (or NaN) entries           (uniform tail)
+  int n_ninf;           // number of -inf entries                       (uniform tail)
 
-  __device__ __forceinline__ static RowState empty() { return {neg_inf<acc_t>(), acc_t(0), acc_t(0), acc_t(0), acc_t(0), 0}; }
+  __device__ __forceinline__ static RowState empty() { return {StudentLse<acc_t>::empty(), acc_t(0), acc_t(0), 0}; }
+
+  __device__ __forceinline__ void merge(const RowState& b, acc_t x_scale, bool sep_ce) {
+    const acc_t r = ref_of(max_(s.lse.m, b.s.lse.m));
+    d = (d + n_fin * (ref_of(s.lse.m) - r)) + (b.d + b.n_fin * (ref_of(b.s.lse.m) - r));
+    n_fin += b.n_fin;
+    n_ninf += b.n_ninf;
+    s.merge(b.s, x_scale, sep_ce);
+  }
 };
-
-template <typename acc_t>
-__device__ __forceinline__ void merge(RowState<acc_t>& a, const RowState<acc_t>& b, acc_t x_scale, bool sep_ce) {
-  const acc_t m = max_(a.m, b.m);
-  const acc_t r = ref_of(m);
-  a.sum_s = a.sum_s * exp2_((a.m - r) * x_scale) + b.sum_s * exp2_((b.m - r) * x_scale);
-  if (sep_ce) {
-    a.sum_1 = a.sum_1 * exp2_((a.m - r) * Consts<acc_t>::kLog2e) + b.sum_1 * exp2_((b.m - r) * Consts<acc_t>::kLog2e);
-  }
-  a.d = (a.d + a.n_fin * (ref_of(a.m) - r)) + (b.d + b.n_fin * (ref_of(b.m) - r));
-  a.n_fin += b.n_fin;
-  a.n_ninf += b.n_ninf;
-  a.m = m;
-}
-
-template <typename acc_t>
-__device__ __forceinline__ RowState<acc_t> shfl_xor(const RowState<acc_t>& st, int mask) {
-  RowState<acc_t> o;
-  o.m = __shfl_xor_sync(0xffffffffu, st.m, mask);
-  o.sum_s = __shfl_xor_sync(0xffffffffu, st.sum_s, mask);
-  o.sum_1 = __shfl_xor_sync(0xffffffffu, st.sum_1, mask);
-  o.d = __shfl_xor_sync(0xffffffffu, st.d, mask);
-  o.n_fin = __shfl_xor_sync(0xffffffffu, st.n_fin, mask);
-  o.n_ninf = __shfl_xor_sync(0xffffffffu, st.n_ninf, mask);
-  return o;
-}
-
-// Merges the states of all threads of the block; every thread gets the result.
-template <typename acc_t>
-__device__ __forceinline__ RowState<acc_t> block_merge(RowState<acc_t> st, acc_t x_scale, bool sep_ce, RowState<acc_t>* smem) {
-  for (int mask = 16; mask > 0; mask >>= 1) merge(st, shfl_xor(st, mask), x_scale, sep_ce);
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (lane == 0) smem[warp] = st;
-  __syncthreads();
-  if (warp == 0) {
-    st = lane < static_cast<int>(blockDim.x / 32) ? smem[lane] : RowState<acc_t>::empty();
-    for (int mask = 16; mask > 0; mask >>= 1) merge(st, shfl_xor(st, mask), x_scale, sep_ce);
-    if (lane == 0) smem[kMaxWarps] = st;
-  }
-  __syncthreads();
-  const RowState<acc_t> out = smem[kMaxWarps];
-  __syncthreads();  // smem is reused by the next reduction
-  return out;
-}
 
 // Sums (or, with IS_MAX, takes the NaN-ignoring maximum of) N values over the block; every thread
 // gets the results. smem: at least (kMaxWarps + 1) * N entries.
@@ -214,44 +149,27 @@ __device__ __forceinline__ void block_reduce(acc_t (&x)[N], acc_t* smem) {
       const acc_t o = smem[w * N + threadIdx.x];
       t = IS_MAX ? max_(t, o) : t + o;
     }
-    smem[kMaxWarps * N + threadIdx.x] = t;
+    smem[kRowMaxWarps * N + threadIdx.x] = t;
   }
   __syncthreads();
 #pragma unroll
-  for (int i = 0; i < N; ++i) x[i] = smem[kMaxWarps * N + i];
+  for (int i = 0; i < N; ++i) x[i] = smem[kRowMaxWarps * N + i];
   __syncthreads();
-}
-
-// Loads this thread's N elements of the chunk at `base`; past the row end: -inf.
-template <int VEC, int N, typename T, typename acc_t>
-__device__ __forceinline__ void load_chunk(const T* __restrict__ row, int64_t vocab, int64_t base, acc_t (&out)[N]) {
-#pragma unroll
-  for (int u = 0; u < N / VEC; ++u) {
-    const int64_t i = slot_index<VEC>(base, u);
-    if (i < vocab) {
-      const Vec<T, VEC> v = *reinterpret_cast<const Vec<T, VEC>*>(row + i);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) out[u * VEC + k] = load_as<acc_t>(&v.v[k]);
-    } else {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) out[u * VEC + k] = neg_inf<acc_t>();
-    }
-  }
 }
 
 // At least one block of kMaxThreads per SM, said explicitly: with the default, ptxas held the
 // sm_90 float64 scalar-load kernel to 64 registers and spilled.
 template <typename S, int VEC>
-__global__ void __launch_bounds__(kMaxThreads, 1) sparse_kd_forward_kernel(const S* __restrict__ student,
+__global__ void __launch_bounds__(kRowMaxThreads, 1) sparse_kd_forward_kernel(const S* __restrict__ student,
                                                                         const int64_t* __restrict__ labels,
                                                                         acc_type_t<S>* __restrict__ row_loss,
                                                                         S* __restrict__ grad,
                                                                         const SparseParams<acc_type_t<S>> p) {
   using acc_t = acc_type_t<S>;
-  __shared__ RowState<acc_t> smem_state[kMaxWarps + 1];
-  __shared__ acc_t smem[(kMaxWarps + 1) * 3];
+  __shared__ RowState<acc_t> smem_state[kRowMaxWarps + 1];
+  __shared__ acc_t smem[(kRowMaxWarps + 1) * 3];
   const int64_t row = blockIdx.x;
-  if (p.gs.skip(row)) return;  // the forward's gradient stands: no traffic (uniform per block)
+  if (p.scale.gs.skip(row)) return;  // the forward's gradient stands: no traffic (uniform per block)
   const int64_t vocab = p.vocab;
   const int64_t k = p.k;
   const S* s_row = student + row * vocab;
@@ -268,40 +186,36 @@ __global__ void __launch_bounds__(kMaxThreads, 1) sparse_kd_forward_kernel(const
     bad = !ignored && (bad || label < 0 || label >= vocab);
   }
   if (ignored || bad) {
-    if (threadIdx.x == 0) row_loss[row] = bad ? quiet_nan<acc_t>() : acc_t(0);
-    if (g_row != nullptr) fill_row<VEC>(g_row, vocab, store_as<S>(bad ? quiet_nan<acc_t>() : acc_t(0)));
+    write_skipped_row<VEC>(bad, row_loss, row, g_row, vocab);
     return;
   }
 
   const acc_t xs = p.x_scale;
   const acc_t inv_t = p.inv_t;
-  const acc_t log2e = Consts<acc_t>::kLog2e;
   const bool sep_ce = p.has_ce && !p.same_t;
-  constexpr int kE = kElems<VEC, S>;
-  const int64_t chunk = static_cast<int64_t>(blockDim.x) * kE;
-  const int64_t n_chunks = (vocab + chunk - 1) / chunk;
+  constexpr int kE = kRowElems<VEC>;
+  const Chunks<VEC> chunks(vocab);
 
-  // Pass 1: the student row.
+  // Pass 1: the student row, every sum in one loop (a second loop would hold the chunk longer).
+  const acc_t log2e = Consts<acc_t>::kLog2e;
   RowState<acc_t> st = RowState<acc_t>::empty();
-  for (int64_t c = 0; c < n_chunks; ++c) {
+  for (int64_t c = 0; c < chunks.count; ++c) {
     acc_t sv[kE];
-    load_chunk<VEC>(s_row, vocab, c * chunk, sv);
-    acc_t cm = sv[0];
-#pragma unroll
-    for (int e = 1; e < kE; ++e) cm = max_(cm, sv[e]);
-    const acc_t m = max_(st.m, cm);
+    load_chunk<VEC>(s_row, vocab, c * chunks.size, sv);
+    Lse<acc_t>& lse = st.s.lse;
+    const acc_t m = max_(lse.m, chunk_max(sv));
     const acc_t r = ref_of(m);
-    st.sum_s *= exp2_((st.m - r) * xs);
-    if (sep_ce) st.sum_1 *= exp2_((st.m - r) * log2e);
-    if (p.uniform) st.d += st.n_fin * (ref_of(st.m) - r);
+    lse.sum *= exp2_((lse.m - r) * xs);
+    if (sep_ce) st.s.sum_1 *= exp2_((lse.m - r) * log2e);
+    if (p.uniform) st.d += st.n_fin * (ref_of(lse.m) - r);
 #pragma unroll
     for (int u = 0; u < kE / VEC; ++u) {
-      const bool in_row = slot_index<VEC>(c * chunk, u) < vocab;  // a vector is all in or all out
+      const bool in_row = slot_index<VEC>(c * chunks.size, u) < vocab;  // a vector is all in or all out
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         const acc_t x = sv[u * VEC + e];
-        st.sum_s += exp2_((x - r) * xs);
-        if (sep_ce) st.sum_1 += exp2_((x - r) * log2e);
+        lse.sum += exp2_((x - r) * xs);
+        if (sep_ce) st.s.sum_1 += exp2_((x - r) * log2e);
         if (p.uniform && in_row) {
           if (x == neg_inf<acc_t>()) {
             st.n_ninf += 1;
@@ -312,11 +226,13 @@ __global__ void __launch_bounds__(kMaxThreads, 1) sparse_kd_forward_kernel(const
         }
       }
     }
-    st.m = m;
+    lse.m = m;
   }
-  const RowState<acc_t> tot = block_merge(st, xs, sep_ce, smem_state);
-  const acc_t r_s = ref_of(tot.m);
-  const acc_t sum_1 = p.same_t ? tot.sum_s : tot.sum_1;
+  const RowState<acc_t> tot = block_allreduce<kRowMaxWarps>(
+      st, RowState<acc_t>::empty(), [&](RowState<acc_t>& a, const RowState<acc_t>& b) { a.merge(b, xs, sep_ce); },
+      smem_state);
+  const acc_t r_s = ref_of(tot.s.lse.m);
+  const acc_t sum_1 = p.same_t ? tot.s.lse.sum : tot.s.sum_1;
 
   // Pass 2: the teacher's maximum (NaN kept), kept mass, the uniform tail, lz.
   acc_t mx[2] = {neg_inf<acc_t>(), acc_t(0)};  // max of v, NaN flag
@@ -367,35 +283,28 @@ __global__ void __launch_bounds__(kMaxThreads, 1) sparse_kd_forward_kernel(const
       const acc_t tail_diff = tail_ninf ? static_cast<acc_t>(INFINITY) : n_rest * (ub - top) - (tot.d - sums[1]);
       kept += pb * (tail_diff * inv_t);
     }
-    acc_t kl = (kept + Consts<acc_t>::kLn2 * log2_(tot.sum_s)) - lz;
+    acc_t kl = (kept + Consts<acc_t>::kLn2 * log2_(tot.s.lse.sum)) - lz;
     kl = kl < acc_t(0) ? acc_t(0) : kl;  // KL >= 0; rounding can leave a hair below 0 (NaN kept)
-    acc_t loss = p.soft_loss_coef * (p.soft_loss_t * kl);
-    if (p.has_ce) loss += p.hard_weight * (Consts<acc_t>::kLn2 * log2_(sum_1) + (r_s - load_as<acc_t>(s_row + label)));
-    row_loss[row] = loss;
+    row_loss[row] = p.row_loss(kl, sum_1, r_s, s_row, label);
   }
   if (g_row == nullptr) return;
 
   // Pass 4: the gradient: the tail's value over the row, last chunk first; then the kept entries.
-  const acc_t scale = (p.scale_ptr != nullptr ? static_cast<acc_t>(*p.scale_ptr) : p.host_scale) * p.gs.of(row);
-  const acc_t k_soft = p.soft_grad_coef * scale;
-  const acc_t k_hard = p.hard_weight * scale;
-  const acc_t inv_s = acc_t(1) / tot.sum_s;
+  const auto [k_soft, k_hard] = p.grad_coefs(row);
+  const acc_t inv_s = acc_t(1) / tot.s.lse.sum;
   const acc_t inv_1 = acc_t(1) / sum_1;
   auto value = [&](acc_t s, acc_t p_j, int64_t j) {
     const acc_t q = exp2_((s - r_s) * xs) * inv_s;
     acc_t g = k_soft * (q - p_j);
-    if (p.has_ce) {
-      const acc_t sm = p.same_t ? q : exp2_((s - r_s) * log2e) * inv_1;
-      g += k_hard * (sm - (j == label ? acc_t(1) : acc_t(0)));
-    }
+    if (p.has_ce) g += ce_grad(k_hard, s, q, j == label, p.same_t, r_s, inv_1);
     return g;
   };
-  for (int64_t c = n_chunks - 1; c >= 0; --c) {
+  for (int64_t c = chunks.count - 1; c >= 0; --c) {
     acc_t sv[kE];
-    load_chunk<VEC>(s_row, vocab, c * chunk, sv);
+    load_chunk<VEC>(s_row, vocab, c * chunks.size, sv);
 #pragma unroll
     for (int u = 0; u < kE / VEC; ++u) {
-      const int64_t i = slot_index<VEC>(c * chunk, u);
+      const int64_t i = slot_index<VEC>(c * chunks.size, u);
       if (i >= vocab) continue;
       Vec<S, VEC> out;
 #pragma unroll
@@ -412,22 +321,6 @@ __global__ void __launch_bounds__(kMaxThreads, 1) sparse_kd_forward_kernel(const
   }
 }
 
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-template <typename F>
-void dispatch_dtype(at::ScalarType st, F&& f) {
-  switch (st) {
-    case at::kFloat: f(Tag<float>{}); break;
-    case at::kHalf: f(Tag<at::Half>{}); break;
-    case at::kBFloat16: f(Tag<at::BFloat16>{}); break;
-    case at::kDouble: f(Tag<double>{}); break;
-    default: TORCH_CHECK(false, "fastkd::sparse_kd_forward (cuda): unsupported dtype ", st);
-  }
-}
-
 int values_code(at::ScalarType st) {
   switch (st) {
     case at::kFloat: return kValF32;
@@ -436,27 +329,6 @@ int values_code(at::ScalarType st) {
     case at::kDouble: return kValF64;
     default: TORCH_CHECK(false, "fastkd::sparse_kd_forward (cuda): values must be float32, float16, bfloat16 or float64, got ", st);
   }
-}
-
-template <typename S>
-void launch(const at::Tensor& student, const int64_t* labels, at::Tensor& row_loss, S* grad, const SparseParams<acc_type_t<S>>& p) {
-  using acc_t = acc_type_t<S>;
-  constexpr int kVec = 4;
-  const int64_t n_rows = student.size(0);
-  const int64_t vocab = p.vocab;
-  const S* s = student.const_data_ptr<S>();
-  // Vector loads need every row to start on a vector boundary in the student and the gradient.
-  const bool vec = vocab % kVec == 0 && aligned(s, kVec * sizeof(S)) && (grad == nullptr || aligned(grad, kVec * sizeof(S)));
-  const int threads = block_for_row(kBlockThreads, vocab, vec ? kElems<kVec, S> : kElems<1, S>);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned int>(n_rows));
-  acc_t* loss = row_loss.mutable_data_ptr<acc_t>();
-  if (vec) {
-    sparse_kd_forward_kernel<S, kVec><<<grid, threads, 0, stream>>>(s, labels, loss, grad, p);
-  } else {
-    sparse_kd_forward_kernel<S, 1><<<grid, threads, 0, stream>>>(s, labels, loss, grad, p);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // The forward, or (into given) the rescale op's recomputation into the forward's gradient.
@@ -471,8 +343,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_impl(const at::Tensor& student, con
               std::string(values_kind), "'");
   TORCH_CHECK(tail == "renormalize" || tail == "uniform", kOp, "tail must be 'renormalize' or 'uniform', got '", std::string(tail), "'");
   TORCH_CHECK(tail != "uniform" || values_kind == "logprobs", kOp, "tail='uniform' needs values='logprobs'");
-  TORCH_CHECK(reduction == "none" || reduction == "sum" || reduction == "batchmean", kOp,
-              "reduction must be 'none', 'sum' or 'batchmean', got '", std::string(reduction), "'");
+  check_row_reduction(reduction, kOp);
   TORCH_CHECK(student.is_cuda(), kOp, "student must be a CUDA tensor, got device ", student.device());
   TORCH_CHECK(values.device() == student.device() && indices.device() == student.device(), kOp,
               "values and indices must be on the student's device ", student.device());
@@ -492,22 +363,13 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_impl(const at::Tensor& student, con
   const int64_t vocab = student.size(1);
   const int64_t k = values.size(1);
   TORCH_CHECK(n_rows <= std::numeric_limits<int32_t>::max(), kOp, "at most 2^31 - 1 rows, got ", n_rows);
-  const at::Tensor* labels = labels_opt.has_value() && labels_opt->defined() ? &*labels_opt : nullptr;
-  if (labels != nullptr) {
-    TORCH_CHECK(labels->scalar_type() == at::kLong, kOp, "labels must be int64, got ", labels->scalar_type());
-    TORCH_CHECK(labels->dim() == 1 && labels->size(0) == n_rows, kOp, "labels must have shape [", n_rows, "], got ", labels->sizes());
-    TORCH_CHECK(labels->device() == student.device(), kOp, "labels are on ", labels->device(), ", student on ", student.device());
-    TORCH_CHECK(labels->is_contiguous(), kOp, "labels must be contiguous");
-  }
+  const at::Tensor* labels = checked_labels(labels_opt, n_rows, student.device(), kOp);
   TORCH_CHECK(hard_weight == 0 || labels != nullptr, kOp, "hard_weight > 0 needs labels");
 
   const c10::cuda::CUDAGuard guard(student.device());
-  const auto opts = student.options();
   const bool acc_double = student.scalar_type() == at::kDouble;
   const at::ScalarType acc_dtype = acc_double ? at::kDouble : at::kFloat;
-  at::Tensor row_loss = at::empty({n_rows}, opts.dtype(acc_dtype));
-  at::Tensor grad = compute_grad ? grad_buffer(student, into, kOp) : at::empty({0}, opts);
-  const at::Tensor gs = grad_scale_tensor(grad_scale, n_rows, student.device(), acc_dtype, kOp);
+  RowOutputs out(student, acc_dtype, labels, ignore_index, reduction, compute_grad, grad_scale, into, kOp);
 
   // Rows whose indices leave [0, V) or repeat, found on the device (a sort per row): the kernel
   // gives them a NaN loss and gradient. No host synchronisation.
@@ -518,55 +380,32 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_impl(const at::Tensor& student, con
   }
   broken = broken.to(at::kChar).contiguous();
 
-  // batchmean divides by the number of non-ignored rows, known only on the device. With none of
-  // them every row loss and gradient row is 0, so any finite scale will do: clamp to 1.
-  const bool batchmean = reduction == "batchmean";
-  at::Tensor scale_t;
-  if (batchmean && labels != nullptr) scale_t = labels->ne(ignore_index).sum().clamp_min(1).to(acc_dtype).reciprocal();
-  const double host_scale = batchmean && labels == nullptr ? 1.0 / static_cast<double>(n_rows) : 1.0;
-
   if (n_rows > 0) {
-    dispatch_dtype(student.scalar_type(), [&](auto s_tag) {
+    dispatch_dtype(student.scalar_type(), kOp, [&](auto s_tag) {
       using S = typename decltype(s_tag)::type;
       using acc_t = acc_type_t<S>;
       SparseParams<acc_t> p;
-      p.vocab = vocab;
+      static_cast<KdCoefs<acc_t>&>(p) = kd_coefs<acc_t>(vocab, ignore_index, temperature, hard_weight, t2_scale, 1.0,
+                                                         labels != nullptr, out.row_scale<acc_t>(into != nullptr));
       p.k = k;
-      p.ignore_index = ignore_index;
       p.inv_t = static_cast<acc_t>(1.0 / temperature);
-      p.x_scale = static_cast<acc_t>(1.4426950408889634 / temperature);
-      p.soft_loss_coef = static_cast<acc_t>((1.0 - hard_weight) * (t2_scale ? temperature : 1.0));
-      p.soft_loss_t = static_cast<acc_t>(t2_scale ? temperature : 1.0);
-      p.hard_weight = static_cast<acc_t>(hard_weight);
-      p.soft_grad_coef = static_cast<acc_t>((1.0 - hard_weight) * (t2_scale ? temperature : 1.0 / temperature));
-      p.scale_ptr = scale_t.defined() ? scale_t.const_data_ptr<acc_t>() : nullptr;
-      p.host_scale = static_cast<acc_t>(host_scale);
-      p.gs = grad_scale_of<acc_t>(gs, into != nullptr);
       p.values = values.const_data_ptr();
       p.values_dtype = values_code(values.scalar_type());
       p.indices = indices.const_data_ptr();
       p.indices_int32 = indices.scalar_type() == at::kInt;
       p.broken = broken.const_data_ptr<int8_t>();
-      p.has_ce = labels != nullptr && hard_weight > 0;
-      p.same_t = temperature == 1.0;
       p.uniform = tail == "uniform";
-      launch<S>(student, labels != nullptr ? labels->const_data_ptr<int64_t>() : nullptr, row_loss,
-                compute_grad ? grad.mutable_data_ptr<S>() : nullptr, p);
+      const S* s = student.const_data_ptr<S>();
+      S* g = compute_grad ? out.grad.mutable_data_ptr<S>() : nullptr;
+      acc_t* loss = out.row_loss.mutable_data_ptr<acc_t>();
+      const int64_t* l = labels != nullptr ? labels->const_data_ptr<int64_t>() : nullptr;
+      // Vector loads need every row to start on a vector boundary in the student and the gradient.
+      launch_rows<4>(n_rows, vocab, {{s, sizeof(S)}, {g, sizeof(S)}}, [&](auto vec, dim3 grid, int threads, cudaStream_t stream) {
+        sparse_kd_forward_kernel<S, decltype(vec)::value><<<grid, threads, 0, stream>>>(s, l, loss, g, p);
+      });
     });
   }
-
-  const at::ScalarType loss_dtype = acc_double ? at::kDouble : at::kFloat;
-  at::Tensor loss;
-  if (reduction == "none") {
-    loss = row_loss;
-  } else if (reduction == "sum") {
-    loss = row_loss.sum();
-  } else if (scale_t.defined()) {
-    loss = row_loss.sum() * scale_t;
-  } else {
-    loss = row_loss.sum() / static_cast<double>(n_rows);
-  }
-  return {loss.to(loss_dtype), into != nullptr ? at::empty({0}, opts) : grad};
+  return {out.loss(acc_double ? at::kDouble : at::kFloat), into != nullptr ? at::empty({0}, student.options()) : out.grad};
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_kd_forward_cuda(const at::Tensor& student, const at::Tensor& values,

@@ -1,4 +1,4 @@
-// What fastkd/gpu_static.py needs to know about a CUDA kernel beyond what cuobjdump reads from
+// What tools/gpu_static.py needs to know about a CUDA kernel beyond what cuobjdump reads from
 // the compiled extension: the block sizes its launcher chooses from (occupancy depends on them)
 // and the bytes one row moves (the memory bound a GPU measurement is compared with).
 //

@@ -1,5 +1,5 @@
 """The C++ divergence rules (csrc/divergence.h: names, beta ranges, endpoint collapse, gradient
-factor) agree with the Python table (fastkd.ops.kd.DIVERGENCES and its reference).
+factor) agree with the Python table (fastkd/ops/divergences.py and the reference).
 
 Every name and a grid of betas inside, at and outside each range go to the CPU op directly: it
 must refuse exactly what the Python validation refuses, and where it accepts, its loss and
@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from fastkd import _ext
-from fastkd.ops.kd import DIVERGENCES, kd_loss_reference, validate_divergence
+from fastkd.ops.divergences import DIVERGENCES, check
+from fastkd.ops.kd import kd_loss_reference
 
 pytestmark = pytest.mark.skipif(_ext.LOAD_ERROR is not None, reason=str(_ext.LOAD_ERROR))
 
@@ -26,7 +27,7 @@ def _op(s, t, name, beta):
 
 def _python_accepts(name, beta):
     try:
-        validate_divergence(name, beta)
+        check(name, beta)
     except ValueError:
         return False
     return True
@@ -38,8 +39,8 @@ def test_cpu_rules_agree_with_the_python_table(name):
     s = torch.randn(3, 21, generator=g, dtype=torch.float64) * 2
     t = torch.randn(3, 21, generator=g, dtype=torch.float64) * 2
     # A divergence without beta ignores the op's beta (Python refuses one given: nothing to compare).
-    for beta in BETAS if DIVERGENCES[name] is not None else (0.0,):
-        py_beta = beta if DIVERGENCES[name] is not None else None
+    for beta in BETAS if DIVERGENCES[name].beta is not None else (0.0,):
+        py_beta = beta if DIVERGENCES[name].beta is not None else None
         if not _python_accepts(name, py_beta):
             with pytest.raises(RuntimeError, match=f"beta must be in .* for divergence {name}, got"):
                 _op(s, t, name, beta)

@@ -627,7 +627,8 @@ def check_triton(
     results: List[Dict[str, Any]] = []
     frontend: List[Dict[str, Any]] = []
     todo: List[Dict[str, Any]] = []
-    jit_modules = {m for m in sys.modules if m.startswith(_kernels_package().__name__)}
+    prefix = _kernels_package().__name__  # may import the package: before reading sys.modules
+    jit_modules = {m for m in list(sys.modules) if m.startswith(prefix)}
     jit_modules |= {l.kernel.fn.__module__ for _, l in launches}
     with _keys_without_line_numbers(jit_modules):
         _plan(launches, archs, cache, results, frontend, todo)

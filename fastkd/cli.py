@@ -150,7 +150,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         extra = _EXTRA_OF_MODULE.get(module)
         if extra is None:
             raise
-        print(f"fastkd: error: `fastkd {args.command}` needs the module {module!r}, one of fastkd's "
+        # From argv, not args: the import may have failed while the parser was being built.
+        command = " ".join(["fastkd"] + argv[:1])
+        print(f"fastkd: error: `{command}` needs the module {module!r}, one of fastkd's "
               f"optional dependencies: pip install 'fastkd[{extra}]'", file=sys.stderr)
         return EXIT_CONFIG
     return 0

@@ -193,6 +193,7 @@ def _not_finite(row: int, w0: int, per: int, teacher_info: dict, cfg: dict):
 
 def run(args) -> int:
     from fastkd import teacher_cache as tc
+    from fastkd.engine.cached_teacher import job_fingerprints, job_tokens
     from fastkd.engine.runner import _device
     from fastkd.engine.tasks import make_task
 
@@ -229,9 +230,9 @@ def run(args) -> int:
 
     context = cfg["data"]["context"]
     per, windows = context - 1, len(splits.train.y)
-    spec = tc.CacheSpec(top_k=k, vocab_size=splits.vocab_size, tokens=task.cache_tokens(), values=args.values,
+    spec = tc.CacheSpec(top_k=k, vocab_size=splits.vocab_size, tokens=job_tokens(splits, context), values=args.values,
                         value_dtype=value_dtype, shard_tokens=args.shard_tokens, selection=selection,
-                        fingerprints={**task.cache_fingerprints(), "teacher": teacher_fp})
+                        fingerprints={**job_fingerprints(splits, context), "teacher": teacher_fp})
     try:
         writer = tc.CacheWriter(out, spec, resume=args.resume,
                                 info={"teacher": teacher_info, "job": cfg["name"], "context": context, "seed": cfg["seed"]})

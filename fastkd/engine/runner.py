@@ -325,7 +325,7 @@ def evaluate(cfg, task, splits, store, entries, device, log) -> dict:
         elif task.teacher_cache is not None and len(e.models) == 1 and store[e.models[0]]["role"] == "student":
             # No teacher at hand to measure against: the cached one, on the split it covers.
             m.update(task.cache_fidelity(frozen_model(ctx, e.models[0])))
-            m["reference"] = task.cache_reference
+            m["reference"] = task.teacher_cache.reference
         models[e.name] = m
         log({"phase": "final", "model": e.name, "split": "test", **{k: v for k, v in m.items() if k != "reference"}})
     summary = {
@@ -338,5 +338,5 @@ def evaluate(cfg, task, splits, store, entries, device, log) -> dict:
         "training": training,
     }
     if task.teacher_cache is not None:
-        summary["teacher_cache"] = task.describe_cache()
+        summary["teacher_cache"] = task.teacher_cache.summary()
     return summary

@@ -14,14 +14,12 @@ registered with :func:`register_task`; :func:`task_name` picks it from a config.
   nowhere), and token NLL, perplexity, next-token accuracy, agreement and predictive KL per
   token, summed batch by batch (no ``[tokens, V]`` tensor of a whole split ever exists) and
   across ranks. Its teacher may instead be read from a teacher cache (``teacher.cache``,
-  written by ``fastkd cache-teacher``): the rows of training window ``w`` are cache rows
-  ``[w·(C−1), (w+1)·(C−1))`` for windows of C tokens, one per position that predicts a label.
+  written by ``fastkd cache-teacher``; :mod:`fastkd.engine.cached_teacher`).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -32,6 +30,7 @@ from torch import nn
 from fastkd import data as datamod
 from fastkd import metrics
 from fastkd.engine import distributed as dist
+from fastkd.engine.cached_teacher import CachedTeacher
 from fastkd.engine.losses import IGNORE_INDEX
 from fastkd.engine.schema import ConfigError
 
@@ -150,8 +149,7 @@ class Task:
         raise NotImplementedError
 
     # -- a teacher read from a cache (tasks that support one override these) --------------------
-    teacher_cache = None  # the opened fastkd.teacher_cache.TeacherCache, when the job reads one
-    _teacher_dir: Optional[str] = None  # where the teacher the cache was written with is, if usable
+    teacher_cache: Optional[CachedTeacher] = None  # when the job reads one
 
     def external_models(self) -> Dict[str, dict]:
         """Finished models the job did not train (store entries, ``state`` None: :meth:`build`
@@ -318,10 +316,7 @@ class LMTask(Task):
         if d["fraction"] != 1.0 or d["label_noise"] or d["imbalance"] != 1.0:
             raise ConfigError("data.fraction, data.label_noise and data.imbalance apply to classification data, not to data.name = 'lm'")
         if cfg["teacher"]["cache"]:
-            for i, term in enumerate(cfg["loss"]):
-                if term["kind"] == "kd" and term["divergence"] != "kl":
-                    raise ConfigError(f"loss[{i}].divergence {term['divergence']!r}: a cached teacher is read by "
-                                      "fastkd.sparse_kd_loss, whose divergence is KL")
+            CachedTeacher.check_config(cfg)
 
     def load(self):
         from fastkd import text
@@ -342,7 +337,7 @@ class LMTask(Task):
 
     def check(self, splits) -> None:
         if self.cfg["teacher"]["cache"]:
-            self._open_teacher_cache(self.cfg["teacher"]["cache"])
+            self.teacher_cache = CachedTeacher(self.cfg, splits, lambda where: self.build("teacher", 0, path=where))
         # A cached teacher is not built; the one it was written with is, only to be measured against.
         roles = ("student",) if self.teacher_cache is not None else ("teacher", "student")
         for role in roles:
@@ -351,84 +346,13 @@ class LMTask(Task):
             except (ValueError, LookupError) as exc:
                 raise ConfigError(f"{role}: {exc}") from None
 
-    # -- the teacher cache -----------------------------------------------------------------------
-    def cache_fingerprints(self) -> Dict[str, str]:
-        """What a cache of this job's teacher is tied to: the tokenizer (``vocabulary``) and the
-        training windows it was run over (``data``)."""
-        import xxhash
-
-        s = self.splits
-        vocab = xxhash.xxh3_128(s.tokenizer.to_str().encode()).hexdigest()
-        h = xxhash.xxh3_128(f"context={self.cfg['data']['context']}|".encode())
-        h.update(s.train.x.numpy().tobytes())
-        h.update(s.train.y.numpy().tobytes())
-        return {"vocabulary": f"xxh3_128:{vocab}", "data": f"xxh3_128:{h.hexdigest()}"}
-
-    def cache_tokens(self) -> int:
-        """Rows of a cache of the training split: one per position that predicts a label."""
-        return len(self.splits.train.y) * (self.cfg["data"]["context"] - 1)
-
-    def _open_teacher_cache(self, directory: str) -> None:
-        from fastkd import teacher_cache as tc
-
-        try:
-            cache = tc.TeacherCache(directory)
-            cache.check_matches(fingerprints=self.cache_fingerprints(), tokens=self.cache_tokens(),
-                                top_k=self.cfg["teacher"]["cache_top_k"] or None, vocab_size=self.splits.vocab_size)
-            cache.verify()  # every shard's size and hash, before any training step reads one
-        except tc.CacheError as exc:
-            raise ConfigError(str(exc)) from None
-        self.cache_tails = []
-        for i, term in enumerate(self.cfg["loss"]):
-            if term["kind"] != "kd":
-                continue
-            values, tail = term["values"] or cache.values, term["tail"] or cache.default_tail
-            self.cache_tails.append(tail)
-            if tail == "uniform" and values != "logprobs":
-                raise ConfigError(f"loss[{i}].tail 'uniform' needs log-probabilities, and the cached values are read as {values}")
-            if cache.selection == "sample" and term["temperature"] != 1.0:
-                raise ConfigError(f"loss[{i}].temperature {term['temperature']}: the cache {directory} holds samples of the "
-                                  "teacher at temperature 1, an unbiased estimate only at temperature 1")
-        self.teacher_cache = cache
-        self.cached_windows = tc.CachedWindows(cache, self.splits.train.x, self.splits.train.y)
-        self.cache_reference, self._teacher_dir = self._find_cached_teacher(cache)
-
-    def _find_cached_teacher(self, cache) -> Tuple[str, Optional[str]]:
-        """The teacher the cache was written with, if it is still where the manifest says and is
-        still that teacher: ``(what students are measured against, its directory or None)``."""
-        from fastkd import teacher_cache as tc
-
-        where = (cache.info.get("teacher") or {}).get("dir")
-        fallback = f"cached {cache.describe()} (training split)"
-        if not where or not os.path.isfile(os.path.join(where, "config.json")):
-            return f"{fallback}: the teacher it was written with is not at hand", None
-        try:
-            model = self.build("teacher", 0, path=where)
-        except (ValueError, LookupError) as exc:
-            return f"{fallback}: the teacher in {where} cannot be loaded ({exc})", None
-        if tc.state_fingerprint(model) != cache.fingerprints.get("teacher"):
-            return f"{fallback}: {where} no longer holds the teacher the cache was written with", None
-        return "teacher_0", where
-
     def external_models(self):
-        if self.teacher_cache is None or self._teacher_dir is None:
+        if self.teacher_cache is None or self.teacher_cache.teacher_dir is None:
             return {}
         return {"teacher_0": {"role": "teacher", "state": None, "cost": None}}
 
     def cached_teacher(self, windows):
-        from fastkd.engine.losses import SparseTeacher
-
-        idx, val = self.cached_windows.rows(windows)
-        return SparseTeacher(idx, val, self.teacher_cache.values, self.teacher_cache.default_tail)
-
-    def describe_cache(self) -> Optional[dict]:
-        """``summary.teacher_cache``: what the job read its teacher from."""
-        c = self.teacher_cache
-        if c is None:
-            return None
-        return {"dir": str(c.dir), "tokens": c.tokens, "top_k": c.top_k, "selection": c.selection, "values": c.values,
-                "value_dtype": c.value_dtype, "tail": "+".join(dict.fromkeys(self.cache_tails)) or None, "bytes": c.bytes, "bytes_per_token": round(c.bytes_per_token, 3),
-                "reference": self.cache_reference}
+        return self.teacher_cache.batch(windows)
 
     @torch.no_grad()
     def cache_fidelity(self, model: nn.Module, windows: int = 64) -> Dict[str, float]:
@@ -481,7 +405,7 @@ class LMTask(Task):
 
         s, spec = self.splits, self.cfg[role]
         if path is None and role == "teacher" and self.teacher_cache is not None:
-            path = self._teacher_dir
+            path = self.teacher_cache.teacher_dir
         if path:
             spec = {**spec, "path": path}
         return build_gpt2(spec, s.vocab_size, self.cfg["data"]["context"], s.eos_id, seed)

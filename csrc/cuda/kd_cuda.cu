@@ -445,8 +445,10 @@ std::tuple<at::Tensor, at::Tensor> kd_impl(const at::Tensor& student, const at::
   const int64_t* label_ptr = labels != nullptr ? labels->const_data_ptr<int64_t>() : nullptr;
 
   const bool plain_kl = !mix && dv == Divergence::KL;
-  const bool has_beta = dv == Divergence::JSD || dv == Divergence::SkewKL || dv == Divergence::SkewReverseKL;
-  const double factor = dv == Divergence::JSD || dv == Divergence::SkewKL ? 1.0 - b : dv == Divergence::TVD ? 0.5 : 1.0;
+  // The divergence's rules (whether it takes beta, its gradient factor) are divergence.h's, as on
+  // the CPU: decided once for every backend.
+  const bool has_beta = divergence_has_beta(dv);
+  const double factor = divergence_grad_factor(dv, b);
   // log2 of the weights on the device, in the accumulation type: no host synchronisation.
   const at::Tensor log2_w = weights != nullptr && !plain_kl ? weights->to(acc_dtype).log2().contiguous() : at::Tensor();
   if (n_rows > 0) {

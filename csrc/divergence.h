@@ -46,6 +46,13 @@ inline Divergence collapse_endpoint(const DivergenceRule& r, double beta) {
   return r.divergence;
 }
 
+// Whether divergence d (an endpoint already collapsed) takes a beta: its rule's has_beta.
+inline bool divergence_has_beta(Divergence d) {
+  for (const DivergenceRule& r : kDivergenceRules)
+    if (r.divergence == d) return r.has_beta;
+  return false;
+}
+
 // The factor k of a divergence's gradient k q (x - c) (docs/design.md#divergences).
 inline double divergence_grad_factor(Divergence d, double beta) {
   switch (d) {

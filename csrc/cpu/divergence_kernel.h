@@ -207,7 +207,7 @@ static void divergence_rows(const KdArgs& a, int64_t row_begin, int64_t row_end,
   const bool kl_form = dv == Divergence::KL;
   const C m_floor = std::is_same_v<C, double> ? C(0x1p-960) : C(0x1p-96);
   DivConsts<C> k{dv, C(a.beta), C(1 - a.beta), C(0), C(0), m_floor};
-  if (dv == Divergence::JSD || dv == Divergence::SkewKL || dv == Divergence::SkewReverseKL) {
+  if (divergence_has_beta(dv)) {
     k.log_b = C(std::log(a.beta));
     k.log_1mb = C(std::log1p(-a.beta));
   }

@@ -95,11 +95,9 @@ __global__ void __launch_bounds__(kRowMaxThreads) dkd_forward_kernel(const scala
                                                                      scalar_s* __restrict__ grad,
                                                                      const DkdParams<acc_t> p) {
   __shared__ KlState<acc_t> smem[kRowMaxWarps + 1];
-  const int64_t row = blockIdx.x;
-  const int64_t vocab = p.vocab;
-  const auto [s_row, t_row, g_row] = row_ptrs(student, teacher, grad, row, vocab);
-  int64_t label;  // labels are required
-  if (!start_row<VEC>(row, labels, vocab, p.ignore_index, p.scale.gs, row_loss, g_row, label)) return;
+  LabelledRow<scalar_s, scalar_t> r;  // labels are required
+  if (!start_row<VEC>(student, teacher, grad, labels, row_loss, p, r)) return;
+  const auto [row, vocab, label, s_row, t_row, g_row] = r;
 
   const acc_t xs = p.x_scale;
   constexpr int kE = kRowElems<VEC>;
@@ -145,23 +143,17 @@ __global__ void __launch_bounds__(kRowMaxThreads) dkd_forward_kernel(const scala
   const acc_t g_y = k * p.alpha * dq;
   // The loads keep pass 1's test for a skipped index (-1 matches none): the shape under which the
   // float64 kernels fit in 128 registers on sm_90 (without the test, ptxas spilled two of them).
-  for (int64_t c = chunks.count - 1; c >= 0; --c) {
-    acc_t sv[kE], tv[kE];
-    load_chunk<VEC>(s_row, vocab, c * chunks.size, sv, SkipIndex{-1});
-    load_chunk<VEC>(t_row, vocab, c * chunks.size, tv, SkipIndex{-1});
-#pragma unroll
-    for (int u = 0; u < kE / VEC; ++u) {
-      const int64_t i = slot_index<VEC>(c * chunks.size, u);
-      if (i >= vocab) continue;
-      Vec<scalar_s, VEC> out;
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        const acc_t g = k_q * exp2_((sv[u * VEC + e] - r_s) * xs) - k_p * exp2_((tv[u * VEC + e] - r_t) * xs);
-        out.v[e] = store_as<scalar_s>(i + e == label ? g_y : g);
-      }
-      *reinterpret_cast<Vec<scalar_s, VEC>*>(g_row + i) = out;
-    }
-  }
+  acc_t sv[kE], tv[kE];
+  write_grad_row<VEC>(
+      g_row, vocab, chunks,
+      [&](int64_t base) {
+        load_chunk<VEC>(s_row, vocab, base, sv, SkipIndex{-1});
+        load_chunk<VEC>(t_row, vocab, base, tv, SkipIndex{-1});
+      },
+      [&](int e, int64_t j) {
+        const acc_t g = k_q * exp2_((sv[e] - r_s) * xs) - k_p * exp2_((tv[e] - r_t) * xs);
+        return j == label ? g_y : g;
+      });
 }
 
 // The forward, or (into given) the rescale op's recomputation into the forward's gradient.

@@ -76,11 +76,9 @@ __global__ void __launch_bounds__(kRowMaxThreads, kMinBlocks<acc_t>) kd_forward_
     const scalar_s* __restrict__ student, const scalar_t* __restrict__ teacher, const int64_t* __restrict__ labels,
     acc_t* __restrict__ row_loss, scalar_s* __restrict__ grad, const KdCoefs<acc_t> p) {
   __shared__ KdState<acc_t> smem[kRowMaxWarps + 1];
-  const int64_t row = blockIdx.x;
-  const int64_t vocab = p.vocab;
-  const auto [s_row, t_row, g_row] = row_ptrs(student, teacher, grad, row, vocab);
-  int64_t label;
-  if (!start_row<VEC>(row, labels, vocab, p.ignore_index, p.scale.gs, row_loss, g_row, label)) return;
+  LabelledRow<scalar_s, scalar_t> r;
+  if (!start_row<VEC>(student, teacher, grad, labels, row_loss, p, r)) return;
+  const auto [row, vocab, label, s_row, t_row, g_row] = r;
 
   const acc_t xs = p.x_scale;
   const acc_t log2e = Consts<acc_t>::kLog2e;
@@ -121,27 +119,21 @@ __global__ void __launch_bounds__(kRowMaxThreads, kMinBlocks<acc_t>) kd_forward_
   const acc_t inv_s = acc_t(1) / tot.kl.sum_s;
   const acc_t inv_t = acc_t(1) / tot.kl.sum_t;
   const acc_t inv_1 = acc_t(1) / sum_1;
-  for (int64_t c = chunks.count - 1; c >= 0; --c) {
-    acc_t sv[kE], tv[kE];
-    load_chunk<VEC>(s_row, vocab, c * chunks.size, sv);
-    load_chunk<VEC>(t_row, vocab, c * chunks.size, tv);
-#pragma unroll
-    for (int u = 0; u < kE / VEC; ++u) {
-      const int64_t i = slot_index<VEC>(c * chunks.size, u);
-      if (i >= vocab) continue;
-      Vec<scalar_s, VEC> out;
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const acc_t s = sv[u * VEC + k];
+  acc_t sv[kE], tv[kE];
+  write_grad_row<VEC>(
+      g_row, vocab, chunks,
+      [&](int64_t base) {
+        load_chunk<VEC>(s_row, vocab, base, sv);
+        load_chunk<VEC>(t_row, vocab, base, tv);
+      },
+      [&](int e, int64_t j) {
+        const acc_t s = sv[e];
         const acc_t q = exp2_((s - r_s) * xs) * inv_s;
-        const acc_t pt = exp2_((tv[u * VEC + k] - r_t) * xs) * inv_t;
+        const acc_t pt = exp2_((tv[e] - r_t) * xs) * inv_t;
         acc_t g = k_soft * (q - pt);
-        if (p.has_ce) g += ce_grad(k_hard, s, q, i + k == label, p.same_t, r_s, inv_1);
-        out.v[k] = store_as<scalar_s>(g);
-      }
-      *reinterpret_cast<Vec<scalar_s, VEC>*>(g_row + i) = out;
-    }
-  }
+        if (p.has_ce) g += ce_grad(k_hard, s, q, j == label, p.same_t, r_s, inv_1);
+        return g;
+      });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -263,12 +255,10 @@ __global__ void __launch_bounds__(kRowMaxThreads) kd_div_kernel(const scalar_s* 
   acc_t* const t_ref = reinterpret_cast<acc_t*>(dyn_smem);
   acc_t* const t_c = t_ref + p.n_teachers;
 
-  const int64_t row = blockIdx.x;
-  const int64_t vocab = p.vocab;
+  LabelledRow<scalar_s, scalar_t> r;
+  if (!start_row<VEC>(student, teacher, grad, labels, row_loss, p, r)) return;
   // t_row: teacher 0; teacher m at + m * teacher_stride.
-  const auto [s_row, t_row, g_row] = row_ptrs(student, teacher, grad, row, vocab);
-  int64_t label;
-  if (!start_row<VEC>(row, labels, vocab, p.ignore_index, p.scale.gs, row_loss, g_row, label)) return;
+  const auto [row, vocab, label, s_row, t_row, g_row] = r;
 
   const acc_t xs = p.x_scale;
   const bool sep_ce = p.has_ce && !p.same_t;
@@ -392,27 +382,17 @@ __global__ void __launch_bounds__(kRowMaxThreads) kd_div_kernel(const scalar_s* 
   // Pass 3: the gradient, last chunk first.
   const auto [k_soft, k_hard] = p.grad_coefs(row);
   const acc_t inv_1 = acc_t(1) / sum_1;
-  for (int64_t c = chunks.count - 1; c >= 0; --c) {
-    acc_t sv[kE], lq2[kE], lp2[kE];
-    entries(c * chunks.size, sv, lq2, lp2);
-#pragma unroll
-    for (int u = 0; u < kE / VEC; ++u) {
-      const int64_t i = slot_index<VEC>(c * chunks.size, u);
-      if (i >= vocab) continue;
-      Vec<scalar_s, VEC> out;
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const int e = u * VEC + k;
+  acc_t sv[kE], lq2[kE], lp2[kE];
+  write_grad_row<VEC>(
+      g_row, vocab, chunks, [&](int64_t base) { entries(base, sv, lq2, lp2); },
+      [&](int e, int64_t j) {
         const acc_t q = exp2_(lq2[e]), pp = exp2_(lp2[e]);
         acc_t t1, x;
         div_terms(p, q, lq2[e], pp, lp2[e], t1, x);
         acc_t g = p.divergence == kDivKL ? k_soft * (q - x) : (q == acc_t(0) ? acc_t(0) : k_soft * q * (x - cstat));
-        if (p.has_ce) g += ce_grad(k_hard, sv[e], q, i + k == label, p.same_t, r_s, inv_1);
-        out.v[k] = store_as<scalar_s>(g);
-      }
-      *reinterpret_cast<Vec<scalar_s, VEC>*>(g_row + i) = out;
-    }
-  }
+        if (p.has_ce) g += ce_grad(k_hard, sv[e], q, j == label, p.same_t, r_s, inv_1);
+        return g;
+      });
 }
 
 // The forward, or (into given) the rescale op's recomputation into the forward's gradient.
@@ -465,8 +445,10 @@ std::tuple<at::Tensor, at::Tensor> kd_impl(const at::Tensor& student, const at::
   const int64_t* label_ptr = labels != nullptr ? labels->const_data_ptr<int64_t>() : nullptr;
 
   const bool plain_kl = !mix && dv == Divergence::KL;
-  const bool has_beta = dv == Divergence::JSD || dv == Divergence::SkewKL || dv == Divergence::SkewReverseKL;
-  const double factor = dv == Divergence::JSD || dv == Divergence::SkewKL ? 1.0 - b : dv == Divergence::TVD ? 0.5 : 1.0;
+  // The divergence's rules (whether it takes beta, its gradient factor) are divergence.h's, as on
+  // the CPU: decided once for every backend.
+  const bool has_beta = divergence_has_beta(dv);
+  const double factor = divergence_grad_factor(dv, b);
   // log2 of the weights on the device, in the accumulation type: no host synchronisation.
   const at::Tensor log2_w = weights != nullptr && !plain_kl ? weights->to(acc_dtype).log2().contiguous() : at::Tensor();
   if (n_rows > 0) {

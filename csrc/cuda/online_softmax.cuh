@@ -3,7 +3,8 @@
 // its strided entries that the block then merges (docs/design.md#online-softmax). Here once: the
 // row's chunks and loads, the online (maximum, sum) of one distribution and the two-distribution
 // KL state with their rescaling and merge rules, the row prologue for ignored and broken rows, the
-// hard-label cross-entropy term, and the host's choice of load width and block size.
+// gradient pass's sweep, the hard-label cross-entropy term, and the host's choice of load width
+// and block size.
 //
 // Everything is in base 2: a distribution over logits z at temperature T is kept as its maximum m
 // of the raw logits and sum 2^((z - r) * x_scale), x_scale = log2(e)/T, where the reference
@@ -240,30 +241,31 @@ __device__ void write_skipped_row(bool bad, acc_t* __restrict__ row_loss, int64_
   if (g_row != nullptr) fill_row<VEC>(g_row, vocab, store_as<S>(bad ? quiet_nan<acc_t>() : acc_t(0)));
 }
 
-// Where row `row` starts in the student, teacher and gradient (null: none written).
+// A labelled row kernel's row: its index (blockIdx.x) and length, its label (-1 without labels)
+// and where it starts in the student, teacher and gradient (g: null when none is written).
 template <typename S, typename T>
-struct RowPtrs {
+struct LabelledRow {
+  int64_t row, vocab, label;
   const S* s;
   const T* t;
   S* g;
 };
-template <typename S, typename T>
-__device__ __forceinline__ RowPtrs<S, T> row_ptrs(const S* student, const T* teacher, S* grad, int64_t row, int64_t vocab) {
-  return {student + row * vocab, teacher + row * vocab, grad == nullptr ? nullptr : grad + row * vocab};
-}
 
-// The start of a labelled row kernel's block: false when the block has nothing more to do, either
-// the rescale op's row whose grad_scale is 1 (the forward's gradient stands: nothing is read) or
-// a row that label_skips_row (its result written here). label: labels[row], or -1 without labels.
-// Uniform per block: the row and its label are.
-template <int VEC, typename S, typename acc_t>
-__device__ __forceinline__ bool start_row(int64_t row, const int64_t* __restrict__ labels, int64_t vocab, int64_t ignore_index,
-                                          const GradScale<acc_t>& gs, acc_t* __restrict__ row_loss, S* __restrict__ g_row,
-                                          int64_t& label) {
-  if (gs.skip(row)) return false;
-  label = labels != nullptr ? labels[row] : -1;
-  if (labels != nullptr && label_skips_row(label, vocab, ignore_index)) {
-    write_skipped_row<VEC>(label != ignore_index, row_loss, row, g_row, vocab);
+// The start of a labelled row kernel's block, whose parameters p give vocab, ignore_index and
+// scale.gs: r filled in, and false when the block has nothing more to do, either the rescale op's
+// row whose grad_scale is 1 (the forward's gradient stands: nothing is read) or a row that
+// label_skips_row (its result written here). Uniform per block: the row and its label are.
+template <int VEC, typename S, typename T, typename acc_t, typename Params>
+__device__ __forceinline__ bool start_row(const S* student, const T* teacher, S* grad, const int64_t* __restrict__ labels,
+                                          acc_t* __restrict__ row_loss, const Params& p, LabelledRow<S, T>& r) {
+  const int64_t row = blockIdx.x;
+  const int64_t vocab = p.vocab;
+  r = {row, vocab, -1, student + row * vocab, teacher + row * vocab, grad == nullptr ? nullptr : grad + row * vocab};
+  if (p.scale.gs.skip(row)) return false;
+  if (labels == nullptr) return true;
+  r.label = labels[row];
+  if (label_skips_row(r.label, vocab, p.ignore_index)) {
+    write_skipped_row<VEC>(r.label != p.ignore_index, row_loss, row, r.g, vocab);
     return false;
   }
   return true;
@@ -276,6 +278,28 @@ struct Chunks {
   __device__ __forceinline__ explicit Chunks(int64_t vocab)
       : size(static_cast<int64_t>(blockDim.x) * kRowElems<VEC>), count((vocab + size - 1) / size) {}
 };
+
+// The gradient pass of a row kernel (docs/design.md#online-softmax): the row's chunks last first
+// (the one read last is the most likely to be still in L2). Per chunk, load(base) reads this
+// thread's entries of the chunk at `base` into the caller's arrays; grad(e, j) is then the
+// gradient at the thread's entry e (0 <= e < kRowElems<VEC>), index j of the row, rounded once
+// to S and stored VEC entries at a time.
+template <int VEC, typename S, typename Load, typename Grad>
+__device__ __forceinline__ void write_grad_row(S* __restrict__ g_row, int64_t vocab, const Chunks<VEC>& chunks, Load&& load,
+                                               Grad&& grad) {
+  for (int64_t c = chunks.count - 1; c >= 0; --c) {
+    load(c * chunks.size);
+#pragma unroll
+    for (int u = 0; u < kRowElems<VEC> / VEC; ++u) {
+      const int64_t i = slot_index<VEC>(c * chunks.size, u);
+      if (i >= vocab) continue;
+      Vec<S, VEC> out;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) out.v[k] = store_as<S>(grad(u * VEC + k, i + k));
+      *reinterpret_cast<Vec<S, VEC>*>(g_row + i) = out;
+    }
+  }
+}
 
 // The factor of a row's gradient: the reduction scale (1 / valid rows for batchmean, on the device
 // when only the labels tell it) times grad_scale.

@@ -759,56 +759,63 @@ std::tuple<at::Tensor, at::Tensor> rkd_angle_cuda(const at::Tensor& student, con
   return {loss, at::mm(m.add_(m32), rows).to(student.scalar_type())};  // rounded once
 }
 
-std::tuple<at::Tensor, at::Tensor> sp_cuda(const at::Tensor& student, const at::Tensor& teacher, bool compute_grad) {
-  check_pair(student, teacher, "sp_forward", 1);
+// SP and PKT, around their row kernels: the Gram matrices Gs = S Sᵀ and Gt = T Tᵀ of the rows in
+// the compute type, then kernels(gs, gt, loss_rows, stream), which writes each row's loss part and
+// returns M (in a buffer it may take from gs or gt) with dL/dS = M S when compute_grad; the loss is
+// the parts' sum over B², the gradient M S rounded once to the student's dtype.
+template <typename Kernels>
+std::tuple<at::Tensor, at::Tensor> gram_loss(const at::Tensor& student, const at::Tensor& teacher, bool compute_grad,
+                                             Kernels&& kernels) {
   const c10::cuda::CUDAGuard guard(student.device());
   const at::ScalarType type = compute_type(student);
   const int64_t n = student.size(0);
   at::Tensor sf = student.to(type), tf = teacher.to(type);
   at::Tensor gs = at::mm(sf, sf.t()), gt = at::mm(tf, tf.t());
   at::Tensor loss_rows = at::empty({n}, gs.options());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(type, "sp_cuda", [&] {
-    using C = scalar_t;
-    sp_rows_kernel<C><<<n, kThreads, 0, stream>>>(gs.const_data_ptr<C>(), gt.mutable_data_ptr<C>(), loss_rows.mutable_data_ptr<C>(), n,
-                                                  C(2.0 / (double(n) * double(n))), compute_grad);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (compute_grad) {
-      symmetrise_kernel<C><<<n, kThreads, 0, stream>>>(gt.const_data_ptr<C>(), gs.mutable_data_ptr<C>(), n);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
+  const at::Tensor m = kernels(gs, gt, loss_rows, at::cuda::getCurrentCUDAStream());
   at::Tensor loss = loss_of(loss_rows, double(n) * double(n), student);
-  at::Tensor grad = compute_grad ? at::mm(gs, sf).to(student.scalar_type()) : at::empty({0}, student.options());
+  at::Tensor grad = compute_grad ? at::mm(m, sf).to(student.scalar_type()) : at::empty({0}, student.options());
   return {loss, grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> sp_cuda(const at::Tensor& student, const at::Tensor& teacher, bool compute_grad) {
+  check_pair(student, teacher, "sp_forward", 1);
+  return gram_loss(student, teacher, compute_grad, [&](at::Tensor& gs, at::Tensor& gt, at::Tensor& loss_rows, cudaStream_t stream) {
+    const int64_t n = gs.size(0);
+    AT_DISPATCH_FLOATING_TYPES(gs.scalar_type(), "sp_cuda", [&] {
+      using C = scalar_t;
+      sp_rows_kernel<C><<<n, kThreads, 0, stream>>>(gs.const_data_ptr<C>(), gt.mutable_data_ptr<C>(), loss_rows.mutable_data_ptr<C>(), n,
+                                                    C(2.0 / (double(n) * double(n))), compute_grad);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (compute_grad) {
+        symmetrise_kernel<C><<<n, kThreads, 0, stream>>>(gt.const_data_ptr<C>(), gs.mutable_data_ptr<C>(), n);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+    return gs;  // M = dG + dGᵀ, symmetrised into gs
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> pkt_cuda(const at::Tensor& student, const at::Tensor& teacher, double eps, bool compute_grad) {
   check_pair(student, teacher, "pkt_forward", 1);
   TORCH_CHECK(eps > 0, "fastkd::pkt_forward: eps must be > 0, got ", eps);
-  const c10::cuda::CUDAGuard guard(student.device());
-  const at::ScalarType type = compute_type(student);
-  const int64_t n = student.size(0);
-  at::Tensor sf = student.to(type), tf = teacher.to(type);
-  at::Tensor gs = at::mm(sf, sf.t()), gt = at::mm(tf, tf.t());
-  at::Tensor loss_rows = at::empty({n}, gs.options());
-  at::Tensor dk = compute_grad ? at::empty({n, n}, gs.options()) : at::Tensor();
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(type, "pkt_cuda", [&] {
-    using C = scalar_t;
-    pkt_rows_kernel<C><<<n, kThreads, 0, stream>>>(gs.const_data_ptr<C>(), gt.const_data_ptr<C>(),
-                                                   compute_grad ? dk.mutable_data_ptr<C>() : nullptr, loss_rows.mutable_data_ptr<C>(), n,
-                                                   C(eps), C(1.0 / (double(n) * double(n))));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (compute_grad) {
-      // gt is free once the row kernel has run: it receives M.
-      pkt_grad_kernel<C><<<n, kThreads, 0, stream>>>(gs.const_data_ptr<C>(), dk.const_data_ptr<C>(), gt.mutable_data_ptr<C>(), n, C(eps));
+  return gram_loss(student, teacher, compute_grad, [&](at::Tensor& gs, at::Tensor& gt, at::Tensor& loss_rows, cudaStream_t stream) {
+    const int64_t n = gs.size(0);
+    at::Tensor dk = compute_grad ? at::empty({n, n}, gs.options()) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(gs.scalar_type(), "pkt_cuda", [&] {
+      using C = scalar_t;
+      pkt_rows_kernel<C><<<n, kThreads, 0, stream>>>(gs.const_data_ptr<C>(), gt.const_data_ptr<C>(),
+                                                     compute_grad ? dk.mutable_data_ptr<C>() : nullptr, loss_rows.mutable_data_ptr<C>(), n,
+                                                     C(eps), C(1.0 / (double(n) * double(n))));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+      if (compute_grad) {
+        // gt is free once the row kernel has run: it receives M.
+        pkt_grad_kernel<C><<<n, kThreads, 0, stream>>>(gs.const_data_ptr<C>(), dk.const_data_ptr<C>(), gt.mutable_data_ptr<C>(), n, C(eps));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+    return gt;
   });
-  at::Tensor loss = loss_of(loss_rows, double(n) * double(n), student);
-  at::Tensor grad = compute_grad ? at::mm(gt, sf).to(student.scalar_type()) : at::empty({0}, student.options());
-  return {loss, grad};
 }
 
 }  // namespace

@@ -299,19 +299,10 @@ __global__ void __launch_bounds__(kRowMaxThreads, 1) sparse_kd_forward_kernel(co
     if (p.has_ce) g += ce_grad(k_hard, s, q, j == label, p.same_t, r_s, inv_1);
     return g;
   };
-  for (int64_t c = chunks.count - 1; c >= 0; --c) {
-    acc_t sv[kE];
-    load_chunk<VEC>(s_row, vocab, c * chunks.size, sv);
-#pragma unroll
-    for (int u = 0; u < kE / VEC; ++u) {
-      const int64_t i = slot_index<VEC>(c * chunks.size, u);
-      if (i >= vocab) continue;
-      Vec<S, VEC> out;
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) out.v[e] = store_as<S>(value(sv[u * VEC + e], pb, i + e));
-      *reinterpret_cast<Vec<S, VEC>*>(g_row + i) = out;
-    }
-  }
+  acc_t sv[kE];
+  write_grad_row<VEC>(
+      g_row, vocab, chunks, [&](int64_t base) { load_chunk<VEC>(s_row, vocab, base, sv); },
+      [&](int e, int64_t j) { return value(sv[e], pb, j); });
   // Every thread's stores above are visible to, and ordered before, the block's stores below.
   __syncthreads();
   for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {

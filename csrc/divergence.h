@@ -1,7 +1,7 @@
 // The divergences of the kd family and their rules, decided here once for every backend that
 // compiles C++ (docs/design.md#divergences): the names, each one's beta range, the endpoints
 // that reduce to another divergence, and the factor of the gradient k q (x - c). The Python
-// table (fastkd/ops/kd.py) states the same rules; tests/test_cpu_divergence_rules.py checks
+// table (fastkd/ops/divergences.py) states the same rules; tests/test_cpu_divergence_rules.py checks
 // that the two agree.
 #pragma once
 #include <cstdint>

@@ -241,7 +241,7 @@ def chunk_loop(student: Head, chunk_loss, chunk_size: int, compute_grad: bool, p
         z = _logits(student, rows, acc)
         loss, g = chunk_loss(z, rows)
         losses.append(loss)
-        if compute_grad and student.softcap:  # d cap·tanh(u / cap) / du = 1 - tanh², tanh = z / cap
+        if compute_grad and student.softcap:  # d cap·tanh(u / cap) / du = 1 - t², t = z / cap
             g.mul_(z.div_(student.softcap).square_().neg_().add_(1))
         del z
         if compute_grad:

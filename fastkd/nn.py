@@ -115,7 +115,8 @@ class FusedLinearKDLoss(_KDOptionsModule):
 
     ``forward(student_hidden, student_head, teacher_hidden, teacher_head, labels=None)`` takes
     the two output layers as ``nn.Linear`` modules (or ``(weight, bias)`` pairs) and returns the
-    loss; the logits are never materialised.
+    loss; the logits are never materialised. A soft-capped head (Gemma 2/3) needs its cap here
+    (``student_softcap``, ``teacher_softcap``): without it the loss is that of other logits.
 
     Example::
 
@@ -133,10 +134,14 @@ class FusedLinearKDLoss(_KDOptionsModule):
         t2_scale: bool = True,
         divergence: str = "kl",
         beta: Optional[float] = None,
+        student_softcap: Optional[float] = None,
+        teacher_softcap: Optional[float] = None,
         chunk_size: Optional[int] = None,
         backend: Optional[str] = None,
     ):
         super().__init__(KDOptions(temperature, hard_weight, ignore_index, reduction, t2_scale, divergence, beta), backend)
+        self.student_softcap = _fused_linear.check_softcap("student_softcap", student_softcap)
+        self.teacher_softcap = _fused_linear.check_softcap("teacher_softcap", teacher_softcap)
         self.chunk_size = _fused_linear.check_chunk_size(chunk_size)
 
     @staticmethod
@@ -151,11 +156,13 @@ class FusedLinearKDLoss(_KDOptionsModule):
         w_t, b_t = self._head(teacher_head)
         return fused_linear_kd_loss(
             student_hidden, w_s, teacher_hidden, w_t, student_bias=b_s, teacher_bias=b_t, labels=labels,
+            student_softcap=self.student_softcap, teacher_softcap=self.teacher_softcap,
             chunk_size=self.chunk_size, backend=self.backend, **self.option_kwargs(),
         )
 
     def extra_repr(self) -> str:
-        return f"{self._repr_options()}, chunk_size={self.chunk_size}, backend={self.backend!r}"
+        return (f"{self._repr_options()}, student_softcap={self.student_softcap}, teacher_softcap={self.teacher_softcap}, "
+                f"chunk_size={self.chunk_size}, backend={self.backend!r}")
 
 
 class DKDLoss(torch.nn.Module):

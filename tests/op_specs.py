@@ -445,7 +445,7 @@ def linear_kernel_calls(device, dtype):
         y = make_labels((6,), 33, device=device) if labels else None
         args = (x["student_hidden"].requires_grad_(compute_grad), x["student_weight"].requires_grad_(compute_grad), x["student_bias"],
                 x["teacher_hidden"], x["teacher_weight"], x["teacher_bias"], y, 2.0, 0.25 if labels else 0.0, -100, reduction, True,
-                div, beta, 4, "cpu", compute_grad)
+                div, beta, 0.0 if bias else 1.5, 0.0 if labels else 2.0, 4, "cpu", compute_grad)  # soft-caps (0: none)
         out.append(("fused_linear_kd_forward", args))
     return out
 

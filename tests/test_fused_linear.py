@@ -71,8 +71,12 @@ def gemm_scales(x64, grad_output, **kwargs):
     kw = dict(kwargs)
     if kw.get("labels") is not None:
         kw["labels"] = kw["labels"].reshape(-1)
-    logits.requires_grad_(True)
-    loss = fastkd.kd_loss_reference(logits, teacher, 2.0, **kw)
+    s_cap, t_cap = kw.pop("student_softcap", None), kw.pop("teacher_softcap", None)
+    # A soft-capped student: g w.r.t. the capped logits. The cap's slope 1 - tanh² is computed from
+    # a rounded tanh, so its error is absolute (~ulp(1)), not relative to a small slope: the
+    # slope's own scale is its bound 1 (PyTorch's composite carries the same error).
+    logits = fl.softcapped(logits, s_cap).detach().requires_grad_(True)
+    loss = fastkd.kd_loss_reference(logits, fl.softcapped(teacher, t_cap), 2.0, **kw)
     (g,) = torch.autograd.grad((loss * grad_output.reshape(loss.shape)).sum(), logits)
     g = g.abs()
     scales = [None, (g @ w.abs()).reshape(h.shape), g.t() @ flat_h.abs()]
@@ -258,3 +262,182 @@ def test_auto_chunk_size_rule():
     assert fl.auto_chunk_size(8192, 32000) == (256 << 20) // (12 * 32000)
     assert fl.auto_chunk_size(3, 32000) == 3
     assert fl.auto_chunk_size(10**6, 10**9) == 1
+
+
+def test_auto_chunk_size_reads_the_budget():
+    vocab, hidden = 128256, 4096
+    assert fl.auto_chunk_size(8192, vocab, 4 << 30) == (4 << 30) // (12 * vocab)
+    assert fl.chunk_budget(torch.device("cpu"), vocab, hidden) == fl.CHUNK_BUDGET_BYTES
+
+
+# ------------------------------------------------------------------------------------------
+# Low precision: 16-bit GEMMs accumulated and returned in float32
+# ------------------------------------------------------------------------------------------
+
+
+def _float32_logit_composite(h, w, ht, wt, temperature, student_bias=None, teacher_bias=None, **kwargs):
+    """What users write for a 16-bit head: the GEMM in the inputs' dtype, the logits cast to
+    float32 for the loss (autograd rounds their gradient to 16 bits for the GEMMs' backward)."""
+    s = (h @ w.t() + student_bias).float()
+    with torch.no_grad():
+        t = (ht @ wt.t() + teacher_bias).float()
+    return fastkd.kd_loss_reference(s, t, temperature, **kwargs)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_gradients_no_worse_than_a_float32_logit_composite(dtype):
+    """Against the float64 composite, the fused op's loss and every student gradient are at least
+    as close as the float32-logit composite's (relative to the largest entry), one row per chunk
+    (a weight gradient summed in 16 bits across the 256 chunks would not be). That the logits
+    themselves are float32 (no 16-bit GEMM result) is test_low_precision_within_the_bound's."""
+    x = make((256,), 48, 40, 777, dtype=dtype, seed=11, scale=2.0)
+    go = torch.tensor(1.0)
+    got = run(lambda *a, **k: fastkd.fused_linear_kd_loss(*a, backend="cpu", chunk_size=1, **k), x, go)
+    exact = run(fl.fused_linear_kd_loss_reference, {k: v.double() for k, v in x.items()}, go)
+    baseline = run(_float32_logit_composite, x, go)
+    for name, a, e, b in zip(["loss", "d student_hidden", "d student_weight", "d student_bias"], got, exact, baseline):
+        assert a.dtype == (torch.float32 if name == "loss" else dtype)
+
+        def err(t):
+            return ((t.double() - e).abs().max() / e.abs().max()).item()
+
+        assert err(a) <= err(b), f"{name}: fused error {err(a):.3g} > float32-logit composite's {err(b):.3g}"
+
+
+@needs_ext
+def test_no_float32_copy_of_a_16bit_weight(monkeypatch):
+    """A bf16 weight meets the CPU's float32 GEMMs a block at a time: with blocks of 100 rows, no
+    float32 tensor of the weight's size is allocated (the [V, H] float32 weight gradient aside)."""
+    monkeypatch.setattr(fl, "WEIGHT_BLOCK_BYTES", 100 * 24 * 4)
+    x = make((9,), 24, 24, 1000, dtype=torch.bfloat16, bias=False)
+    sizes = []
+    real_new_empty = torch.Tensor.new_empty
+
+    def new_empty(self, size, *args, **kwargs):
+        sizes.append(tuple(size))
+        return real_new_empty(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", new_empty)
+    with torch.no_grad():
+        fastkd.fused_linear_kd_loss(x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"], backend="cpu")
+    assert (100, 24) in sizes and (1000, 24) not in sizes, sizes
+    check("cpu", x, chunk_size=4)  # and the blocked GEMMs give the same loss and gradients
+
+
+# ------------------------------------------------------------------------------------------
+# Logit soft-capping (Gemma 2/3)
+# ------------------------------------------------------------------------------------------
+
+SOFTCAPS = [(1.5, None), (None, 2.0), (1.5, 2.0)]
+DIVERGENCES = [("kl", None), ("reverse_kl", None), ("jsd", 0.3), ("tvd", None), ("skew_kl", None), ("skew_reverse_kl", 0.2)]
+
+
+def test_reference_soft_caps_as_gemma_does():
+    """The reference (what the fused op is checked against) equals a composite that applies
+    cap · tanh(z / cap) to each head's logits itself, loss and gradients, per side."""
+    x = make((6,), 5, 7, 40, dtype=torch.float64, scale=3.0)
+    for s_cap, t_cap in SOFTCAPS:
+        def composite(h, w, ht, wt, temperature, student_bias, teacher_bias, **kw):
+            s, t = h @ w.t() + student_bias, ht @ wt.t() + teacher_bias
+            s = s if s_cap is None else s_cap * torch.tanh(s / s_cap)
+            t = t if t_cap is None else t_cap * torch.tanh(t / t_cap)
+            return fastkd.kd_loss_reference(s, t, temperature, **kw)
+
+        go = torch.tensor(1.0)
+        want = run(composite, x, go, divergence="jsd", beta=0.3)
+        got = run(fl.fused_linear_kd_loss_reference, x, go, student_softcap=s_cap, teacher_softcap=t_cap, divergence="jsd", beta=0.3)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        assert not torch.allclose(got[0], run(fl.fused_linear_kd_loss_reference, x, go, divergence="jsd", beta=0.3)[0])
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("divergence, beta", DIVERGENCES)
+@pytest.mark.parametrize("student_softcap, teacher_softcap", SOFTCAPS)
+def test_soft_capped_heads_match_composite(backend, divergence, beta, student_softcap, teacher_softcap):
+    small = backend == "triton" and not GPU
+    lead, v = ((5,), 67) if small else ((2, 5), 301)
+    x = make(lead, 9, 13, v, device=dev(backend), scale=3.0)  # logits of a few units: the cap bends them
+    check(backend, x, student_softcap=student_softcap, teacher_softcap=teacher_softcap, divergence=divergence, beta=beta,
+          labels=labels_for(lead, v, device=dev(backend)), hard_weight=0.2, chunk_size=3)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_soft_capped_low_precision_within_the_bound(dtype):
+    x = make((7,), 16, 8, 300, dtype=dtype, scale=3.0)
+    check("cpu", x, student_softcap=2.0, teacher_softcap=3.0, reduction="none", chunk_size=3)
+
+
+@needs_ext
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_soft_capped_gradcheck_and_gradgradcheck_float64(reduction):
+    x = make((5,), 4, 3, 11, dtype=torch.float64, scale=3.0)
+
+    def f(h, w, b):
+        return fastkd.fused_linear_kd_loss(h, w, x["teacher_hidden"], x["teacher_weight"], 1.7, student_bias=b, teacher_bias=x["teacher_bias"],
+                                           student_softcap=1.3, teacher_softcap=2.0, reduction=reduction, chunk_size=2, backend="cpu")
+
+    leaves = tuple(x[k].clone().requires_grad_(True) for k in ("student_hidden", "student_weight", "student_bias"))
+    assert torch.autograd.gradcheck(f, leaves)
+    assert torch.autograd.gradgradcheck(f, leaves)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (0.0, ValueError, "student_softcap must be a finite number > 0"),
+    (-2.0, ValueError, "student_softcap must be a finite number > 0"),
+    (float("inf"), ValueError, "student_softcap must be a finite number > 0"),
+    (float("nan"), ValueError, "student_softcap must be a number, got nan"),
+    ("30", TypeError, "student_softcap must be a real number"),
+    (1j, TypeError, "student_softcap must be a real number"),
+])
+def test_bad_softcap(bad, error, match):
+    x = make((3,), 4, 4, 10)
+    args = (x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"])
+    with pytest.raises(error, match=match):
+        fastkd.fused_linear_kd_loss(*args, student_softcap=bad)
+    with pytest.raises(error, match=match.replace("student", "teacher")):
+        fastkd.fused_linear_kd_loss(*args, teacher_softcap=bad)
+    with pytest.raises(error, match=match):
+        fastkd.nn.FusedLinearKDLoss(student_softcap=bad)
+
+
+@needs_ext
+def test_module_soft_caps():
+    x = make((6,), 8, 6, 50, scale=3.0)
+    head_s, head_t = torch.nn.Linear(8, 50), torch.nn.Linear(6, 50)
+    crit = fastkd.nn.FusedLinearKDLoss(temperature=2.0, student_softcap=1.5, teacher_softcap=2.5, chunk_size=4)
+    assert "student_softcap=1.5, teacher_softcap=2.5" in repr(crit)
+    loss = crit(x["student_hidden"], head_s, x["teacher_hidden"], head_t)
+    expected = fastkd.kd_loss(fl.softcapped(head_s(x["student_hidden"]), 1.5), fl.softcapped(head_t(x["teacher_hidden"]), 2.5), 2.0)
+    torch.testing.assert_close(loss, expected)
+
+
+# ------------------------------------------------------------------------------------------
+# Shapes users meet: one row, odd counts, GPT-2's and Llama 3's vocabularies, tied heads
+# ------------------------------------------------------------------------------------------
+
+
+@needs_ext
+@pytest.mark.parametrize("lead, h, ht, v, bias", [
+    ((1,), 5, 9, 50257, False),
+    ((7,), 12, 12, 503, True),
+    ((1000,), 8, 6, 37, True),
+    ((1, 3), 16, 12, 128256, False),  # Llama 3's vocabulary: 3 rows, H <= 16, to stay fast
+])
+def test_odd_shapes(lead, h, ht, v, bias):
+    x = make(lead, h, ht, v, bias=bias)
+    check("cpu", x, labels=labels_for(lead, v, ignored=(0,)), hard_weight=0.3, reduction="none", student_softcap=3.0)
+
+
+@needs_ext
+def test_tied_student_and_teacher_weight():
+    """One weight as both heads (self-distillation across layers): the teacher's use of it stays
+    constant, the student's gets the gradient."""
+    x = make((9,), 8, 8, 40)
+    w = x["student_weight"].clone().requires_grad_(True)
+    fastkd.fused_linear_kd_loss(x["student_hidden"], w, x["teacher_hidden"], w, 2.0, chunk_size=4).backward()
+    w_ref = x["student_weight"].clone().requires_grad_(True)
+    fastkd.kd_loss_reference(x["student_hidden"] @ w_ref.t(), x["teacher_hidden"] @ w_ref.detach().t(), 2.0).backward()
+    torch.testing.assert_close(w.grad, w_ref.grad)

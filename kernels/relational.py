@@ -1,8 +1,9 @@
 """Relational knowledge distillation (RKD distance, RKD angle, SP, PKT): Triton.
 
 Every op is GEMM (torch.mm: cuBLAS), fused kernels, GEMM, on [B, D] student and [B, Dt] teacher
-embeddings; the math, shared with the CPU and CUDA backends, is in fastkd/ops/relational.py and,
-for RKD angle with its gradient derivation, at the top of csrc/cpu/relational_kernel.h. Loss and
+embeddings; the math, shared with the CPU and CUDA backends, is docs/design.md#relational and,
+for RKD angle's gradient derivation, the top of csrc/cpu/relational_kernel.h. Each kernel states
+its part and the bytes it moves per launch. Loss and
 sums in float32 (Triton refuses float64 input: the cpu and cuda backends compute it in float64).
 
 * Squared distances (RKD): G = Ec·Ecᵀ of the centred rows (float32 for distance, float64 for angle,

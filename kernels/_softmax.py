@@ -223,6 +223,12 @@ def reference(m):
 
 
 @triton.jit
+def online_start():
+    """A fresh online log-sum-exp state: the running maximum, -inf, and the sum, 0."""
+    return tl.full((), float("-inf"), tl.float32), tl.zeros((), tl.float32)
+
+
+@triton.jit
 def online_max(m, chunk):
     """The running maximum after ``chunk``, and its reference."""
     new_m = tl.maximum(m, tl.max(chunk, axis=0))
@@ -269,11 +275,8 @@ def kl_pass(s_row, t_row, V, cols, label, compute, x_scale, BLOCK_V: tl.constexp
     maximum or sum), and with CE_SUM the CE's sum at T = 1, S_1 = sum 2^((s - r_s) log2(e)), from
     the same loads. Returns (m_s, m_t, S_s, S_t, A, S_1)."""
     LOG2E: tl.constexpr = 1.4426950408889634
-    NEG_INF: tl.constexpr = float("-inf")
-    m_s = tl.full((), NEG_INF, tl.float32)
-    m_t = tl.full((), NEG_INF, tl.float32)
-    sum_s = tl.zeros((), tl.float32)
-    sum_t = tl.zeros((), tl.float32)
+    m_s, sum_s = online_start()
+    m_t, sum_t = online_start()
     acc_a = tl.zeros((), tl.float32)
     sum_1 = tl.zeros((), tl.float32)
     if compute:

@@ -197,6 +197,21 @@ def static_launches() -> list:
 
 
 @triton.jit
+def _program_row(per_row, go_ptr, GO_MODE: tl.constexpr, GO_SKIP: tl.constexpr):
+    """(program id, the sample row it works on, the row's grad_scale, whether the program has
+    nothing to do): a GO_SKIP relaunch, which rewrites the forward's gradient in place, leaves a
+    row whose scale is exactly 1 as it stands, with no traffic."""
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // per_row
+    go = grad_scale_of(go_ptr, row, GO_MODE)
+    if GO_SKIP:
+        skip = go == 1.0
+    else:
+        skip = False
+    return pid, row, go, skip
+
+
+@triton.jit
 def _hint_sums_kernel(
     s_ptr,  # [B, D] student
     t_ptr,  # [B, D] teacher
@@ -208,11 +223,14 @@ def _hint_sums_kernel(
     GO_SKIP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // n_chunks
-    if GO_SKIP:
-        if grad_scale_of(go_ptr, row, GO_MODE) == 1.0:
-            return
+    """The sums of the hint kinds cosine and normalized_mse (docs/design.md#feature): one program per
+    chunk of BLOCK entries of a row, its |s|², |t|², <s, t>, each product as its rounded value and
+    its fma rounding error (joined in float64 by the launcher).
+
+    Bytes moved per launch: reads 2 B·D elements (s, t), writes 6 float32 per chunk."""
+    pid, row, _, skip = _program_row(n_chunks, go_ptr, GO_MODE, GO_SKIP)
+    if skip:
+        return
     offs = (pid % n_chunks) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < D
     s = tl.load(s_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
@@ -247,14 +265,18 @@ def _hint_kernel(
     GO_SKIP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """The hint loss and its gradient (docs/design.md#feature; the per-kind forms atop this module):
+    one program per chunk of BLOCK entries of a row, the chunk's part of the row loss and, with
+    COMPUTE_GRAD, its gradient rounded once to the student's dtype.
+
+    Bytes moved per launch: reads 2 B·D elements (s, t) and, for cosine / normalized_mse, 4 float32
+    per row; writes one float32 per chunk and, with COMPUTE_GRAD, B·D gradient elements. A GO_SKIP
+    program whose row's scale is 1 moves nothing but that scale."""
     # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
     grad_coef = tl.cast(grad_coef, tl.float32)
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // n_chunks
-    go = grad_scale_of(go_ptr, row, GO_MODE)
-    if GO_SKIP:
-        if go == 1.0:  # the forward's gradient stands: no traffic
-            return
+    pid, row, go, skip = _program_row(n_chunks, go_ptr, GO_MODE, GO_SKIP)
+    if skip:
+        return
     if KIND < 3:
         grad_coef = grad_coef * go
     offs = (pid % n_chunks) * BLOCK + tl.arange(0, BLOCK)
@@ -309,18 +331,16 @@ def _at_power(x, p, P_MODE: tl.constexpr):
 
 @triton.jit
 def _at_power_slope(x, p, P_MODE: tl.constexpr):
-    """|x|^(p-1) sign(x), the derivative of |x|^p over p (sign(NaN) = 0 for p = 1, as torch)."""
-    a = tl.abs(x)
+    """|x|^(p-1) sign(x), the derivative of |x|^p over p (sign(NaN) = 0 for p = 1, as torch):
+    sign(x) for p = 1, else _at_power one degree down with x's sign (the exact forms give x, |x| x
+    and x^3 bit for bit; NaN and zeros pass through x * 0)."""
     if P_MODE == 1:
         r = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
-    elif P_MODE == 2:
-        r = x
-    elif P_MODE == 3:
-        r = a * x
-    elif P_MODE == 4:
-        r = x * x * x
     else:
-        m = tl.where(a == 0.0, 0.0, tl.exp2((p - 1.0) * tl.log2(tl.where(a == 0.0, 1.0, a))))
+        if P_MODE == 0:
+            m = _at_power(x, p - 1.0, 0)
+        else:
+            m = _at_power(x, p - 1.0, P_MODE - 1)
         r = tl.where(x > 0, m, tl.where(x < 0, -m, x * 0.0))
     return r
 
@@ -341,14 +361,16 @@ def _at_channel_mean_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
+    """Attention transfer's Q[b, j] = (1/C) Σ_c |x[b, c, j]|^p (docs/design.md#feature): one program
+    per sample and block of BLOCK_J spatial positions, looping over the channels.
+
+    Bytes moved per launch: reads B·C·HW elements, writes B·HW float32."""
     # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
     inv_c = tl.cast(inv_c, tl.float32)
     p = tl.cast(p, tl.float32)
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // n_jb
-    if GO_SKIP:
-        if grad_scale_of(go_ptr, row, GO_MODE) == 1.0:
-            return
+    pid, row, _, skip = _program_row(n_jb, go_ptr, GO_MODE, GO_SKIP)
+    if skip:
+        return
     j = (pid % n_jb) * BLOCK_J + tl.arange(0, BLOCK_J)
     j_mask = j < HW
     cs = tl.arange(0, BLOCK_C)
@@ -379,13 +401,16 @@ def _at_grad_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_J: tl.constexpr,
 ):
+    """Attention transfer's gradient grad[b, c, j] = w[b, j] |x|^(p-1) sign(x) (docs/design.md#feature;
+    w = dL/dQ_s · p / C from the launcher): one program per [BLOCK_C, BLOCK_J] tile of a sample.
+
+    Bytes moved per launch: reads B·Cs·HW elements of x and B·HW float32 of w (once per channel
+    block, from L2), writes B·Cs·HW gradient elements."""
     # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
     p = tl.cast(p, tl.float32)
-    pid = tl.program_id(0).to(tl.int64)
-    row = pid // (n_jb * n_cb)
-    if GO_SKIP:
-        if grad_scale_of(go_ptr, row, GO_MODE) == 1.0:
-            return
+    pid, row, _, skip = _program_row(n_jb * n_cb, go_ptr, GO_MODE, GO_SKIP)
+    if skip:
+        return
     rest = pid % (n_jb * n_cb)
     c = (rest // n_jb) * BLOCK_C + tl.arange(0, BLOCK_C)
     j = (rest % n_jb) * BLOCK_J + tl.arange(0, BLOCK_J)

@@ -23,7 +23,7 @@ from fastkd.ops.divergences import grad_factor  # the one table of the divergenc
 from . import GRAD_SCALE_OFF, GRAD_SCALE_ON, grad_scale_switches
 from ._softmax import (
     LOG2E, SWITCH_INPUTS, backward_chunk, batchmean_scale, check_reduction, fill_row, finish_loss, forward_chunk,
-    gpu_shapes, grad_coefs, kd_scalars, kl_pass, launch_shape, load_chunk, online_max, reduce_rows, reference,
+    gpu_shapes, grad_coefs, kd_scalars, kl_pass, launch_shape, load_chunk, online_max, online_start, reduce_rows, reference,
     row_outputs, row_start, row_status, static_launch, store_grad, student_step, sum_step, switch_combos, switches,
 )
 
@@ -303,10 +303,8 @@ def _kd_div_kernel(
     label, compute, bad = row_status(labels_ptr, row, ignore_index, V, HAS_LABELS)
 
     # Pass 1: the student's (and one teacher's) online maximum and sum; then each teacher's.
-    m_s = tl.full((), NEG_INF, tl.float32)
-    m_t = tl.full((), NEG_INF, tl.float32)
-    sum_s = tl.zeros((), tl.float32)
-    sum_t = tl.zeros((), tl.float32)
+    m_s, sum_s = online_start()
+    m_t, sum_t = online_start()
     sum_1 = tl.zeros((), tl.float32)
     r_vec = tl.zeros((M_PAD,), tl.float32)
     c_vec = tl.zeros((M_PAD,), tl.float32)
@@ -324,8 +322,7 @@ def _kd_div_kernel(
             stride = tl.zeros((), tl.int64) + teacher_stride  # as in _mixture_log2
             for m in range(M):
                 tm_row = t_row + m * stride
-                mx = tl.full((), NEG_INF, tl.float32)
-                sm = tl.zeros((), tl.float32)
+                mx, sm = online_start()
                 for start in range(0, V, BLOCK_V):
                     offs, mask = forward_chunk(start, V, cols)
                     tm = load_chunk(tm_row + offs, mask, "evict_last")

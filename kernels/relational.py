@@ -1,8 +1,9 @@
 """Relational knowledge distillation (RKD distance, RKD angle, SP, PKT): Triton.
 
 Every op is GEMM (torch.mm: cuBLAS), fused kernels, GEMM, on [B, D] student and [B, Dt] teacher
-embeddings; the math, shared with the CPU and CUDA backends, is in fastkd/ops/relational.py and,
-for RKD angle with its gradient derivation, at the top of csrc/cpu/relational_kernel.h. Loss and
+embeddings; the math, shared with the CPU and CUDA backends, is docs/design.md#relational and,
+for RKD angle's gradient derivation, the top of csrc/cpu/relational_kernel.h. Each kernel states
+its part and the bytes it moves per launch. Loss and
 sums in float32 (Triton refuses float64 input: the cpu and cuda backends compute it in float64).
 
 * Squared distances (RKD): G = Ec·Ecᵀ of the centred rows (float32 for distance, float64 for angle,
@@ -164,6 +165,40 @@ _PDIST_EPS = 1e-12  # torchdistill's clamp of squared distances
 
 
 # ----------------------------------------------------------------------------------------------
+# What the row kernels share
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_program(BLOCK: tl.constexpr):
+    """The program's row i of the B×B matrices and a chunk's column offsets, both int64: i · n
+    passes 2^31 from B = 46341."""
+    return tl.program_id(0).to(tl.int64), tl.arange(0, BLOCK).to(tl.int64)
+
+
+@triton.jit
+def _row_pair(a_ptr, b_ptr, i, j, mask, n, other):
+    """Row i of two [n, n] matrices at columns j (``other`` where masked)."""
+    return tl.load(a_ptr + i * n + j, mask=mask, other=other), tl.load(b_ptr + i * n + j, mask=mask, other=other)
+
+
+@triton.jit
+def _clamp1(x):
+    """clamp(x, -1, 1), NaN kept: the smooth L1 loss's derivative."""
+    return tl.where(x > 1.0, 1.0, tl.where(x < -1.0, -1.0, x))
+
+
+def _row_meta(cfg: dict) -> dict:
+    """The launch parameters of a row kernel."""
+    return dict(BLOCK=cfg["ROW_BLOCK"], num_warps=cfg["row_warps"])
+
+
+def _mean_of_rows(loss_rows: torch.Tensor, n: int) -> torch.Tensor:
+    """The float32 loss Σ_i loss_rows[i] / B², summed in float64."""
+    return (loss_rows.to(torch.float64).sum() / (n * n)).to(torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
 # Squared distances
 # ----------------------------------------------------------------------------------------------
 
@@ -180,11 +215,17 @@ def _pair_sq_dist_kernel(
     BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """Squared distances of the rows (docs/design.md#relational): one program per row i,
+    d²_ij = G_ii + G_jj − 2 G_ij from G's upper triangle (exactly symmetric), recomputed from the
+    input rows where within tau (G_ii + G_jj) of zero; scale · d² out, 0 on the diagonal.
+
+    Bytes moved per launch: reads B² Gram entries (and the diagonal, from cache), writes B²
+    entries, in the Gram's dtype; plus 2 D input elements per recomputed pair (none in a random
+    batch of more than a few dimensions)."""
     # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
     scale = tl.cast(scale, tl.float32)
     tau = tl.cast(tau, tl.float32)
-    i = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK).to(tl.int64)
+    i, cols = _row_program(BLOCK)
     g_i = tl.load(gram_ptr + i * (n + 1)).to(tl.float64)
     for start in range(0, n, BLOCK):
         j = start + cols
@@ -247,19 +288,41 @@ def _sq_dists(x: torch.Tensor, gram_dtype: torch.dtype, scale: float, cfg: dict)
 
 
 @triton.jit
+def _pdist(d2):
+    """torchdistill's distance sqrt(max(d², 1e-12)) (NaN kept)."""
+    return tl.sqrt(tl.where(d2 < 1e-12, 1e-12, d2))
+
+
+@triton.jit
+def _rkd_distance_chunk(ds_ptr, dt_ptr, i, j, n):
+    """Row i's off-diagonal entries at columns j: (valid, d²_s, d²_t), 1 where not valid."""
+    valid = (j < n) & (j != i)
+    d2s, d2t = _row_pair(ds_ptr, dt_ptr, i, j, valid, n, 1.0)
+    return valid, d2s, d2t
+
+
+@triton.jit
+def _rkd_distance_psi(d2s, d2t, mu_s, mu_t):
+    """(d_s, ψ_s = d_s / μ_s, ψ_s − ψ_t, its clamp to ±1)."""
+    d = _pdist(d2s)
+    ps = d / mu_s
+    diff = ps - _pdist(d2t) / mu_t
+    return d, ps, diff, _clamp1(diff)
+
+
+@triton.jit
 def _rkd_distance_sums_kernel(ds_ptr, dt_ptr, sums_ptr, n, BLOCK: tl.constexpr):
-    """sums[i] = Σ_{j≠i} d^s_ij, sums[n + i] = Σ_{j≠i} d^t_ij, d = sqrt(max(d², 1e-12))."""
-    i = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK).to(tl.int64)
+    """RKD distance's μ (docs/design.md#relational), one program per row: sums[i] = Σ_{j≠i} d^s_ij,
+    sums[n + i] = Σ_{j≠i} d^t_ij, d = sqrt(max(d², 1e-12)).
+
+    Bytes moved per launch: reads 2 B² float32 (d²_s, d²_t), writes 2 B."""
+    i, cols = _row_program(BLOCK)
     acc_s = tl.zeros((BLOCK,), tl.float32)
     acc_t = tl.zeros((BLOCK,), tl.float32)
     for start in range(0, n, BLOCK):
-        j = start + cols
-        valid = (j < n) & (j != i)
-        d2s = tl.load(ds_ptr + i * n + j, mask=valid, other=1.0)
-        d2t = tl.load(dt_ptr + i * n + j, mask=valid, other=1.0)
-        acc_s += tl.where(valid, tl.sqrt(tl.where(d2s < 1e-12, 1e-12, d2s)), 0.0)
-        acc_t += tl.where(valid, tl.sqrt(tl.where(d2t < 1e-12, 1e-12, d2t)), 0.0)
+        valid, d2s, d2t = _rkd_distance_chunk(ds_ptr, dt_ptr, i, start + cols, n)
+        acc_s += tl.where(valid, _pdist(d2s), 0.0)
+        acc_t += tl.where(valid, _pdist(d2t), 0.0)
     tl.store(sums_ptr + i, tl.sum(acc_s, axis=0))
     tl.store(sums_ptr + n + i, tl.sum(acc_t, axis=0))
 
@@ -285,8 +348,14 @@ def _rkd_distance_rows_kernel(
     PASS: tl.constexpr,  # 1: loss and c rows; 2: M's row
     BLOCK: tl.constexpr,
 ):
-    i = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK).to(tl.int64)
+    """RKD distance's loss (PASS 1) and M (PASS 2), one program per row (docs/design.md#relational:
+    ψ = d / μ, Z = ∂L/∂d², dE = 4 (diag(Z·1) − Z) E; the kernel writes M = −4 Z off the diagonal,
+    4 Σ_j Z_ij on it, with k = 4 / B² / (2 μ_s) folded into Z).
+
+    Bytes moved per launch: PASS 1 reads 2 B² float32 and writes 2 B; PASS 2 reads 2 B² and B (the
+    Gram's diagonal) and writes 2 B² (M over d²_s, the close pairs' Z over d²_t). Each program also
+    reads the 2 B row sums (and B row terms for c), from cache."""
+    i, cols = _row_program(BLOCK)
     pairs = n * (n - 1.0)
     mu_s = _sum_vector(sums_ptr, n, BLOCK) / pairs
     mu_t = _sum_vector(sums_ptr + n, n, BLOCK) / pairs
@@ -294,16 +363,10 @@ def _rkd_distance_rows_kernel(
         acc_l = tl.zeros((BLOCK,), tl.float32)
         acc_c = tl.zeros((BLOCK,), tl.float32)
         for start in range(0, n, BLOCK):
-            j = start + cols
-            valid = (j < n) & (j != i)
-            d2s = tl.load(ds_ptr + i * n + j, mask=valid, other=1.0)
-            d2t = tl.load(dt_ptr + i * n + j, mask=valid, other=1.0)
-            ps = tl.sqrt(tl.where(d2s < 1e-12, 1e-12, d2s)) / mu_s
-            pt = tl.sqrt(tl.where(d2t < 1e-12, 1e-12, d2t)) / mu_t
-            diff = ps - pt
+            valid, d2s, d2t = _rkd_distance_chunk(ds_ptr, dt_ptr, i, start + cols, n)
+            _, ps, diff, h = _rkd_distance_psi(d2s, d2t, mu_s, mu_t)
             a = tl.abs(diff)
             acc_l += tl.where(valid, tl.where(a < 1.0, 0.5 * diff * diff, a - 0.5), 0.0)
-            h = tl.where(diff > 1.0, 1.0, tl.where(diff < -1.0, -1.0, diff))
             acc_c += tl.where(valid, h * ps, 0.0)
         tl.store(loss_ptr + i, tl.sum(acc_l, axis=0))
         tl.store(c_ptr + i, tl.sum(acc_c, axis=0))
@@ -314,13 +377,8 @@ def _rkd_distance_rows_kernel(
         acc_z = tl.zeros((BLOCK,), tl.float32)
         for start in range(0, n, BLOCK):
             j = start + cols
-            valid = (j < n) & (j != i)
-            d2s = tl.load(ds_ptr + i * n + j, mask=valid, other=1.0)
-            d2t = tl.load(dt_ptr + i * n + j, mask=valid, other=1.0)
-            d = tl.sqrt(tl.where(d2s < 1e-12, 1e-12, d2s))
-            pt = tl.sqrt(tl.where(d2t < 1e-12, 1e-12, d2t)) / mu_t
-            diff = d / mu_s - pt
-            h = tl.where(diff > 1.0, 1.0, tl.where(diff < -1.0, -1.0, diff))
+            valid, d2s, d2t = _rkd_distance_chunk(ds_ptr, dt_ptr, i, j, n)
+            d, _, _, h = _rkd_distance_psi(d2s, d2t, mu_s, mu_t)
             z = tl.where(valid & (d2s >= 1e-12), (h - c) * k / d, 0.0)
             # A close pair (CLOSE_D2 = 1/16) leaves M: M·E would form z (e_i − e_j) from z e_i and
             # z e_j, losing ~|e| / |e_i − e_j| of its digits; _rkd_distance_close_kernel adds it
@@ -343,9 +401,13 @@ def _rkd_distance_close_kernel(
     BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """grad_i += Σ_j z_ij (x_i − x_j) over row i's close pairs (a row without one exits early)."""
-    i = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK).to(tl.int64)
+    """RKD distance's close pairs (docs/design.md#relational): grad_i += Σ_j z_ij (x_i − x_j) over
+    row i's close pairs, from the input rows; a row without one exits early.
+
+    Bytes moved per launch: reads B² float32 (Z); a row with close pairs also reads, per D chunk,
+    its Z row again, its own chunk, the chunks of its partners, and reads and writes its D float32
+    gradient entries."""
+    i, cols = _row_program(BLOCK)
     count = tl.zeros((BLOCK,), tl.int32)
     for start in range(0, n, BLOCK):
         j = start + cols
@@ -376,10 +438,10 @@ def rkd_distance_forward(student: torch.Tensor, teacher: torch.Tensor, compute_g
     sums = torch.empty(2 * n, dtype=torch.float32, device=student.device)
     loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)
     c_rows = torch.empty(n, dtype=torch.float32, device=student.device)
-    meta = dict(BLOCK=cfg["ROW_BLOCK"], num_warps=cfg["row_warps"])
+    meta = _row_meta(cfg)
     torch.library.wrap_triton(_rkd_distance_sums_kernel)[(n,)](ds, dt, sums, n, **meta)
     torch.library.wrap_triton(_rkd_distance_rows_kernel)[(n,)](ds, dt, sums, loss_rows, c_rows, g, n, PASS=1, **meta)
-    loss = (loss_rows.to(torch.float64).sum() / (n * n)).to(torch.float32)
+    loss = _mean_of_rows(loss_rows, n)
     if not compute_grad:
         return loss, student.new_empty((0,))
     torch.library.wrap_triton(_rkd_distance_rows_kernel)[(n,)](ds, dt, sums, loss_rows, c_rows, g, n, PASS=2, **meta)
@@ -412,8 +474,7 @@ def _angle_tile(hs_ij, hs_ik, hs_jk, qs_j, qs_k, ht_ij, ht_ik, ht_jk, qt_j, qt_k
     cs = tl.where(diag, tl.where(qs_j[:, None] != 0.0, 1.0, 0.0), cs)
     ct = tl.where(diag, tl.where(qt_j[:, None] != 0.0, 1.0, 0.0), ct)
     d = cs - ct
-    c = tl.where(d > 1.0, 1.0, tl.where(d < -1.0, -1.0, d))
-    return cs, d, c
+    return cs, d, _clamp1(d)
 
 
 @triton.jit
@@ -430,6 +491,13 @@ def _angle_rows_kernel(
     BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    """RKD angle's first triplet pass (docs/design.md#relational; the derivation of Ω, S and T is
+    atop csrc/cpu/relational_kernel.h): one program per vertex i and block of BLOCK_J rows j, looping
+    over k: the loss's partial sum, S_ij = Σ_k Ω^i_jk, T_ij = Σ_k Ω^i_kj and Ω^i_jj's norm term.
+
+    Bytes moved per launch (elements of h's dtype): reads 2 B³ (the [BLOCK_J, BLOCK_K] tiles of h_s
+    and h_t, once per vertex: from L2) and 2 B² / BLOCK_J · B (vertex i's rows); writes 3 B² (S, T,
+    the norm terms) and B · n_jb loss parts."""
     # Computes in h's type (float32, or float64 for the thin vertices' pass).
     i = tl.program_id(0).to(tl.int64)
     jb = tl.program_id(1)
@@ -479,6 +547,12 @@ def _angle_pairs_kernel(
     BLOCK_J: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    """RKD angle's second triplet pass (docs/design.md#relational): one program per [BLOCK_J,
+    BLOCK_K] tile of (j, k), looping over the vertices i: P_jk = Σ_i Ω^i_jk, the triplet math
+    recomputed so that nothing needs atomics or B³ storage.
+
+    Bytes moved per launch (elements of h's dtype): reads 2 B² (the tiles of h_s, h_t, once) and
+    2 B³ (1/BLOCK_J + 1/BLOCK_K) (vertex i's rows at the tile's j and k, from L2); writes B²."""
     # Computes in h's type (float32, or float64 for the thin vertices' pass).
     j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J).to(tl.int64)
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
@@ -514,11 +588,15 @@ def _angle_assemble_kernel(
     scale,  # 2 / B³
     BLOCK: tl.constexpr,
 ):
+    """RKD angle's M = (2/B³)(P − Sᵀ − T + diag(S·1)), P's diagonal less the norm terms Σ_i corr_ij,
+    one program per row j, in place over P (docs/design.md#relational).
+
+    Bytes moved per launch: reads 5 B² (P; S by row and by column; T; the norm terms by column) and
+    writes B² entries of P's dtype."""
     # In P's type (float32, or float64 for the thin vertices' pass); float scalars in that type
     # whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
     scale = tl.cast(scale, p_ptr.dtype.element_ty)
-    j = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK).to(tl.int64)
+    j, cols = _row_program(BLOCK)
     acc_s = tl.zeros((BLOCK,), p_ptr.dtype.element_ty)
     acc_corr = tl.zeros((BLOCK,), p_ptr.dtype.element_ty)
     for start in range(0, n, BLOCK):
@@ -613,6 +691,13 @@ def rkd_angle_forward(student: torch.Tensor, teacher: torch.Tensor, compute_grad
 
 
 @triton.jit
+def _sp_chunk(gs_ptr, gt_ptr, i, j, n, ms, mt):
+    """Row i of G_s at columns j, and Ĝ_s − Ĝ_t there (Ĝ_i = G_i / m_i)."""
+    a, b = _row_pair(gs_ptr, gt_ptr, i, j, j < n, n, 0.0)
+    return a, a / ms - b / mt
+
+
+@triton.jit
 def _sp_rows_kernel(
     gs_ptr,  # [n, n] student Gram
     gt_ptr,  # [n, n] teacher Gram; with COMPUTE_GRAD, row i becomes dG's row i
@@ -622,17 +707,20 @@ def _sp_rows_kernel(
     COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """SP's loss and dG, one program per row (docs/design.md#relational): the row norms of G_s and
+    G_t, Ĝ = G / max(‖G_i‖, ε), the row loss Σ_j (Ĝ_s − Ĝ_t)² and, with COMPUTE_GRAD,
+    dG_i = R_i / m_i − [‖G_i‖ ≥ ε] (R_i · G_i) G_i / ‖G_i‖³, R = 2 (Ĝ_s − Ĝ_t) / B², over G_t's row.
+
+    Bytes moved per launch: reads 2 B² float32 (the two Gram rows; the second and third pass find
+    them in L1/L2), writes B row losses and, with COMPUTE_GRAD, B² (dG)."""
     # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
     k = tl.cast(k, tl.float32)
-    i = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK).to(tl.int64)
+    i, cols = _row_program(BLOCK)
     acc_s = tl.zeros((BLOCK,), tl.float32)
     acc_t = tl.zeros((BLOCK,), tl.float32)
     for start in range(0, n, BLOCK):
         j = start + cols
-        mask = j < n
-        a = tl.load(gs_ptr + i * n + j, mask=mask, other=0.0)
-        b = tl.load(gt_ptr + i * n + j, mask=mask, other=0.0)
+        a, b = _row_pair(gs_ptr, gt_ptr, i, j, j < n, n, 0.0)
         acc_s += a * a
         acc_t += b * b
     ns = tl.sqrt(tl.sum(acc_s, axis=0))
@@ -642,11 +730,7 @@ def _sp_rows_kernel(
     acc_l = tl.zeros((BLOCK,), tl.float32)
     acc_dot = tl.zeros((BLOCK,), tl.float32)
     for start in range(0, n, BLOCK):
-        j = start + cols
-        mask = j < n
-        a = tl.load(gs_ptr + i * n + j, mask=mask, other=0.0)
-        b = tl.load(gt_ptr + i * n + j, mask=mask, other=0.0)
-        diff = a / ms - b / mt
+        a, diff = _sp_chunk(gs_ptr, gt_ptr, i, start + cols, n, ms, mt)
         acc_l += diff * diff
         acc_dot += k * diff * a
     tl.store(loss_ptr + i, tl.sum(acc_l, axis=0))
@@ -655,18 +739,16 @@ def _sp_rows_kernel(
         coef = tl.where(ns >= 1e-12, dot / (ms * ms * ms), 0.0)  # ms = ns where it applies
         for start in range(0, n, BLOCK):
             j = start + cols
-            mask = j < n
-            a = tl.load(gs_ptr + i * n + j, mask=mask, other=0.0)
-            b = tl.load(gt_ptr + i * n + j, mask=mask, other=0.0)
-            r = k * (a / ms - b / mt)
-            tl.store(gt_ptr + i * n + j, r / ms - coef * a, mask=mask)
+            a, diff = _sp_chunk(gs_ptr, gt_ptr, i, j, n, ms, mt)
+            tl.store(gt_ptr + i * n + j, (k * diff) / ms - coef * a, mask=j < n)
 
 
 @triton.jit
 def _symmetrise_kernel(a_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    """out = a + aᵀ (out must not alias a)."""
-    i = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK).to(tl.int64)
+    """out = a + aᵀ (out must not alias a): SP's M = dG + dGᵀ, one program per row.
+
+    Bytes moved per launch: reads 2 B² float32 (a by row and by column), writes B²."""
+    i, cols = _row_program(BLOCK)
     for start in range(0, n, BLOCK):
         j = start + cols
         mask = j < n
@@ -674,18 +756,22 @@ def _symmetrise_kernel(a_ptr, out_ptr, n, BLOCK: tl.constexpr):
         tl.store(out_ptr + i * n + j, v, mask=mask)
 
 
+def _gram_pair(student: torch.Tensor, teacher: torch.Tensor):
+    """SP's and PKT's start: the student's float32 rows, G_s and G_t (cuBLAS), the [B] row-loss
+    vector and the row kernels' launch parameters."""
+    n = student.shape[0]
+    s = student.to(torch.float32)
+    t = teacher.to(torch.float32)
+    loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)
+    return s, torch.mm(s, s.t()), torch.mm(t, t.t()), loss_rows, _row_meta(launch_config(n, student.device))
+
+
 def sp_forward(student: torch.Tensor, teacher: torch.Tensor, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """fastkd::sp_forward on Triton: (float32 loss, grad in the student's dtype or [0])."""
     n = student.shape[0]
-    cfg = launch_config(n, student.device)
-    s = student.to(torch.float32)
-    t = teacher.to(torch.float32)
-    gs = torch.mm(s, s.t())
-    gt = torch.mm(t, t.t())
-    loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)
-    meta = dict(BLOCK=cfg["ROW_BLOCK"], num_warps=cfg["row_warps"])
+    s, gs, gt, loss_rows, meta = _gram_pair(student, teacher)
     torch.library.wrap_triton(_sp_rows_kernel)[(n,)](gs, gt, loss_rows, n, 2.0 / (n * n), COMPUTE_GRAD=compute_grad, **meta)
-    loss = (loss_rows.to(torch.float64).sum() / (n * n)).to(torch.float32)
+    loss = _mean_of_rows(loss_rows, n)
     if not compute_grad:
         return loss, student.new_empty((0,))
     torch.library.wrap_triton(_symmetrise_kernel)[(n,)](gt, gs, n, **meta)
@@ -695,6 +781,31 @@ def sp_forward(student: torch.Tensor, teacher: torch.Tensor, compute_grad: bool)
 # ----------------------------------------------------------------------------------------------
 # PKT
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pkt_norm(g_ptr, j, mask, n, eps):
+    """ñ_j = sqrt(G_jj) + ε (1 + ε where masked)."""
+    return tl.sqrt(tl.load(g_ptr + j * (n + 1), mask=mask, other=1.0)) + eps
+
+
+@triton.jit
+def _pkt_row(gs_ptr, n, eps, BLOCK: tl.constexpr):
+    """The start of both PKT row kernels: (i, cols) as _row_program's, ε in fp32 whoever launches
+    (torch.compile passes it as fp64: kernels/__init__.py), and sqrt(G_ii) of the student."""
+    i, cols = _row_program(BLOCK)
+    return i, cols, tl.cast(eps, tl.float32), tl.sqrt(tl.load(gs_ptr + i * (n + 1)))
+
+
+@triton.jit
+def _pkt_halves(gs_ptr, gt_ptr, i, j, n, ns_i, nt_i, eps):
+    """(mask, K' = (K + 1) / 2 of the student and of the teacher) at row i, columns j, with
+    K_ij = G_ij / (ñ_i ñ_j)."""
+    mask = j < n
+    a, b = _row_pair(gs_ptr, gt_ptr, i, j, mask, n, 0.0)
+    ks = (a / (ns_i * _pkt_norm(gs_ptr, j, mask, n, eps)) + 1.0) * 0.5
+    kt = (b / (nt_i * _pkt_norm(gt_ptr, j, mask, n, eps)) + 1.0) * 0.5
+    return mask, ks, kt
 
 
 @triton.jit
@@ -709,35 +820,32 @@ def _pkt_rows_kernel(
     COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
-    eps = tl.cast(eps, tl.float32)
-    inv_b2 = tl.cast(inv_b2, tl.float32)
-    i = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK).to(tl.int64)
-    ns_i = tl.sqrt(tl.load(gs_ptr + i * (n + 1))) + eps
+    """PKT's loss and dK, one program per row (docs/design.md#relational): K_ij = G_ij / (ñ_i ñ_j),
+    ñ = sqrt(G_ii) + ε, K' = (K + 1) / 2 and its row sums, P = K' / r for the student and the
+    teacher, the row loss Σ_j P_t log((P_t + ε) / (P_s + ε)) and, with COMPUTE_GRAD,
+    dK_ij = (dP_ij − Σ_m dP_im P_im) / (2 r_i), dP = −P_t / (P_s + ε) / B².
+
+    Bytes moved per launch: reads 2 B² float32 (the two Gram rows, in three passes: the later ones
+    from L1/L2) and the 2 B diagonals (from cache), writes B row losses and, with COMPUTE_GRAD, B²
+    (dK)."""
+    i, cols, eps, root_i = _pkt_row(gs_ptr, n, eps, BLOCK)
+    inv_b2 = tl.cast(inv_b2, tl.float32)  # fp32, as eps
+    ns_i = root_i + eps
     nt_i = tl.sqrt(tl.load(gt_ptr + i * (n + 1))) + eps
     acc_s = tl.zeros((BLOCK,), tl.float32)
     acc_t = tl.zeros((BLOCK,), tl.float32)
     for start in range(0, n, BLOCK):
-        j = start + cols
-        mask = j < n
-        ns_j = tl.sqrt(tl.load(gs_ptr + j * (n + 1), mask=mask, other=1.0)) + eps
-        nt_j = tl.sqrt(tl.load(gt_ptr + j * (n + 1), mask=mask, other=1.0)) + eps
-        a = tl.load(gs_ptr + i * n + j, mask=mask, other=0.0)
-        b = tl.load(gt_ptr + i * n + j, mask=mask, other=0.0)
-        acc_s += tl.where(mask, (a / (ns_i * ns_j) + 1.0) * 0.5, 0.0)
-        acc_t += tl.where(mask, (b / (nt_i * nt_j) + 1.0) * 0.5, 0.0)
+        mask, ks, kt = _pkt_halves(gs_ptr, gt_ptr, i, start + cols, n, ns_i, nt_i, eps)
+        acc_s += tl.where(mask, ks, 0.0)
+        acc_t += tl.where(mask, kt, 0.0)
     rs = tl.sum(acc_s, axis=0)
     rt = tl.sum(acc_t, axis=0)
     acc_l = tl.zeros((BLOCK,), tl.float32)
     acc_dot = tl.zeros((BLOCK,), tl.float32)
     for start in range(0, n, BLOCK):
-        j = start + cols
-        mask = j < n
-        ns_j = tl.sqrt(tl.load(gs_ptr + j * (n + 1), mask=mask, other=1.0)) + eps
-        nt_j = tl.sqrt(tl.load(gt_ptr + j * (n + 1), mask=mask, other=1.0)) + eps
-        ps = (tl.load(gs_ptr + i * n + j, mask=mask, other=0.0) / (ns_i * ns_j) + 1.0) * 0.5 / rs
-        pt = (tl.load(gt_ptr + i * n + j, mask=mask, other=0.0) / (nt_i * nt_j) + 1.0) * 0.5 / rt
+        mask, ks, kt = _pkt_halves(gs_ptr, gt_ptr, i, start + cols, n, ns_i, nt_i, eps)
+        ps = ks / rs
+        pt = kt / rt
         acc_l += tl.where(mask, pt * tl.log((pt + eps) / (ps + eps)), 0.0)
         acc_dot += tl.where(mask, -pt / (ps + eps) * inv_b2 * ps, 0.0)
     tl.store(loss_ptr + i, tl.sum(acc_l, axis=0))
@@ -745,11 +853,9 @@ def _pkt_rows_kernel(
         dot = tl.sum(acc_dot, axis=0)
         for start in range(0, n, BLOCK):
             j = start + cols
-            mask = j < n
-            ns_j = tl.sqrt(tl.load(gs_ptr + j * (n + 1), mask=mask, other=1.0)) + eps
-            nt_j = tl.sqrt(tl.load(gt_ptr + j * (n + 1), mask=mask, other=1.0)) + eps
-            ps = (tl.load(gs_ptr + i * n + j, mask=mask, other=0.0) / (ns_i * ns_j) + 1.0) * 0.5 / rs
-            pt = (tl.load(gt_ptr + i * n + j, mask=mask, other=0.0) / (nt_i * nt_j) + 1.0) * 0.5 / rt
+            mask, ks, kt = _pkt_halves(gs_ptr, gt_ptr, i, j, n, ns_i, nt_i, eps)
+            ps = ks / rs
+            pt = kt / rt
             tl.store(dk_ptr + i * n + j, (-pt / (ps + eps) * inv_b2 - dot) * 0.5 / rs, mask=mask)
 
 
@@ -762,18 +868,19 @@ def _pkt_grad_kernel(
     eps,
     BLOCK: tl.constexpr,
 ):
-    # Float scalars in fp32 whoever launches: torch.compile passes them as fp64 (kernels/__init__.py).
-    eps = tl.cast(eps, tl.float32)
-    i = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK).to(tl.int64)
-    root_i = tl.sqrt(tl.load(gs_ptr + i * (n + 1)))
+    """PKT's M = dG + dGᵀ, one program per row (docs/design.md#relational):
+    M_ij = (dK_ij + dK_ji) / (ñ_i ñ_j) off the diagonal, and on it 2 dK_ii / ñ_i² plus the norm
+    term [G_ii > 0] dñ_i / sqrt(G_ii), dñ_i = −Σ_j (dK_ij + dK_ji) K_ij / ñ_i.
+
+    Bytes moved per launch: reads 3 B² float32 (G_s, dK by row and by column) and the B diagonal
+    (from cache), writes B²."""
+    i, cols, eps, root_i = _pkt_row(gs_ptr, n, eps, BLOCK)
     ns_i = root_i + eps
     acc_dn = tl.zeros((BLOCK,), tl.float32)
     for start in range(0, n, BLOCK):
         j = start + cols
         mask = j < n
-        ns_j = tl.sqrt(tl.load(gs_ptr + j * (n + 1), mask=mask, other=1.0)) + eps
-        nn = ns_i * ns_j
+        nn = ns_i * _pkt_norm(gs_ptr, j, mask, n, eps)
         dsym = tl.load(dk_ptr + i * n + j, mask=mask, other=0.0) + tl.load(dk_ptr + j * n + i, mask=mask, other=0.0)
         acc_dn -= tl.where(mask, dsym * (tl.load(gs_ptr + i * n + j, mask=mask, other=0.0) / nn), 0.0)
         tl.store(m_ptr + i * n + j, dsym / nn, mask=mask & (j != i))
@@ -786,16 +893,10 @@ def _pkt_grad_kernel(
 def pkt_forward(student: torch.Tensor, teacher: torch.Tensor, eps: float, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """fastkd::pkt_forward on Triton: (float32 loss, grad in the student's dtype or [0])."""
     n = student.shape[0]
-    cfg = launch_config(n, student.device)
-    s = student.to(torch.float32)
-    t = teacher.to(torch.float32)
-    gs = torch.mm(s, s.t())
-    gt = torch.mm(t, t.t())
-    loss_rows = torch.empty(n, dtype=torch.float32, device=student.device)
+    s, gs, gt, loss_rows, meta = _gram_pair(student, teacher)
     dk = torch.empty((n, n), dtype=torch.float32, device=student.device) if compute_grad else None
-    meta = dict(BLOCK=cfg["ROW_BLOCK"], num_warps=cfg["row_warps"])
     torch.library.wrap_triton(_pkt_rows_kernel)[(n,)](gs, gt, dk, loss_rows, n, eps, 1.0 / (n * n), COMPUTE_GRAD=compute_grad, **meta)
-    loss = (loss_rows.to(torch.float64).sum() / (n * n)).to(torch.float32)
+    loss = _mean_of_rows(loss_rows, n)
     if not compute_grad:
         return loss, student.new_empty((0,))
     torch.library.wrap_triton(_pkt_grad_kernel)[(n,)](gs, dk, gt, n, eps, **meta)

@@ -11,7 +11,7 @@ from . import GRAD_SCALE_OFF, GRAD_SCALE_ON, grad_scale_switches
 from . import _softmax
 from ._softmax import (
     LOG2E, backward_chunk, batchmean_scale, check_reduction, fill_row, finish_loss, forward_chunk, gpu_shapes,
-    grad_coefs, kd_scalars, load_chunk, reduce_rows, reference, row_outputs, row_start, row_status, static_launch,
+    grad_coefs, kd_scalars, load_chunk, online_start, reduce_rows, reference, row_outputs, row_start, row_status, static_launch,
     store_grad, student_step, switch_combos,
 )
 
@@ -43,6 +43,15 @@ def switches(has_labels: bool, hard_weight: float, temperature: float, reduction
 
 # For each input of switches(), values that reach every result it can give.
 SWITCH_INPUTS = dict(_softmax.SWITCH_INPUTS, uniform=(False, True))
+
+
+@triton.jit
+def _kept_chunk(v_row, kstart, K, kcols):
+    """Offsets, mask and float32 values (-inf where masked) of the chunk at ``kstart`` of a row's
+    K teacher entries (``kcols``: tl.arange(0, BLOCK_K))."""
+    ko = kstart + kcols
+    km = ko < K
+    return ko, km, load_chunk(v_row + ko, km, "")
 
 
 @triton.jit
@@ -131,8 +140,7 @@ def _sparse_kd_forward_kernel(
     compute = compute & (~broken)
 
     # Pass 1: the student row: online maximum, S, sum (s - r) over finite entries, -inf count.
-    m_s = tl.full((), NEG_INF, tl.float32)
-    sum_s = tl.zeros((), tl.float32)
+    m_s, sum_s = online_start()
     sum_1 = tl.zeros((), tl.float32)
     d_all = tl.zeros((), tl.float32)
     n_fin = tl.zeros((), tl.float32)
@@ -159,9 +167,7 @@ def _sparse_kd_forward_kernel(
     mass = tl.zeros((), tl.float32)
     if compute:
         for kstart in range(0, K, BLOCK_K):
-            ko = kstart + kcols
-            km = ko < K
-            v = load_chunk(v_row + ko, km, "")
+            ko, km, v = _kept_chunk(v_row, kstart, K, kcols)
             mv = tl.maximum(mv, tl.max(tl.where(v == v, v, NEG_INF), axis=0))
             n_nan += tl.sum((v != v).to(tl.int32), axis=0)
             if UNIFORM:
@@ -181,9 +187,7 @@ def _sparse_kd_forward_kernel(
         z = tl.zeros((), tl.float32)
     if compute:
         for kstart in range(0, K, BLOCK_K):
-            ko = kstart + kcols
-            km = ko < K
-            v = load_chunk(v_row + ko, km, "")
+            ko, km, v = _kept_chunk(v_row, kstart, K, kcols)
             z += tl.sum(tl.where(km, tl.exp((v - top) * inv_t), 0.0), axis=0)
     lz = tl.log(z)
     if UNIFORM:
@@ -199,9 +203,7 @@ def _sparse_kd_forward_kernel(
     n_ninf_kept = tl.zeros((), tl.int32)
     if compute:
         for kstart in range(0, K, BLOCK_K):
-            ko = kstart + kcols
-            km = ko < K
-            v = load_chunk(v_row + ko, km, "")
+            ko, km, v = _kept_chunk(v_row, kstart, K, kcols)
             j = tl.load(i_row + ko, mask=km, other=0).to(tl.int64)
             sj = tl.load(s_row + j, mask=km, other=0.0).to(tl.float32)
             p = tl.exp((v - top) * inv_t - lz)
@@ -236,9 +238,7 @@ def _sparse_kd_forward_kernel(
             # The kept entries are written after every thread's store above has landed.
             tl.debug_barrier()
             for kstart in range(0, K, BLOCK_K):
-                ko = kstart + kcols
-                km = ko < K
-                v = load_chunk(v_row + ko, km, "")
+                ko, km, v = _kept_chunk(v_row, kstart, K, kcols)
                 j = tl.load(i_row + ko, mask=km, other=0).to(tl.int64)
                 sj = load_chunk(s_row + j, km, "")
                 p = tl.exp((v - top) * inv_t - lz)

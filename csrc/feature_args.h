@@ -19,46 +19,42 @@ constexpr bool hint_kind_is_elementwise(HintKind k) { return k == HintKind::Mse 
 constexpr double kCosineEps = 1e-8;
 constexpr double kNormalizeEps = 1e-12;
 
-// One call of fastkd::hint_forward over [n_rows, dim] features. The work is split into tasks:
-// task i covers row i / n_chunks, entries [c * chunk, min(dim, (c + 1) * chunk)) with
-// c = i % n_chunks (n_chunks is 1 for cosine and normalized_mse).
-struct HintArgs {
-  const void* student = nullptr;  // [n_rows, dim] contiguous, dtype student_dtype
-  const void* teacher = nullptr;  // [n_rows, dim] contiguous, dtype teacher_dtype
-  void* grad = nullptr;           // [n_rows, dim] in student_dtype, or null when no gradient is wanted
-  double* task_loss = nullptr;    // [n_rows * n_chunks]: each task's part of its row's raw loss
+// The fields both feature losses share: the inputs, the gradient and how it is scaled.
+struct FeatureArgs {
+  const void* student = nullptr;  // contiguous, dtype student_dtype
+  const void* teacher = nullptr;  // contiguous, dtype teacher_dtype
+  void* grad = nullptr;           // like student, or null when no gradient is wanted
   DType student_dtype = DType::Float32;
   DType teacher_dtype = DType::Float32;
-  HintKind kind = HintKind::Mse;
   int64_t n_rows = 0;
-  int64_t dim = 0;
-  int64_t chunk = 0;
-  int64_t n_chunks = 1;
-  // The gradient of the raw row loss (elementwise: the sum of the per-entry terms; cosine:
-  // 1 - cos; normalized_mse: the sum of squared differences) is multiplied by this: the
-  // reduction's scale (and 1/dim where the row loss is a mean over entries).
+  // Multiplies the gradient of a row's raw loss (HintArgs and AttentionArgs say which): the
+  // reduction's scale, with the raw loss's own normalisation (a mean over entries) folded in.
   double grad_coef = 1;
   const double* grad_row_scale = nullptr;  // [n_rows] per-row gradient factor, or null (dtype.h)
   bool stream_grad = false;  // write grad with non-temporal stores (it outgrows the caches)
 };
 
+// One call of fastkd::hint_forward over [n_rows, dim] features. The work is split into tasks:
+// task i covers row i / n_chunks, entries [c * chunk, min(dim, (c + 1) * chunk)) with
+// c = i % n_chunks (n_chunks is 1 for cosine and normalized_mse). The raw row loss (whose
+// gradient grad_coef multiplies) is, elementwise, the sum of the per-entry terms; cosine: 1 - cos;
+// normalized_mse: the sum of squared differences.
+struct HintArgs : FeatureArgs {
+  double* task_loss = nullptr;  // [n_rows * n_chunks]: each task's part of its row's raw loss
+  HintKind kind = HintKind::Mse;
+  int64_t dim = 0;
+  int64_t chunk = 0;
+  int64_t n_chunks = 1;
+};
+
 // One call of fastkd::attention_transfer_forward: student [n_rows, s_channels, spatial],
 // teacher [n_rows, t_channels, spatial], one task per row (sample).
-struct AttentionArgs {
-  const void* student = nullptr;
-  const void* teacher = nullptr;
-  void* grad = nullptr;        // like student, or null
-  double* row_loss = nullptr;  // [n_rows]: sum over spatial of (a_s - a_t)^2
-  DType student_dtype = DType::Float32;
-  DType teacher_dtype = DType::Float32;
-  int64_t n_rows = 0;
+struct AttentionArgs : FeatureArgs {
+  double* row_loss = nullptr;  // [n_rows]: the raw row loss, sum over spatial of (a_s - a_t)^2
   int64_t s_channels = 0;
   int64_t t_channels = 0;
   int64_t spatial = 0;
-  double p = 2;          // the exponent of |x|^p, >= 1
-  double grad_coef = 1;  // multiplies d(row_loss)/d(student): the reduction's scale
-  const double* grad_row_scale = nullptr;  // [n_rows] per-row gradient factor, or null (dtype.h)
-  bool stream_grad = false;
+  double p = 2;  // the exponent of |x|^p, >= 1
 };
 
 }  // namespace fastkd

@@ -7,35 +7,20 @@
 #include <cstdint>
 
 #include "dtype.h"
+#include "row_args.h"
 
 namespace fastkd {
 
-struct SparseKdArgs {
-  const void* student = nullptr;   // [N, V] contiguous, dtype student_dtype
-  const void* values = nullptr;    // [N, k] contiguous, dtype values_dtype: the teacher's kept values
-  const void* indices = nullptr;   // [N, k] contiguous int64 (or int32 when indices_int32)
+struct SparseKdArgs : RowArgs, KdCoefs {
+  const void* values = nullptr;   // [N, k] contiguous, dtype values_dtype: the teacher's kept values
+  const void* indices = nullptr;  // [N, k] contiguous int64 (or int32 when indices_int32)
   bool indices_int32 = false;
-  const int64_t* labels = nullptr;  // [N] or null
-  void* grad = nullptr;             // [N, V] in student_dtype, or null when no gradient is wanted
-  double* row_loss = nullptr;       // [N] per-row loss, before the reduction
-  DType student_dtype = DType::Float32;
   DType values_dtype = DType::Float32;
-  int64_t n_rows = 0;
-  int64_t vocab = 0;
   int64_t k = 0;
-  int64_t ignore_index = -100;
   // tail="uniform": the values are full-vocabulary log-probabilities and the missing mass
   // 1 - sum exp(value) is spread evenly over the V - k entries not kept; else the teacher is
   // renormalised over its k entries.
   bool uniform_tail = false;
-  // Coefficients in double, as in KdArgs.
-  double inv_temperature = 1;  // 1 / T
-  double soft_loss_coef = 1;   // (1 - hard_weight) * (T^2 or 1)
-  double soft_grad_coef = 1;   // (1 - hard_weight) * (T or 1/T) * reduction scale
-  double hard_weight = 0;      // CE weight in the loss
-  double hard_grad_coef = 0;   // hard_weight * reduction scale
-  const double* grad_row_scale = nullptr;  // [N] per-row gradient factor, or null (dtype.h)
-  bool stream_grad = false;    // write grad with non-temporal stores (it outgrows the caches)
 };
 
 // Bytes of per-thread scratch the row kernel needs for rows of `vocab` entries computed in a type

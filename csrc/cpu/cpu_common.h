@@ -9,14 +9,17 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <torch/library.h>
 
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <string>
 #include <string_view>
 #include <tuple>
 
 #include "dtype.h"
+#include "row_args.h"
 
 namespace fastkd {
 namespace cpu {
@@ -108,8 +111,7 @@ struct RowCall {
   bool compute_grad = false;
 
   // The argument fields every family's struct has (KdArgs, DkdArgs, SparseKdArgs).
-  template <class Args>
-  void fill(Args& a, const at::Tensor& student, int64_t ignore_index, const char* op) const {
+  void fill(RowArgs& a, const at::Tensor& student, int64_t ignore_index, const char* op) const {
     a.student = student.data_ptr();
     a.labels = labels;
     a.grad = compute_grad ? grad.data_ptr() : nullptr;
@@ -131,10 +133,9 @@ RowCall begin_row_call(const at::Tensor& student, const std::optional<at::Tensor
                        std::string_view reduction, bool compute_grad, const std::optional<at::Tensor>& grad_scale,
                        at::Tensor* into, const char* op);
 
-// The temperature-KD coefficients of KdArgs and SparseKdArgs (kd_args.h): the soft term weighs
+// The temperature-KD coefficients of KdArgs and SparseKdArgs (row_args.h): the soft term weighs
 // 1 - hard_weight, times T^2 (loss) and T (gradient) with t2_scale, else 1 and 1/T.
-template <class Args>
-void set_kd_coefs(Args& a, double temperature, double hard_weight, bool t2_scale, double scale) {
+inline void set_kd_coefs(KdCoefs& a, double temperature, double hard_weight, bool t2_scale, double scale) {
   a.inv_temperature = 1.0 / temperature;
   a.soft_loss_coef = (1 - hard_weight) * (t2_scale ? temperature * temperature : 1.0);
   a.soft_grad_coef = (1 - hard_weight) * (t2_scale ? temperature : 1.0 / temperature) * scale;
@@ -148,6 +149,13 @@ template <class Impl>
 void rescale_into(at::Tensor& grad, const at::Tensor& student, const at::Tensor& grad_scale, const char* op, Impl&& impl) {
   if (read_grad_scale(grad_scale, student.size(0), op).is_one()) return;
   impl(&grad);
+}
+
+// Registers a fused op's CPU kernel and its rescale op's, named <name>_rescale_ (csrc/ops.cpp).
+template <class Forward, class Rescale>
+void impl_with_rescale(torch::Library& m, const char* name, Forward forward, Rescale rescale) {
+  m.impl(name, forward);
+  m.impl((std::string(name) + "_rescale_").c_str(), rescale);
 }
 
 }  // namespace cpu

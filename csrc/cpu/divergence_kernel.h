@@ -212,23 +212,18 @@ static void divergence_rows(const KdArgs& a, int64_t row_begin, int64_t row_end,
     k.log_1mb = C(std::log1p(-a.beta));
   }
 
-  const size_t row_bytes = scratch_row_bytes(n, sizeof(C));
-  char* base = static_cast<char*>(scratch);
-  C* const exp_s = reinterpret_cast<C*>(base);
-  C* const xrow = reinterpret_cast<C*>(base + row_bytes);      // e_t (one teacher) or P (ensemble), then x
-  C* const erow = reinterpret_cast<C*>(base + 2 * row_bytes);  // ensemble: e_m of one teacher
-  double* const t_max = reinterpret_cast<double*>(base + (Ensemble ? 3 : 2) * row_bytes);
+  C* const exp_s = scratch_row<C>(scratch, n, 0);
+  C* const xrow = scratch_row<C>(scratch, n, 1);  // e_t (one teacher) or P (ensemble), then x
+  C* const erow = scratch_row<C>(scratch, n, 2);  // ensemble: e_m of one teacher
+  double* const t_max = reinterpret_cast<double*>(scratch_row<C>(scratch, n, Ensemble ? 3 : 2));
   double* const t_logc = t_max + M;  // log w_m - log S_m
   double* const t_w = t_logc + M;
   for (int64_t m = 0; m < M; ++m) t_w[m] = a.teacher_weights ? a.teacher_weights[m] : 1.0 / double(M);
 
-  for (int64_t row = row_begin; row < row_end; ++row) {
-    const TS* s = static_cast<const TS*>(a.student) + row * n;
-    const TT* t = static_cast<const TT*>(a.teacher) + row * n;  // teacher 0; teacher m at + m * teacher_stride
-    TS* g = a.grad ? static_cast<TS*>(a.grad) + row * n : nullptr;
-    if (!row_is_live(a.labels, a.ignore_index, row, n, a.row_loss, g)) continue;
+  // t: teacher 0's row; teacher m's at t + m * teacher_stride.
+  for_each_live_row<TS, TT>(a, row_begin, row_end, [&](int64_t row, const TS* s, const TT* t, TS* g) {
     const int64_t label = a.labels ? a.labels[row] : -1;
-    const bool prefetch = row + 1 < row_end;
+    const bool last = row + 1 == row_end;
 
     // Sweeps 1-2: the student, with the teacher (one teacher: the next row is fetched
     // meanwhile) or followed by the ensemble's teachers (teacher 0 of this row is fetched).
@@ -237,11 +232,11 @@ static void divergence_rows(const KdArgs& a, int64_t row_begin, int64_t row_end,
     if constexpr (!Ensemble) {
       row_max2(s, t, r, ms, mt);
       tot = exp_sweep<V, true, false>(s, t, r, ms, mt, inv_t, ce_needs_own_sum,
-                                      ExpRows<C, TS, TT>{exp_s, xrow, prefetch ? s + n : nullptr, prefetch ? t + n : nullptr});
+                                      ExpRows<C, TS, TT>::with_next(exp_s, xrow, s, t, n, last));
     } else {
       ms = row_max(s, r);
       tot = exp_sweep<V, false, false>(s, t, r, ms, mt, inv_t, ce_needs_own_sum, ExpRows<C, TS, TT>{exp_s, nullptr, nullptr, t});
-      ensemble_mixture(t, teacher_stride, M, t_w, r, inv_t, erow, xrow, t_max, t_logc, prefetch ? s + n : nullptr);
+      ensemble_mixture(t, teacher_stride, M, t_w, r, inv_t, erow, xrow, t_max, t_logc, last ? nullptr : s + n);
     }
 
     // Sweep 3: statistics; x written over e_t / P.
@@ -277,7 +272,7 @@ static void divergence_rows(const KdArgs& a, int64_t row_begin, int64_t row_end,
     if (a.soft_loss_coef != 0) loss += a.soft_loss_coef * divergence_loss(dv, a.beta, tot1, totc);
     if (hard) loss += a.hard_weight * row_cross_entropy(ms, ce_needs_own_sum ? tot.ce : tot.s, s, label);
     a.row_loss[row] = loss;
-    if (!g) continue;
+    if (!g) return;
 
     // Sweep 4: the gradient, k q (x - c) (kl: k (q - p)) plus the CE's softmax; with T == 1 the
     // CE softmax is q itself.
@@ -303,7 +298,7 @@ static void divergence_rows(const KdArgs& a, int64_t row_begin, int64_t row_end,
       gl += cq_ce * q + cce * std::exp(to_compute<C>(s[label]) - ms) - hard_coef;
       g[label] = from_compute<TS>(gl);
     }
-  }
+  });
 }
 
 // The entry point: every storage-type pair, float64 input computing in double.

@@ -67,8 +67,7 @@ void dkd_forward_rescale_cpu(at::Tensor& grad, const at::Tensor& student, const 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
-  m.impl("dkd_forward", &dkd_forward_cpu);
-  m.impl("dkd_forward_rescale_", &dkd_forward_rescale_cpu);
+  cpu::impl_with_rescale(m, "dkd_forward", &dkd_forward_cpu, &dkd_forward_rescale_cpu);
 }
 
 }  // namespace fastkd

@@ -99,14 +99,10 @@ static void dkd_rows(const DkdArgs& a, int64_t row_begin, int64_t row_end, void*
   const RowShape<V> r(a.vocab);
   const int64_t n = a.vocab;
   const C inv_t = C(a.inv_temperature);
-  C* const exp_s = static_cast<C*>(scratch);
-  C* const exp_t = reinterpret_cast<C*>(static_cast<char*>(scratch) + scratch_row_bytes(n, sizeof(C)));
+  C* const exp_s = scratch_row<C>(scratch, n, 0);
+  C* const exp_t = scratch_row<C>(scratch, n, 1);
 
-  for (int64_t row = row_begin; row < row_end; ++row) {
-    const TS* s = static_cast<const TS*>(a.student) + row * n;
-    const TT* t = static_cast<const TT*>(a.teacher) + row * n;
-    TS* g = a.grad ? static_cast<TS*>(a.grad) + row * n : nullptr;
-    if (!row_is_live(a.labels, a.ignore_index, row, n, a.row_loss, g)) continue;
+  for_each_live_row<TS, TT>(a, row_begin, row_end, [&](int64_t row, const TS* s, const TT* t, TS* g) {
     const int64_t label = a.labels[row];
     const LoadWithoutTarget skip{label - label % V::L, label % V::L, r.n_full};
 
@@ -114,10 +110,8 @@ static void dkd_rows(const DkdArgs& a, int64_t row_begin, int64_t row_end, void*
     // 3), their sums and the NCKD numerator.
     C ms, mt;
     row_max2(s, t, r, ms, mt, skip);
-    const bool prefetch = row + 1 < row_end;
     const ExpSums tot = exp_sweep<V, true, true>(s, t, r, ms, mt, inv_t, false,
-                                                 ExpRows<C, TS, TT>{exp_s, exp_t, prefetch ? s + n : nullptr, prefetch ? t + n : nullptr},
-                                                 skip);
+                                                 ExpRows<C, TS, TT>::with_next(exp_s, exp_t, s, t, n, row + 1 == row_end), skip);
 
     // The row's loss, in double (see the top).
     const double log_ss = std::log(tot.s), log_st = std::log(tot.t);
@@ -128,7 +122,7 @@ static void dkd_rows(const DkdArgs& a, int64_t row_begin, int64_t row_end, void*
     double tckd = binary_kl(d_t, d_s);
     tckd = tckd < 0 ? 0 : tckd;
     a.row_loss[row] = a.tckd_loss_coef * tckd + a.nckd_loss_coef * nckd;
-    if (!g) continue;
+    if (!g) return;
 
     // Sweep 3: the gradient from the kept exponentials; the target's entry is written last.
     const double dq = sigmoid_difference(d_s, d_t);  // q_y - p_y
@@ -139,7 +133,7 @@ static void dkd_rows(const DkdArgs& a, int64_t row_begin, int64_t row_end, void*
     write_grad_row(g, r, a.stream_grad,
                    [&](int64_t i, auto) { return V::fma(vcp, V::load(exp_t + i), vcq * V::load(exp_s + i)); });
     g[label] = from_compute<TS>(C(alpha_coef * dq));
-  }
+  });
 }
 
 FASTKD_ROWS_ENTRY(dkd_rows, DkdArgs, dkd_rows)

@@ -48,6 +48,24 @@ at::Tensor reduce_feature_rows(const at::Tensor& raw, c10::string_view reduction
   return loss.to(loss_dtype);
 }
 
+// The fields both ops fill alike (FeatureArgs): the inputs, and the gradient buffer (`into` for
+// a rescale op), returned, with its coefficient: the raw row loss times row_scale is the row loss.
+// `extra` (the call's grad_scale) must outlive the kernels: they read its per-row factors.
+at::Tensor fill_feature_args(FeatureArgs& a, const at::Tensor& student, const at::Tensor& teacher, c10::string_view reduction,
+                             double row_scale, bool compute_grad, const cpu::GradScale& extra, at::Tensor* into, const char* op) {
+  a.student = student.data_ptr();
+  a.teacher = teacher.data_ptr();
+  a.student_dtype = cpu::to_dtype(student, op, "student");
+  a.teacher_dtype = cpu::to_dtype(teacher, op, "teacher");
+  a.n_rows = student.size(0);
+  a.grad_coef = (reduction == "none" ? row_scale : reduction == "sum" ? 1.0 : row_scale / double(a.n_rows)) * extra.scalar;
+  a.grad_row_scale = extra.row_ptr();
+  at::Tensor grad = compute_grad ? cpu::grad_buffer(student, into, op) : at::empty({0}, student.options());
+  a.grad = compute_grad ? grad.data_ptr() : nullptr;
+  a.stream_grad = compute_grad && grad.nbytes() >= cpu::kLargeGradBytes;
+  return grad;
+}
+
 HintKind parse_hint_kind(c10::string_view kind) {
   if (kind == "mse") return HintKind::Mse;
   if (kind == "l1") return HintKind::L1;
@@ -74,27 +92,17 @@ std::tuple<at::Tensor, at::Tensor> hint_impl(const at::Tensor& student, const at
               student.sizes());
 
   HintArgs a;
-  a.student = student.data_ptr();
-  a.teacher = teacher.data_ptr();
-  a.student_dtype = cpu::to_dtype(student, kOp, "student");
-  a.teacher_dtype = cpu::to_dtype(teacher, kOp, "teacher");
+  // Raw row loss -> row loss: a mean over the row's entries, except for cosine (1 - cos itself).
+  const double row_scale = kind == HintKind::Cosine ? 1.0 : 1.0 / double(dim);
+  const cpu::GradScale extra = cpu::read_grad_scale(grad_scale, n_rows, kOp);
+  const at::Tensor grad = fill_feature_args(a, student, teacher, reduction, row_scale, compute_grad, extra, into, kOp);
   a.kind = kind;
-  a.n_rows = n_rows;
   a.dim = dim;
   const bool elementwise = hint_kind_is_elementwise(kind);
   a.chunk = elementwise ? kHintChunk : dim;
   a.n_chunks = elementwise ? (dim + kHintChunk - 1) / kHintChunk : 1;
-  // Raw row loss -> row loss: a mean over the row's entries, except for cosine (1 - cos itself).
-  const double row_scale = kind == HintKind::Cosine ? 1.0 : 1.0 / double(dim);
-  const cpu::GradScale extra = cpu::read_grad_scale(grad_scale, n_rows, kOp);
-  a.grad_coef = (reduction == "none" ? row_scale : reduction == "sum" ? 1.0 : row_scale / double(n_rows)) * extra.scalar;
-  a.grad_row_scale = extra.row_ptr();
-
   at::Tensor task_loss = at::empty({n_rows * a.n_chunks}, student.options().dtype(at::kDouble));
-  at::Tensor grad = compute_grad ? cpu::grad_buffer(student, into, kOp) : at::empty({0}, student.options());
   a.task_loss = task_loss.data_ptr<double>();
-  a.grad = compute_grad ? grad.data_ptr() : nullptr;
-  a.stream_grad = compute_grad && grad.nbytes() >= cpu::kLargeGradBytes;
 
   const auto tasks = cpu::pick_isa(avx512::hint_tasks, avx2::hint_tasks, scalar::hint_tasks);
   const int64_t task_len = elementwise ? std::min(dim, kHintChunk) : dim;
@@ -135,25 +143,15 @@ std::tuple<at::Tensor, at::Tensor> attention_impl(const at::Tensor& student, con
               teacher.sizes(), ")");
 
   AttentionArgs a;
-  a.student = student.data_ptr();
-  a.teacher = teacher.data_ptr();
-  a.student_dtype = cpu::to_dtype(student, kOp, "student");
-  a.teacher_dtype = cpu::to_dtype(teacher, kOp, "teacher");
-  a.n_rows = n_rows;
+  const double row_scale = 1.0 / double(spatial);  // the row loss is a mean over HW
+  const cpu::GradScale extra = cpu::read_grad_scale(grad_scale, n_rows, kOp);
+  const at::Tensor grad = fill_feature_args(a, student, teacher, reduction, row_scale, compute_grad, extra, into, kOp);
   a.s_channels = student.size(1);
   a.t_channels = teacher.size(1);
   a.spatial = spatial;
   a.p = p;
-  const double row_scale = 1.0 / double(spatial);  // the row loss is a mean over HW
-  const cpu::GradScale extra = cpu::read_grad_scale(grad_scale, n_rows, kOp);
-  a.grad_coef = (reduction == "none" ? row_scale : reduction == "sum" ? 1.0 : row_scale / double(n_rows)) * extra.scalar;
-  a.grad_row_scale = extra.row_ptr();
-
   at::Tensor row_loss = at::empty({n_rows}, student.options().dtype(at::kDouble));
-  at::Tensor grad = compute_grad ? cpu::grad_buffer(student, into, kOp) : at::empty({0}, student.options());
   a.row_loss = row_loss.data_ptr<double>();
-  a.grad = compute_grad ? grad.data_ptr() : nullptr;
-  a.stream_grad = compute_grad && grad.nbytes() >= cpu::kLargeGradBytes;
 
   const bool in_double = a.student_dtype == DType::Float64 || a.teacher_dtype == DType::Float64;
   // Two rows of HW entries (Qs, Qt) plus a vector of padding each.
@@ -179,23 +177,21 @@ std::tuple<at::Tensor, at::Tensor> attention_transfer_forward_cpu(const at::Tens
 // The gradient into `grad` again, times grad_scale (csrc/ops.cpp); nothing to do when it is 1.
 void hint_forward_rescale_cpu(at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher, c10::string_view kind,
                               c10::string_view reduction, const at::Tensor& grad_scale) {
-  if (cpu::read_grad_scale(grad_scale, student.size(0), "hint_forward").is_one()) return;
-  hint_impl(student, teacher, kind, reduction, true, grad_scale, &grad);
+  cpu::rescale_into(grad, student, grad_scale, "hint_forward",
+                    [&](at::Tensor* into) { hint_impl(student, teacher, kind, reduction, true, grad_scale, into); });
 }
 
 void attention_transfer_forward_rescale_cpu(at::Tensor& grad, const at::Tensor& student, const at::Tensor& teacher, double p,
                                             c10::string_view reduction, const at::Tensor& grad_scale) {
-  if (cpu::read_grad_scale(grad_scale, student.size(0), "attention_transfer_forward").is_one()) return;
-  attention_impl(student, teacher, p, reduction, true, grad_scale, &grad);
+  cpu::rescale_into(grad, student, grad_scale, "attention_transfer_forward",
+                    [&](at::Tensor* into) { attention_impl(student, teacher, p, reduction, true, grad_scale, into); });
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
-  m.impl("hint_forward", &hint_forward_cpu);
-  m.impl("attention_transfer_forward", &attention_transfer_forward_cpu);
-  m.impl("hint_forward_rescale_", &hint_forward_rescale_cpu);
-  m.impl("attention_transfer_forward_rescale_", &attention_transfer_forward_rescale_cpu);
+  cpu::impl_with_rescale(m, "hint_forward", &hint_forward_cpu, &hint_forward_rescale_cpu);
+  cpu::impl_with_rescale(m, "attention_transfer_forward", &attention_transfer_forward_cpu, &attention_transfer_forward_rescale_cpu);
 }
 
 }  // namespace fastkd

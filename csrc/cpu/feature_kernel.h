@@ -87,6 +87,44 @@ struct FlushSum {
 template <class V>
 constexpr int64_t kFlushBlock = 64 * V::L;
 
+// One sweep over n entries of s and t, their last partial vector padded with 0 in both: step(xs,
+// xt) for each vector, flush() after every kFlushBlock entries and after the tail. Where step
+// returns a vector and g is not null, the vector is written to g, rounded once to TS, with
+// non-temporal stores when `stream` and g is aligned to a vector.
+template <class V, class TS, class TT, class Step, class Flush>
+static inline void feature_sweep(const TS* s, const TT* t, TS* g, int64_t n, bool stream, Step&& step, Flush&& flush) {
+  using C = typename V::scalar;
+  constexpr int L = V::L;
+  constexpr bool returns = !std::is_void_v<std::invoke_result_t<Step&, V, V>>;
+  const int64_t n_full = n - n % L;
+  const int64_t n_tail = n - n_full;
+  if (!returns) g = nullptr;
+  stream = g && stream && reinterpret_cast<uintptr_t>(g) % (L * sizeof(TS)) == 0;
+  for (int64_t b = 0; b < n_full; b += kFlushBlock<V>) {
+    const int64_t e = std::min(b + kFlushBlock<V>, n_full);
+    if (!g) {
+      for (int64_t i = b; i < e; i += L) step(V::load(s + i), V::load(t + i));
+    } else if constexpr (returns) {
+      if (stream) {
+        for (int64_t i = b; i < e; i += L) step(V::load(s + i), V::load(t + i)).stream(g + i);
+      } else {
+        for (int64_t i = b; i < e; i += L) step(V::load(s + i), V::load(t + i)).store(g + i);
+      }
+    }
+    flush();
+  }
+  if (n_tail) {
+    const V xs = load_tail<V>(s + n_full, n_tail, C(0)), xt = load_tail<V>(t + n_full, n_tail, C(0));
+    if (!g) {
+      step(xs, xt);
+    } else if constexpr (returns) {
+      store_tail(step(xs, xt), g + n_full, n_tail);
+    }
+    flush();
+  }
+  if (stream) V::fence();
+}
+
 // -- hint: elementwise kinds ------------------------------------------------------------------
 
 template <HintKind K, class V>
@@ -108,7 +146,6 @@ static inline void hint_elementwise_term(V e, V& loss, V& grad) {
 template <HintKind K, class V, class TS, class TT>
 static void hint_elementwise_tasks(const HintArgs& a, int64_t begin, int64_t end) {
   using C = typename V::scalar;
-  constexpr int L = V::L;
   for (int64_t task = begin; task < end; ++task) {
     const int64_t row = task / a.n_chunks;
     const V coef = V::set1(C(a.grad_coef * row_factor(a.grad_row_scale, row)));
@@ -117,33 +154,14 @@ static void hint_elementwise_tasks(const HintArgs& a, int64_t begin, int64_t end
     const TS* s = static_cast<const TS*>(a.student) + row * a.dim + lo;
     const TT* t = static_cast<const TT*>(a.teacher) + row * a.dim + lo;
     TS* g = a.grad ? static_cast<TS*>(a.grad) + row * a.dim + lo : nullptr;
-    const int64_t n_full = n - n % L;
-    const bool stream = g && a.stream_grad && reinterpret_cast<uintptr_t>(g) % (L * sizeof(TS)) == 0;
     FlushSum<V> sum;
-    auto step = [&](V xs, V xt) {
+    auto term = [&](V xs, V xt) {
       V loss, grad;
-      hint_elementwise_term<K>(xs - xt, loss, grad);
+      hint_elementwise_term<K>(xs - xt, loss, grad);  // 0 padding: e = 0 adds nothing to the loss
       sum.add(loss);
       return grad * coef;
     };
-    for (int64_t b = 0; b < n_full; b += kFlushBlock<V>) {
-      const int64_t e = std::min(b + kFlushBlock<V>, n_full);
-      if (!g) {
-        for (int64_t i = b; i < e; i += L) step(V::load(s + i), V::load(t + i));
-      } else if (stream) {
-        for (int64_t i = b; i < e; i += L) step(V::load(s + i), V::load(t + i)).stream(g + i);
-      } else {
-        for (int64_t i = b; i < e; i += L) step(V::load(s + i), V::load(t + i)).store(g + i);
-      }
-      sum.flush();
-    }
-    if (n_full < n) {
-      // Padding with 0 in both: e = 0 adds nothing to the loss.
-      const V grad = step(load_tail<V>(s + n_full, n - n_full, C(0)), load_tail<V>(t + n_full, n - n_full, C(0)));
-      if (g) store_tail(grad, g + n_full, n - n_full);
-      sum.flush();
-    }
-    if (stream) V::fence();
+    feature_sweep<V>(s, t, g, n, a.stream_grad, term, [&] { sum.flush(); });
     a.task_loss[task] = sum.total;
   }
 }
@@ -153,10 +171,7 @@ static void hint_elementwise_tasks(const HintArgs& a, int64_t begin, int64_t end
 template <HintKind K, class V, class TS, class TT>
 static void hint_row_tasks(const HintArgs& a, int64_t begin, int64_t end) {
   using C = typename V::scalar;
-  constexpr int L = V::L;
   const int64_t n = a.dim;
-  const int64_t n_full = n - n % L;
-  const int64_t n_tail = n - n_full;
   for (int64_t row = begin; row < end; ++row) {
     const TS* s = static_cast<const TS*>(a.student) + row * n;
     const TT* t = static_cast<const TT*>(a.teacher) + row * n;
@@ -176,16 +191,8 @@ static void hint_row_tasks(const HintArgs& a, int64_t begin, int64_t end) {
       exact_product(xt, xt, tt, tt_lo);
       exact_product(xs, xt, st, st_lo);
     };
-    auto flush1 = [&] { ss.flush(), tt.flush(), st.flush(), ss_lo.flush(), tt_lo.flush(), st_lo.flush(); };
-    for (int64_t b = 0; b < n_full; b += kFlushBlock<V>) {
-      const int64_t e = std::min(b + kFlushBlock<V>, n_full);
-      for (int64_t i = b; i < e; i += L) sweep1(V::load(s + i), V::load(t + i));
-      flush1();
-    }
-    if (n_tail) {
-      sweep1(load_tail<V>(s + n_full, n_tail, C(0)), load_tail<V>(t + n_full, n_tail, C(0)));
-      flush1();
-    }
+    feature_sweep<V>(s, t, static_cast<TS*>(nullptr), n, false, sweep1,
+                     [&] { ss.flush(), tt.flush(), st.flush(), ss_lo.flush(), tt_lo.flush(), st_lo.flush(); });
 
     // The row's scalars, in double.
     ss.total += ss_lo.total, tt.total += tt_lo.total, st.total += st_lo.total;
@@ -223,24 +230,7 @@ static void hint_row_tasks(const HintArgs& a, int64_t begin, int64_t end) {
       dd.add(d * d);
       return V::fma(vcu, u, vcv * v);
     };
-    const bool stream = g && a.stream_grad && reinterpret_cast<uintptr_t>(g) % (L * sizeof(TS)) == 0;
-    for (int64_t b = 0; b < n_full; b += kFlushBlock<V>) {
-      const int64_t e = std::min(b + kFlushBlock<V>, n_full);
-      if (!g) {
-        for (int64_t i = b; i < e; i += L) sweep2(V::load(s + i), V::load(t + i));
-      } else if (stream) {
-        for (int64_t i = b; i < e; i += L) sweep2(V::load(s + i), V::load(t + i)).stream(g + i);
-      } else {
-        for (int64_t i = b; i < e; i += L) sweep2(V::load(s + i), V::load(t + i)).store(g + i);
-      }
-      dd.flush();
-    }
-    if (n_tail) {
-      const V grad = sweep2(load_tail<V>(s + n_full, n_tail, C(0)), load_tail<V>(t + n_full, n_tail, C(0)));
-      if (g) store_tail(grad, g + n_full, n_tail);
-      dd.flush();
-    }
-    if (stream) V::fence();
+    feature_sweep<V>(s, t, g, n, a.stream_grad, sweep2, [&] { dd.flush(); });
     if constexpr (K == HintKind::Cosine) {
       // 1 - cos = |u - v|^2 / 2 + (1 - (|u|^2 + |v|^2) / 2); the second term is exactly 0 unless
       // a norm was clamped.

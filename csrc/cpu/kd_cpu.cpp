@@ -96,8 +96,7 @@ void kd_forward_rescale_cpu(at::Tensor& grad, const at::Tensor& student, const a
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
-  m.impl("kd_forward", &kd_forward_cpu);
-  m.impl("kd_forward_rescale_", &kd_forward_rescale_cpu);
+  cpu::impl_with_rescale(m, "kd_forward", &kd_forward_cpu, &kd_forward_rescale_cpu);
 }
 
 }  // namespace fastkd

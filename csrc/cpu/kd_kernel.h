@@ -27,23 +27,18 @@ static void kd_rows(const KdArgs& a, int64_t row_begin, int64_t row_end, void* s
   const C inv_t = C(a.inv_temperature);
   const bool hard = a.hard_weight > 0;
   const bool ce_needs_own_sum = hard && a.inv_temperature != 1;
-  C* const exp_s = static_cast<C*>(scratch);
-  C* const exp_t = reinterpret_cast<C*>(static_cast<char*>(scratch) + scratch_row_bytes(n, sizeof(C)));
+  C* const exp_s = scratch_row<C>(scratch, n, 0);
+  C* const exp_t = scratch_row<C>(scratch, n, 1);
 
-  for (int64_t row = row_begin; row < row_end; ++row) {
-    const TS* s = static_cast<const TS*>(a.student) + row * n;
-    const TT* t = static_cast<const TT*>(a.teacher) + row * n;
-    TS* g = a.grad ? static_cast<TS*>(a.grad) + row * n : nullptr;
-    if (!row_is_live(a.labels, a.ignore_index, row, n, a.row_loss, g)) continue;
+  for_each_live_row<TS, TT>(a, row_begin, row_end, [&](int64_t row, const TS* s, const TT* t, TS* g) {
     const int64_t label = a.labels ? a.labels[row] : -1;
 
     C ms, mt;
     row_max2(s, t, r, ms, mt);
     // While this row is computed from cache, the next row is fetched from memory, so that
     // sweep 1 of the next row finds it in L2 and memory and arithmetic overlap.
-    const bool prefetch = row + 1 < row_end;
     const ExpSums tot = exp_sweep<V, true, true>(s, t, r, ms, mt, inv_t, ce_needs_own_sum,
-                                                 ExpRows<C, TS, TT>{exp_s, exp_t, prefetch ? s + n : nullptr, prefetch ? t + n : nullptr});
+                                                 ExpRows<C, TS, TT>::with_next(exp_s, exp_t, s, t, n, row + 1 == row_end));
     const C ss = C(tot.s), st = C(tot.t);
     const C sce = ce_needs_own_sum ? C(tot.ce) : ss;
 
@@ -57,7 +52,7 @@ static void kd_rows(const KdArgs& a, int64_t row_begin, int64_t row_end, void* s
     }
     if (hard) loss += a.hard_weight * row_cross_entropy(ms, ce_needs_own_sum ? tot.ce : tot.s, s, label);
     a.row_loss[row] = loss;
-    if (!g) continue;
+    if (!g) return;
 
     // Sweep 3: the gradient. With T == 1 the CE softmax is q itself, so its weight joins q's.
     const GradCoefs k = grad_coefs(a, row);
@@ -79,7 +74,7 @@ static void kd_rows(const KdArgs& a, int64_t row_begin, int64_t row_end, void* s
       const C sm = ce_needs_own_sum ? std::exp(to_compute<C>(s[label]) - ms) / sce : q;
       g[label] = from_compute<TS>(soft_coef * (q - p) + hard_coef * (sm - C(1)));
     }
-  }
+  });
 }
 
 FASTKD_ROWS_ENTRY(kd_rows, KdArgs, kd_rows)

@@ -91,6 +91,26 @@ static inline bool row_is_live(const int64_t* labels, int64_t ignore_index, int6
   return true;
 }
 
+// The rows [begin, end) of a student-teacher row kernel (kd, divergences, dkd) that are computed
+// (row_is_live), each as body(row, s, t, g): the row's student and teacher entries and its
+// gradient (null when none is wanted).
+template <class TS, class TT, class Args, class Body>
+static inline void for_each_live_row(const Args& a, int64_t begin, int64_t end, Body&& body) {
+  const int64_t n = a.vocab;
+  for (int64_t row = begin; row < end; ++row) {
+    const TS* s = static_cast<const TS*>(a.student) + row * n;
+    const TT* t = static_cast<const TT*>(a.teacher) + row * n;
+    TS* g = a.grad ? static_cast<TS*>(a.grad) + row * n : nullptr;
+    if (row_is_live(a.labels, a.ignore_index, row, n, a.row_loss, g)) body(row, s, t, g);
+  }
+}
+
+// Scratch row i of a row kernel's per-thread scratch: rows of n entries of C, scratch_row_bytes apart.
+template <class C>
+static inline C* scratch_row(void* scratch, int64_t n, int i) {
+  return reinterpret_cast<C*>(static_cast<char*>(scratch) + i * scratch_row_bytes(n, sizeof(C)));
+}
+
 // The maxima of one or two rows, read together (NaN kept).
 template <class V, class T, class Load = LoadAll>
 static inline typename V::scalar row_max(const T* x, const RowShape<V>& r, Load load = {}) {
@@ -126,6 +146,12 @@ struct ExpRows {
   C* exp_t = nullptr;           // e_t = exp((t - mt)/T), with a teacher
   const TS* next_s = nullptr;   // prefetched, entry by entry (null: nothing)
   const TT* next_t = nullptr;
+
+  // Both rows' exponentials, fetching the next row of s and t (n entries on) meanwhile, unless
+  // there is none (`last`).
+  static ExpRows with_next(C* exp_s, C* exp_t, const TS* s, const TT* t, int64_t n, bool last) {
+    return {exp_s, exp_t, last ? nullptr : s + n, last ? nullptr : t + n};
+  }
 };
 
 // The exponential sweep of a row: e_s (and, WithTeacher, e_t) into the scratch rows and their

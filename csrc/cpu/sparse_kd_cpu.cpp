@@ -133,8 +133,7 @@ std::vector<double> sparse_kd_check_cpu(const at::Tensor& values_in, const at::T
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
-  m.impl("sparse_kd_forward", &sparse_kd_forward_cpu);
-  m.impl("sparse_kd_forward_rescale_", &sparse_kd_forward_rescale_cpu);
+  cpu::impl_with_rescale(m, "sparse_kd_forward", &sparse_kd_forward_cpu, &sparse_kd_forward_rescale_cpu);
   m.impl("sparse_kd_check", &sparse_kd_check_cpu);
 }
 

@@ -10,7 +10,6 @@ The expected gradient here is the ordinary backward's (the fused kernel's gradie
 grad_output), a different code path from create_graph's (autograd through the op's composite).
 """
 
-
 import pytest
 import torch
 

@@ -6,7 +6,6 @@ op is called here with the pair as the user wrote it and must give, bit for bit,
 function gives: at every endpoint of every divergence that has one, and for every divergence.
 """
 
-
 import pytest
 import torch
 import torch.nn.functional as F

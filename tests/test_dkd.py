@@ -20,7 +20,7 @@ import fastkd
 from fastkd.functional import dkd_loss_reference
 from fastkd.ops import fused_autograd as _fused
 from fastkd.ops import dkd as dkd_ops
-from backend_helpers import ISAS, GPU, available_isas, backend_params, device_of, float64_backends, force_isa, needs_ext
+from backend_helpers import GPU, ISAS, available_isas, backend_params, device_of, float64_backends, force_isa, needs_ext
 from bench.test_bench_dkd import dkd_composite as mdistiller_dkd
 from dkd_helpers import check_against_reference
 from kd_helpers import check_float64_matches_reference, check_poison_in_an_ignored_row_influences_nothing, make_labels, make_logits
@@ -29,8 +29,6 @@ BACKENDS = backend_params("dkd_forward", dkd_ops.TRITON_ERROR)
 FUSED = BACKENDS[1:]
 FLOAT64_BACKENDS = float64_backends(BACKENDS)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-
 
 
 def inputs(shape, dtype=torch.float32, ignored=(0,), seed=0, std=3.0, device="cpu"):

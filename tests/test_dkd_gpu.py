@@ -12,7 +12,6 @@ from backend_helpers import backend_params
 from dkd_helpers import check_against_reference
 from kd_helpers import make_labels, make_logits
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 BACKENDS = backend_params("dkd_forward", None, names=("cuda", "triton"))
 

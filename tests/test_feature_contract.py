@@ -5,7 +5,6 @@ triton on a GPU or, without one, in the interpreter (TRITON_INTERPRET=1, set by 
 cuda on a GPU.
 """
 
-
 import pytest
 import torch
 
@@ -17,8 +16,6 @@ from feature_helpers import make_features, make_maps
 BACKENDS = backend_params("hint_forward", feature_ops.HINT_TRITON_ERROR)
 FLOAT64_BACKENDS = float64_backends(BACKENDS)
 KINDS = list(feature_ops.HINT_KINDS)
-
-
 
 
 def hint(backend, kind, reduction="mean"):

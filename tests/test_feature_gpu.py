@@ -12,7 +12,6 @@ from fastkd.ops import feature as feature_ops
 from backend_helpers import backend_params
 from feature_helpers import check_at, check_hint, make_features, make_maps
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 BACKENDS = backend_params("hint_forward", None, names=("cuda", "triton"))
 KINDS = list(feature_ops.HINT_KINDS)

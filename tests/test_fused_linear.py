@@ -3,7 +3,6 @@ odd shapes, H ≠ Ht, biases, reductions, labels, grad_output ≠ 1, [B, T, H] i
 bf16 within the FlashAttention-style bound, float32 weight-gradient accumulation, double and
 repeated backward. opcheck, torch.compile and bad input: test_conformance.py."""
 
-
 import pytest
 import torch
 

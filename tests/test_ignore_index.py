@@ -8,7 +8,6 @@ must match it entry by entry (kd_helpers' tolerance rule). ``batchmean`` divides
 kept, so the launchers' count of valid rows is checked too.
 """
 
-
 import numpy as np
 import pytest
 import torch

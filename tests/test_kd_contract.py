@@ -7,7 +7,6 @@ Every backend that can run here is covered: reference and cpu; triton on a GPU o
 in the interpreter (TRITON_INTERPRET=1, set by conftest.py); cuda on a GPU.
 """
 
-
 import numpy as np
 import pytest
 import torch

@@ -11,7 +11,6 @@ from fastkd import _ext
 from backend_helpers import backend_params
 from kd_helpers import check_against_reference, make_labels, make_logits
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 BACKENDS = backend_params("kd_forward", None, names=("cuda", "triton"))
 

@@ -6,6 +6,7 @@ import torch
 
 import fastkd
 from fastkd import _ext
+from backend_helpers import backend_params
 from kd_helpers import check_float64_matches_reference
 from relational_helpers import (
     OPS,
@@ -20,17 +21,11 @@ from relational_helpers import (
     rkd_distance_from_differences,
 )
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 SCHEMA = {"rkd_distance": "rkd_distance_forward", "rkd_angle": "rkd_angle_forward", "sp": "sp_forward", "pkt": "pkt_forward"}
 
 
-def cuda_param():
-    built = _ext.LOAD_ERROR is None and _ext.has_kernel("rkd_angle_forward", "CUDA")
-    return pytest.param("cuda", marks=pytest.mark.skipif(not built, reason="built without CUDA"))
-
-
-BACKENDS = [cuda_param(), "triton"]
+BACKENDS = backend_params("rkd_angle_forward", None, names=("cuda", "triton"))
 SHAPES = [(2, 1, 3), (37, 513, 200), (300, 70, 129), (8, (4, 3, 3), 5)]
 
 

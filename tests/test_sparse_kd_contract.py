@@ -4,7 +4,6 @@ fp32 accuracy against the composite, the [B, T, V] batchmean convention, NaN (or
 in an ignored row, NumPy integers, extreme temperatures. Gradient penalties, retained graphs and a
 teacher that requires grad: test_conformance.py."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -11,7 +11,9 @@ Extending the suite
   many ``[N, V]`` tensors a fused pass must move) with its full and quick :class:`Case` lists, and
   holds one test, ``def test_<op>(benchmark, bench_item, budget): run_case(benchmark, bench_item,
   budget)``, with ``BENCH_OPS = ("<op>",)`` at module level (conftest.py parametrizes it with the
-  cases of those ops). Mark one case per op ``headline=True, targets=STANDARD_TARGETS``.
+  cases of those ops). Mark one case per op ``headline=True, targets=STANDARD_TARGETS``. A loss
+  over ``[N, V]`` logits registers with :func:`register_logits` (the logit family's sizes); one
+  that streams a student and a teacher of one unit each takes :func:`stream_traffic`.
 * A new provider (a fastkd backend, another library): append a :class:`Provider` to
   ``PROVIDERS``. ``check`` returns ``None`` when it can run a case, else the reason it cannot;
   such a provider is reported as unavailable, never crashed on. The fastkd ``triton`` and
@@ -122,6 +124,20 @@ LOGIT_SWEEP = [(512, 4096), (512, 16384), (512, 65536), (512, 131072)]
 # ... and its size for `fastkd bench --quick` on CPU: N = 256 at the headline's V = 32000 (one
 # N x V tensor, 31 MiB; a pass moves 3-6 of them, beyond the caches), an eighth of the headline's time.
 LOGIT_CPU_QUICK = (256, 32000)
+
+
+def register_logits(op: Op, head: "Case", quick: List["Case"], more: List["Case"] = ()) -> Op:
+    """:func:`register` for a loss over ``[N, V]`` logits, at the logit family's sizes: its
+    headline case ``head`` (then ``more``) in the full run, ``head`` along LOGIT_SWEEP, and at
+    LOGIT_CPU_QUICK on CPU for ``fastkd bench --quick``."""
+    return register(op, full=[head, *more], quick=quick, sweep=sweep(head, LOGIT_SWEEP), cpu_quick_size=LOGIT_CPU_QUICK)
+
+
+def stream_traffic(case: "Case") -> Dict[str, float]:
+    """The traffic of a loss whose fused pass streams a student and a teacher of one N×V unit
+    each: the forward reads both (2), forward+backward also writes the gradient (3), the backward
+    alone reads the gradient the forward saved and writes it scaled by grad_output (2)."""
+    return {"fwd": 2, "bwd": 2, "fwdbwd": 3}
 
 
 def parse_shape(text: str) -> Tuple[int, int]:

@@ -61,7 +61,7 @@ def _traffic(case: Case) -> dict:
 _PARAMS = (("temperature", 2.0), ("alpha", 1.0), ("beta", 8.0))
 _HEAD = Case("dkd", 2048, 32000, "fp32", params=_PARAMS, headline=True, targets=STANDARD_TARGETS)
 
-common.register(
+common.register_logits(
     common.Op(
         name="dkd",
         title="dkd_loss (decoupled KD: target-class and non-target-class terms)",
@@ -80,10 +80,8 @@ common.register(
         ),
         inputs=dkd_inputs,
     ),
-    full=[_HEAD],
+    _HEAD,
     quick=[Case("dkd", 64, 1001, "fp32", params=_PARAMS, headline=True, targets=STANDARD_TARGETS)],
-    sweep=common.sweep(_HEAD, common.LOGIT_SWEEP),
-    cpu_quick_size=common.LOGIT_CPU_QUICK,
 )
 
 

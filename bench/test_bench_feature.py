@@ -87,39 +87,20 @@ _NOTE = (
     "map [B, C, H, W])"
 )
 
-common.register(
-    common.Op(
-        name="hint",
-        title='hint_loss(kind="mse") (FitNets)',
-        composite=hint_composite,
-        fused=hint_fused,
-        traffic=lambda case: {"fwd": 2, "bwd": 2, "fwdbwd": 3},
-        traffic_note=_NOTE,
-        composite_text="F.mse_loss(s, t)",
-        inputs=feature_inputs,
-        resize=resize,
-    ),
-    full=[_HINT],
-    quick=[Case("hint", 8, 24 * 7 * 9, "fp32", params=(("C", 24), ("H", 7), ("W", 9)), headline=True, targets=SPEEDUP_COMPILE_2)],
-    sweep=common.sweep(_HINT, [(b, _HINT.v) for b in FEATURE_SWEEP_B]),
-)
 
-common.register(
-    common.Op(
-        name="attention_transfer",
-        title="attention_transfer_loss(p=2)",
-        composite=at_composite,
-        fused=at_fused,
-        traffic=lambda case: {"fwd": 2, "bwd": 2, "fwdbwd": 3},
-        traffic_note=_NOTE,
-        composite_text="at = lambda x: F.normalize(x.pow(2).mean(1).flatten(1)); (at(s) - at(t)).pow(2).mean()",
-        inputs=feature_inputs,
-        resize=resize,
-    ),
-    full=[_AT],
-    quick=[Case("attention_transfer", 8, 16 * 9 * 11, "fp32", params=(("C", 16), ("H", 9), ("W", 11)), headline=True, targets=SPEEDUP_COMPILE_2)],
-    sweep=common.sweep(_AT, [(b, _AT.v) for b in FEATURE_SWEEP_B]),
-)
+def _register(name: str, title: str, composite, fused, composite_text: str, head: Case, quick: Case) -> None:
+    """A feature loss with the family's traffic, inputs and sizes: the headline case in the full
+    run and along FEATURE_SWEEP_B, and a tiny map for the smoke test."""
+    op = common.Op(name=name, title=title, composite=composite, fused=fused, traffic=common.stream_traffic, traffic_note=_NOTE,
+                   composite_text=composite_text, inputs=feature_inputs, resize=resize)
+    common.register(op, full=[head], quick=[quick], sweep=common.sweep(head, [(b, head.v) for b in FEATURE_SWEEP_B]))
+
+
+_register("hint", 'hint_loss(kind="mse") (FitNets)', hint_composite, hint_fused, "F.mse_loss(s, t)", _HINT,
+          Case("hint", 8, 24 * 7 * 9, "fp32", params=(("C", 24), ("H", 7), ("W", 9)), headline=True, targets=SPEEDUP_COMPILE_2))
+_register("attention_transfer", "attention_transfer_loss(p=2)", at_composite, at_fused,
+          "at = lambda x: F.normalize(x.pow(2).mean(1).flatten(1)); (at(s) - at(t)).pow(2).mean()", _AT,
+          Case("attention_transfer", 8, 16 * 9 * 11, "fp32", params=(("C", 16), ("H", 9), ("W", 11)), headline=True, targets=SPEEDUP_COMPILE_2))
 
 
 def test_feature(benchmark, bench_item, budget):

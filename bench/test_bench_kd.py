@@ -34,13 +34,13 @@ def kd_fused(s: torch.Tensor, t: torch.Tensor, *, backend: str, temperature: flo
 
 HEADLINE = Case("kd", 2048, 32000, "fp32", headline=True, targets=STANDARD_TARGETS)
 
-common.register(
+common.register_logits(
     common.Op(
         name="kd",
         title="kd_loss (forward KL, Hinton)",
         composite=kd_composite,
         fused=kd_fused,
-        traffic=lambda case: {"fwd": 2, "bwd": 2, "fwdbwd": 3},
+        traffic=common.stream_traffic,
         traffic_note=(
             "fwd (loss only, no_grad): read student + teacher = 2 N*V; "
             "fwd+bwd: read student + teacher, write the gradient = 3 N*V; "
@@ -51,20 +51,18 @@ common.register(
         ),
         composite_text='F.kl_div(F.log_softmax(s/T, -1), F.log_softmax(t/T, -1), log_target=True, reduction="batchmean") * T*T',
     ),
-    # The headline first; the others change the row/vocabulary balance and the dtype.
-    full=[
-        HEADLINE,
-        Case("kd", 4096, 8192, "fp32"),
-        Case("kd", 512, 131072, "fp32"),
-        Case("kd", 2048, 32000, "bf16", targets=(("fastkd-cpu", "pct_bound", ">=", 70.0, "bf16: ≥ 70 % of the memory-traffic bound"),)),
-    ],
+    HEADLINE,
     # Tiny shapes for a smoke test: seconds, not minutes (odd V on purpose).
     quick=[
         Case("kd", 64, 1000, "fp32", headline=True, targets=STANDARD_TARGETS),
         Case("kd", 32, 517, "bf16"),
     ],
-    sweep=common.sweep(HEADLINE, common.LOGIT_SWEEP),
-    cpu_quick_size=common.LOGIT_CPU_QUICK,
+    # After the headline, these change the row/vocabulary balance and the dtype.
+    more=[
+        Case("kd", 4096, 8192, "fp32"),
+        Case("kd", 512, 131072, "fp32"),
+        Case("kd", 2048, 32000, "bf16", targets=(("fastkd-cpu", "pct_bound", ">=", 70.0, "bf16: ≥ 70 % of the memory-traffic bound"),)),
+    ],
 )
 
 

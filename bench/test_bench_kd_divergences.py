@@ -122,20 +122,18 @@ _TRAFFIC_NOTE = (
 
 for _name, _div, _beta, _text in DIVERGENCES:
     _head = Case(_name, 2048, 32000, "fp32", params=_params(_beta), headline=True, targets=STANDARD_TARGETS)
-    common.register(
+    common.register_logits(
         common.Op(
             name=_name,
             title=f"kd_loss(divergence=\"{_div}\")" + (f", beta={_beta:g}" if _beta is not None else ""),
             composite=COMPOSITES[_div],
             fused=_fused_for(_div),
-            traffic=lambda case: {"fwd": 2, "bwd": 2, "fwdbwd": 3},
+            traffic=common.stream_traffic,
             traffic_note=_TRAFFIC_NOTE,
             composite_text=_text,
         ),
-        full=[_head],
+        _head,
         quick=[Case(_name, 64, 1001, "fp32", params=_params(_beta), headline=True, targets=STANDARD_TARGETS)],
-        sweep=common.sweep(_head, common.LOGIT_SWEEP),
-        cpu_quick_size=common.LOGIT_CPU_QUICK,
     )
 
 
@@ -175,7 +173,7 @@ def _ensemble_traffic(case: Case) -> dict:
 _ENSEMBLE_PARAMS = (("temperature", 2.0), ("M", N_TEACHERS))
 _ENSEMBLE_HEAD = Case("kd_ensemble", 2048, 32000, "fp32", params=_ENSEMBLE_PARAMS, headline=True, targets=STANDARD_TARGETS)
 
-common.register(
+common.register_logits(
     common.Op(
         name="kd_ensemble",
         title=f"kd_loss with an ensemble of {N_TEACHERS} teachers (forward KL to the mean of their softmaxes)",
@@ -192,10 +190,8 @@ common.register(
         ),
         inputs=ensemble_inputs,
     ),
-    full=[_ENSEMBLE_HEAD],
+    _ENSEMBLE_HEAD,
     quick=[Case("kd_ensemble", 33, 517, "fp32", params=_ENSEMBLE_PARAMS, headline=True, targets=STANDARD_TARGETS)],
-    sweep=common.sweep(_ENSEMBLE_HEAD, common.LOGIT_SWEEP),
-    cpu_quick_size=common.LOGIT_CPU_QUICK,
 )
 
 

@@ -57,7 +57,7 @@ def _traffic(case: Case) -> dict:
 _PARAMS = (("temperature", 2.0), ("k", TOP_K))
 _HEAD = Case("sparse_kd", 2048, 32000, "fp32", params=_PARAMS, headline=True, targets=STANDARD_TARGETS)
 
-common.register(
+common.register_logits(
     common.Op(
         name="sparse_kd",
         title=f"sparse_kd_loss (top-{TOP_K} teacher logits, renormalised)",
@@ -75,10 +75,8 @@ common.register(
         ),
         inputs=sparse_inputs,
     ),
-    full=[_HEAD],
+    _HEAD,
     quick=[Case("sparse_kd", 64, 1001, "fp32", params=_PARAMS, headline=True, targets=STANDARD_TARGETS)],
-    sweep=common.sweep(_HEAD, common.LOGIT_SWEEP),
-    cpu_quick_size=common.LOGIT_CPU_QUICK,
 )
 
 

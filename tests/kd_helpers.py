@@ -57,15 +57,14 @@ def grad_output_for(loss_shape, seed=2):
     return torch.rand(loss_shape, generator=gen, dtype=torch.float64) + 0.5
 
 
-def loss_and_grad(fn, student, teacher, temperature, grad_output, **kwargs):
+def loss_and_grad(fn, student, *args, **kwargs):
+    """The loss ``fn(student, *args[:-1], **kwargs)`` and the student's gradient of (loss times
+    ``args[-1]``, the grad_output).sum()."""
+    *args, grad_output = args
     s = student.detach().clone().requires_grad_(True)
-    loss = fn(s, teacher, temperature, **kwargs)
+    loss = fn(s, *args, **kwargs)
     (loss * grad_output.to(device=loss.device, dtype=loss.dtype)).sum().backward()
     return loss.detach(), s.grad
-
-
-def run_backend(backend, student, teacher, temperature, grad_output, **kwargs):
-    return loss_and_grad(lambda *a, **k: fastkd.kd_loss(*a, backend=backend, **k), student, teacher, temperature, grad_output, **kwargs)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -73,13 +72,28 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def references(student, teacher, temperature, grad_output, **kwargs):
-    """(float64 loss, float64 grad), PyTorch's at the input precision, and PyTorch's gradient in
-    its compute precision (before rounding to a 16-bit student dtype)."""
-    exact = loss_and_grad(kd_loss_reference, student.double(), teacher.double(), temperature, grad_output, **kwargs)
-    lowp = loss_and_grad(kd_loss_reference, student, teacher, temperature, grad_output, **kwargs)
-    compute = loss_and_grad(kd_loss_reference, student.to(compute_dtype(student.dtype)), teacher, temperature, grad_output, **kwargs)
+def _cpu(x):
+    return x.cpu() if isinstance(x, torch.Tensor) else x
+
+
+def _float64(x):
+    return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+
+def oracles(reference, student, *args, **kwargs):
+    """``loss_and_grad`` of the reference three ways: in float64 (every floating input upcast),
+    PyTorch's at the input precision, and PyTorch's gradient in its compute precision (before
+    rounding to a 16-bit student dtype)."""
+    *args, grad_output = args
+    exact = loss_and_grad(reference, student.double(), *map(_float64, args), grad_output, **kwargs)
+    lowp = loss_and_grad(reference, student, *args, grad_output, **kwargs)
+    compute = loss_and_grad(reference, student.to(compute_dtype(student.dtype)), *args, grad_output, **kwargs)
     return exact, lowp, compute[1]
+
+
+def references(student, teacher, temperature, grad_output, **kwargs):
+    """``oracles`` of kd_loss."""
+    return oracles(kd_loss_reference, student, teacher, temperature, grad_output, **kwargs)
 
 
 def row_max(x: torch.Tensor) -> torch.Tensor:
@@ -143,14 +157,55 @@ def assert_within_tolerance(name, got, exact, lowp, dtype, scale=None, lowp_comp
         )
 
 
-def check_against_reference(backend, student, teacher, temperature, **kwargs):
+def check_logits_loss(fn, reference, student, *args, grad_scale, **kwargs):
+    """``fn(student, *args, **kwargs)`` (a backend's call of a logit loss) against ``reference``
+    within the tolerance rule, with a grad_output that is not 1: the loss in the compute
+    precision, the gradient in the student's dtype and shape. ``grad_scale(grad_output,
+    **kwargs)``: each gradient row's scale (``gradient_scale``)."""
     loss_shape = () if kwargs.get("reduction", "batchmean") != "none" else student.shape[:-1]
     go = grad_output_for(loss_shape)
-    loss, grad = run_backend(backend, student, teacher, temperature, go, **kwargs)
-    cpu_kwargs = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-    exact, lowp, lowp_compute = references(student.cpu(), teacher.cpu(), temperature, go, **cpu_kwargs)
-    assert loss.dtype == torch.float32 or student.dtype == torch.float64, f"loss dtype {loss.dtype}"
+    loss, grad = loss_and_grad(fn, student, *args, go, **kwargs)
+    cpu_kwargs = {k: _cpu(v) for k, v in kwargs.items()}
+    exact, lowp, lowp_compute = oracles(reference, student.cpu(), *map(_cpu, args), go, **cpu_kwargs)
+    want = compute_dtype(student.dtype)
+    assert loss.dtype == want, f"loss dtype {loss.dtype}, expected {want}"
     assert grad.dtype == student.dtype, f"grad dtype {grad.dtype} != student dtype {student.dtype}"
-    assert_within_tolerance("loss", loss, exact[0], lowp[0], torch.float32 if student.dtype != torch.float64 else torch.float64)
-    scale = torch.maximum(row_max(exact[1]), kd_gradient_scale(student.shape, temperature, go, **cpu_kwargs))
+    assert_within_tolerance("loss", loss, exact[0], lowp[0], want)
+    scale = torch.maximum(row_max(exact[1]), grad_scale(go, **cpu_kwargs))
     assert_within_tolerance("grad", grad, exact[1], lowp[1], student.dtype, scale=scale, lowp_compute=lowp_compute)
+    return loss, grad
+
+
+def check_against_reference(backend, student, teacher, temperature, **kwargs):
+    return check_logits_loss(lambda *a, **k: fastkd.kd_loss(*a, backend=backend, **k), kd_loss_reference, student, teacher, temperature,
+                             grad_scale=lambda go, **kw: kd_gradient_scale(student.shape, temperature, go, **kw), **kwargs)
+
+
+def check_float64_matches_reference(fn, reference, student, loss_tol=(1e-12, 1e-12), grad_tol=(1e-12, 1e-14)):
+    """``fn(student)`` (a backend's call) against ``reference(student)`` on a float64 student:
+    the loss is float64 and agrees to ``loss_tol`` (rtol, atol), the gradient of its sum to
+    ``grad_tol``. 1e-12 is out of reach of any float32 step: a float32 coefficient alone is off by
+    ~3e-8."""
+    assert student.dtype == torch.float64
+    a, b = student.detach().clone().requires_grad_(True), student.detach().clone().requires_grad_(True)
+    got, expected = fn(a), reference(b)
+    assert got.dtype == torch.float64, f"loss dtype {got.dtype}"
+    torch.testing.assert_close(got.cpu(), expected.cpu(), rtol=loss_tol[0], atol=loss_tol[1])
+    got.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(a.grad.cpu(), b.grad.cpu(), rtol=grad_tol[0], atol=grad_tol[1])
+
+
+def check_poison_in_an_ignored_row_influences_nothing(call, student, poison, row=1):
+    """``call(student)``, whose labels ignore ``row``, after ``poison()`` has written NaN (or a
+    broken index) into that row's inputs in place: the loss and gradient are finite, the row's
+    gradient is exactly 0, and the gradient is the one of the call before the poison."""
+    clean = student.clone().requires_grad_(True)
+    call(clean).backward()
+    poison()
+    x = student.clone().requires_grad_(True)
+    loss = call(x)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    assert torch.equal(x.grad[row], torch.zeros_like(x.grad[row]))
+    torch.testing.assert_close(x.grad, clean.grad)

@@ -11,7 +11,6 @@ math (reference formulas, accuracy grids, numerics at the edges).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
@@ -19,26 +18,17 @@ import pytest
 import torch
 
 import fastkd
-from fastkd import _ext
 from fastkd import functional as F_
 from fastkd.ops import dkd as dkd_ops
 from fastkd.ops import feature as feature_ops
 from fastkd.ops import kd as kd_ops
 from fastkd.ops import table
 from fastkd.ops import sparse_kd as sparse_ops
+from backend_helpers import backend_params
 from feature_helpers import make_features, make_maps
 from kd_helpers import make_labels, make_logits
 from relational_helpers import make_embeddings
 from sparse_kd_helpers import TAILS, make_dense, make_sparse, top_k
-
-GPU = torch.cuda.is_available()
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def device_of(backend: str) -> str:
-    """Triton runs on CPU tensors in its interpreter where there is no GPU."""
-    return "cuda" if backend in ("triton", "cuda") and GPU else "cpu"
-
 
 # ------------------------------------------------------------------------------------------
 # A sample call
@@ -145,16 +135,11 @@ class OpSpec:
         return self.samples(device, dtype)[: self.contract_samples]
 
     def backends(self) -> list:
-        """The backends of this op as pytest params, skipped with the reason where one cannot run."""
-        triton_runs = self.triton_error is None and (GPU or INTERPRETER)
-        cuda_runs = GPU and _ext.LOAD_ERROR is None and all(_ext.has_kernel(k, "CUDA") for k in self.kernels)
-        out = [pytest.param(self, "reference", id=f"{self}-reference")] if self.has_reference_backend else []
-        return out + [
-            pytest.param(self, "cpu", id=f"{self}-cpu", marks=pytest.mark.skipif(_ext.LOAD_ERROR is not None, reason=str(_ext.LOAD_ERROR))),
-            pytest.param(self, "triton", id=f"{self}-triton",
-                         marks=pytest.mark.skipif(not triton_runs, reason=self.triton_error or "no GPU, no interpreter")),
-            pytest.param(self, "cuda", id=f"{self}-cuda", marks=pytest.mark.skipif(not cuda_runs, reason="no GPU or no CUDA build")),
-        ]
+        """The backends of this op as (spec, backend) pytest params, skipped with the reason where
+        one cannot run."""
+        (kernel,) = self.kernels
+        names = ("reference",) * self.has_reference_backend + ("cpu", "triton", "cuda")
+        return [pytest.param(self, *p.values, marks=p.marks, id=f"{self}-{p.id}") for p in backend_params(kernel, self.triton_error, names)]
 
 
 # ------------------------------------------------------------------------------------------

@@ -142,3 +142,23 @@ def check_no_worse_than_composite(op, backend, student, teacher, factor=2.0, com
     assert torch.isfinite(grad).all()
     assert err <= bound, f"{op} ({backend}) gradient error {err:.3g} > {factor} x the float32 composite's {err_composite:.3g} (+ floor)"
     return err, err_composite
+
+
+def check_degenerate_batch(op, backend, student, teacher, kind):
+    """A batch of ``make_embeddings``' degenerate ``kind`` (zero difference vectors, zero rows):
+    the reference's loss and gradient (F.normalize and clamp kinks included), never NaN."""
+    loss, grad = check_against_reference(op, backend, student, teacher)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    s, t = student.cpu(), teacher.cpu()
+    if kind == "student_duplicates":
+        # The duplicated rows' gradient explodes (the reference's: x / 1e-12 for a zero
+        # difference); the other rows' (rows 1 and b-1 repeat row 0) must stay as accurate as on
+        # a clean batch.
+        rows = list(range(2, s.shape[0] - 1))
+        _, exact = loss_and_grad(reference(op), s.double(), t.double())
+        _, lowp = loss_and_grad(reference(op), s, t)
+        assert_within_tolerance(f"{op} grad of rows without a duplicate", grad[rows].cpu(), exact[rows], lowp[rows], s.dtype)
+    if kind == "all_equal" and op in ("rkd_distance", "rkd_angle"):
+        # Every student distance is the clamped 1e-6 (distance) or every difference is zero
+        # (angle): the reference's gradient is exactly 0, and so is ours.
+        assert torch.equal(grad, torch.zeros_like(grad))

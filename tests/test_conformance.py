@@ -18,9 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastkd import _ext
 from fastkd.ops import fused_autograd as _fused
-from op_specs import GPU, SPECS, device_of
-
-needs_ext = pytest.mark.skipif(_ext.LOAD_ERROR is not None, reason=str(_ext.LOAD_ERROR))
+from backend_helpers import GPU, device_of, needs_ext
+from op_specs import SPECS
 ALL = [pytest.param(spec, id=spec.name) for spec in SPECS]
 BACKENDS = [p for spec in SPECS for p in spec.backends()]
 

@@ -10,27 +10,19 @@ The expected gradient here is the ordinary backward's (the fused kernel's gradie
 grad_output), a different code path from create_graph's (autograd through the op's composite).
 """
 
-import os
-
 import pytest
 import torch
 
 import fastkd
-from fastkd import _ext
 from fastkd.ops import kd as kd_ops
+from backend_helpers import backend_params, device_of
 
-GPU = torch.cuda.is_available()
-TRITON_RUNS = kd_ops.TRITON_ERROR is None and (GPU or os.environ.get("TRITON_INTERPRET") == "1")
-BACKENDS = [
-    pytest.param("cpu", marks=pytest.mark.skipif(_ext.LOAD_ERROR is not None, reason=str(_ext.LOAD_ERROR))),
-    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_RUNS, reason=kd_ops.TRITON_ERROR or "no GPU, no interpreter")),
-    pytest.param("cuda", marks=pytest.mark.skipif(not (GPU and _ext.has_kernel("kd_forward", "CUDA")), reason="no GPU or no CUDA build")),
-]
+BACKENDS = backend_params("kd_forward", kd_ops.TRITON_ERROR, names=("cpu", "triton", "cuda"))
 
 
 def cases(backend):
     """(name, loss(x, reduction), student, reductions): one small case per fused op family."""
-    device = "cuda" if backend in ("triton", "cuda") and GPU else "cpu"
+    device = device_of(backend)
     dtype = torch.float32 if backend == "triton" else torch.float64  # triton refuses float64
     gen = torch.Generator().manual_seed(0)
 

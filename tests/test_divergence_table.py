@@ -6,8 +6,6 @@ op is called here with the pair as the user wrote it and must give, bit for bit,
 function gives: at every endpoint of every divergence that has one, and for every divergence.
 """
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,13 +14,10 @@ import fastkd
 from fastkd import _ext
 from fastkd.ops import divergences
 from fastkd.ops import kd as kd_ops
+from backend_helpers import backend_params, device_of
 from kd_helpers import make_logits
 
-TRITON_RUNS = kd_ops.TRITON_ERROR is None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
-BACKENDS = [
-    pytest.param("cpu", marks=pytest.mark.skipif(_ext.LOAD_ERROR is not None, reason=str(_ext.LOAD_ERROR))),
-    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_RUNS, reason=kd_ops.TRITON_ERROR or "no GPU, no interpreter")),
-]
+BACKENDS = backend_params("kd_forward", kd_ops.TRITON_ERROR, names=("cpu", "triton"))
 # Every divergence at its default beta, and every divergence with a beta at each end of its range
 # and inside it.
 CASES = [(name, None) for name in divergences.DIVERGENCES] + [
@@ -34,7 +29,7 @@ T = 1.7
 
 
 def _inputs(backend):
-    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    device = device_of(backend)
     s, t = make_logits((3, 40), torch.float32, device=device)
     return s, t
 

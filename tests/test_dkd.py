@@ -9,9 +9,7 @@ Triton (interpreter) and GPU-only tests of the same op: test_dkd_triton.py, test
 
 import logging
 import math
-import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,31 +17,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastkd
-from fastkd import _ext
 from fastkd.functional import dkd_loss_reference
 from fastkd.ops import fused_autograd as _fused
 from fastkd.ops import dkd as dkd_ops
-from dkd_helpers import check_against_reference, mdistiller_dkd
-from kd_helpers import make_labels, make_logits
+from backend_helpers import GPU, ISAS, available_isas, backend_params, device_of, float64_backends, force_isa, needs_ext
+from bench.test_bench_dkd import dkd_composite as mdistiller_dkd
+from dkd_helpers import check_against_reference
+from kd_helpers import check_float64_matches_reference, check_poison_in_an_ignored_row_influences_nothing, make_labels, make_logits
 
-needs_ext = pytest.mark.skipif(_ext.LOAD_ERROR is not None, reason=str(_ext.LOAD_ERROR))
-GPU = torch.cuda.is_available()
-TRITON_RUNS = dkd_ops.TRITON_ERROR is None and (GPU or os.environ.get("TRITON_INTERPRET") == "1")
-BACKENDS = [
-    "reference",
-    pytest.param("cpu", marks=needs_ext),
-    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_RUNS, reason=dkd_ops.TRITON_ERROR or "no GPU, no interpreter")),
-    pytest.param("cuda", marks=pytest.mark.skipif(not (GPU and _ext.has_kernel("dkd_forward", "CUDA")), reason="no GPU or no CUDA build")),
-]
-FUSED = [b for b in BACKENDS if b != "reference"]
-# Triton computes in float32 and refuses float64.
-FLOAT64_BACKENDS = [b for b in BACKENDS if getattr(b, "values", (b,))[0] != "triton"]
+BACKENDS = backend_params("dkd_forward", dkd_ops.TRITON_ERROR)
+FUSED = BACKENDS[1:]
+FLOAT64_BACKENDS = float64_backends(BACKENDS)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-ISAS = ["avx512", "avx2", "scalar"]
-
-
-def dev(backend):
-    return "cuda" if backend in ("triton", "cuda") and GPU else "cpu"
 
 
 def inputs(shape, dtype=torch.float32, ignored=(0,), seed=0, std=3.0, device="cpu"):
@@ -61,7 +46,7 @@ def test_reference_matches_mdistiller(temperature, alpha, beta):
     s, t, y = inputs((9, 101), torch.float64, ignored=())
     a, b = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
     got = dkd_loss_reference(a, t, y, temperature, alpha=alpha, beta=beta)
-    expected = mdistiller_dkd(b, t, y, alpha, beta, temperature)
+    expected = mdistiller_dkd(b, t, y, temperature=temperature, alpha=alpha, beta=beta)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     got.backward()
     expected.backward()
@@ -102,11 +87,7 @@ def test_cpu_matches_reference(shape, dtype):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cpu_every_instruction_set(isa, dtype, monkeypatch):
-    monkeypatch.delenv("FASTKD_CPU_ISA", raising=False)
-    if ISAS.index(isa) < ISAS.index(torch.ops.fastkd.cpu_isa()):
-        pytest.skip(f"this CPU has no {isa}")
-    monkeypatch.setenv("FASTKD_CPU_ISA", isa)
-    assert torch.ops.fastkd.cpu_isa() == isa
+    force_isa(monkeypatch, isa)
     for vocab in (1271, 70001, 5):
         # targets in the first vector, the last full one (of 16 and of 8 lanes) and the tail:
         # every path of the kernel's target masking
@@ -128,16 +109,9 @@ def test_cpu_mixed_student_and_teacher_dtypes(teacher_dtype):
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 def test_cpu_float64_is_float64_accurate(temperature, alpha, beta, reduction):
     s, t, y = inputs((7, 3001), torch.float64, ignored=(2,))
-    a, b = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
     kwargs = dict(alpha=alpha, beta=beta, reduction=reduction)
-    got = fastkd.dkd_loss(a, t, y, temperature, backend="cpu", **kwargs)
-    expected = dkd_loss_reference(b, t, y, temperature, **kwargs)
-    assert got.dtype == torch.float64
-    # 1e-12 is out of reach of any float32 step.
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    got.sum().backward()
-    expected.sum().backward()
-    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
+    check_float64_matches_reference(lambda x: fastkd.dkd_loss(x, t, y, temperature, backend="cpu", **kwargs),
+                                    lambda x: dkd_loss_reference(x, t, y, temperature, **kwargs), s)
 
 
 @needs_ext
@@ -146,15 +120,13 @@ def test_cpu_per_row_losses_as_accurate_as_mdistiller(temperature, monkeypatch):
     s, t, y = inputs((16, 32000), torch.float64, ignored=())
     exact = dkd_loss_reference(s, t, y, temperature, reduction="none")
     sf, tf = s.float(), t.float()
-    composite = torch.stack([mdistiller_dkd(sf[i : i + 1], tf[i : i + 1], y[i : i + 1], 1.0, 8.0, temperature) for i in range(16)])
+    composite = torch.stack([mdistiller_dkd(sf[i : i + 1], tf[i : i + 1], y[i : i + 1], temperature=temperature, alpha=1.0, beta=8.0) for i in range(16)])
 
     def rel_err(rows):
         return ((rows.double() - exact).abs() / exact.abs()).max().item()
 
     bound = rel_err(composite)
-    monkeypatch.delenv("FASTKD_CPU_ISA", raising=False)
-    best = torch.ops.fastkd.cpu_isa()
-    for isa in ISAS[ISAS.index(best) :]:
+    for isa in available_isas():
         monkeypatch.setenv("FASTKD_CPU_ISA", isa)
         err = rel_err(fastkd.dkd_loss(sf, tf, y, temperature, reduction="none", backend="cpu"))
         assert err <= bound, f"{isa}: per-row relative error {err:.3g} > mdistiller composite's {bound:.3g}"
@@ -170,7 +142,7 @@ def test_cpu_per_row_losses_as_accurate_as_mdistiller(temperature, monkeypatch):
 def test_target_dominating_or_vanishing_stays_finite_and_accurate(backend, margin):
     """The target logit +-50 above/below all others (q_y = 1 - 1e-20 or 1e-20 at T = 1): the
     binary probabilities come from log-space quantities, so nothing is lost to 1 - x."""
-    s, t, y = inputs((6, 300), ignored=(), std=1.0, device=dev(backend))
+    s, t, y = inputs((6, 300), ignored=(), std=1.0, device=device_of(backend))
     rows = torch.arange(6, device=s.device)
     s[rows, y] = s.max() + margin if margin > 0 else s.min() + margin
     t[rows[:3], y[:3]] = t.max() + abs(margin)  # the teacher agrees on half the rows
@@ -182,17 +154,17 @@ def test_target_dominating_or_vanishing_stays_finite_and_accurate(backend, margi
 @pytest.mark.parametrize("backend", FUSED)
 def test_wide_and_huge_logits(backend):
     interpreted = backend == "triton" and not GPU
-    s, t, y = inputs((5, 700) if interpreted else (17, 3001), std=30.0, device=dev(backend))
+    s, t, y = inputs((5, 700) if interpreted else (17, 3001), std=30.0, device=device_of(backend))
     check_against_reference(backend, s, t, y, 1.0)
     check_against_reference(backend, s.bfloat16(), t.bfloat16(), y, 4.0, reduction="none")
-    s, t, y = inputs((4, 500) if interpreted else (8, 1000), std=1.0, device=dev(backend))
+    s, t, y = inputs((4, 500) if interpreted else (8, 1000), std=1.0, device=device_of(backend))
     check_against_reference(backend, s * 1e4, t.sign() * 1e4 + t, y, 7.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_masked_vocabulary_entries(backend, dtype):
-    s, t, _ = inputs((6, 257), dtype, device=dev(backend))
+    s, t, _ = inputs((6, 257), dtype, device=device_of(backend))
     mask = torch.zeros(6, 257, dtype=torch.bool, device=s.device)
     mask[:, 200:] = True
     mask[2, :100] = True
@@ -218,7 +190,7 @@ def test_masked_vocabulary_entries(backend, dtype):
 @pytest.mark.parametrize("where", ["student", "teacher"])
 @pytest.mark.parametrize("at", ["target", "other"])
 def test_nan_input_gives_nan_loss(backend, where, at):
-    s, t, y = inputs((3, 40), ignored=(), device=dev(backend))
+    s, t, y = inputs((3, 40), ignored=(), device=device_of(backend))
     col = y[1] if at == "target" else (y[1] + 7) % 40
     (s if where == "student" else t)[1, col] = math.nan
     rows = fastkd.dkd_loss(s, t, y, 2.0, reduction="none", backend=backend)
@@ -234,23 +206,16 @@ def test_nan_input_gives_nan_loss(backend, where, at):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("where", ["student", "teacher"])
 def test_nan_in_an_ignored_row_influences_nothing(backend, where):
-    s, t, _ = inputs((4, 30), device=dev(backend))
+    s, t, _ = inputs((4, 30), device=device_of(backend))
     y = torch.tensor([3, -100, 5, 7], device=s.device)
-    clean = s.clone().requires_grad_(True)
-    fastkd.dkd_loss(clean, t, y, 2.0, backend=backend).backward()
-    (s if where == "student" else t)[1, 4] = math.nan
-    x = s.clone().requires_grad_(True)
-    loss = fastkd.dkd_loss(x, t, y, 2.0, backend=backend)
-    loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
-    assert torch.equal(x.grad[1], torch.zeros_like(x.grad[1]))
-    torch.testing.assert_close(x.grad, clean.grad)
+    check_poison_in_an_ignored_row_influences_nothing(lambda x: fastkd.dkd_loss(x, t, y, 2.0, backend=backend), s,
+                                                      lambda: (s if where == "student" else t)[1, 4].fill_(math.nan))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
 def test_all_rows_ignored_gives_zero_loss_and_gradient(backend, reduction):
-    s, t, _ = inputs((4, 33), device=dev(backend))
+    s, t, _ = inputs((4, 33), device=device_of(backend))
     s.requires_grad_(True)
     loss = fastkd.dkd_loss(s, t, torch.full((4,), -100, device=s.device), 2.0, reduction=reduction, backend=backend)
     assert torch.equal(loss, torch.zeros_like(loss))
@@ -260,7 +225,7 @@ def test_all_rows_ignored_gives_zero_loss_and_gradient(backend, reduction):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ignored_rows_count_in_nothing(backend):
-    s, t, _ = inputs((6, 50), device=dev(backend))
+    s, t, _ = inputs((6, 50), device=device_of(backend))
     s.requires_grad_(True)
     y = make_labels((6,), 50, ignored=(1, 4), device=s.device)
     loss = fastkd.dkd_loss(s, t, y, 2.0, backend=backend)
@@ -278,8 +243,8 @@ def test_batchmean_over_rows_of_a_3d_input(backend):
     """[B, T, V]: leading dims flatten into rows, batchmean divides by B*T valid rows, and for
     2-D logits without ignored rows that is mdistiller's value exactly."""
     B, L, V, T = 3, 5, 50, 4.0
-    s, t, y = inputs((B, L, V), ignored=(), device=dev(backend))
-    expected = mdistiller_dkd(s.view(-1, V), t.view(-1, V), y.view(-1), 1.0, 8.0, T)
+    s, t, y = inputs((B, L, V), ignored=(), device=device_of(backend))
+    expected = mdistiller_dkd(s.view(-1, V), t.view(-1, V), y.view(-1), temperature=T, alpha=1.0, beta=8.0)
     torch.testing.assert_close(fastkd.dkd_loss(s, t, y, T, backend=backend), expected, rtol=2e-5, atol=1e-5)
     assert fastkd.dkd_loss(s, t, y, T, reduction="none", backend=backend).shape == (B, L)
     torch.testing.assert_close(fastkd.dkd_loss(s, t, y.view(-1), T, reduction="sum", backend=backend), expected * B * L, rtol=2e-5, atol=1e-4)
@@ -356,7 +321,7 @@ def test_property_nonnegative_rows_gradient_sums_to_zero_zero_at_equality(rows, 
 @pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 def test_gradcheck_and_gradgradcheck_float64(backend, reduction):
-    s, t, _ = inputs((4, 9), torch.float64, device=dev(backend))
+    s, t, _ = inputs((4, 9), torch.float64, device=device_of(backend))
     y = torch.tensor([2, -100, 0, 8], device=s.device)
 
     def f(x):
@@ -391,13 +356,3 @@ def test_gradcheck_and_gradgradcheck_float64(backend, reduction):
 def test_module_checks_its_options_at_construction(kwargs, message):
     with pytest.raises((TypeError, ValueError), match=message):
         fastkd.nn.DKDLoss(**kwargs)
-
-
-def test_ignore_index_accepts_any_integral_number():
-    # The value is a class (2), not -100: only a call that receives it skips row 1, whose loss
-    # is then the one of rows 0 and 2 alone.
-    s, t, _ = inputs((3, 10))
-    y = torch.tensor([1, 2, 3])
-    expected = dkd_loss_reference(s[[0, 2]], t[[0, 2]], y[[0, 2]], 2.0)
-    for ignore_index in (np.int64(2), np.int32(2), 2, torch.tensor(2)):
-        torch.testing.assert_close(fastkd.dkd_loss(s, t, y, np.float32(2), ignore_index=ignore_index), expected)

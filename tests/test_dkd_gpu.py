@@ -8,16 +8,12 @@ import pytest
 import torch
 
 import fastkd
-from fastkd import _ext
+from backend_helpers import backend_params
 from dkd_helpers import check_against_reference
 from kd_helpers import make_labels, make_logits
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
-BACKENDS = [
-    pytest.param("cuda", marks=pytest.mark.skipif(not _ext.has_kernel("dkd_forward", "CUDA"), reason="built without CUDA")),
-    "triton",
-]
+BACKENDS = backend_params("dkd_forward", None, names=("cuda", "triton"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

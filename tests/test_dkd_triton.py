@@ -5,22 +5,17 @@ the first, a middle and the last block. The contract tests of test_dkd.py (NaN, 
 ignored rows, dominating targets, double backward, retained graph) also run on this backend."""
 
 import math
-import os
 
 import pytest
 import torch
 
 import fastkd
 from fastkd.ops import dkd as dkd_ops
+from backend_helpers import triton_module_device
 from dkd_helpers import check_against_reference
 from kd_helpers import make_labels, make_logits
 
-if dkd_ops.TRITON_ERROR is not None:
-    pytest.skip(dkd_ops.TRITON_ERROR, allow_module_level=True)
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = triton_module_device(dkd_ops.TRITON_ERROR)
 CASES = [
     # shape, dtype, reduction, temperature, alpha, beta
     ((3, 7), torch.float32, "batchmean", 1.0, 1.0, 8.0),

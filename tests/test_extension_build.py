@@ -1,9 +1,13 @@
-"""The compiled extension runs only under the torch it was built against (fastkd/_ext.py)."""
+"""The compiled extension: it is built (with the CUDA sources wherever nvcc is present), and runs only
+under the torch it was built against (fastkd/_ext.py)."""
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from fastkd import _ext
@@ -36,3 +40,16 @@ assert torch.equal(loss.detach(), ref), (loss, ref)
     assert run.returncode == 0, run.stdout + run.stderr
     msg = run.stdout.strip().splitlines()[0]
     assert "built against torch 2.0.0+old" in msg and torch.__version__ in msg and "--no-build-isolation" in msg
+
+
+def test_extension_is_built():
+    assert _ext.LOAD_ERROR is None, _ext.LOAD_ERROR
+
+
+@pytest.mark.skipif(_ext.LOAD_ERROR is not None, reason=str(_ext.LOAD_ERROR))
+def test_cuda_is_compiled_wherever_nvcc_is_present():
+    if os.environ.get("FASTKD_NO_CUDA", "0") not in ("", "0"):
+        pytest.skip("FASTKD_NO_CUDA is set: the CUDA build was skipped on purpose")
+    if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+        pytest.skip("no nvcc here")
+    assert torch.ops.fastkd.built_with_cuda(), "nvcc is present but the CUDA sources were not compiled (was it built with FASTKD_NO_CUDA=1?)"

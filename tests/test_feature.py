@@ -15,12 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastkd
-from fastkd import _ext
 from fastkd.functional import attention_transfer_loss_reference, hint_loss_reference
 from fastkd.ops import feature as feature_ops
+from backend_helpers import ISAS, force_isa, needs_ext
 from feature_helpers import check_at, check_hint, make_features, make_maps
+from kd_helpers import check_float64_matches_reference
 
-needs_ext = pytest.mark.skipif(_ext.LOAD_ERROR is not None, reason=str(_ext.LOAD_ERROR))
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 KINDS = list(feature_ops.HINT_KINDS)
 REDUCTIONS = ["mean", "sum", "none"]
@@ -137,15 +137,10 @@ def test_cpu_attention_list_of_pairs_is_summed():
 
 
 @needs_ext
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cpu_every_instruction_set(isa, dtype, monkeypatch):
-    order = ["scalar", "avx2", "avx512"]
-    monkeypatch.delenv("FASTKD_CPU_ISA", raising=False)
-    if order.index(isa) > order.index(torch.ops.fastkd.cpu_isa()):
-        pytest.skip(f"this CPU has no {isa}")
-    monkeypatch.setenv("FASTKD_CPU_ISA", isa)
-    assert torch.ops.fastkd.cpu_isa() == isa
+    force_isa(monkeypatch, isa)
     for shape in [(5, 40001), (7, 3, 5)]:
         s, t = make_features(shape, dtype, seed=shape[1])
         for kind in KINDS:
@@ -171,30 +166,19 @@ def test_cpu_mixed_student_and_teacher_dtypes(teacher_dtype):
 @pytest.mark.parametrize("kind", KINDS)
 def test_cpu_hint_float64_is_computed_in_float64(kind):
     s, t = make_features((6, 1000), torch.float64)
-    a, b = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
     for reduction in REDUCTIONS:
-        got = fastkd.hint_loss(a, t, kind=kind, reduction=reduction, backend="cpu")
-        expected = hint_loss_reference(b, t, kind=kind, reduction=reduction)
-        assert got.dtype == torch.float64
-        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
-        got.sum().backward()
-        expected.sum().backward()
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
+        check_float64_matches_reference(lambda x: fastkd.hint_loss(x, t, kind=kind, reduction=reduction, backend="cpu"),
+                                        lambda x: hint_loss_reference(x, t, kind=kind, reduction=reduction), s, loss_tol=(1e-12, 1e-14))
 
 
 @needs_ext
 @pytest.mark.parametrize("p", [2.0, 1.0, 2.5])
 def test_cpu_attention_float64_is_computed_in_float64(p):
     s, t = make_maps((3, 7, 9, 11), 5, torch.float64)
-    a, b = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
     for reduction in REDUCTIONS:
-        got = fastkd.attention_transfer_loss(a, t, p=p, reduction=reduction, backend="cpu")
-        expected = attention_transfer_loss_reference(b, t, p=p, reduction=reduction)
-        assert got.dtype == torch.float64
-        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
-        got.sum().backward()
-        expected.sum().backward()
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-15)
+        check_float64_matches_reference(lambda x: fastkd.attention_transfer_loss(x, t, p=p, reduction=reduction, backend="cpu"),
+                                        lambda x: attention_transfer_loss_reference(x, t, p=p, reduction=reduction), s,
+                                        loss_tol=(1e-12, 1e-15), grad_tol=(1e-12, 1e-15))
 
 
 # ------------------------------------------------------------------------------------------

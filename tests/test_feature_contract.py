@@ -5,31 +5,17 @@ triton on a GPU or, without one, in the interpreter (TRITON_INTERPRET=1, set by 
 cuda on a GPU.
 """
 
-import os
-
 import pytest
 import torch
 
 import fastkd
-from fastkd import _ext
 from fastkd.ops import feature as feature_ops
+from backend_helpers import backend_params, device_of, float64_backends
 from feature_helpers import make_features, make_maps
 
-GPU = torch.cuda.is_available()
-TRITON_RUNS = feature_ops.HINT_TRITON_ERROR is None and (GPU or os.environ.get("TRITON_INTERPRET") == "1")
-BACKENDS = [
-    "reference",
-    pytest.param("cpu", marks=pytest.mark.skipif(_ext.LOAD_ERROR is not None, reason=str(_ext.LOAD_ERROR))),
-    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_RUNS, reason=feature_ops.HINT_TRITON_ERROR or "no GPU, no interpreter")),
-    pytest.param("cuda", marks=pytest.mark.skipif(not (GPU and _ext.has_kernel("hint_forward", "CUDA")), reason="no GPU or no CUDA build")),
-]
-# Triton computes in float32 and refuses float64.
-FLOAT64_BACKENDS = [b for b in BACKENDS if getattr(b, "values", (b,))[0] != "triton"]
+BACKENDS = backend_params("hint_forward", feature_ops.HINT_TRITON_ERROR)
+FLOAT64_BACKENDS = float64_backends(BACKENDS)
 KINDS = list(feature_ops.HINT_KINDS)
-
-
-def dev(backend):
-    return "cuda" if backend in ("triton", "cuda") and GPU else "cpu"
 
 
 def hint(backend, kind, reduction="mean"):
@@ -42,8 +28,8 @@ def attention(backend, p=2.0, reduction="mean"):
 
 def cases(backend, dtype):
     """(name, loss function, student, teacher): the ops' kinds and exponents, small."""
-    s, t = make_features((3, 2, 5), dtype, device=dev(backend))
-    ms, mt = make_maps((2, 3, 3, 4), 4, dtype, device=dev(backend))
+    s, t = make_features((3, 2, 5), dtype, device=device_of(backend))
+    ms, mt = make_maps((2, 3, 3, 4), 4, dtype, device=device_of(backend))
     out = [(kind, hint(backend, kind, "none" if kind == "cosine" else "mean"), s, t) for kind in KINDS]
     out += [(f"at p={p}", attention(backend, p, "none" if p == 1.0 else "mean"), ms, mt) for p in (2.0, 1.0, 2.5)]
     return out

@@ -8,16 +8,12 @@ import pytest
 import torch
 
 import fastkd
-from fastkd import _ext
 from fastkd.ops import feature as feature_ops
+from backend_helpers import backend_params
 from feature_helpers import check_at, check_hint, make_features, make_maps
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
-BACKENDS = [
-    pytest.param("cuda", marks=pytest.mark.skipif(not _ext.has_kernel("hint_forward", "CUDA"), reason="built without CUDA")),
-    "triton",
-]
+BACKENDS = backend_params("hint_forward", None, names=("cuda", "triton"))
 KINDS = list(feature_ops.HINT_KINDS)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 

@@ -4,21 +4,16 @@ which is slow: shapes stay small, but larger than the interpreter's blocks (64 e
 chunk, 4 x 16 attention tiles) so that several chunks per row and partial tiles run."""
 
 import math
-import os
 
 import pytest
 import torch
 
 import fastkd
 from fastkd.ops import feature as feature_ops
+from backend_helpers import triton_module_device
 from feature_helpers import check_at, check_hint, make_features, make_maps
 
-if feature_ops.HINT_TRITON_ERROR is not None:
-    pytest.skip(feature_ops.HINT_TRITON_ERROR, allow_module_level=True)
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = triton_module_device(feature_ops.HINT_TRITON_ERROR)
 KINDS = list(feature_ops.HINT_KINDS)
 
 

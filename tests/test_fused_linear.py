@@ -3,29 +3,16 @@ odd shapes, H ≠ Ht, biases, reductions, labels, grad_output ≠ 1, [B, T, H] i
 bf16 within the FlashAttention-style bound, float32 weight-gradient accumulation, double and
 repeated backward. opcheck, torch.compile and bad input: test_conformance.py."""
 
-import os
-
 import pytest
 import torch
 
 import fastkd
-from fastkd import _ext
 from fastkd.ops import fused_linear as fl
 from fastkd.ops import kd as kd_ops
+from backend_helpers import GPU, backend_params, device_of, needs_ext
 from kd_helpers import assert_within_tolerance, compute_dtype
 
-needs_ext = pytest.mark.skipif(_ext.LOAD_ERROR is not None, reason=str(_ext.LOAD_ERROR))
-GPU = torch.cuda.is_available()
-TRITON_RUNS = kd_ops.TRITON_ERROR is None and (GPU or os.environ.get("TRITON_INTERPRET") == "1")
-FUSED = [
-    pytest.param("cpu", marks=needs_ext),
-    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_RUNS, reason="no GPU, no interpreter")),
-    pytest.param("cuda", marks=pytest.mark.skipif(not (GPU and _ext.has_kernel("kd_forward", "CUDA")), reason="no GPU or no CUDA build")),
-]
-
-
-def dev(backend):
-    return "cuda" if backend in ("triton", "cuda") and GPU else "cpu"
+FUSED = backend_params("kd_forward", kd_ops.TRITON_ERROR, names=("cpu", "triton", "cuda"))
 
 
 def make(lead, h, ht, v, dtype=torch.float32, bias=True, seed=0, device="cpu", scale=1.0):
@@ -122,10 +109,10 @@ def labels_for(lead, v, ignored=(1,), seed=5, device="cpu"):
 def test_matches_composite(backend, reduction, mode):
     small = backend == "triton" and not GPU
     lead, v = ((7,), 301) if small else ((41,), 1271)
-    x = make(lead, 17, 29, v, device=dev(backend))
+    x = make(lead, 17, 29, v, device=device_of(backend))
     kwargs = dict(reduction=reduction, chunk_size=5)
     if mode != "none":
-        kwargs.update(labels=labels_for(lead, v, device=dev(backend)), hard_weight=0.3 if mode == "hard" else 0.0)
+        kwargs.update(labels=labels_for(lead, v, device=device_of(backend)), hard_weight=0.3 if mode == "hard" else 0.0)
     check(backend, x, **kwargs)
 
 
@@ -137,8 +124,8 @@ def test_every_divergence_matches_composite(backend, divergence, beta):
     """Every divergence of kd_loss through the chunk loop, with labels, CE and an ignored row."""
     small = backend == "triton" and not GPU
     lead, v = ((2, 3), 131) if small else ((3, 7), 517)
-    x = make(lead, 11, 19, v, device=dev(backend))
-    check(backend, x, divergence=divergence, beta=beta, labels=labels_for(lead, v, device=dev(backend)), hard_weight=0.2,
+    x = make(lead, 11, 19, v, device=device_of(backend))
+    check(backend, x, divergence=divergence, beta=beta, labels=labels_for(lead, v, device=device_of(backend)), hard_weight=0.2,
           reduction="batchmean", chunk_size=4)
     if backend == "cpu":
         with pytest.raises(ValueError, match="beta"):

@@ -8,29 +8,21 @@ must match it entry by entry (kd_helpers' tolerance rule). ``batchmean`` divides
 kept, so the launchers' count of valid rows is checked too.
 """
 
-import os
-
+import numpy as np
 import pytest
 import torch
 
 import fastkd
-from fastkd import _ext
 from fastkd.ops import kd as kd_ops
+from backend_helpers import backend_params, device_of
 from kd_helpers import assert_within_tolerance, make_logits
 from sparse_kd_helpers import top_k
 
-GPU = torch.cuda.is_available()
-TRITON_RUNS = kd_ops.TRITON_ERROR is None and (GPU or os.environ.get("TRITON_INTERPRET") == "1")
-BACKENDS = [
-    "reference",
-    pytest.param("cpu", marks=pytest.mark.skipif(_ext.LOAD_ERROR is not None, reason=str(_ext.LOAD_ERROR))),
-    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_RUNS, reason=kd_ops.TRITON_ERROR or "no GPU, no interpreter")),
-    # (the conftest marks these `gpu` and skips them where there is no CUDA device)
-    pytest.param("cuda", marks=pytest.mark.skipif(not _ext.has_kernel("kd_forward", "CUDA"), reason="built without CUDA")),
-]
+BACKENDS = backend_params("kd_forward", kd_ops.TRITON_ERROR)
 
 N, V, H, HT = 6, 300, 16, 12  # V > 256: the Triton interpreter's blocked path
 IGNORE = 7
+T = 2.5
 IGNORED = [1, 4]
 KEPT = [i for i in range(N) if i not in IGNORED]
 
@@ -53,29 +45,29 @@ def _grad_output(reduction, rows):
 
 
 def _kd(divergence="kl", beta=None, teachers=0):
-    def call(backend, x, rows, y, **kw):
+    def call(backend, x, rows, y, temperature=T, **kw):
         _, t = make_logits((N, V), seed=0)
         if teachers:
             t = torch.stack([t] + [make_logits((N, V), seed=10 + m)[1] for m in range(teachers - 1)])[:, rows]
         else:
             t = t[rows]
-        return fastkd.kd_loss(x, t.to(x.device), 2.5, labels=y, hard_weight=0.3, divergence=divergence, beta=beta, backend=backend, **kw)
+        return fastkd.kd_loss(x, t.to(x.device), temperature, labels=y, hard_weight=0.3, divergence=divergence, beta=beta, backend=backend, **kw)
 
     return call
 
 
 def _sparse(values, tail):
-    def call(backend, x, rows, y, **kw):
+    def call(backend, x, rows, y, temperature=T, **kw):
         _, t = make_logits((N, V), seed=0)
         vals, idx = top_k(t, 16, values, torch.float32)
-        return fastkd.sparse_kd_loss(x, vals[rows].to(x.device), idx[rows].to(x.device), 2.5, values=values, tail=tail, labels=y, hard_weight=0.3, backend=backend, **kw)
+        return fastkd.sparse_kd_loss(x, vals[rows].to(x.device), idx[rows].to(x.device), temperature, values=values, tail=tail, labels=y, hard_weight=0.3, backend=backend, **kw)
 
     return call
 
 
-def _dkd(backend, x, rows, y, **kw):
+def _dkd(backend, x, rows, y, temperature=T, **kw):
     _, t = make_logits((N, V), seed=0)
-    return fastkd.dkd_loss(x, t[rows].to(x.device), y, 2.5, alpha=1.0, beta=4.0, backend=backend, **kw)
+    return fastkd.dkd_loss(x, t[rows].to(x.device), y, temperature, alpha=1.0, beta=4.0, backend=backend, **kw)
 
 
 # op -> call(backend, student, rows, labels, ignore_index=..., reduction=...): the loss on ``rows``
@@ -97,14 +89,14 @@ def _logits_case(op, backend, rows, labels, dtype, device, **kw):
     return loss.detach().cpu(), [x.grad.cpu()]
 
 
-def _fused_linear_case(op, backend, rows, labels, dtype, device, **kw):
+def _fused_linear_case(op, backend, rows, labels, dtype, device, temperature=T, **kw):
     """(loss, [d hidden]) of fused_linear_kd_loss on ``rows`` of the hidden states (the weight and
     bias gradients are sums of the same rows' logit gradients, test_fused_linear.py's business)."""
     g = torch.Generator().manual_seed(5)
     h, w, b = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g) * H**-0.5, torch.randn(V, generator=g) * 0.1
     ht, wt = torch.randn(N, HT, generator=g), torch.randn(V, HT, generator=g) * HT**-0.5 * 2
     leaves = [p.to(dtype).to(device).requires_grad_(True) for p in (h[rows], w, b)]
-    loss = fastkd.fused_linear_kd_loss(leaves[0], leaves[1], ht[rows].to(dtype).to(device), wt.to(dtype).to(device), 2.5,
+    loss = fastkd.fused_linear_kd_loss(leaves[0], leaves[1], ht[rows].to(dtype).to(device), wt.to(dtype).to(device), temperature,
                                        student_bias=leaves[2], labels=labels[rows].to(device), hard_weight=0.3, chunk_size=4,
                                        backend=backend, **kw)
     (loss * _grad_output(kw["reduction"], rows).to(loss)).sum().backward()
@@ -128,7 +120,7 @@ def _on_all_rows(value, row_indexed):
 @pytest.mark.parametrize("op", list(CASES))
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 def test_a_non_default_ignore_index_reaches_every_backend(op, backend, reduction):
-    device = "cuda" if backend in ("triton", "cuda") and GPU else "cpu"
+    device = device_of(backend)
     case = CASES[op]
     loss, grads = case(op, backend, list(range(N)), LABELS, torch.float32, device, ignore_index=IGNORE, reduction=reduction)
     exact = case(op, "reference", KEPT, LABELS, torch.float64, "cpu", reduction=reduction)
@@ -137,3 +129,14 @@ def test_a_non_default_ignore_index_reaches_every_backend(op, backend, reduction
     assert_within_tolerance("loss", loss, _on_all_rows(exact[0], per_row), _on_all_rows(lowp[0], per_row), torch.float32)
     assert torch.equal(grads[0][IGNORED], torch.zeros_like(grads[0][IGNORED])), "an ignored row has a gradient"
     assert_within_tolerance("grad", grads[0], _on_all_rows(exact[1][0], True), _on_all_rows(lowp[1][0], True), torch.float32)
+
+
+@pytest.mark.parametrize("op", list(CASES))
+def test_numpy_and_tensor_numbers_are_the_python_numbers_they_hold(op):
+    """An ignore_index given as a numpy or 0-d tensor integer, and a numpy temperature, act as
+    the Python numbers they hold (on the automatic backend)."""
+    rows = list(range(N))
+    expected = CASES[op](op, None, rows, LABELS, torch.float32, "cpu", ignore_index=IGNORE, reduction="none")
+    for ignore_index in (np.int64(IGNORE), np.int32(IGNORE), torch.tensor(IGNORE)):
+        got = CASES[op](op, None, rows, LABELS, torch.float32, "cpu", temperature=np.float32(T), ignore_index=ignore_index, reduction="none")
+        torch.testing.assert_close(got, expected, msg=lambda m: f"ignore_index={ignore_index!r}: {m}")  # noqa: B023 (called at once)

@@ -1,14 +1,13 @@
-"""kd_loss: the reference against float64 math, the cpu backend against the reference, gradcheck,
-the backend choice's rules and the extension's build. The contract every op shares (opcheck,
-torch.compile, bad input, ...): test_conformance.py.
+"""kd_loss: the reference against float64 math, the cpu backend against the reference, gradcheck.
+The contract every op shares (opcheck, torch.compile, bad input, ...): test_conformance.py; every
+divergence and ensembles of teachers: test_kd_divergences.py.
 
-Triton (interpreter) and GPU tests of the same op: test_kd_triton.py, test_kd_gpu.py.
+Triton (interpreter) and GPU tests of the same op: test_kd_triton.py, test_kd_gpu.py. The backend
+choice: test_backends.py; the cpu instruction sets: test_cpu_isa.py; the extension's build:
+test_extension_build.py.
 """
 
 import math
-import os
-import re
-import shutil
 
 import pytest
 import torch
@@ -17,12 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastkd
-from fastkd import _ext, backends
 from fastkd.functional import kd_loss_reference
-from fastkd.ops import kd as kd_ops
-from kd_helpers import check_against_reference, make_labels, make_logits
+from backend_helpers import needs_ext
+from kd_helpers import check_against_reference, check_float64_matches_reference, make_labels, make_logits
 
-needs_ext = pytest.mark.skipif(_ext.LOAD_ERROR is not None, reason=str(_ext.LOAD_ERROR))
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LABEL_MODES = ["none", "labels", "hard"]
 
@@ -76,46 +73,6 @@ def test_cpu_matches_reference(shape, dtype, mode, reduction):
 
 
 @needs_ext
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_cpu_every_instruction_set(isa, dtype, monkeypatch):
-    order = ["scalar", "avx2", "avx512"]
-    monkeypatch.delenv("FASTKD_CPU_ISA", raising=False)
-    if order.index(isa) > order.index(torch.ops.fastkd.cpu_isa()):
-        pytest.skip(f"this CPU has no {isa}")
-    monkeypatch.setenv("FASTKD_CPU_ISA", isa)
-    assert torch.ops.fastkd.cpu_isa() == isa
-    for shape in [(41, 1271), (3, 70001), (4, 5)]:
-        s, t = make_logits(shape, dtype, seed=shape[1])
-        kwargs = label_kwargs("hard", shape[:-1], shape[-1], ignored=(1,))
-        check_against_reference("cpu", s, t, 2.0, **kwargs)
-        check_against_reference("cpu", s, t, 1.0, t2_scale=False, reduction="none", **kwargs)
-
-
-@needs_ext
-def test_cpu_uses_avx512_where_the_cpu_has_it(monkeypatch):
-    monkeypatch.delenv("FASTKD_CPU_ISA", raising=False)
-    try:
-        flags = set(re.search(r"^flags\s*:(.*)$", open("/proc/cpuinfo").read(), re.M).group(1).split())
-    except (OSError, AttributeError):
-        pytest.skip("no /proc/cpuinfo")
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
-        assert torch.ops.fastkd.cpu_isa() == "avx512"
-    elif {"avx2", "fma", "f16c"} <= flags:
-        assert torch.ops.fastkd.cpu_isa() == "avx2"
-    else:
-        assert torch.ops.fastkd.cpu_isa() == "scalar"
-
-
-@needs_ext
-def test_cpu_rejects_an_instruction_set_it_does_not_know(monkeypatch):
-    monkeypatch.setenv("FASTKD_CPU_ISA", "sse9")
-    s, t = make_logits((2, 8))
-    with pytest.raises(RuntimeError, match="FASTKD_CPU_ISA=sse9"):
-        fastkd.kd_loss(s, t, backend="cpu")
-
-
-@needs_ext
 @pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_cpu_mixed_student_and_teacher_dtypes(teacher_dtype):
     s, _ = make_logits((9, 300), torch.bfloat16)
@@ -126,9 +83,7 @@ def test_cpu_mixed_student_and_teacher_dtypes(teacher_dtype):
 @needs_ext
 def test_cpu_float64_is_computed_in_float64():
     s, t = make_logits((6, 1000), torch.float64)
-    loss = fastkd.kd_loss(s, t, 2.0, backend="cpu")
-    assert loss.dtype == torch.float64
-    torch.testing.assert_close(loss, kd_loss_reference(s, t, 2.0), rtol=1e-12, atol=1e-12)
+    check_float64_matches_reference(lambda x: fastkd.kd_loss(x, t, 2.0, backend="cpu"), lambda x: kd_loss_reference(x, t, 2.0), s)
 
 
 # ------------------------------------------------------------------------------------------
@@ -136,19 +91,6 @@ def test_cpu_float64_is_computed_in_float64():
 # ------------------------------------------------------------------------------------------
 
 FUSED = ["cpu"]
-
-
-@needs_ext
-@pytest.mark.parametrize("backend", ["reference"] + FUSED)
-@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
-def test_all_rows_ignored_gives_zero_loss_and_gradient(backend, reduction):
-    s, t = make_logits((4, 33))
-    s.requires_grad_(True)
-    y = torch.full((4,), -100)
-    loss = fastkd.kd_loss(s, t, 2.0, labels=y, hard_weight=0.5, reduction=reduction, backend=backend)
-    assert torch.equal(loss, torch.zeros_like(loss))
-    loss.sum().backward()
-    assert torch.equal(s.grad, torch.zeros_like(s))
 
 
 @needs_ext
@@ -355,54 +297,3 @@ def test_gradcheck_float64(backend, reduction):
 def test_gradcheck_float64_per_row_reference():
     s, t = make_logits((3, 7), torch.float64)
     assert torch.autograd.gradcheck(lambda x: kd_loss_reference(x, t, 2.0, reduction="none"), (s.requires_grad_(True),))
-
-
-# ------------------------------------------------------------------------------------------
-# Backends: choice, refusal with reasons, build
-# ------------------------------------------------------------------------------------------
-
-
-def test_environment_variable_picks_the_backend(monkeypatch):
-    s, _ = make_logits((2, 5))
-    monkeypatch.setenv("FASTKD_BACKEND", "reference")
-    assert kd_ops.KD_LOSS.choose(None, s, s) == "reference"
-    # the argument wins over the environment
-    if _ext.LOAD_ERROR is None:
-        assert kd_ops.KD_LOSS.choose("cpu", s, s) == "cpu"
-
-
-def test_unknown_backend_names_the_choices(monkeypatch):
-    s, t = make_logits((2, 5))
-    with pytest.raises(ValueError, match=r"backend='fast' is not a backend; choose one of reference, cpu, triton, cuda"):
-        fastkd.kd_loss(s, t, backend="fast")
-    monkeypatch.setenv("FASTKD_BACKEND", "gpu")
-    with pytest.raises(ValueError, match="FASTKD_BACKEND='gpu'"):
-        fastkd.kd_loss(s, t)
-
-
-def test_automatic_fallback_is_logged(caplog):
-    s, t = make_logits((2, 5))
-    checks = dict(kd_ops.KD_FORWARD.checks, cpu=lambda *x: "pretend the extension is missing")
-    with caplog.at_level("WARNING", logger="fastkd"):
-        assert backends.choose("kd_test_fallback", checks, s.device, None, s, s) == "reference"
-    assert "pretend the extension is missing" in caplog.text
-
-
-def test_no_backend_fits_lists_every_reason():
-    s, _ = make_logits((2, 5))
-    checks = {name: (lambda *x, n=name: f"{n} refuses") for name in backends.BACKENDS}
-    with pytest.raises(RuntimeError, match="cpu: cpu refuses; reference: reference refuses"):
-        backends.choose("kd_loss", checks, s.device, None, s, s)
-
-
-def test_extension_is_built():
-    assert _ext.LOAD_ERROR is None, _ext.LOAD_ERROR
-
-
-@needs_ext
-def test_cuda_is_compiled_wherever_nvcc_is_present():
-    if os.environ.get("FASTKD_NO_CUDA", "0") not in ("", "0"):
-        pytest.skip("FASTKD_NO_CUDA is set: the CUDA build was skipped on purpose")
-    if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
-        pytest.skip("no nvcc here")
-    assert torch.ops.fastkd.built_with_cuda(), "nvcc is present but the CUDA sources were not compiled (was it built with FASTKD_NO_CUDA=1?)"

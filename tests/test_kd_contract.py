@@ -7,43 +7,19 @@ Every backend that can run here is covered: reference and cpu; triton on a GPU o
 in the interpreter (TRITON_INTERPRET=1, set by conftest.py); cuda on a GPU.
 """
 
-import os
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastkd
-from fastkd import _ext
 from fastkd.functional import kd_loss_reference
 from fastkd.ops import kd as kd_ops
-from kd_helpers import make_labels, make_logits
+from backend_helpers import available_isas, backend_params, device_of, float64_backends, needs_ext
+from kd_helpers import check_float64_matches_reference, check_poison_in_an_ignored_row_influences_nothing, make_labels, make_logits
 
-needs_ext = pytest.mark.skipif(_ext.LOAD_ERROR is not None, reason=str(_ext.LOAD_ERROR))
-GPU = torch.cuda.is_available()
-TRITON_RUNS = kd_ops.TRITON_ERROR is None and (GPU or os.environ.get("TRITON_INTERPRET") == "1")
-BACKENDS = [
-    "reference",
-    pytest.param("cpu", marks=needs_ext),
-    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_RUNS, reason=kd_ops.TRITON_ERROR or "no GPU, no interpreter")),
-    pytest.param("cuda", marks=pytest.mark.skipif(not (GPU and _ext.has_kernel("kd_forward", "CUDA")), reason="no GPU or no CUDA build")),
-]
-# Triton computes in float32 and refuses float64.
-FLOAT64_BACKENDS = [b for b in BACKENDS if getattr(b, "values", (b,))[0] != "triton"]
-
-
-def dev(backend):
-    return "cuda" if backend in ("triton", "cuda") and GPU else "cpu"
-ISAS = ["avx512", "avx2", "scalar"]
-
-
-def available_isas():
-    if _ext.LOAD_ERROR is not None:
-        return []
-    os.environ.pop("FASTKD_CPU_ISA", None)
-    best = torch.ops.fastkd.cpu_isa()
-    return ISAS[ISAS.index(best):]
+BACKENDS = backend_params("kd_forward", kd_ops.TRITON_ERROR)
+FLOAT64_BACKENDS = float64_backends(BACKENDS)
 
 
 # ------------------------------------------------------------------------------------------
@@ -54,8 +30,8 @@ def available_isas():
 @pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 def test_gradgradcheck_float64(backend, reduction):
-    s, t = make_logits((4, 9), torch.float64, device=dev(backend))
-    y = torch.tensor([2, -100, 0, 8], device=dev(backend))
+    s, t = make_logits((4, 9), torch.float64, device=device_of(backend))
+    y = torch.tensor([2, -100, 0, 8], device=device_of(backend))
 
     def f(x):
         return fastkd.kd_loss(x, t, 1.7, labels=y, hard_weight=0.3, reduction=reduction, backend=backend)
@@ -75,14 +51,8 @@ def test_cpu_float64_at_awkward_temperatures_and_weights(temperature, hard_weigh
     s, t = make_logits((7, 3001), torch.float64)
     y = make_labels((7,), 3001, ignored=(2,))
     kwargs = dict(labels=y, hard_weight=hard_weight, reduction=reduction)
-    a, b = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
-    got = fastkd.kd_loss(a, t, temperature, backend="cpu", **kwargs)
-    expected = kd_loss_reference(b, t, temperature, **kwargs)
-    # 1e-12 is out of reach of any float32 step: a float32 coefficient alone is off by ~3e-8.
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    got.sum().backward()
-    expected.sum().backward()
-    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-14)
+    check_float64_matches_reference(lambda x: fastkd.kd_loss(x, t, temperature, backend="cpu", **kwargs),
+                                    lambda x: kd_loss_reference(x, t, temperature, **kwargs), s)
 
 
 # ------------------------------------------------------------------------------------------
@@ -118,7 +88,7 @@ def test_cpu_per_row_losses_as_accurate_as_the_composite(temperature, monkeypatc
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_batchmean_divides_by_rows_and_sum_over_batch_gives_the_per_sequence_loss(backend):
     B, L, V, T = 3, 5, 50, 2.0
-    s, t = make_logits((B, L, V), device=dev(backend))
+    s, t = make_logits((B, L, V), device=device_of(backend))
     log_q, log_p = F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
     per_row = F.kl_div(log_q.view(-1, V), log_p.view(-1, V), log_target=True, reduction="batchmean") * T * T
     per_sequence = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean") * T * T
@@ -139,27 +109,10 @@ def test_batchmean_divides_by_rows_and_sum_over_batch_gives_the_per_sequence_los
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("where", ["student", "teacher"])
 def test_nan_in_an_ignored_row_influences_nothing(backend, where):
-    s, t = make_logits((4, 30), device=dev(backend))
-    y = torch.tensor([3, -100, 5, 7], device=dev(backend))
-    clean = s.clone().requires_grad_(True)
-    fastkd.kd_loss(clean, t, 2.0, labels=y, hard_weight=0.3, backend=backend).backward()
-    (s if where == "student" else t)[1, 4] = float("nan")
-    x = s.clone().requires_grad_(True)
-    loss = fastkd.kd_loss(x, t, 2.0, labels=y, hard_weight=0.3, backend=backend)
-    loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
-    assert torch.equal(x.grad[1], torch.zeros_like(x.grad[1]))
-    torch.testing.assert_close(x.grad, clean.grad)
-
-
-@pytest.mark.parametrize("ignore_index", [np.int64(2), np.int32(2), 2, torch.tensor(2)])
-def test_ignore_index_accepts_any_integral_number(ignore_index):
-    # The value is a class (2), not -100: only a call that receives it skips row 1, whose loss
-    # is then the one of rows 0 and 2 alone.
-    s, t = make_logits((3, 10))
-    y = torch.tensor([1, 2, 3])
-    got = fastkd.kd_loss(s, t, np.float32(2), labels=y, hard_weight=0.5, ignore_index=ignore_index)
-    torch.testing.assert_close(got, kd_loss_reference(s[[0, 2]], t[[0, 2]], 2.0, labels=y[[0, 2]], hard_weight=0.5))
+    s, t = make_logits((4, 30), device=device_of(backend))
+    y = torch.tensor([3, -100, 5, 7], device=device_of(backend))
+    check_poison_in_an_ignored_row_influences_nothing(lambda x: fastkd.kd_loss(x, t, 2.0, labels=y, hard_weight=0.3, backend=backend), s,
+                                                      lambda: (s if where == "student" else t)[1, 4].fill_(float("nan")))
 
 
 @pytest.mark.parametrize("bad", [1.5, np.float64(-100.0), True, "-100"])
@@ -190,7 +143,7 @@ def test_module_checks_its_options_at_construction(kwargs, message):
 @pytest.mark.parametrize("temperature", [1e20, 1e30])
 def test_huge_temperature_is_finite_like_the_composite(backend, temperature):
     """T² overflows float32 from T ≈ 1.8e19; the scale is formed so that it never meets a 0."""
-    s, t = make_logits((3, 50), device=dev(backend))
+    s, t = make_logits((3, 50), device=device_of(backend))
     x = s.clone().requires_grad_(True)
     loss = fastkd.kd_loss(x, t, temperature, backend=backend)
     composite = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True, reduction="batchmean")
@@ -204,6 +157,6 @@ def test_huge_temperature_is_finite_like_the_composite(backend, temperature):
 
 @pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
 def test_tiny_temperature_is_finite(backend):
-    s, t = make_logits((3, 50), torch.float64, device=dev(backend))
+    s, t = make_logits((3, 50), torch.float64, device=device_of(backend))
     loss = fastkd.kd_loss(s, t, 1e-30, backend=backend)
     assert torch.isfinite(loss) and loss >= 0

@@ -7,18 +7,16 @@ Triton (interpreter) and GPU tests of the same: test_kd_triton.py, test_kd_gpu.p
 """
 
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastkd
-from fastkd import _ext
 from fastkd.functional import kd_loss_reference
+from backend_helpers import ISAS, force_isa, needs_ext
 from kd_helpers import check_against_reference, make_labels, make_logits
 
-needs_ext = pytest.mark.skipif(_ext.LOAD_ERROR is not None, reason=str(_ext.LOAD_ERROR))
 
 # (divergence, beta): every divergence, betas inside the range and at the defaults.
 DIVS = [
@@ -228,14 +226,9 @@ def test_cpu_ensemble_matches_reference(div, beta, shape, m, dtype):
 
 
 @needs_ext
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("isa", ISAS)
 def test_cpu_every_instruction_set(isa, monkeypatch):
-    order = ["scalar", "avx2", "avx512"]
-    monkeypatch.delenv("FASTKD_CPU_ISA", raising=False)
-    if order.index(isa) > order.index(torch.ops.fastkd.cpu_isa()):
-        pytest.skip(f"this CPU has no {isa}")
-    monkeypatch.setenv("FASTKD_CPU_ISA", isa)
-    assert torch.ops.fastkd.cpu_isa() == isa
+    force_isa(monkeypatch, isa)
     for dtype in DTYPES:
         s, t = make_logits((5, 3001), dtype, seed=3)
         es, et = ensemble((5, 3001), 3, dtype)

@@ -8,14 +8,11 @@ import torch
 
 import fastkd
 from fastkd import _ext
+from backend_helpers import backend_params
 from kd_helpers import check_against_reference, make_labels, make_logits
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
-BACKENDS = [
-    pytest.param("cuda", marks=pytest.mark.skipif(not _ext.has_kernel("kd_forward", "CUDA"), reason="built without CUDA")),
-    "triton",
-]
+BACKENDS = backend_params("kd_forward", None, names=("cuda", "triton"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

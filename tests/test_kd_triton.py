@@ -3,21 +3,16 @@ on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1), which is slow: shape
 but long enough (V > 256, the interpreter's block) that the blocked path runs."""
 
 import math
-import os
 
 import pytest
 import torch
 
 import fastkd
 from fastkd.ops import kd as kd_ops
+from backend_helpers import triton_module_device
 from kd_helpers import check_against_reference, make_labels, make_logits
 
-if kd_ops.TRITON_ERROR is not None:
-    pytest.skip(kd_ops.TRITON_ERROR, allow_module_level=True)
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = triton_module_device(kd_ops.TRITON_ERROR)
 CASES = [
     # shape, dtype, labels mode, reduction, temperature
     ((3, 7), torch.float32, "none", "batchmean", 1.0),

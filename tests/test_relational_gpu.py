@@ -6,31 +6,26 @@ import torch
 
 import fastkd
 from fastkd import _ext
-from kd_helpers import assert_within_tolerance
+from backend_helpers import backend_params
+from kd_helpers import check_float64_matches_reference
 from relational_helpers import (
     OPS,
     THIN,
     THIN_IDS,
     check_against_reference,
+    check_degenerate_batch,
     check_no_worse_than_composite,
-    loss_and_grad,
     make_embeddings,
     public,
     reference,
     rkd_distance_from_differences,
 )
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 SCHEMA = {"rkd_distance": "rkd_distance_forward", "rkd_angle": "rkd_angle_forward", "sp": "sp_forward", "pkt": "pkt_forward"}
 
 
-def cuda_param():
-    built = _ext.LOAD_ERROR is None and _ext.has_kernel("rkd_angle_forward", "CUDA")
-    return pytest.param("cuda", marks=pytest.mark.skipif(not built, reason="built without CUDA"))
-
-
-BACKENDS = [cuda_param(), "triton"]
+BACKENDS = backend_params("rkd_angle_forward", None, names=("cuda", "triton"))
 SHAPES = [(2, 1, 3), (37, 513, 200), (300, 70, 129), (8, (4, 3, 3), 5)]
 
 
@@ -51,15 +46,7 @@ def test_gpu_matches_reference(backend, op, shape, dtype):
 @pytest.mark.parametrize("kind", ["duplicates", "student_duplicates", "all_equal", "zero_row"])
 def test_gpu_degenerate_batches(backend, op, kind):
     s, t = make_embeddings(70, 33, 20, kind=kind, seed=5, device="cuda")
-    loss, grad = check_against_reference(op, backend, s, t)
-    assert torch.isfinite(loss) and torch.isfinite(grad).all()
-    if kind == "student_duplicates":
-        rows = list(range(2, 69))
-        _, exact = loss_and_grad(reference(op), s.cpu().double(), t.cpu().double())
-        _, lowp = loss_and_grad(reference(op), s.cpu(), t.cpu())
-        assert_within_tolerance(f"{op} grad of rows without a duplicate", grad[rows].cpu(), exact[rows], lowp[rows], s.dtype)
-    if kind == "all_equal" and op in ("rkd_distance", "rkd_angle"):
-        assert torch.equal(grad, torch.zeros_like(grad))
+    check_degenerate_batch(op, backend, s, t, kind)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -84,12 +71,8 @@ def test_gpu_cuda_float64_and_gradcheck(op):
     if not (_ext.LOAD_ERROR is None and _ext.has_kernel(SCHEMA[op], "CUDA")):
         pytest.skip("built without CUDA")
     s, t = make_embeddings(13, 33, 21, torch.float64, kind="duplicates", seed=11, device="cuda")
-    a, b = s.clone().requires_grad_(True), s.cpu().clone().requires_grad_(True)
-    got, expected = public(op)(a, t, backend="cuda"), reference(op)(b, t.cpu())
-    torch.testing.assert_close(got.cpu(), expected, rtol=1e-12, atol=1e-15)
-    got.backward()
-    expected.backward()
-    torch.testing.assert_close(a.grad.cpu(), b.grad, rtol=1e-9, atol=1e-15)
+    check_float64_matches_reference(lambda x: public(op)(x, t, backend="cuda"), lambda x: reference(op)(x.cpu(), t.cpu()), s,
+                                    loss_tol=(1e-12, 1e-15), grad_tol=(1e-9, 1e-15))
     x, tt = make_embeddings(4, 3, 5, torch.float64, seed=8, device="cuda")
     x.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda y: public(op)(y, tt, backend="cuda"), (x,))

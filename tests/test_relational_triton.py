@@ -4,19 +4,19 @@ batches stay small, but larger than the interpreter's blocks (row chunks of 8, a
 so that every chunked path and tile edge runs."""
 
 import math
-import os
 
 import pytest
 import torch
 
 import fastkd
 from fastkd.ops import table
-from kd_helpers import assert_within_tolerance
+from backend_helpers import triton_module_device
 from relational_helpers import (
     OPS,
     THIN,
     THIN_IDS,
     check_against_reference,
+    check_degenerate_batch,
     check_no_worse_than_composite,
     loss_and_grad,
     make_embeddings,
@@ -25,13 +25,7 @@ from relational_helpers import (
     rkd_distance_from_differences,
 )
 
-_errors = {op.kernel.triton_error for op in table.all_ops("relational")} - {None}
-if _errors:
-    pytest.skip(_errors.pop(), allow_module_level=True)
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = triton_module_device(next((op.kernel.triton_error for op in table.all_ops("relational") if op.kernel.triton_error), None))
 SCHEMA = {"rkd_distance": "rkd_distance_forward_triton", "rkd_angle": "rkd_angle_forward_triton", "sp": "sp_forward_triton", "pkt": "pkt_forward_triton"}
 
 CASES = [
@@ -60,15 +54,7 @@ def test_triton_matches_reference(op, b, ds, dt, dtype, kind):
         torch.testing.assert_close(loss.double().cpu(), exact_loss, rtol=1e-5, atol=1e-7)
         assert grad.abs().max().item() < 1e-9
         return
-    loss, grad = check_against_reference(op, "triton", s, t)
-    assert torch.isfinite(loss) and torch.isfinite(grad).all()
-    if kind == "student_duplicates":
-        rows = list(range(2, b - 1))
-        _, exact = loss_and_grad(reference(op), s.cpu().double(), t.cpu().double())
-        _, lowp = loss_and_grad(reference(op), s.cpu(), t.cpu())
-        assert_within_tolerance(f"{op} grad of rows without a duplicate", grad[rows], exact[rows], lowp[rows], s.dtype)
-    if kind == "all_equal" and op in ("rkd_distance", "rkd_angle"):
-        assert torch.equal(grad, torch.zeros_like(grad))
+    check_degenerate_batch(op, "triton", s, t, kind)
 
 
 @pytest.mark.parametrize("op", ["rkd_angle", "rkd_distance"])

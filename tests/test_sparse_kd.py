@@ -8,7 +8,6 @@ and GPU: test_sparse_kd_triton.py, test_sparse_kd_gpu.py.
 """
 
 import math
-import os
 
 import pytest
 import torch
@@ -20,10 +19,10 @@ import fastkd
 from fastkd import _ext
 from fastkd.functional import kd_loss_reference, sparse_kd_loss_reference
 from fastkd.ops import sparse_kd as sparse_ops
+from backend_helpers import ISAS, force_isa, needs_ext
 from kd_helpers import make_labels
 from sparse_kd_helpers import TAILS, check_against_reference, make_dense, make_sparse, top_k
 
-needs_ext = pytest.mark.skipif(_ext.LOAD_ERROR is not None, reason=str(_ext.LOAD_ERROR))
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (labels mode, reduction, temperature): every mode, reduction and CE path (T = 1: the CE
 # softmax is q; T != 1: its own), without their full product.
@@ -127,15 +126,10 @@ def test_cpu_matches_reference(shape, k, dtype, values, tail):
 
 
 @needs_ext
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cpu_every_instruction_set(isa, dtype, monkeypatch):
-    order = ["scalar", "avx2", "avx512"]
-    monkeypatch.delenv("FASTKD_CPU_ISA", raising=False)
-    if order.index(isa) > order.index(torch.ops.fastkd.cpu_isa()):
-        pytest.skip(f"this CPU has no {isa}")
-    monkeypatch.setenv("FASTKD_CPU_ISA", isa)
-    assert torch.ops.fastkd.cpu_isa() == isa
+    force_isa(monkeypatch, isa)
     for (shape, k), (values, tail) in zip([((41, 1271), 50), ((3, 70001), 64), ((4, 5), 3)], TAILS * 2):
         s, vals, idx = make_sparse(shape, k, dtype, values, seed=shape[1])
         kwargs = label_kwargs("hard", shape[:-1], shape[-1], ignored=(1,))

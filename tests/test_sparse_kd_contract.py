@@ -4,35 +4,19 @@ fp32 accuracy against the composite, the [B, T, V] batchmean convention, NaN (or
 in an ignored row, NumPy integers, extreme temperatures. Gradient penalties, retained graphs and a
 teacher that requires grad: test_conformance.py."""
 
-import os
-
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastkd
-from fastkd import _ext
 from fastkd.functional import sparse_kd_loss_reference
 from fastkd.ops import sparse_kd as sparse_ops
-from kd_helpers import make_labels
+from backend_helpers import available_isas, backend_params, device_of, float64_backends, needs_ext
+from kd_helpers import check_poison_in_an_ignored_row_influences_nothing, make_labels
 from sparse_kd_helpers import TAILS, make_dense, make_sparse, top_k
 
-needs_ext = pytest.mark.skipif(_ext.LOAD_ERROR is not None, reason=str(_ext.LOAD_ERROR))
-GPU = torch.cuda.is_available()
-TRITON_RUNS = sparse_ops.TRITON_ERROR is None and (GPU or os.environ.get("TRITON_INTERPRET") == "1")
-BACKENDS = [
-    "reference",
-    pytest.param("cpu", marks=needs_ext),
-    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_RUNS, reason=sparse_ops.TRITON_ERROR or "no GPU, no interpreter")),
-    pytest.param("cuda", marks=pytest.mark.skipif(not (GPU and _ext.has_kernel("sparse_kd_forward", "CUDA")), reason="no GPU or no CUDA build")),
-]
-# Triton computes in float32 and refuses float64.
-FLOAT64_BACKENDS = [b for b in BACKENDS if getattr(b, "values", (b,))[0] != "triton"]
-
-
-def dev(backend):
-    return "cuda" if backend in ("triton", "cuda") and GPU else "cpu"
+BACKENDS = backend_params("sparse_kd_forward", sparse_ops.TRITON_ERROR)
+FLOAT64_BACKENDS = float64_backends(BACKENDS)
 
 
 def call(backend, x, vals, idx, temperature, values, tail, **kwargs):
@@ -47,8 +31,8 @@ def call(backend, x, vals, idx, temperature, values, tail, **kwargs):
 @pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
 @pytest.mark.parametrize("reduction,values,tail", [("batchmean", *TAILS[0]), ("none", *TAILS[1])])
 def test_gradgradcheck_float64(backend, reduction, values, tail):
-    s, vals, idx = make_sparse((3, 7), 3, torch.float64, values, device=dev(backend))
-    y = torch.tensor([2, -100, 6], device=dev(backend))
+    s, vals, idx = make_sparse((3, 7), 3, torch.float64, values, device=device_of(backend))
+    y = torch.tensor([2, -100, 6], device=device_of(backend))
 
     def f(x):
         return call(backend, x, vals, idx, 1.7, values, tail, labels=y, hard_weight=0.3, reduction=reduction)
@@ -103,7 +87,7 @@ def test_cpu_per_row_losses_as_accurate_as_the_composite(values, tail, monkeypat
 
         sf, vf = s.float(), vals.float()
         bound = rel_err(_composite_rows(sf, vf, idx, temperature, values, tail))
-        for isa in ["avx512", "avx2", "scalar"][["avx512", "avx2", "scalar"].index(torch.ops.fastkd.cpu_isa()) :]:
+        for isa in available_isas():
             monkeypatch.setenv("FASTKD_CPU_ISA", isa)
             err = rel_err(fastkd.sparse_kd_loss(sf, vf, idx, temperature, values=values, tail=tail, reduction="none", backend="cpu"))
             assert err <= max(bound, 1e-7), f"{isa}: per-row relative error {err:.3g} > PyTorch composite's {bound:.3g}"
@@ -119,7 +103,7 @@ def test_cpu_per_row_losses_as_accurate_as_the_composite(values, tail, monkeypat
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_batchmean_divides_by_rows_and_sum_over_batch_gives_the_per_sequence_loss(backend):
     B, L, V, T = 3, 5, 50, 2.0
-    s, vals, idx = make_sparse((B, L, V), 6, device=dev(backend))
+    s, vals, idx = make_sparse((B, L, V), 6, device=device_of(backend))
     log_q = F.log_softmax(s / T, -1).gather(-1, idx)
     log_p = F.log_softmax(vals / T, -1)
     per_token = (log_p.exp() * (log_p - log_q)).sum(-1) * T * T  # [B, L]
@@ -137,34 +121,19 @@ def test_batchmean_divides_by_rows_and_sum_over_batch_gives_the_per_sequence_los
 @pytest.mark.parametrize("values,tail", TAILS)
 @pytest.mark.parametrize("where", ["student", "values", "indices"])
 def test_nan_or_broken_indices_in_an_ignored_row_influence_nothing(backend, values, tail, where):
-    s, vals, idx = make_sparse((4, 30), 5, values=values, device=dev(backend))
-    y = torch.tensor([3, -100, 5, 7], device=dev(backend))
-    clean = s.clone().requires_grad_(True)
-    call(backend, clean, vals, idx, 2.0, values, tail, labels=y, hard_weight=0.3).backward()
-    if where == "student":
-        s[1, 4] = float("nan")
-    elif where == "values":
-        vals[1, 2] = float("nan")
-    else:
-        idx[1, 0] = idx[1, 1]
-        idx[1, 2] = 30
-    x = s.clone().requires_grad_(True)
-    loss = call(backend, x, vals, idx, 2.0, values, tail, labels=y, hard_weight=0.3)
-    loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
-    assert torch.equal(x.grad[1], torch.zeros_like(x.grad[1]))
-    torch.testing.assert_close(x.grad, clean.grad)
+    s, vals, idx = make_sparse((4, 30), 5, values=values, device=device_of(backend))
+    y = torch.tensor([3, -100, 5, 7], device=device_of(backend))
 
+    def poison():
+        if where == "student":
+            s[1, 4] = float("nan")
+        elif where == "values":
+            vals[1, 2] = float("nan")
+        else:
+            idx[1, 0] = idx[1, 1]
+            idx[1, 2] = 30
 
-@pytest.mark.parametrize("ignore_index", [np.int64(2), np.int32(2), 2, torch.tensor(2)])
-def test_ignore_index_accepts_any_integral_number(ignore_index):
-    # The value is a class (2), not -100: only a call that receives it skips row 1, whose loss
-    # is then the one of rows 0 and 2 alone.
-    s, vals, idx = make_sparse((3, 10), 4)
-    y = torch.tensor([1, 2, 3])
-    got = fastkd.sparse_kd_loss(s, vals, idx, np.float32(2), labels=y, hard_weight=0.5, ignore_index=ignore_index)
-    keep = [0, 2]
-    torch.testing.assert_close(got, sparse_kd_loss_reference(s[keep], vals[keep], idx[keep], 2.0, labels=y[keep], hard_weight=0.5))
+    check_poison_in_an_ignored_row_influences_nothing(lambda x: call(backend, x, vals, idx, 2.0, values, tail, labels=y, hard_weight=0.3), s, poison)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -175,7 +144,7 @@ def test_huge_temperature_matches_the_composite(backend, temperature, values, ta
     With the uniform tail p and q both tend to uniform over V and the loss stays finite;
     renormalised over k entries, KL tends to log(V/k) > 0 and the true loss T² log(V/k) is past
     float32's range: inf, as the composite's. The gradient, T (q - p), stays finite."""
-    s, vals, idx = make_sparse((3, 50), 8, values=values, device=dev(backend))
+    s, vals, idx = make_sparse((3, 50), 8, values=values, device=device_of(backend))
     x = s.clone().requires_grad_(True)
     loss = call(backend, x, vals, idx, temperature, values, tail)
     composite = _composite_rows(s, vals, idx, temperature, values, tail).mean()
@@ -195,6 +164,6 @@ def test_huge_temperature_matches_the_composite(backend, temperature, values, ta
 @pytest.mark.parametrize("backend", FLOAT64_BACKENDS)
 @pytest.mark.parametrize("values,tail", TAILS)
 def test_tiny_temperature_is_finite(backend, values, tail):
-    s, vals, idx = make_sparse((3, 50), 8, torch.float64, values, device=dev(backend))
+    s, vals, idx = make_sparse((3, 50), 8, torch.float64, values, device=device_of(backend))
     loss = call(backend, s, vals, idx, 1e-30, values, tail)
     assert torch.isfinite(loss) and loss >= 0

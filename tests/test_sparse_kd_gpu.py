@@ -8,16 +8,12 @@ import torch
 import torch.nn.functional as F
 
 import fastkd
-from fastkd import _ext
+from backend_helpers import backend_params
 from kd_helpers import make_labels
 from sparse_kd_helpers import TAILS, check_against_reference, make_dense, make_sparse, top_k
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
-BACKENDS = [
-    pytest.param("cuda", marks=pytest.mark.skipif(not _ext.has_kernel("sparse_kd_forward", "CUDA"), reason="built without CUDA")),
-    "triton",
-]
+BACKENDS = backend_params("sparse_kd_forward", None, names=("cuda", "triton"))
 SHAPES = [((41, 1271), 64), ((3, 131073), 64), ((3, 131073), 2000), ((2, 3, 257), 64), ((1, 1), 1), ((5, 17), 17), ((64, 32000), 64)]
 
 

@@ -3,7 +3,6 @@ interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1), which is
 small, but longer than the interpreter's blocks (V > 256, k > 16) so that the blocked loops run."""
 
 import math
-import os
 
 import pytest
 import torch
@@ -11,15 +10,11 @@ import torch.nn.functional as F
 
 import fastkd
 from fastkd.ops import sparse_kd as sparse_ops
+from backend_helpers import triton_module_device
 from kd_helpers import make_labels
 from sparse_kd_helpers import TAILS, check_against_reference, make_dense, make_sparse, top_k
 
-if sparse_ops.TRITON_ERROR is not None:
-    pytest.skip(sparse_ops.TRITON_ERROR, allow_module_level=True)
-if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = triton_module_device(sparse_ops.TRITON_ERROR)
 CASES = [
     # shape, k, dtype, labels mode, reduction, temperature, index dtype
     ((3, 7), 3, torch.float32, "none", "batchmean", 1.0, torch.int64),

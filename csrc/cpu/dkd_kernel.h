@@ -92,15 +92,12 @@ static inline double sigmoid_difference(double d_s, double d_t) {
   return sigmoid(d_s) - sigmoid(d_t);
 }
 
-// scratch: 2 scratch rows (scratch_row_bytes) of the compute type, owned by the calling thread.
+// scratch: TwoRowStart's two rows.
 template <class V, class TS, class TT>
 static void dkd_rows(const DkdArgs& a, int64_t row_begin, int64_t row_end, void* scratch) {
   using C = typename V::scalar;
-  const RowShape<V> r(a.vocab);
   const int64_t n = a.vocab;
-  const C inv_t = C(a.inv_temperature);
-  C* const exp_s = scratch_row<C>(scratch, n, 0);
-  C* const exp_t = scratch_row<C>(scratch, n, 1);
+  const auto [r, inv_t, exp_s, exp_t] = TwoRowStart<V>(a, scratch);
 
   for_each_live_row<TS, TT>(a, row_begin, row_end, [&](int64_t row, const TS* s, const TT* t, TS* g) {
     const int64_t label = a.labels[row];

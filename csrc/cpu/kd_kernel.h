@@ -18,17 +18,14 @@
 #include "cpu/softmax_rows.h"
 #include "kd_args.h"
 
-// scratch: 2 scratch rows (scratch_row_bytes) of the compute type, owned by the calling thread.
+// scratch: TwoRowStart's two rows.
 template <class V, class TS, class TT>
 static void kd_rows(const KdArgs& a, int64_t row_begin, int64_t row_end, void* scratch) {
   using C = typename V::scalar;
-  const RowShape<V> r(a.vocab);
   const int64_t n = a.vocab;
-  const C inv_t = C(a.inv_temperature);
+  const auto [r, inv_t, exp_s, exp_t] = TwoRowStart<V>(a, scratch);
   const bool hard = a.hard_weight > 0;
   const bool ce_needs_own_sum = hard && a.inv_temperature != 1;
-  C* const exp_s = scratch_row<C>(scratch, n, 0);
-  C* const exp_t = scratch_row<C>(scratch, n, 1);
 
   for_each_live_row<TS, TT>(a, row_begin, row_end, [&](int64_t row, const TS* s, const TT* t, TS* g) {
     const int64_t label = a.labels ? a.labels[row] : -1;

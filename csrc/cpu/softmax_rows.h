@@ -111,6 +111,23 @@ static inline C* scratch_row(void* scratch, int64_t n, int i) {
   return reinterpret_cast<C*>(static_cast<char*>(scratch) + i * scratch_row_bytes(n, sizeof(C)));
 }
 
+// What a kernel sweeping a student and a teacher row (kd, dkd) starts each thread with: the rows'
+// vector shape, 1/T in the compute type, and its two scratch rows (2 scratch_row_bytes, owned by
+// the calling thread) for the exponentials e_s and e_t.
+template <class V>
+struct TwoRowStart {
+  using C = typename V::scalar;
+  RowShape<V> r;
+  C inv_t;
+  C* exp_s;
+  C* exp_t;
+
+  template <class Args>
+  TwoRowStart(const Args& a, void* scratch)
+      : r(a.vocab), inv_t(C(a.inv_temperature)), exp_s(scratch_row<C>(scratch, a.vocab, 0)),
+        exp_t(scratch_row<C>(scratch, a.vocab, 1)) {}
+};
+
 // The maxima of one or two rows, read together (NaN kept).
 template <class V, class T, class Load = LoadAll>
 static inline typename V::scalar row_max(const T* x, const RowShape<V>& r, Load load = {}) {

@@ -1,6 +1,6 @@
 // Arguments of one fused temperature-KD pass over a block of rows, as plain data.
 //
-// Shared by the torch-facing wrappers (csrc/cpu/kd_cpu.cpp, csrc/cuda/kd_cuda.cu) and the
+// Shared by the torch-facing wrapper (csrc/cpu/kd_cpu.cpp) and the
 // per-instruction-set CPU kernels, which include no torch header: those are compiled with
 // AVX-512/AVX2 code generation, and an inline torch function emitted there could be picked by
 // the linker for the generic build too.

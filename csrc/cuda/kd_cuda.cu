@@ -42,7 +42,7 @@
 
 #include "cuda_common.cuh"
 #include "gpu_kernel_info.h"
-#include "kd_args.h"
+#include "divergence.h"
 #include "online_softmax.cuh"
 
 namespace fastkd {
@@ -166,7 +166,7 @@ enum : int { kDivKL = 0, kDivReverseKL = 1, kDivJSD = 2, kDivTVD = 3, kDivSkewKL
 static_assert(kDivKL == int(Divergence::KL) && kDivReverseKL == int(Divergence::ReverseKL) && kDivJSD == int(Divergence::JSD) &&
                   kDivTVD == int(Divergence::TVD) && kDivSkewKL == int(Divergence::SkewKL) &&
                   kDivSkewReverseKL == int(Divergence::SkewReverseKL),
-              "kd_div_kernel's divergence codes are kd_args.h's Divergence");
+              "kd_div_kernel's divergence codes are divergence.h's Divergence");
 
 template <typename acc_t>
 struct DivParams : KdCoefs<acc_t> {

@@ -2,13 +2,27 @@
 the loss-and-gradients of a call, and the check of a fused head against its float64 composite
 under the kd tests' tolerance rule, with the GEMMs' error scales."""
 
+import os
+
+import pytest
 import torch
 
+from fastkd import _ext
 from fastkd.ops import fused_linear as fl
 from kd_helpers import assert_within_tolerance, compute_dtype
 
 GPU = torch.cuda.is_available()
 STUDENT = ("student_hidden", "student_weight", "student_bias")
+
+
+def fused_backends(kernel, triton_error):
+    """The backends that run a fused head's per-chunk ``kernel`` here, as pytest params."""
+    triton_runs = triton_error is None and (GPU or os.environ.get("TRITON_INTERPRET") == "1")
+    return [
+        pytest.param("cpu", marks=pytest.mark.skipif(_ext.LOAD_ERROR is not None, reason=str(_ext.LOAD_ERROR))),
+        pytest.param("triton", marks=pytest.mark.skipif(not triton_runs, reason="no GPU, no interpreter")),
+        pytest.param("cuda", marks=pytest.mark.skipif(not (GPU and _ext.has_kernel(kernel, "CUDA")), reason="no GPU or no CUDA build")),
+    ]
 
 
 def dev(backend):

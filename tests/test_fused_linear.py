@@ -3,8 +3,6 @@ odd shapes, H ≠ Ht, biases, reductions, labels, grad_output ≠ 1, [B, T, H] i
 bf16 within the FlashAttention-style bound, float32 weight-gradient accumulation, double and
 repeated backward. opcheck, torch.compile and bad input: test_conformance.py."""
 
-import os
-
 import pytest
 import torch
 
@@ -16,12 +14,7 @@ import fused_linear_helpers as helpers
 from fused_linear_helpers import GPU, dev, labels_for, make
 
 needs_ext = pytest.mark.skipif(_ext.LOAD_ERROR is not None, reason=str(_ext.LOAD_ERROR))
-TRITON_RUNS = kd_ops.TRITON_ERROR is None and (GPU or os.environ.get("TRITON_INTERPRET") == "1")
-FUSED = [
-    pytest.param("cpu", marks=needs_ext),
-    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_RUNS, reason="no GPU, no interpreter")),
-    pytest.param("cuda", marks=pytest.mark.skipif(not (GPU and _ext.has_kernel("kd_forward", "CUDA")), reason="no GPU or no CUDA build")),
-]
+FUSED = helpers.fused_backends("kd_forward", kd_ops.TRITON_ERROR)
 
 
 KD_ARGS = ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")

@@ -3,8 +3,6 @@ student head's logits): both teacher formats, reductions, odd shapes (one row, o
 vocabulary, [B, T, H], bias or none), the soft-cap on and off, bf16/fp16 within the kd tests'
 bound, gradcheck. opcheck, torch.compile, grad_output scaling and bad input: test_conformance.py."""
 
-import os
-
 import pytest
 import torch
 
@@ -18,12 +16,7 @@ from op_specs import LINEAR_SPARSE_ARGS, linear_sparse_inputs
 from sparse_kd_helpers import TAILS
 
 needs_ext = pytest.mark.skipif(_ext.LOAD_ERROR is not None, reason=str(_ext.LOAD_ERROR))
-TRITON_RUNS = sparse_ops.TRITON_ERROR is None and (GPU or os.environ.get("TRITON_INTERPRET") == "1")
-FUSED = [
-    pytest.param("cpu", marks=needs_ext),
-    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_RUNS, reason="no GPU, no interpreter")),
-    pytest.param("cuda", marks=pytest.mark.skipif(not (GPU and _ext.has_kernel("sparse_kd_forward", "CUDA")), reason="no GPU or no CUDA build")),
-]
+FUSED = helpers.fused_backends("sparse_kd_forward", sparse_ops.TRITON_ERROR)
 
 
 def _sparse_of_logits(logits, x64, **kwargs):

@@ -7,12 +7,13 @@ Everything about the op lives here or is named here:
   ``kd_loss``'s (``fastkd/ops/kd.py``, ``docs/design.md#kd``);
 - reference (the oracle): ``fused_linear_kd_loss_reference``, the materialised composite;
 - the chunk loop (shared by the cpu, triton and cuda backends): ``chunk_loop`` here, which takes
-  the per-chunk loss as a function (a fused head over a cached sparse teacher reuses it with the
-  sparse kernel); ``_chunked_forward`` hands it the ``kd`` family's per-chunk loss-and-gradient
-  kernel (``csrc/cpu/kd_kernel.h``,
+  the per-chunk loss as a function (``fastkd/ops/fused_linear_sparse.py``, the fused head over a
+  cached sparse teacher, passes the sparse kernel); ``_chunked_forward`` hands it the ``kd``
+  family's per-chunk loss-and-gradient kernel (``csrc/cpu/kd_kernel.h``,
   ``kernels/kd.py``, ``csrc/cuda/kd_cuda.cu``); the GEMMs are torch's (MKL/oneDNN, cuBLAS);
-- op: ``fastkd::fused_linear_kd_forward``, a Python custom op (fake and autograd here); its
-  backend is chosen as ``kd_loss``'s (``fastkd/ops/table.py``);
+- op: ``fastkd::fused_linear_kd_forward``, a Python custom op; its fake kernel and autograd are
+  ``register_fused_head``'s, shared by every fused head, as are the call's flattening and
+  reduction (``Rows``); its backend is chosen as ``kd_loss``'s (``fastkd/ops/table.py``);
 - tests: ``tests/test_fused_linear.py``; benchmark: ``bench/test_bench_fused_linear.py``.
 
 Per chunk of rows ``c`` (memory: three ``[chunk, V]`` float32 buffers, never ``[N, V]``)::

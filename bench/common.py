@@ -38,7 +38,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -75,6 +75,9 @@ class Op:
     inputs: Callable[["Case"], Tuple[torch.Tensor, ...]] = None  # default: logits_pair
     # The op's case at another N x V (``--bench-shapes``), when its params depend on the size.
     resize: Optional[Callable[["Case", int, int], "Case"]] = None
+    # A fused head's GEMMs alone (a function of the inputs, like ``composite``, computing no
+    # loss): the time bound of the ``gemms`` provider, as the traffic bound is of a logit loss.
+    gemms: Optional[Callable[..., torch.Tensor]] = None
 
     def make_inputs(self, case: "Case") -> Tuple[torch.Tensor, ...]:
         return (self.inputs or logits_pair)(case)
@@ -114,7 +117,7 @@ def sweep(base: "Case", sizes: List[Tuple[int, int]], fused_only_from: Optional[
     out = []
     for i, (n, v) in enumerate(sizes):
         only = FASTKD_PROVIDERS if fused_only_from is not None and i >= fused_only_from else ()
-        out.append(Case(base.op, n, v, base.dtype, base.params, False, base.device, (), only))
+        out.append(Case(base.op, n, v, base.dtype, base.params, False, base.device, (), only, base.devices))
     return out
 
 
@@ -200,6 +203,12 @@ class Case:
     targets: Tuple[Tuple[str, str, str, float, str], ...] = ()
     # Providers that may run it (empty: all): a composite that would exhaust memory is left out.
     only: Tuple[str, ...] = ()
+    # The devices it is measured on (empty: every device of the run): a shape sized for a GPU
+    # (or for a CPU) names its device.
+    devices: Tuple[str, ...] = ()
+
+    def runs_on(self, device: str) -> bool:
+        return not self.devices or device in self.devices
 
     @property
     def name(self) -> str:
@@ -228,16 +237,16 @@ class Case:
         return dict(self.params)
 
     def with_device(self, device: str) -> "Case":
-        return Case(self.op, self.n, self.v, self.dtype, self.params, self.headline, device, self.targets, self.only)
+        return replace(self, device=device)
 
     def with_size(self, n: int, v: int) -> "Case":
-        return Case(self.op, n, v, self.dtype, self.params, False, self.device)
+        return replace(self, n=n, v=v, headline=False, targets=(), only=())
 
     def with_dtype(self, dtype: str) -> "Case":
         if dtype == self.dtype:
             return self
         # Targets are set for the registered dtype; another dtype is measured without them.
-        return Case(self.op, self.n, self.v, dtype, self.params, self.headline, self.device, (), self.only)
+        return replace(self, dtype=dtype, targets=())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,6 +263,7 @@ class Provider:
     check: Callable[[Op, Case], Optional[str]] = lambda op, case: None
     is_baseline: bool = False
     ops: Optional[Tuple[str, ...]] = None  # the ops it implements (None: all)
+    is_bound: bool = False  # computes no loss (a time bound): its answer is not checked
 
 
 def _build_eager(op: Op, case: Case):
@@ -282,6 +292,15 @@ def _build_compile(op: Op, case: Case):
 
         _COMPILED[key] = torch.compile(composite, dynamic=False)
     return _COMPILED[key]
+
+
+def _build_gemms(op: Op, case: Case):
+    kw = case.kwargs()
+    return lambda *xs: op.gemms(*xs, **kw)
+
+
+def _check_gemms(op: Op, case: Case) -> Optional[str]:
+    return None if op.gemms is not None else f"{op.name} has no GEMMs of its own"
 
 
 def _check_compile(op: Op, case: Case) -> Optional[str]:
@@ -427,6 +446,8 @@ PROVIDERS: List[Provider] = [
     _fastkd_provider("cuda", ("cuda",)),
     Provider("liger", "Liger-Kernel (its divergence kernel after PyTorch's log-softmax; fused linear JSD with beta=0)",
              ("cuda",), _build_liger, _check_liger, ops=LIGER_OPS),
+    Provider("gemms", "the bare GEMMs alone (no loss): a fused head's time bound", ("cpu", "cuda"), _build_gemms, _check_gemms,
+             ops=("fused_linear_kd", "fused_linear_sparse_kd"), is_bound=True),
 ]
 PROVIDER_BY_NAME = {p.name: p for p in PROVIDERS}
 BASELINES = ("eager", "compile")

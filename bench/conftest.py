@@ -106,7 +106,7 @@ def selected_cases(config):
     base = _base_cases(config)
     filters = _split(config.getoption("bench_cases"))
     ops = _split(config.getoption("bench_ops"))  # checked once every op is registered (below)
-    cases = [c.with_device(d) for d in selected_devices(config) for c in base]
+    cases = [c.with_device(d) for d in selected_devices(config) for c in base if c.runs_on(d)]
     if config.getoption("bench_set") == "short" and not config.getoption("bench_shapes"):
         cases = [common.short_case(c) for c in cases]
     return [

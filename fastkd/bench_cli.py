@@ -46,7 +46,7 @@ PUBLIC_OF = {b: p for p, bs in PUBLIC_OPS.items() for b in bs}
 DEVICES = ("cpu", "cuda")
 SUITES = ("sweep", "headline", "quick", "report")
 _SETS = {"sweep": "sweep", "headline": "headline", "quick": "short", "report": "full"}  # conftest's --bench-set
-PROVIDER_ORDER = ("eager", "compile", "fastkd-cpu", "fastkd-triton", "fastkd-cuda", "liger")
+PROVIDER_ORDER = ("eager", "compile", "fastkd-cpu", "fastkd-triton", "fastkd-cuda", "liger", "gemms")
 PASSES = ("fwd", "bwd", "fwdbwd")
 
 
@@ -69,7 +69,7 @@ def add_parser(sub) -> None:
                         "B x D for relational ops, B x C*H*W for feature maps)")
     b.add_argument("--providers", default="", metavar="NAME,...",
                    help="only these providers besides the baselines eager and compile "
-                        "(fastkd-cpu, fastkd-triton, fastkd-cuda, liger)")
+                        "(fastkd-cpu, fastkd-triton, fastkd-cuda, liger; gemms: a fused head's bare GEMMs)")
     b.add_argument("--suite", default=None, choices=SUITES,
                    help="which sizes: sweep (a size sweep per op; the default), quick (one shape per op: the "
                         "headline, smaller on CPU for the slowest composites; the default with --quick), "

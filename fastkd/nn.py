@@ -13,6 +13,7 @@ from fastkd.functional import (
     attention_transfer_loss,
     dkd_loss,
     fused_linear_kd_loss,
+    fused_linear_sparse_kd_loss,
     hint_loss,
     kd_loss,
     pkt_loss,
@@ -33,6 +34,14 @@ from fastkd.ops.options import KDOptions
 def _check_backend(backend: Optional[str]) -> None:
     if backend is not None:
         requested_backend(backend)  # an unknown name fails now, not at the first forward
+
+
+def _head(head):
+    """An output layer as ``(weight, bias)``: an ``nn.Linear``, or the pair itself."""
+    if isinstance(head, torch.nn.Linear):
+        return head.weight, head.bias
+    weight, bias = head
+    return weight, bias
 
 
 class _KDOptionsModule(torch.nn.Module):
@@ -144,16 +153,9 @@ class FusedLinearKDLoss(_KDOptionsModule):
         self.teacher_softcap = _fused_linear.check_softcap("teacher_softcap", teacher_softcap)
         self.chunk_size = _fused_linear.check_chunk_size(chunk_size)
 
-    @staticmethod
-    def _head(head):
-        if isinstance(head, torch.nn.Linear):
-            return head.weight, head.bias
-        weight, bias = head
-        return weight, bias
-
     def forward(self, student_hidden, student_head, teacher_hidden, teacher_head, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        w_s, b_s = self._head(student_head)
-        w_t, b_t = self._head(teacher_head)
+        w_s, b_s = _head(student_head)
+        w_t, b_t = _head(teacher_head)
         return fused_linear_kd_loss(
             student_hidden, w_s, teacher_hidden, w_t, student_bias=b_s, teacher_bias=b_t, labels=labels,
             student_softcap=self.student_softcap, teacher_softcap=self.teacher_softcap,
@@ -265,6 +267,57 @@ class SparseKDLoss(_KDOptionsModule):
 
     def extra_repr(self) -> str:
         return f"values={self.values!r}, tail={self.tail!r}, {self._repr_options()}, backend={self.backend!r}"
+
+
+class FusedLinearSparseKDLoss(_KDOptionsModule):
+    """Module form of :func:`fastkd.fused_linear_sparse_kd_loss` (a teacher read from a top-k
+    cache, distilled through the student's output layer); the constructor takes its keyword
+    options, checked at construction.
+
+    ``forward(student_hidden, student_head, teacher_values, teacher_indices, labels=None)`` takes
+    the student's output layer as an ``nn.Linear`` (or a ``(weight, bias)`` pair) and returns the
+    loss; the student's logits are never materialised. A soft-capped head (Gemma 2/3) needs its
+    cap here (``student_softcap``).
+
+    Example::
+
+        criterion = fastkd.nn.FusedLinearSparseKDLoss(temperature=2.0, values="logprobs", tail="uniform")
+        loss = criterion(hidden, model.lm_head, topk_logprobs, topk_indices, labels)
+    """
+
+    OPTIONS = SparseKDLoss.OPTIONS
+
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        *,
+        values: str = "logits",
+        tail: str = "renormalize",
+        hard_weight: float = 0.0,
+        ignore_index: int = -100,
+        reduction: str = "batchmean",
+        t2_scale: bool = True,
+        student_softcap: Optional[float] = None,
+        chunk_size: Optional[int] = None,
+        backend: Optional[str] = None,
+    ):
+        super().__init__(KDOptions(temperature, hard_weight, ignore_index, reduction, t2_scale), backend)
+        _sparse_kd.check_teacher_format(values, tail)
+        self.values, self.tail = values, tail
+        self.student_softcap = _fused_linear.check_softcap("student_softcap", student_softcap)
+        self.chunk_size = _fused_linear.check_chunk_size(chunk_size)
+
+    def forward(self, student_hidden, student_head, teacher_values, teacher_indices, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        weight, bias = _head(student_head)
+        return fused_linear_sparse_kd_loss(
+            student_hidden, weight, teacher_values, teacher_indices, student_bias=bias, values=self.values, tail=self.tail,
+            labels=labels, student_softcap=self.student_softcap, chunk_size=self.chunk_size, backend=self.backend,
+            **self.option_kwargs(),
+        )
+
+    def extra_repr(self) -> str:
+        return (f"values={self.values!r}, tail={self.tail!r}, {self._repr_options()}, student_softcap={self.student_softcap}, "
+                f"chunk_size={self.chunk_size}, backend={self.backend!r}")
 
 
 class HintLoss(torch.nn.Module):

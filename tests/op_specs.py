@@ -473,6 +473,85 @@ LINEAR = OpSpec("fused_linear_kd_loss", ("kd_forward",), kd_ops.TRITON_ERROR, li
 
 
 # ------------------------------------------------------------------------------------------
+# fused_linear_sparse_kd_loss (the sparse kernels, chunk by chunk through the output layer)
+# ------------------------------------------------------------------------------------------
+
+
+def linear_sparse_inputs(lead, h, v, k, dtype=torch.float32, values="logits", bias=True, seed=0, device="cpu", scale=1.0):
+    """student_hidden, student_weight, student_bias, and the top-k teacher_values, teacher_indices
+    of a random teacher (log-probabilities for values="logprobs")."""
+    x = linear_inputs(lead, h, h, v, dtype, bias, seed, device)
+    vals, idx = top_k(make_dense((*lead, v), seed=seed + 1)[1], k, values, dtype)
+    return dict(student_hidden=x["student_hidden"] * scale, student_weight=x["student_weight"], student_bias=x["student_bias"],
+                teacher_values=vals.to(device), teacher_indices=idx.to(device))
+
+
+LINEAR_SPARSE_ARGS = ("student_hidden", "student_weight", "teacher_values", "teacher_indices")
+
+
+def linear_sparse_samples(device, dtype):
+    y = make_labels((2, 3), 30, ignored=(3,), device=device)
+    out = []
+    for (values, tail), reduction, cap in zip(TAILS, ("batchmean", "none"), (None, 2.0)):
+        x = linear_sparse_inputs((2, 3), 8, 30, 5, dtype, values, device=device)
+        opts = dict(student_bias=x["student_bias"], values=values, tail=tail, labels=y, hard_weight=0.25, reduction=reduction,
+                    student_softcap=cap, chunk_size=4)
+        out.append(Sample(f"{values}-{reduction}", tuple(x[k] for k in LINEAR_SPARSE_ARGS) + (2.0,), opts, grad=(0, 1, "student_bias"), teacher=(2,)))
+    return out
+
+
+def linear_sparse_kernel_calls(device, dtype):
+    out = []
+    for (values, tail), bias, labels, reduction, cap, compute_grad in [
+            (TAILS[0], True, True, "sum", 0.0, True), (TAILS[1], False, False, "none", 1.5, True), (TAILS[1], True, True, "batchmean", 0.0, False)]:
+        x = linear_sparse_inputs((6,), 5, 33, 4, dtype, values, bias, device=device)
+        y = make_labels((6,), 33, device=device) if labels else None
+        args = (x["student_hidden"].requires_grad_(compute_grad), x["student_weight"].requires_grad_(compute_grad), x["student_bias"],
+                x["teacher_values"], x["teacher_indices"], y, values, tail, 2.0, 0.25 if labels else 0.0, -100, reduction, True, cap, 4,
+                "cpu", compute_grad)
+        out.append(("fused_linear_sparse_kd_forward", args))
+    return out
+
+
+_XS = linear_sparse_inputs((4,), 6, 10, 3)
+LINEAR_SPARSE_BAD = [
+    (dict(student_weight=torch.ones(10, 7)), ValueError, r"student_hidden's last dimension 6 must equal student_weight's second dimension 7"),
+    (dict(student_bias=torch.ones(9)), ValueError, r"student_bias must be \[V\] = \[10\]"),
+    (dict(teacher_indices=_with(_XS["teacher_indices"], (2, 1), 10)), ValueError, r"teacher_indices holds 10 in row 2, outside \[0, 10\)"),
+    (dict(teacher_indices=_XS["teacher_indices"][:, :2]), ValueError, r"teacher_indices shape \(4, 2\) must equal teacher_values shape \(4, 3\)"),
+    (dict(teacher_values=_XS["teacher_values"][:3], teacher_indices=_XS["teacher_indices"][:3]), ValueError,
+     r"teacher_values shape \(3, 3\) must be student_hidden' leading shape \(4,\) followed by k"),
+    (dict(teacher_values=torch.zeros(4, 11), teacher_indices=torch.zeros(4, 11, dtype=torch.int64)), ValueError,
+     "k = 11 entries per row but the vocabulary has V = 10"),
+    (dict(teacher_indices=_XS["teacher_indices"].float()), TypeError, "teacher_indices must be an int64 or int32 tensor"),
+    (dict(student_softcap=0.0), ValueError, "student_softcap must be a finite number > 0"),
+    (dict(tail="uniform"), ValueError, "tail='uniform' needs values='logprobs'"),
+    (dict(labels=torch.tensor([0, 1, 2, 10])), ValueError, r"labels holds 10, outside \[0, 10\)"),
+    (dict(hard_weight=0.5), ValueError, "hard_weight=0.5 > 0 needs labels"),
+    (dict(chunk_size=0), ValueError, "chunk_size must be >= 1"),
+    (dict(teacher_values=_XS["teacher_values"].to("meta")), ValueError, "teacher_values is on meta but student_hidden is on cpu"),
+]
+
+
+def linear_sparse_module():
+    x = linear_sparse_inputs((5,), 6, 40, 4, values="logprobs", bias=False)
+    y = make_labels((5,), 40, ignored=(2,))
+    opts = dict(values="logprobs", tail="uniform", hard_weight=0.2, student_softcap=2.0, chunk_size=2, backend="cpu")
+    module = fastkd.nn.FusedLinearSparseKDLoss(temperature=3.0, **opts)
+    head = torch.nn.Linear(6, 40, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(x["student_weight"])
+    inputs = (x["student_hidden"], head, x["teacher_values"], x["teacher_indices"], y)
+    call = Sample("", tuple(x[k] for k in LINEAR_SPARSE_ARGS) + (3.0,), dict(opts, labels=y))
+    return module, inputs, call, ["tail='uniform'", "student_softcap=2.0", "chunk_size=2"]
+
+
+LINEAR_SPARSE = OpSpec("fused_linear_sparse_kd_loss", ("sparse_kd_forward",), sparse_ops.TRITON_ERROR, linear_sparse_samples,
+                       linear_sparse_kernel_calls, lambda: dict(_XS, temperature=2.0), LINEAR_SPARSE_BAD, linear_sparse_module,
+                       entry="fused_linear_sparse_kd_forward", triton_twin=False)
+
+
+# ------------------------------------------------------------------------------------------
 # hint_loss, attention_transfer_loss
 # ------------------------------------------------------------------------------------------
 
@@ -611,4 +690,4 @@ RELATIONAL = [
     _relational("pkt", fastkd.nn.PKTLoss, eps=1e-7),
 ]
 
-SPECS = [KD, DKD, SPARSE, LINEAR, HINT, ATTENTION, *RELATIONAL]
+SPECS = [KD, DKD, SPARSE, LINEAR, LINEAR_SPARSE, HINT, ATTENTION, *RELATIONAL]

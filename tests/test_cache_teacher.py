@@ -101,6 +101,24 @@ def test_cache_then_distill_from_it(written, tmp_path):
     assert sorted(p.name for p in (out / "models").iterdir()) == ["student_baseline.safetensors", "student_kd.safetensors"]
 
 
+def test_a_fused_head_from_a_cache_distils_as_the_materialised_path(written, tmp_path):
+    """fused_head = true reads the cache with fastkd.fused_linear_sparse_kd_loss: the same
+    student to rounding as sparse_kd_loss on materialised logits, at a lower step peak (chunks of
+    8 rows of the 300-entry vocabulary instead of the batch's [60, 300] logits and gradient)."""
+    runs = {}
+    for fused in (True, False):
+        out = tmp_path / f"fused-{fused}"
+        extra = {"loss.0.fused_head": fused, "loss.0.chunk_size": 8, "train.measure_memory": True, "train.epochs": 1}
+        proc = _run(written, "distill", "--teacher-cache", written / "top8", "--out", out, *_sets(written, **extra))
+        assert proc.returncode == 0, proc.stderr
+        runs[fused] = summary(out)
+    fused, dense = runs[True], runs[False]
+    for key in ("nll", "agreement", "predictive_kl"):
+        assert fused["models"]["student_kd"][key] == pytest.approx(dense["models"]["student_kd"][key], rel=1e-4, abs=1e-5), key
+    peak = {k: r["training"]["student_kd"]["step_peak_mb"] for k, r in runs.items()}
+    assert peak[True] < peak[False], peak
+
+
 def test_a_full_width_cache_distils_like_the_online_teacher(tmp_path):
     """K = V: the cached teacher is the whole (bf16-rounded) distribution, so the student
     distilled from it follows the online run's to rounding, on the same batches; the teacher

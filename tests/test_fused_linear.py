@@ -10,92 +10,31 @@ import fastkd
 from fastkd.ops import fused_linear as fl
 from fastkd.ops import kd as kd_ops
 from backend_helpers import GPU, backend_params, device_of, needs_ext
-from kd_helpers import assert_within_tolerance, compute_dtype
+import fused_linear_helpers as helpers
+from fused_linear_helpers import labels_for, make
 
 FUSED = backend_params("kd_forward", kd_ops.TRITON_ERROR, names=("cpu", "triton", "cuda"))
 
 
-def make(lead, h, ht, v, dtype=torch.float32, bias=True, seed=0, device="cpu", scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape, s=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(dtype).to(device)
-
-    return dict(
-        student_hidden=r(*lead, h, s=scale),
-        student_weight=r(v, h, s=h**-0.5),
-        student_bias=r(v, s=0.1) if bias else None,
-        teacher_hidden=r(*lead, ht, s=scale),
-        teacher_weight=r(v, ht, s=ht**-0.5 * 2),
-        teacher_bias=r(v, s=0.1) if bias else None,
-    )
+KD_ARGS = ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")
 
 
 def run(fn, x, grad_output, **kwargs):
     """Loss and the student gradients (hidden, weight, bias) of (loss * grad_output).sum()."""
-    leaves = {k: x[k].detach().clone().requires_grad_(True) for k in ("student_hidden", "student_weight", "student_bias") if x[k] is not None}
-    args = dict(x, **leaves)
-    loss = fn(args.pop("student_hidden"), args.pop("student_weight"), args.pop("teacher_hidden"), args.pop("teacher_weight"), 2.0, **args, **kwargs)
-    (loss * grad_output.to(loss)).sum().backward()
-    return [loss.detach()] + [leaves[k].grad for k in ("student_hidden", "student_weight", "student_bias") if k in leaves]
+    return helpers.run(fn, x, grad_output, KD_ARGS, **kwargs)
 
 
-def grad_output_for(shape):
-    g = torch.Generator().manual_seed(3)
-    return torch.rand(shape, generator=g, dtype=torch.float64) + 0.5 if shape else torch.tensor(0.7, dtype=torch.float64)
-
-
-def gemm_scales(x64, grad_output, **kwargs):
-    """The scale of each student-gradient entry: the sum of the absolute terms it adds up,
-    ``|g| @ |W_s|``, ``|g|ᵀ @ |h_s|`` and ``Σ_rows |g|``, with g the float64 gradient w.r.t. the
-    student logits (the bound of a matrix product's rounding is relative to that sum, not to the
-    result, which may cancel to near 0)."""
-    h, w, b = x64["student_hidden"], x64["student_weight"], x64["student_bias"]
-    flat_h = h.reshape(-1, h.shape[-1])
-    logits = flat_h @ w.t() + (0 if b is None else b)
+def _kd_of_logits(logits, x64, teacher_softcap=None, **kwargs):
+    """kd_loss_reference of the student's logits against the teacher head's (float64)."""
     ht = x64["teacher_hidden"].reshape(-1, x64["teacher_hidden"].shape[-1])
     teacher = ht @ x64["teacher_weight"].t() + (0 if x64["teacher_bias"] is None else x64["teacher_bias"])
-    kw = dict(kwargs)
-    if kw.get("labels") is not None:
-        kw["labels"] = kw["labels"].reshape(-1)
-    s_cap, t_cap = kw.pop("student_softcap", None), kw.pop("teacher_softcap", None)
-    # A soft-capped student: g w.r.t. the capped logits. The cap's slope 1 - tanh² is computed from
-    # a rounded tanh, so its error is absolute (~ulp(1)), not relative to a small slope: the
-    # slope's own scale is its bound 1 (PyTorch's composite carries the same error).
-    logits = fl.softcapped(logits, s_cap).detach().requires_grad_(True)
-    loss = fastkd.kd_loss_reference(logits, fl.softcapped(teacher, t_cap), 2.0, **kw)
-    (g,) = torch.autograd.grad((loss * grad_output.reshape(loss.shape)).sum(), logits)
-    g = g.abs()
-    scales = [None, (g @ w.abs()).reshape(h.shape), g.t() @ flat_h.abs()]
-    return scales + ([g.sum(0)] if b is not None else [])
+    return fastkd.kd_loss_reference(logits, fl.softcapped(teacher, teacher_softcap), 2.0, **kwargs)
 
 
 def check(backend, x, **kwargs):
-    """Every output within the kd tests' rule (kd_helpers.assert_within_tolerance) of the float64
-    composite: entry by entry, FACTOR x PyTorch's own error at the input precision, plus floors
-    relative to the entry and to its scale (``gemm_scales``)."""
-    lead = x["student_hidden"].shape[:-1]
-    go = grad_output_for(lead if kwargs.get("reduction") == "none" else ())
-    got = run(lambda *a, **k: fastkd.fused_linear_kd_loss(*a, backend=backend, **k), x, go, **kwargs)
-    x64 = {k: (v.double().cpu() if v is not None else None) for k, v in x.items()}
-    kw64 = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items() if k != "chunk_size"}
-    exact = run(fl.fused_linear_kd_loss_reference, x64, go, **kw64)
-    xcpu = {k: (v.cpu() if v is not None else None) for k, v in x.items()}
-    lowp = run(fl.fused_linear_kd_loss_reference, xcpu, go, **kw64)
-    # The composite's gradients before rounding to a 16-bit dtype: on the same values in float32.
-    compute = run(fl.fused_linear_kd_loss_reference, {k: (v.to(compute_dtype(v.dtype)) if v is not None else None) for k, v in xcpu.items()}, go, **kw64)
-    scales = gemm_scales(x64, go, **kw64)
-    names = ["loss", "d student_hidden", "d student_weight", "d student_bias"]
-    for name, a, e, l, c, scale in zip(names, got, exact, lowp, compute, scales):
-        dtype = torch.float32 if name == "loss" and x["student_hidden"].dtype != torch.float64 else x["student_hidden"].dtype
-        assert_within_tolerance(name, a, e, l, dtype, scale=scale, lowp_compute=c)
-
-
-def labels_for(lead, v, ignored=(1,), seed=5, device="cpu"):
-    y = torch.randint(0, v, lead, generator=torch.Generator().manual_seed(seed))
-    for i in ignored:
-        y.view(-1)[i] = -100
-    return y.to(device)
+    """Every output within the kd tests' rule of the float64 composite (``helpers.check``)."""
+    helpers.check(lambda *a, **k: fastkd.fused_linear_kd_loss(*a, backend=backend, **k), fl.fused_linear_kd_loss_reference,
+                  _kd_of_logits, KD_ARGS, x, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------
@@ -345,9 +284,9 @@ def test_reference_soft_caps_as_gemma_does():
 def test_soft_capped_heads_match_composite(backend, divergence, beta, student_softcap, teacher_softcap):
     small = backend == "triton" and not GPU
     lead, v = ((5,), 67) if small else ((2, 5), 301)
-    x = make(lead, 9, 13, v, device=dev(backend), scale=3.0)  # logits of a few units: the cap bends them
+    x = make(lead, 9, 13, v, device=device_of(backend), scale=3.0)  # logits of a few units: the cap bends them
     check(backend, x, student_softcap=student_softcap, teacher_softcap=teacher_softcap, divergence=divergence, beta=beta,
-          labels=labels_for(lead, v, device=dev(backend)), hard_weight=0.2, chunk_size=3)
+          labels=labels_for(lead, v, device=device_of(backend)), hard_weight=0.2, chunk_size=3)
 
 
 @needs_ext

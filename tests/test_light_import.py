@@ -28,6 +28,7 @@ SCRIPT = textwrap.dedent(
         "dkd_loss": lambda s: fastkd.dkd_loss(s, t, labels),
         "sparse_kd_loss": lambda s: fastkd.sparse_kd_loss(s, top.values, top.indices, 2.0),
         "fused_linear_kd_loss": lambda h: fastkd.fused_linear_kd_loss(h, w_s, h_t, w_t, 2.0),
+        "fused_linear_sparse_kd_loss": lambda h: fastkd.fused_linear_sparse_kd_loss(h, w_s, top.values, top.indices, 2.0),
         "hint_loss": lambda s: fastkd.hint_loss(s, t),
         "attention_transfer_loss": lambda f: fastkd.attention_transfer_loss(f, f_t),
         "rkd_distance_loss": lambda s: fastkd.rkd_distance_loss(s, t),
@@ -35,7 +36,7 @@ SCRIPT = textwrap.dedent(
         "sp_loss": lambda s: fastkd.sp_loss(s, t),
         "pkt_loss": lambda s: fastkd.pkt_loss(s, t),
     }}
-    inputs = {{"fused_linear_kd_loss": h_s, "attention_transfer_loss": f_s}}
+    inputs = {{"fused_linear_kd_loss": h_s, "fused_linear_sparse_kd_loss": h_s, "attention_transfer_loss": f_s}}
     losses = [n for n in fastkd.functional.__all__ if not n.endswith("_reference")]
     assert sorted(calls) == sorted(losses), ("a loss without a call here", sorted(set(losses) ^ set(calls)))
     for name in losses:
@@ -53,7 +54,7 @@ def test_import_fastkd_and_every_loss_without_the_engine_dependencies():
     proc = subprocess.run([sys.executable, "-c", SCRIPT.format(blocked=ENGINE_ONLY)], env=env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ran 10 losses" in proc.stdout
+    assert "ran 11 losses" in proc.stdout
 
 
 def test_distill_without_the_engine_dependencies_says_which_extra_to_install(tmp_path):

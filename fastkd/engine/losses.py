@@ -22,6 +22,7 @@ import fastkd
 from fastkd.engine.schema import ConfigError, Field
 from fastkd.ops import divergences, table
 from fastkd.ops.feature import HINT_KINDS
+from fastkd.ops.fused_linear import softcapped
 
 LOSS_TERMS: Dict[str, type] = {}
 
@@ -61,15 +62,17 @@ class TeacherOutputs:
     Per ensemble member either its ``logits`` ``[N, V]`` (float32, no grad) or, where the task
     splits the output layer off (language models), its ``hidden`` states ``[N, H]`` and output
     layer ``heads``, from which the logits are formed only when a term asks for them (a fused
-    head never does); ``features``: per member, module path -> captured output. A teacher read
-    from a cache is ``sparse`` alone: no logits exist, and only the KD term reads it.
+    head never does), soft-capped at the member's ``softcaps`` entry where it has one (Gemma's
+    ``final_logit_softcapping``); ``features``: per member, module path -> captured output. A
+    teacher read from a cache is ``sparse`` alone: no logits exist, and only the KD term reads it.
     """
 
     def __init__(self, logits: Optional[List[torch.Tensor]] = None, features: Optional[List[Dict[str, torch.Tensor]]] = None,
                  hidden: Optional[List[torch.Tensor]] = None, heads: Optional[List[nn.Module]] = None,
-                 sparse: Optional[SparseTeacher] = None):
+                 sparse: Optional[SparseTeacher] = None, softcaps: Optional[List[Optional[float]]] = None):
         self._logits, self.features = logits, features or []
         self.hidden, self.heads, self.sparse = hidden, heads, sparse
+        self.softcaps = softcaps or [None] * len(hidden or [])
         self._stacked: Optional[torch.Tensor] = None
         self._combined: Dict[float, torch.Tensor] = {}
 
@@ -85,7 +88,7 @@ class TeacherOutputs:
             raise RuntimeError("the teacher is read from a top-K cache: it has no logits (only kind 'kd' reads it)")
         if self._logits is None:
             with torch.no_grad():
-                self._logits = [head(h).float() for h, head in zip(self.hidden, self.heads)]
+                self._logits = [softcapped(head(h).float(), cap) for h, head, cap in zip(self.hidden, self.heads, self.softcaps)]
         return self._logits
 
     def ensemble(self) -> torch.Tensor:
@@ -119,19 +122,22 @@ class StepOutputs:
 
     A task that splits the output layer off gives ``hidden`` ``[N, H]`` and ``head`` instead of
     logits; ``logits`` are then formed on first use (a fused head reads ``hidden`` and never
-    asks). ``masked`` says that labels may hold ``IGNORE_INDEX`` rows (padding), which every
-    term must leave out."""
+    asks), soft-capped at ``softcap`` when the model has one (its
+    ``config.final_logit_softcapping``, as Gemma 2/3 apply it). ``masked`` says that labels may
+    hold ``IGNORE_INDEX`` rows (padding), which every term must leave out."""
 
     def __init__(self, logits: Optional[torch.Tensor], features: Dict[str, torch.Tensor], labels: torch.Tensor,
                  teacher: Optional[TeacherOutputs], regressors: nn.ModuleDict, epoch: int = 0, *,
-                 hidden: Optional[torch.Tensor] = None, head: Optional[nn.Module] = None, masked: bool = False):
+                 hidden: Optional[torch.Tensor] = None, head: Optional[nn.Module] = None, masked: bool = False,
+                 softcap: Optional[float] = None):
         self._logits, self.features, self.labels, self.teacher = logits, features, labels, teacher
         self.regressors, self.epoch, self.hidden, self.head, self.masked = regressors, epoch, hidden, head, masked
+        self.softcap = softcap
 
     @property
     def logits(self) -> torch.Tensor:
         if self._logits is None:
-            self._logits = self.head(self.hidden)
+            self._logits = softcapped(self.head(self.hidden), self.softcap)
         return self._logits
 
 
@@ -182,7 +188,8 @@ class KDTerm(LossTerm):
     * :class:`FusedHeadKD` (``fused_head = true``): :func:`fastkd.fused_linear_kd_loss` through
       the output layers, so that the batch's logits never exist;
     * :class:`CachedTeacherKD` (a job with ``teacher.cache``): :func:`fastkd.sparse_kd_loss`
-      against the teacher's K cached entries per row.
+      against the teacher's K cached entries per row, or with ``fused_head = true``
+      :func:`fastkd.fused_linear_sparse_kd_loss` through the student's output layer.
 
     ``divergence`` and ``beta`` are kd_loss's (``beta = -1``: the divergence's default);
     ``hard_weight > 0`` fuses the cross-entropy with the labels into the same pass."""
@@ -234,6 +241,9 @@ class KDTerm(LossTerm):
             kwargs["labels"] = out.labels
         return kwargs
 
+    def chunk_size(self) -> Optional[int]:
+        return self.spec.get("chunk_size") or None
+
     def divergence_kwargs(self) -> dict:
         if self.spec["divergence"] == "kl":
             return {}
@@ -270,30 +280,37 @@ class FusedHeadKD(KDTerm):
         if out.teacher.count != 1:
             raise ConfigError(f"loss.{self.index}.fused_head needs one teacher, the run has {out.teacher.count}")
         k = self.spec["teacher_index"]
+        caps = {}
         if self._tapped():
             h_s, head_s = out.features[INPUT_OF + self.spec["student_head"]]
             h_t, head_t = out.teacher.features[k][INPUT_OF + self.spec["teacher_head"]]
         else:
             h_s, head_s = out.hidden, out.head
             h_t, head_t = out.teacher.hidden[k], out.teacher.heads[k]
+            caps = dict(student_softcap=out.softcap, teacher_softcap=out.teacher.softcaps[k])
         return fastkd.fused_linear_kd_loss(
             h_s, head_s.weight, h_t, head_t.weight, self.spec["temperature"], student_bias=head_s.bias,
-            teacher_bias=head_t.bias, chunk_size=self.spec.get("chunk_size") or None, **self.common_kwargs(out),
+            teacher_bias=head_t.bias, chunk_size=self.chunk_size(), **caps, **self.common_kwargs(out),
             **self.divergence_kwargs(),
         )
 
 
 class CachedTeacherKD(KDTerm):
-    """KD against a teacher read from a cache (``teacher.cache``), known at K entries per row:
-    :func:`fastkd.sparse_kd_loss` on the student's logits (formed from its hidden states;
-    ``fused_head`` does not apply) with the cache's ``values`` and the ``tail`` that reads them
-    as written, unless the term's ``tail``/``values`` say otherwise; the divergence is KL."""
+    """KD against a teacher read from a cache (``teacher.cache``), known at K entries per row,
+    with the cache's ``values`` and the ``tail`` that reads them as written, unless the term's
+    ``tail``/``values`` say otherwise; the divergence is KL. With ``fused_head = true``,
+    :func:`fastkd.fused_linear_sparse_kd_loss` through the student's output layer (soft-capped as
+    its model's config says), so that the step holds neither a teacher nor the batch's
+    ``[tokens, V]`` logits; else :func:`fastkd.sparse_kd_loss` on the student's logits."""
 
     def __call__(self, out: StepOutputs) -> torch.Tensor:
         sparse = out.teacher.sparse
-        return fastkd.sparse_kd_loss(out.logits, sparse.values, sparse.indices, self.spec["temperature"],
-                                     values=self.spec["values"] or sparse.kind, tail=self.spec["tail"] or sparse.tail,
-                                     **self.common_kwargs(out))
+        kwargs = dict(values=self.spec["values"] or sparse.kind, tail=self.spec["tail"] or sparse.tail, **self.common_kwargs(out))
+        if self.spec["fused_head"]:
+            return fastkd.fused_linear_sparse_kd_loss(out.hidden, out.head.weight, sparse.values, sparse.indices, self.spec["temperature"],
+                                                      student_bias=out.head.bias, student_softcap=out.softcap,
+                                                      chunk_size=self.chunk_size(), **kwargs)
+        return fastkd.sparse_kd_loss(out.logits, sparse.values, sparse.indices, self.spec["temperature"], **kwargs)
 
 
 @register_loss_term("dkd")

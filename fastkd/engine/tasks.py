@@ -72,14 +72,16 @@ class Member:
 @dataclass
 class View:
     """What the loss terms see of one model on one batch: ``logits`` ``[N, V]``, or ``hidden``
-    ``[N, H]`` and the output layer ``head``; the ``labels`` ``[N]`` aligned with the rows;
-    ``masked``: labels may hold ``-100`` rows."""
+    ``[N, H]`` and the output layer ``head``, whose logits the model soft-caps at ``softcap``
+    (None: not capped); the ``labels`` ``[N]`` aligned with the rows; ``masked``: labels may
+    hold ``-100`` rows."""
 
     labels: torch.Tensor
     logits: Optional[torch.Tensor] = None
     hidden: Optional[torch.Tensor] = None
     head: Optional[nn.Module] = None
     masked: bool = False
+    softcap: Optional[float] = None
 
 
 class Task:
@@ -420,7 +422,9 @@ class LMTask(Task):
     def view(self, model, out, labels):
         # Hugging Face's shift: the hidden state at position i predicts the label at i + 1.
         hidden = out[:, :-1].reshape(-1, out.shape[-1])
-        return View(labels[:, 1:].reshape(-1), hidden=hidden, head=model.lm_head, masked=True)
+        # A model that soft-caps its logits (Gemma 2/3) says so in its config: the loss caps them too.
+        softcap = getattr(model.config, "final_logit_softcapping", None)
+        return View(labels[:, 1:].reshape(-1), hidden=hidden, head=model.lm_head, masked=True, softcap=softcap)
 
     @torch.no_grad()
     def evaluate(self, data, members, reference, cache):

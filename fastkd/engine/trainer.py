@@ -452,7 +452,8 @@ class PhaseRun:
             if views[0].logits is not None:
                 groups[key] = TeacherOutputs([v.logits for v in views], feats)
             else:
-                groups[key] = TeacherOutputs(None, feats, hidden=[v.hidden for v in views], heads=[v.head for v in views])
+                groups[key] = TeacherOutputs(None, feats, hidden=[v.hidden for v in views], heads=[v.head for v in views],
+                                             softcaps=[v.softcap for v in views])
         return groups[key]
 
     def forward(self, l: Learner, x: torch.Tensor, y: torch.Tensor) -> tuple:
@@ -462,7 +463,7 @@ class PhaseRun:
 
     def learner_loss(self, l: Learner, view, feats, teacher: Optional[TeacherOutputs], epoch: int, units: int) -> torch.Tensor:
         step = StepOutputs(view.logits, feats, view.labels, teacher, l.regressors, epoch,
-                           hidden=view.hidden, head=view.head, masked=view.masked)
+                           hidden=view.hidden, head=view.head, masked=view.masked, softcap=view.softcap)
         values = [term(step) for term in l.spec.terms]
         loss = sum(term.weight * v for term, v in zip(l.spec.terms, values))
         l.add_loss(loss, values, units)

@@ -7,12 +7,13 @@ Everything about the op lives here or is named here:
   ``kd_loss``'s (``fastkd/ops/kd.py``, ``docs/design.md#kd``);
 - reference (the oracle): ``fused_linear_kd_loss_reference``, the materialised composite;
 - the chunk loop (shared by the cpu, triton and cuda backends): ``chunk_loop`` here, which takes
-  the per-chunk loss as a function (a fused head over a cached sparse teacher reuses it with the
-  sparse kernel); ``_chunked_forward`` hands it the ``kd`` family's per-chunk loss-and-gradient
-  kernel (``csrc/cpu/kd_kernel.h``,
+  the per-chunk loss as a function (``fastkd/ops/fused_linear_sparse.py``, the fused head over a
+  cached sparse teacher, passes the sparse kernel); ``_chunked_forward`` hands it the ``kd``
+  family's per-chunk loss-and-gradient kernel (``csrc/cpu/kd_kernel.h``,
   ``kernels/kd.py``, ``csrc/cuda/kd_cuda.cu``); the GEMMs are torch's (MKL/oneDNN, cuBLAS);
-- op: ``fastkd::fused_linear_kd_forward``, a Python custom op (fake and autograd here); its
-  backend is chosen as ``kd_loss``'s (``fastkd/ops/table.py``);
+- op: ``fastkd::fused_linear_kd_forward``, a Python custom op; its fake kernel and autograd are
+  ``register_fused_head``'s, shared by every fused head, as are the call's flattening and
+  reduction (``Rows``); its backend is chosen as ``kd_loss``'s (``fastkd/ops/table.py``);
 - tests: ``tests/test_fused_linear.py``; benchmark: ``bench/test_bench_fused_linear.py``.
 
 Per chunk of rows ``c`` (memory: three ``[chunk, V]`` float32 buffers, never ``[N, V]``)::
@@ -125,17 +126,18 @@ def fused_linear_kd_loss_reference(
     return _reference(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, options, *caps)
 
 
+def composite_logits(hidden, weight, bias, softcap, compute: torch.dtype) -> torch.Tensor:
+    """A head's materialised (soft-capped) logits in ``compute``: what a reference distils."""
+    out = hidden.to(compute) @ weight.to(compute).t()
+    return softcapped(out if bias is None else out + bias.to(compute), softcap)
+
+
 def _reference(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
                options: KDOptions, student_softcap=None, teacher_softcap=None) -> torch.Tensor:
     compute = fused_autograd.loss_dtype(student_hidden)
-
-    def logits(h, w, b, cap):
-        out = h.to(compute) @ w.to(compute).t()
-        return softcapped(out if b is None else out + b.to(compute), cap)
-
-    s = logits(student_hidden, student_weight, student_bias, student_softcap)
+    s = composite_logits(student_hidden, student_weight, student_bias, student_softcap, compute)
     with torch.no_grad():
-        t = logits(teacher_hidden, teacher_weight, teacher_bias, teacher_softcap)
+        t = composite_logits(teacher_hidden, teacher_weight, teacher_bias, teacher_softcap, compute)
     return _kd._reference(s, t, options, labels, None)
 
 
@@ -311,85 +313,96 @@ def _fused_linear_kd_forward(
     )
 
 
-@_fused_linear_kd_forward.register_fake
-def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
-      temperature, hard_weight, ignore_index, reduction, t2_scale, divergence, beta, student_softcap, teacher_softcap,
-      chunk_size, kernel, compute_grad):
-    n = student_hidden.shape[0]
-    loss = student_hidden.new_empty((n,) if reduction == "none" else (), dtype=fused_autograd.loss_dtype(student_hidden))
-    def empty():
-        return student_hidden.new_empty((0,))
-
-    if not compute_grad or reduction == "none":
-        return loss, empty(), empty(), empty()
-    acc = fused_autograd.loss_dtype(student_hidden)
-    d_b = student_bias.new_empty(student_bias.shape, dtype=acc) if student_bias is not None else empty()
-    return loss, student_hidden.new_empty(student_hidden.shape, dtype=acc), student_weight.new_empty(student_weight.shape, dtype=acc), d_b
+def _composite(h_s, w_s, b_s, h_t, w_t, b_t, labels, temperature, hard_weight, ignore_index, reduction, t2_scale, divergence,
+               beta, student_softcap, teacher_softcap, chunk_size, kernel):
+    """The op's loss as the materialised composite (before the 1/valid-rows scale): what a
+    ``create_graph=True`` backward differentiates."""
+    options = KDOptions(temperature, hard_weight, ignore_index, "none" if reduction == "none" else "sum", t2_scale,
+                        divergence, divergences.beta_argument(divergence, beta))
+    return _reference(h_s, w_s, b_s, h_t, w_t, b_t, labels, options, student_softcap, teacher_softcap)
 
 
-_INPUTS = ("student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight", "teacher_bias", "labels")
-_N_ARGS = 19  # the op's arguments: the 7 tensors, then temperature ... kernel, then compute_grad
+def register_fused_head(op, n_tensors: int, reduction_arg: int, chunked, composite) -> None:
+    """The fake kernel and autograd of a fused head's custom op ``op``, whose arguments are its
+    ``n_tensors`` tensors (the student's hidden, weight and bias first), its options (the
+    reduction at ``reduction_arg``), then ``compute_grad``; it returns (loss, d hidden, d weight,
+    d bias) as ``_fused_linear_kd_forward`` does. ``chunked(*args, compute_grad, row_weights=)``
+    runs its chunk loop and ``composite(*args)`` its materialised composite, ``args`` being the
+    op's arguments before ``compute_grad``."""
 
+    def fake(*args):
+        h_s, w_s, b_s = args[:3]
+        reduction, compute_grad = args[reduction_arg], args[-1]
+        acc = fused_autograd.loss_dtype(h_s)
+        loss = h_s.new_empty((h_s.shape[0],) if reduction == "none" else (), dtype=acc)
 
-def _setup_context(ctx, inputs, output):
-    ctx.args = [None if isinstance(x, torch.Tensor) else x for x in inputs]
-    ctx.eager = fused_autograd._plain_eager(output[1])
-    if ctx.eager:
-        ctx.save_for_backward(*inputs[:7])
-        ctx.grads = output[1:]  # handed out once, like the kd family's saved gradient
-    else:
-        ctx.save_for_backward(*inputs[:7], *output[1:])
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.set_materialize_grads(False)
+        def empty():
+            return h_s.new_empty((0,))
 
+        if not compute_grad or reduction == "none":
+            return loss, empty(), empty(), empty()
+        d_b = b_s.new_empty(b_s.shape, dtype=acc) if b_s is not None else empty()
+        return loss, h_s.new_empty(h_s.shape, dtype=acc), w_s.new_empty(w_s.shape, dtype=acc), d_b
 
-def _backward(ctx, grad_loss, *_):
-    nothing = [None] * _N_ARGS
-    if grad_loss is None:
-        return tuple(nothing)
-    saved = ctx.saved_tensors
-    # The op's arguments but compute_grad: the 7 tensors, temperature ... kernel.
-    args = list(saved[:7]) + list(ctx.args[7:_N_ARGS - 1])
-    h_s, w_s, b_s = saved[0], saved[1], saved[2]
-    temperature, hard_weight, ignore_index, reduction, t2_scale, divergence, beta, student_softcap, teacher_softcap = ctx.args[7:16]
-    wants = ctx.needs_input_grad
-    if ctx.eager and torch.is_grad_enabled():
-        # create_graph=True: differentiate the materialised composite instead.
-        options = KDOptions(temperature, hard_weight, ignore_index, "sum" if reduction != "none" else "none", t2_scale,
-                            divergence, divergences.beta_argument(divergence, beta))
-        with torch.enable_grad():
-            loss = _reference(h_s, w_s, b_s, saved[3], saved[4], saved[5], saved[6], options, student_softcap, teacher_softcap)
-        inputs = [x for x, want in zip((h_s, w_s, b_s), wants[:3]) if want]
-        grads = iter(torch.autograd.grad(loss, inputs, grad_loss, create_graph=True))
-        for i, want in enumerate(wants[:3]):
-            nothing[i] = next(grads) if want else None
-        return tuple(nothing)
-    if reduction == "none":
-        # Per-row weights reach the weight gradient only through the chunk loop.
-        _, d_h, d_w, d_b = _chunked_forward(*args, True, row_weights=grad_loss)
-    else:
+    def setup_context(ctx, inputs, output):
+        ctx.args = [None if isinstance(x, torch.Tensor) else x for x in inputs]
+        ctx.eager = fused_autograd._plain_eager(output[1])
         if ctx.eager:
-            grads, ctx.grads = ctx.grads, None
+            ctx.save_for_backward(*inputs[:n_tensors])
+            ctx.grads = output[1:]  # handed out once, like the kd family's saved gradient
         else:
-            grads = saved[7:]
-        if grads is None:  # a second backward through a retained graph: recompute
-            _, d_h, d_w, d_b = _chunked_forward(*args, True)
+            ctx.save_for_backward(*inputs[:n_tensors], *output[1:])
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+
+    def backward(ctx, grad_loss, *_):
+        nothing = [None] * len(ctx.args)
+        if grad_loss is None:
+            return tuple(nothing)
+        saved = ctx.saved_tensors
+        # The op's arguments but compute_grad.
+        args = list(saved[:n_tensors]) + list(ctx.args[n_tensors:-1])
+        h_s, w_s, b_s = saved[0], saved[1], saved[2]
+        reduction = ctx.args[reduction_arg]
+        wants = ctx.needs_input_grad
+        if ctx.eager and torch.is_grad_enabled():
+            # create_graph=True: differentiate the materialised composite instead.
+            with torch.enable_grad():
+                loss = composite(*args)
+            inputs = [x for x, want in zip((h_s, w_s, b_s), wants[:3]) if want]
+            grads = iter(torch.autograd.grad(loss, inputs, grad_loss, create_graph=True))
+            for i, want in enumerate(wants[:3]):
+                nothing[i] = next(grads) if want else None
+            return tuple(nothing)
+        if reduction == "none":
+            # Per-row weights reach the weight gradient only through the chunk loop.
+            _, d_h, d_w, d_b = chunked(*args, True, row_weights=grad_loss)
         else:
-            d_h, d_w, d_b = grads
-        if not (ctx.eager and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):
-            if ctx.eager:  # the op's own float32 buffers, handed out once
-                d_h, d_w = d_h.mul_(grad_loss), d_w.mul_(grad_loss)
-                d_b = d_b.mul_(grad_loss) if d_b.numel() else d_b
+            if ctx.eager:
+                grads, ctx.grads = ctx.grads, None
             else:
-                d_h, d_w, d_b = d_h * grad_loss, d_w * grad_loss, d_b * grad_loss
-    # The one rounding to the inputs' dtypes, after every scale.
-    nothing[0] = d_h.to(h_s.dtype) if wants[0] else None
-    nothing[1] = d_w.to(w_s.dtype) if wants[1] else None
-    nothing[2] = d_b.to(b_s.dtype) if (wants[2] and b_s is not None) else None
-    return tuple(nothing)
+                grads = saved[n_tensors:]
+            if grads is None:  # a second backward through a retained graph: recompute
+                _, d_h, d_w, d_b = chunked(*args, True)
+            else:
+                d_h, d_w, d_b = grads
+            if not (ctx.eager and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):
+                if ctx.eager:  # the op's own float32 buffers, handed out once
+                    d_h, d_w = d_h.mul_(grad_loss), d_w.mul_(grad_loss)
+                    d_b = d_b.mul_(grad_loss) if d_b.numel() else d_b
+                else:
+                    d_h, d_w, d_b = d_h * grad_loss, d_w * grad_loss, d_b * grad_loss
+        # The one rounding to the inputs' dtypes, after every scale.
+        nothing[0] = d_h.to(h_s.dtype) if wants[0] else None
+        nothing[1] = d_w.to(w_s.dtype) if wants[1] else None
+        nothing[2] = d_b.to(b_s.dtype) if (wants[2] and b_s is not None) else None
+        return tuple(nothing)
+
+    op.register_fake(fake)
+    op.register_autograd(backward, setup_context=setup_context)
 
 
-_fused_linear_kd_forward.register_autograd(_backward, setup_context=_setup_context)
+register_fused_head(_fused_linear_kd_forward, 7, 10, _chunked_forward, _composite)
 
 # The public op; each chunk runs kd_loss's kernel, on the backend chosen as for kd_loss.
 FUSED_LINEAR_KD_LOSS = table.Op("fused_linear_kd_loss", "fused_linear", _kd.KD_FORWARD, fused_linear_kd_loss_reference)
@@ -400,7 +413,7 @@ FUSED_LINEAR_KD_LOSS = table.Op("fused_linear_kd_loss", "fused_linear", _kd.KD_F
 # --------------------------------------------------------------------------------------------
 
 
-def _check_linear(prefix: str, hidden, weight, bias):
+def check_linear(prefix: str, hidden, weight, bias):
     _validate.float_tensor(f"{prefix}_hidden", hidden)
     _validate.float_tensor(f"{prefix}_weight", weight, min_dim=2)
     if weight.dim() != 2:
@@ -431,9 +444,41 @@ def check_chunk_size(chunk_size) -> Optional[int]:
     return chunk_size
 
 
+class Rows(NamedTuple):
+    """A fused head's call as its custom op takes it: the student's hidden states ``[N, H]`` and
+    the labels ``[N]`` flattened, the rows per chunk, whether a gradient is wanted, and the
+    leading shape that ``reduction="none"`` gives back."""
+
+    hidden: torch.Tensor
+    labels: Optional[torch.Tensor]
+    chunk_size: int
+    wants: bool
+    lead: torch.Size
+
+    @staticmethod
+    def of(student_hidden, student_weight, student_bias, labels, chunk_size: Optional[int]) -> "Rows":
+        h = student_hidden.reshape(-1, student_hidden.shape[-1]).contiguous()
+        flat_labels = None if labels is None else labels.reshape(-1).contiguous()
+        vocab = student_weight.shape[0]
+        if chunk_size is None:
+            chunk_size = auto_chunk_size(h.shape[0], vocab, chunk_budget(h.device, vocab, h.shape[1]))
+        wants = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias))
+        return Rows(h, flat_labels, chunk_size, wants, student_hidden.shape[:-1])
+
+    def reduce(self, loss: torch.Tensor, options: KDOptions) -> torch.Tensor:
+        """The op's loss (per row, or the sum over rows) as ``reduction`` asks; batchmean's
+        1/valid-rows as a tensor op (no host synchronisation)."""
+        if options.reduction == "none":
+            return loss.reshape(self.lead)
+        if options.reduction == "batchmean":
+            n = self.hidden.shape[0]
+            return loss / (n if self.labels is None else self.labels.ne(options.ignore_index).sum().clamp_min(1))
+        return loss
+
+
 def _check_tensors(h_s, w_s, b_s, h_t, w_t, b_t, labels, options: KDOptions) -> None:
-    _check_linear("student", h_s, w_s, b_s)
-    _check_linear("teacher", h_t, w_t, b_t)
+    check_linear("student", h_s, w_s, b_s)
+    check_linear("teacher", h_t, w_t, b_t)
     if w_t.shape[0] != w_s.shape[0]:
         raise ValueError(
             f"teacher_weight has vocabulary size {w_t.shape[0]} but student_weight has {w_s.shape[0]} "
@@ -518,21 +563,10 @@ def fused_linear_kd_loss(
             student_hidden, student_weight, student_bias, teacher_hidden.detach(), teacher_weight.detach(),
             None if teacher_bias is None else teacher_bias.detach(), labels, options, *caps,
         )
-    lead = student_hidden.shape[:-1]
-    h_s = student_hidden.reshape(-1, student_hidden.shape[-1]).contiguous()
+    rows = Rows.of(student_hidden, student_weight, student_bias, labels, chunk_size)
     h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).contiguous()
-    n, vocab = h_s.shape[0], student_weight.shape[0]
-    flat_labels = None if labels is None else labels.reshape(-1).contiguous()
-    if chunk_size is None:
-        chunk_size = auto_chunk_size(n, vocab, chunk_budget(h_s.device, vocab, h_s.shape[1]))
-    wants = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (student_hidden, student_weight, student_bias))
     loss, *_ = _fused_linear_kd_forward(
-        h_s, student_weight, student_bias, h_t, teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
-        flat_labels, *options.op_args(), *options.resolved(), caps[0] or 0.0, caps[1] or 0.0, chunk_size, name, wants,
+        rows.hidden, student_weight, student_bias, h_t, teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
+        rows.labels, *options.op_args(), *options.resolved(), caps[0] or 0.0, caps[1] or 0.0, rows.chunk_size, name, rows.wants,
     )
-    if reduction == "none":
-        return loss.reshape(lead)
-    if reduction == "batchmean":
-        valid = n if flat_labels is None else flat_labels.ne(options.ignore_index).sum().clamp_min(1)
-        return loss / valid
-    return loss
+    return rows.reduce(loss, options)

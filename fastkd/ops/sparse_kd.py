@@ -141,8 +141,10 @@ def check_teacher_format(values, tail) -> None:
         )
 
 
-def _validate_tensors(student, values, indices) -> None:
-    _validate.float_tensor("student_logits", student)
+def _validate_tensors(student, values, indices, *, student_name="student_logits", vocab=None) -> None:
+    """``vocab`` None: ``student`` is the logits; else the hidden states ``student_name`` of a head
+    of ``vocab`` rows (``fused_linear_sparse_kd_loss``, which checks them itself)."""
+    _validate.float_tensor(student_name, student)
     _validate.float_tensor("teacher_values", values)
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"teacher_indices must be a torch.Tensor, got {type(indices).__name__}")
@@ -150,13 +152,14 @@ def _validate_tensors(student, values, indices) -> None:
         raise TypeError(f"teacher_indices must be an int64 or int32 tensor, got {indices.dtype}")
     if indices.shape != values.shape:
         raise ValueError(f"teacher_indices shape {tuple(indices.shape)} must equal teacher_values shape {tuple(values.shape)}")
-    _validate.nonempty_rows(student)
-    vocab = student.shape[-1]
+    if vocab is None:
+        _validate.nonempty_rows(student)
+        vocab = student.shape[-1]
     rows = student.shape[:-1]
     lead = values.shape[:-1]
-    if lead != rows and lead != (student.numel() // vocab,):
+    if lead != rows and lead != (math.prod(rows),):
         raise ValueError(
-            f"teacher_values shape {tuple(values.shape)} must be student_logits' leading shape {tuple(rows)} "
+            f"teacher_values shape {tuple(values.shape)} must be {student_name}' leading shape {tuple(rows)} "
             "followed by k, the number of teacher entries per row"
         )
     k = values.shape[-1]
@@ -164,8 +167,8 @@ def _validate_tensors(student, values, indices) -> None:
         raise ValueError("teacher_values has k = 0 entries per row; a sparse teacher needs k >= 1")
     if k > vocab:
         raise ValueError(f"teacher_indices has k = {k} entries per row but the vocabulary has V = {vocab}: a row's indices must be distinct")
-    _validate.same_device("teacher_values", values, "student_logits", student)
-    _validate.same_device("teacher_indices", indices, "student_logits", student)
+    _validate.same_device("teacher_values", values, student_name, student)
+    _validate.same_device("teacher_indices", indices, student_name, student)
 
 
 def _row_problem_torch(values, indices, vocab, tail, labels, ignore_index):
@@ -212,7 +215,7 @@ def _row_problem(values, indices, vocab, tail, labels, ignore_index, use_extensi
     return _row_problem_torch(values, indices, vocab, tail, labels, ignore_index)
 
 
-def _validate_rows(student, values, indices, tail, labels, ignore_index) -> None:
+def _validate_rows(student, values, indices, tail, labels, ignore_index, vocab=None) -> None:
     """On CPU, every valid row's indices in ``[0, V)`` and distinct and, for ``tail="uniform"``,
     its kept mass at most 1 up to rounding. Ignored rows are not checked (a padded position of a
     teacher cache may hold anything). One pass over ``[N, k]`` (``fastkd::sparse_kd_check``);
@@ -220,7 +223,7 @@ def _validate_rows(student, values, indices, tail, labels, ignore_index) -> None
     synchronisation: the kernels give such a row a NaN loss and gradient instead)."""
     if student.device.type != "cpu" or torch.compiler.is_compiling():
         return
-    vocab = student.shape[-1]
+    vocab = student.shape[-1] if vocab is None else vocab
     problem = _row_problem(values, indices, vocab, tail, labels, ignore_index)
     if problem is None:
         return

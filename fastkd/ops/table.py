@@ -23,7 +23,7 @@ from fastkd import backends
 from fastkd.ops import fused_autograd
 
 # In the order fastkd lists its losses.
-FAMILIES = ("kd", "dkd", "sparse_kd", "fused_linear", "feature", "relational")
+FAMILIES = ("kd", "dkd", "sparse_kd", "fused_linear", "fused_linear_sparse", "feature", "relational")
 
 
 @dataclass(frozen=True, eq=False)

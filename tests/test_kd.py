@@ -106,6 +106,30 @@ def test_ignored_rows_get_zero_gradient_and_do_not_count_in_the_mean():
 
 
 @needs_ext
+@pytest.mark.parametrize("mode", LABEL_MODES)
+def test_cpu_rows_are_bit_identical_to_each_row_alone(mode):
+    """The CPU kernel writes a row's gradient while it computes the thread's next live row, from
+    scratch rows taken in turn: a row must get exactly what it gets alone (no scratch of its
+    neighbour, nothing left unwritten at the end of a thread's rows or beside ignored rows).
+    Enough rows for more than one thread's share."""
+    n, v = 120, 300
+    s, t = make_logits((n, v), torch.bfloat16)
+    kwargs = label_kwargs(mode, (n,), v, ignored=(0, 5, 6, n - 1))
+
+    def loss_and_grad(rows, T):
+        x = s[rows].clone().requires_grad_(True)
+        kw = {k: (w[rows] if k == "labels" else w) for k, w in kwargs.items()}
+        loss = fastkd.kd_loss(x, t[rows], T, reduction="none", backend="cpu", **kw)
+        return loss.detach(), torch.autograd.grad(loss.sum(), x)[0]
+
+    for T in (1.0, 2.0):
+        loss, grad = loss_and_grad(slice(None), T)
+        alone = [loss_and_grad(slice(i, i + 1), T) for i in range(n)]
+        assert torch.equal(loss, torch.cat([l for l, _ in alone]))
+        assert torch.equal(grad, torch.cat([g for _, g in alone]))
+
+
+@needs_ext
 def test_ignore_index_can_be_any_value():
     s, t = make_logits((5, 20))
     y = torch.tensor([3, 7, 7, 1, 0])

@@ -63,8 +63,10 @@ std::tuple<at::Tensor, at::Tensor> kd_impl(const at::Tensor& student, const at::
 
   const size_t cs = compute_size(a.student_dtype, a.teacher_dtype);
   if (dv == Divergence::KL && n_teachers == 1) {
+    // Two scratch rows per row, and with a gradient two more for the row whose gradient waits
+    // (kd_kernel.h).
     cpu::run_rows(cpu::pick_isa(avx512::kd_rows, avx2::kd_rows, scalar::kd_rows), a, c.n_rows, c.vocab,
-                  2 * scratch_row_bytes(c.vocab, cs));
+                  (c.compute_grad ? 4 : 2) * scratch_row_bytes(c.vocab, cs));
   } else {
     cpu::run_rows(cpu::pick_isa(avx512::divergence_rows, avx2::divergence_rows, scalar::divergence_rows), a, c.n_rows,
                   c.vocab * n_teachers, divergence_scratch_bytes(c.vocab, n_teachers, cs));

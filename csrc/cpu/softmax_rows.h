@@ -174,11 +174,17 @@ struct ExpRows {
 // The exponential sweep of a row: e_s (and, WithTeacher, e_t) into the scratch rows and their
 // sums; KlNum: also sum e_t (lt - ls) with lt, ls the scaled logit differences (an entry
 // with e_t == 0, a -inf teacher logit, contributes 0, not 0 * inf); ce: also the temperature-1
-// sum exp(s - ms) of the cross-entropy when T != 1.
-template <class V, bool WithTeacher, bool KlNum, class TS, class TT, class Load = LoadAll>
+// sum exp(s - ms) of the cross-entropy when T != 1. hook(i, part) runs after each step, with the
+// step's position: other work for the same vector of another row (kd writes the previous row's
+// gradient there, so that its stores overlap this row's arithmetic).
+struct NoHook {
+  template <class Part>
+  void operator()(int64_t, Part) const {}
+};
+template <class V, bool WithTeacher, bool KlNum, class TS, class TT, class Load = LoadAll, class Hook = NoHook>
 static inline ExpSums exp_sweep(const TS* s, const TT* t, const RowShape<V>& r, typename V::scalar ms, typename V::scalar mt,
                                 typename V::scalar inv_t, bool ce, const ExpRows<typename V::scalar, TS, TT>& out,
-                                Load load = {}) {
+                                Load load = {}, Hook hook = {}) {
   using C = typename V::scalar;
   const V vms = V::set1(ms), vmt = V::set1(mt), vit = V::set1(inv_t), zero = V::set1(C(0));
   V sum_s = zero, sum_t = zero, num = zero, sum_ce = zero;
@@ -201,6 +207,7 @@ static inline ExpSums exp_sweep(const TS* s, const TT* t, const RowShape<V>& r, 
       if constexpr (KlNum) num = num + V::zero_where_zero(et, et * (lt - ls));
     }
     if (ce) sum_ce = sum_ce + V::exp(ds);
+    hook(i, part);
   };
   auto flush = [&] {
     tot.s += double(sum_s.sum()), tot.t += double(sum_t.sum());
@@ -229,20 +236,31 @@ static inline GradCoefs grad_coefs(const Args& a, int64_t row) {
   return {a.soft_grad_coef * rs, a.hard_grad_coef * rs};
 }
 
-// The gradient row g = value(i, part) over the row, each vector rounded once to TS. With
-// `stream` (the gradient outgrows the caches) and g aligned to a vector, the full vectors go out
-// with non-temporal stores, which save the read-for-ownership of each line, and a fence orders
-// them before the caller's later stores (the label's entry).
+// Where a gradient row goes, vector by vector, each rounded once to TS. With `stream` (the
+// gradient outgrows the caches) and g aligned to a vector, the full vectors go out with
+// non-temporal stores, which save the read-for-ownership of each line; done() then orders them
+// before the caller's later stores (the label's entry).
+template <class V, class TS>
+struct GradRowOut {
+  TS* g;
+  bool stream;
+  GradRowOut(TS* g_, bool stream_) : g(g_), stream(stream_ && reinterpret_cast<uintptr_t>(g_) % (V::L * sizeof(TS)) == 0) {}
+  void put(int64_t i, FullVec, V v) const {
+    if (stream) v.stream(g + i);
+    else v.store(g + i);
+  }
+  void put(int64_t i, TailVec tail, V v) const { store_tail(v, g + i, tail.count); }
+  void done() const {
+    if (stream) V::fence();
+  }
+};
+
+// The gradient row g = value(i, part) over the row (GradRowOut).
 template <class V, class TS, class Value>
 static inline void write_grad_row(TS* g, const RowShape<V>& r, bool stream, Value&& value) {
-  stream = stream && reinterpret_cast<uintptr_t>(g) % (V::L * sizeof(TS)) == 0;
-  if (stream) {
-    for (int64_t i = 0; i < r.n_full; i += V::L) value(i, FullVec{}).stream(g + i);
-  } else {
-    for (int64_t i = 0; i < r.n_full; i += V::L) value(i, FullVec{}).store(g + i);
-  }
-  if (r.n_tail) store_tail(value(r.n_full, TailVec{r.n_tail}), g + r.n_full, r.n_tail);
-  if (stream) V::fence();
+  const GradRowOut<V, TS> out(g, stream);
+  for_each_vec(r, [&](int64_t i, auto part) { out.put(i, part, value(i, part)); });
+  out.done();
 }
 
 // The entry point of a two-input row kernel: every storage-type pair, float64 input computing in

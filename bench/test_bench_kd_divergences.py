@@ -1,7 +1,7 @@
 """Benchmark of ``fastkd.kd_loss`` with its other divergences (reverse KL, generalized JSD, TVD,
-DistiLLM's skew KLs) and with an ensemble of teachers, against the composites users write today,
-eager and under ``torch.compile``. The timed body is ``bench.runner.run_case``; the suite, the
-providers and the report are described in ``bench/common.py``.
+DistiLLM's skew KLs, Hellinger) and with an ensemble of teachers, against the composites users
+write today, eager and under ``torch.compile``. The timed body is ``bench.runner.run_case``; the
+suite, the providers and the report are described in ``bench/common.py``.
 
     python -m pytest bench/ --benchmark-only [--bench-quick] [--bench-cases=kd_]
 
@@ -33,6 +33,7 @@ DIVERGENCES = (
      "DistiLLM-style: log_m = log(β·softmax(t/T) + (1-β)·softmax(s/T)); kl_div(log_m, log_p, log_target=True, batchmean) · T²"),
     ("kd_skew_reverse_kl", "skew_reverse_kl", 0.1,
      "DistiLLM-style: log_m = log((1-β)·softmax(t/T) + β·softmax(s/T)); kl_div(log_m, log_q, log_target=True, batchmean) · T²"),
+    ("kd_hellinger", "hellinger", None, "0.5 * (softmax(t/T).sqrt() - softmax(s/T).sqrt()).square().sum() / N * T*T"),
 )
 N_TEACHERS = 4
 
@@ -91,12 +92,20 @@ def skew_reverse_kl_composite(s, t, *, temperature: float, beta: float) -> torch
     return F.kl_div(log_m, log_q, log_target=True, reduction="batchmean") * temperature * temperature
 
 
+def hellinger_composite(s, t, *, temperature: float) -> torch.Tensor:
+    """The squared Hellinger distance, 0.5 * sum (sqrt p - sqrt q)^2 per row, batchmean, times T²."""
+    p = F.softmax(t / temperature, dim=-1)
+    q = F.softmax(s / temperature, dim=-1)
+    return 0.5 * (p.sqrt() - q.sqrt()).square().sum() / s.shape[0] * temperature * temperature
+
+
 COMPOSITES = {
     "reverse_kl": reverse_kl_composite,
     "jsd": jsd_composite,
     "tvd": tvd_composite,
     "skew_kl": skew_kl_composite,
     "skew_reverse_kl": skew_reverse_kl_composite,
+    "hellinger": hellinger_composite,
 }
 
 

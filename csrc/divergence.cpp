@@ -9,8 +9,11 @@ namespace fastkd {
 
 Divergence parse_divergence(std::string_view name, double* beta, const char* op) {
   const DivergenceRule* r = find_divergence(name);
-  TORCH_CHECK(r != nullptr, op, ": divergence must be one of kl, reverse_kl, jsd, tvd, skew_kl, skew_reverse_kl, got \"",
-              std::string(name), "\"");
+  if (r == nullptr) {
+    std::string names;  // the table's, so that a new divergence is listed without another edit
+    for (const DivergenceRule& rule : kDivergenceRules) names += (names.empty() ? "" : ", ") + std::string(rule.name);
+    TORCH_CHECK(false, op, ": divergence must be one of ", names, ", got \"", std::string(name), "\"");
+  }
   TORCH_CHECK(beta_in_range(*r, *beta), op, ": beta must be in [0, ", r->beta_one_ok ? "1]" : "1)", " for divergence ",
               r->name, ", got ", *beta);
   return collapse_endpoint(*r, *beta);

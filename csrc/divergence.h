@@ -10,7 +10,9 @@
 namespace fastkd {
 
 // The soft term's divergence between p (teacher, or the teachers' mixture) and q (student).
-enum class Divergence : int32_t { KL = 0, ReverseKL = 1, JSD = 2, TVD = 3, SkewKL = 4, SkewReverseKL = 5 };
+enum class Divergence : int32_t {
+  KL = 0, ReverseKL = 1, JSD = 2, TVD = 3, SkewKL = 4, SkewReverseKL = 5, Hellinger = 6
+};
 
 struct DivergenceRule {
   const char* name;
@@ -23,6 +25,7 @@ inline constexpr DivergenceRule kDivergenceRules[] = {
     {"kl", Divergence::KL, false, false},         {"reverse_kl", Divergence::ReverseKL, false, false},
     {"jsd", Divergence::JSD, true, true},         {"tvd", Divergence::TVD, false, false},
     {"skew_kl", Divergence::SkewKL, true, false}, {"skew_reverse_kl", Divergence::SkewReverseKL, true, false},
+    {"hellinger", Divergence::Hellinger, false, false},
 };
 
 // The rule named `name`, or null.
@@ -58,7 +61,8 @@ inline double divergence_grad_factor(Divergence d, double beta) {
   switch (d) {
     case Divergence::JSD:
     case Divergence::SkewKL: return 1 - beta;
-    case Divergence::TVD: return 0.5;
+    case Divergence::TVD:
+    case Divergence::Hellinger: return 0.5;
     default: return 1;
   }
 }

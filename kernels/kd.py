@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastkd.ops.divergences import grad_factor  # the one table of the divergences' rules
+from fastkd.ops.divergences import TAKE_BETA, grad_factor  # the one table of the divergences' rules
 
 from . import GRAD_SCALE_OFF, GRAD_SCALE_ON, grad_scale_switches
 from ._softmax import (
@@ -48,10 +48,7 @@ def m_pad_for(n_teachers: int) -> int:
 
 
 # DIVERGENCE codes of _kd_div_kernel (kl comes here only for an ensemble).
-DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3, "skew_kl": 4, "skew_reverse_kl": 5}
-# Those with a beta: the kernel takes log2(beta) and log2(1 - beta), so beta is inside (0, 1)
-# (the endpoints are other divergences, resolved before the launch).
-_WITH_BETA = ("jsd", "skew_kl", "skew_reverse_kl")
+DIVERGENCE_CODES = {"kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3, "skew_kl": 4, "skew_reverse_kl": 5, "hellinger": 6}
 
 
 def _check_resolved(divergence: str, beta: float) -> None:
@@ -59,7 +56,9 @@ def _check_resolved(divergence: str, beta: float) -> None:
     with a beta, beta strictly inside (0, 1)."""
     if divergence not in DIVERGENCE_CODES:
         raise ValueError(f"kd_forward (triton): divergence must be one of {', '.join(DIVERGENCE_CODES)}, got {divergence!r}")
-    if divergence in _WITH_BETA and not 0.0 < beta < 1.0:
+    # Those with a beta: the kernel takes log2(beta) and log2(1 - beta), so beta is inside (0, 1)
+    # (the endpoints are other divergences, resolved before the launch).
+    if divergence in TAKE_BETA and not 0.0 < beta < 1.0:
         raise ValueError(
             f"kd_forward (triton): beta={beta} for divergence {divergence!r} must be inside (0, 1); an endpoint is "
             "another divergence, which the op layer passes instead"
@@ -160,6 +159,11 @@ def _div_terms(q, lq2, p, lp2, beta, log2_b, log2_1mb, DIVERGENCE: tl.constexpr)
         d = q - p
         x = tl.where(d > 0.0, 1.0, tl.where(d < 0.0, -1.0, 0.0))
         t1 = tl.abs(d)
+    elif DIVERGENCE == 6:  # hellinger: x = -sqrt(p/q), -inf at q = 0 (the callers take q x = 0 there)
+        sp = tl.exp2(0.5 * lp2)
+        sq = tl.exp2(0.5 * lq2)
+        x = -sp / sq
+        t1 = (sp - sq) * (sp - sq)
     else:
         if DIVERGENCE == 5:  # skew_reverse_kl: m = (1-b) p + b q
             a = log2_1mb + lp2
@@ -269,6 +273,7 @@ def _kd_div_kernel(
         tvd         L = 1/2 sum |p - q|                            x = sign(q - p)          k = 1/2
         skew_kl     L = sum p (lp - lm), m = b p + (1-b) q         x = -p/m                 k = 1-b
         skew_rkl    L = sum q (lq - lm), m = (1-b) p + b q         x = (lq - lm) - b q/m    k = 1
+        hellinger   L = 1/2 sum (sqrt p - sqrt q)^2                x = -sqrt(p/q)           k = 1/2
 
     Pass 1: online maxima and sums (base 2, as _kd_forward_kernel) of the student and of each
     teacher; an ensemble keeps each teacher's reference r_m and c_m = log2 w_m - log2 S_m in
@@ -361,7 +366,7 @@ def _kd_div_kernel(
         soft = c
     elif DIVERGENCE == 2:
         soft = beta * tot1 + (1.0 - beta) * c
-    elif DIVERGENCE == 3:
+    elif DIVERGENCE == 3 or DIVERGENCE == 6:  # tvd, hellinger
         soft = 0.5 * tot1
     else:
         soft = tot1
@@ -451,7 +456,7 @@ def _kd_launch(student, teacher, labels, teacher_weights, divergence, beta, temp
         )
     else:
         n_teachers = teacher.shape[0] if mix else 1
-        has_beta = divergence in _WITH_BETA
+        has_beta = divergence in TAKE_BETA
         log2_w = None if teacher_weights is None else torch.log2(teacher_weights.to(torch.float32)).contiguous()
         block_v, num_warps = launch_config("_kd_div_kernel", v, on_gpu)
         torch.library.wrap_triton(_kd_div_kernel)[(n,)](
@@ -488,7 +493,7 @@ def static_launches() -> list:
     """The launches kd_forward can make on a GPU, reduced as follows (the full product is some
     ten thousand compilations, far beyond the few minutes the check may take on 2 cores).
 
-    ``_kd_forward_kernel`` (forward KL, one teacher), 87 launches:
+    ``_kd_forward_kernel`` (forward KL, one teacher), 93 launches:
 
     * every switch combination switches() can return (16) at the largest block of each warp
       count (BLOCK_V 64/1, 256/2, 1024/4, 4096/8 warps), fp32;
@@ -497,7 +502,7 @@ def static_launches() -> list:
       that is not a multiple of 16 (fp32: Triton cannot then vectorise the loads);
     * fp32 student with a bf16 teacher and the reverse, richest combination, BLOCK_V 4096.
 
-    ``_kd_div_kernel`` (the other divergences, and ensembles), 59 launches:
+    ``_kd_div_kernel`` (the other divergences, and ensembles), 78 launches:
 
     * every divergence, one teacher and an ensemble of 4 with weights (M_PAD 4), richest
       combination, BLOCK_V 1024/4 warps and 2048/8 warps (the two largest, equally loaded per

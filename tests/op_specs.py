@@ -166,6 +166,7 @@ def kd_samples(device, dtype):
         Sample("jsd", (s, t, 2.0), dict(opts, divergence="jsd", beta=0.5)),
         Sample("skew_reverse_kl-ensemble", (s, te, 2.0), dict(opts, divergence="skew_reverse_kl", beta=0.1, teacher_weights=w)),
         Sample("skew_reverse_kl", (s, t, 2.0), dict(opts, divergence="skew_reverse_kl", beta=0.1)),
+        Sample("hellinger-ensemble", (s, te, 2.0), dict(opts, divergence="hellinger", teacher_weights=w)),
     ]
 
 
@@ -177,7 +178,8 @@ def kd_kernel_calls(device, dtype):
     out = []
     # (teacher, weights, divergence, beta) x (labels, hard_weight, reduction)
     for teacher, weights, div, beta in [(t, None, "kl", 0.0), (t, None, "reverse_kl", 0.0), (t, None, "jsd", 0.3), (te, third, "tvd", 0.0),
-                                        (te[:2], None, "skew_kl", 0.1), (t, None, "skew_reverse_kl", 0.2), (te, third, "kl", 0.0)]:
+                                        (te[:2], None, "skew_kl", 0.1), (t, None, "skew_reverse_kl", 0.2), (te, third, "kl", 0.0),
+                                        (t, None, "hellinger", 0.0)]:
         grid = [(None, 0.0, "batchmean", True), (y, 0.4, "none", True), (y, 0.0, "sum", False)]
         if teacher is t and div == "kl":
             grid = [(y, 0.25, "batchmean", True)] + grid + [(y, 1.0, "batchmean", True)]
@@ -215,7 +217,7 @@ KD_BAD = [
     (dict(teacher_logits=_T.to("meta")), ValueError, "teacher_logits is on meta but student_logits is on cpu"),
     (dict(labels=torch.zeros(4, dtype=torch.int64, device="meta")), ValueError, "labels is on meta but student_logits is on cpu"),
     # divergences and ensembles
-    (dict(divergence="js"), ValueError, "divergence must be one of 'kl', 'reverse_kl', 'jsd', 'tvd', 'skew_kl', 'skew_reverse_kl', got 'js'"),
+    (dict(divergence="js"), ValueError, f"divergence must be one of {', '.join(map(repr, kd_ops.divergences.DIVERGENCES))}, got 'js'"),
     (dict(divergence="kl", beta=0.5), ValueError, r"beta=0.5 was given but divergence='kl' takes no beta"),
     (dict(divergence="reverse_kl", beta=0.1), ValueError, r"beta=0.1 was given but divergence='reverse_kl' takes no beta"),
     (dict(divergence="tvd", beta=0.0), ValueError, r"beta=0.0 was given but divergence='tvd' takes no beta"),

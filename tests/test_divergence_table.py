@@ -93,6 +93,8 @@ def _x(name, beta, q, p, log_q, log_p):
         return log_q - log_p
     if name == "tvd":
         return torch.sign(q - p)
+    if name == "hellinger":
+        return -(p / q).sqrt()
     if name == "skew_reverse_kl":
         m = (1 - beta) * p + beta * q
         return (log_q - m.log()) - beta * q / m

@@ -24,6 +24,7 @@ import triton.language as tl  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import gpu_static  # noqa: E402  (tools/gpu_static.py: a tool of the checkout, not of the package)
 from fastkd.kernels import _softmax, kd as kd_kernels  # noqa: E402
+from fastkd.ops.divergences import TAKE_BETA  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -403,7 +404,7 @@ def test_kd_launcher_uses_only_listed_configurations(monkeypatch):
             s = torch.zeros(3, 7)
             t = torch.zeros(teachers, 3, 7) if teachers > 1 else s
             w = torch.full((teachers,), 1.0 / teachers) if teachers > 1 else None
-            beta = 0.5 if divergence in ("jsd", "skew_kl", "skew_reverse_kl") else 0.0
+            beta = 0.5 if divergence in TAKE_BETA else 0.0
             kd_kernels.kd_forward(s, t, labels, w, divergence, beta, call["temperature"],
                                   call["hard_weight"], -100, call["reduction"], True, call["compute_grad"])
             name, got = launches.pop()

@@ -1,5 +1,5 @@
-"""kd_loss's other divergences (reverse KL, JSD, TVD, skew KL, skew reverse KL) and ensembles of
-teachers: the reference against the published formulas and the closed-form gradients, the cpu
+"""kd_loss's other divergences (reverse KL, JSD, TVD, skew KL, skew reverse KL, Hellinger) and
+ensembles of teachers: the reference against the published formulas and the closed-form gradients, the cpu
 backend against the reference (the kd family's grid), gradcheck, the module's and the op's own
 checks. opcheck, torch.compile and the public function's bad input: test_conformance.py.
 
@@ -14,20 +14,15 @@ import torch.nn.functional as F
 
 import fastkd
 from fastkd.functional import kd_loss_reference
+from fastkd.ops.divergences import DIVERGENCES
 from backend_helpers import ISAS, force_isa, needs_ext
 from kd_helpers import check_against_reference, make_labels, make_logits
 
 
-# (divergence, beta): every divergence, betas inside the range and at the defaults.
-DIVS = [
-    ("reverse_kl", None),
-    ("jsd", None),
-    ("jsd", 0.1),
-    ("tvd", None),
-    ("skew_kl", None),
-    ("skew_kl", 0.5),
-    ("skew_reverse_kl", None),
-    ("skew_reverse_kl", 0.6),
+# (divergence, beta): every divergence of the table but kl at its default, then each one that has
+# a beta at a second value inside its range.
+DIVS = [(name, None) for name in DIVERGENCES if name != "kl"] + [
+    (name, 0.6 if d.beta[0] < 0.5 else 0.1) for name, d in DIVERGENCES.items() if d.beta is not None
 ]
 ALL_DIVS = [("kl", None)] + DIVS
 DIV_IDS = [f"{d}-{b}" for d, b in DIVS]
@@ -95,6 +90,11 @@ def tvd(s, t, temperature):
     return 0.5 * (F.softmax(t / temperature, -1) - F.softmax(s / temperature, -1)).abs().sum(-1)
 
 
+def hellinger(s, t, temperature):
+    """The squared Hellinger distance in its other closed form, 1 - the Bhattacharyya coefficient."""
+    return 1 - (F.softmax(t / temperature, -1) * F.softmax(s / temperature, -1)).sqrt().sum(-1)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 def test_reference_matches_published_formulas(temperature):
     s, t = make_logits((6, 50), torch.float64)
@@ -112,6 +112,7 @@ def test_reference_matches_published_formulas(temperature):
         torch.testing.assert_close(ref("skew_reverse_kl", lam), distillm_skew_reverse(s, t, lam, T), rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(ref("reverse_kl"), minillm_reverse_kl(s, t, T), rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(ref("tvd"), tvd(s, t, T), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(ref("hellinger"), hellinger(s, t, T), rtol=1e-12, atol=1e-13)
     # the defaults: jsd 0.5, the skews 0.1
     torch.testing.assert_close(ref("jsd"), trl_generalized_jsd(s, t, 0.5, T), rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(ref("skew_kl"), distillm_skew_forward(s, t, 0.1, T), rtol=1e-12, atol=1e-13)
@@ -135,6 +136,8 @@ def closed_form_grad(s, t, T, div, beta):
         g = (1 - beta) * centred(lq - lm)
     elif div == "tvd":
         g = 0.5 * centred(torch.sign(q - p))
+    elif div == "hellinger":
+        g = 0.5 * centred(-(p / q).sqrt())
     elif div == "skew_kl":
         m = beta * p + (1 - beta) * q
         g = (1 - beta) * centred(-p / m)
@@ -346,6 +349,23 @@ def test_masked_vocabulary_entries(backend, div, beta, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("div,beta", DIVS, ids=DIV_IDS)
+def test_student_masked_where_the_teacher_is_not(backend, div, beta):
+    """q = 0 < p (a -inf student logit under a finite teacher one): every divergence but kl is
+    finite there. Hellinger's term is then p and its x = -sqrt(p/q) is -inf: the gradient entry,
+    q (x - c) = 0, must not be formed as 0 * inf."""
+    s, t = make_logits((4, 129))
+    s[:, 100:] = -math.inf
+    s[1, :50] = -math.inf
+    masked = s == -math.inf
+    for teacher in (t, torch.stack([t, t.roll(3, -1)])):
+        check_against_reference(backend, s, teacher, 2.0, divergence=div, beta=beta, reduction="none")
+        x = s.clone().requires_grad_(True)
+        fastkd.kd_loss(x, teacher, 2.0, divergence=div, beta=beta, backend=backend).backward()
+        assert torch.equal(x.grad[masked], torch.zeros(int(masked.sum())))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("div,beta", ALL_DIVS, ids=ALL_IDS)
 def test_nan_in_gives_nan_out_and_in_an_ignored_row_nothing(backend, div, beta):
     s, t = make_logits((4, 40))
@@ -499,7 +519,7 @@ def test_module_checks_divergence_options_at_construction(kwargs, message):
 def test_op_refuses_a_bad_divergence_or_beta_itself():
     s, t = make_logits((2, 8))
     with pytest.raises(RuntimeError, match="divergence must be one of"):
-        torch.ops.fastkd.kd_forward(s, t, None, None, "hellinger", 0.0, 1.0, 0.0, -100, "sum", True, False)
+        torch.ops.fastkd.kd_forward(s, t, None, None, "wasserstein", 0.0, 1.0, 0.0, -100, "sum", True, False)
     with pytest.raises(RuntimeError, match=r"beta must be in \[0, 1\) for divergence skew_kl, got 1"):
         torch.ops.fastkd.kd_forward(s, t, None, None, "skew_kl", 1.0, 1.0, 0.0, -100, "sum", True, False)
     with pytest.raises(RuntimeError, match=r"teacher_weights must be a float CPU tensor of shape \[3\]"):

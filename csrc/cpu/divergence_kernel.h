@@ -17,9 +17,11 @@
 //                                                        -p/m                    1-b    -sum q p/m
 //   skew_reverse_kl   sum q (lq - lm),  m = (1-b) p + b q
 //                                                        (lq - lm) - b q/m       1      L - b sum q^2/m
+//   hellinger         1/2 sum (sqrt p - sqrt q)^2        -sqrt(p/q)              1/2    -sum sqrt(p q)
 //   kl (ensemble)     sum p (lp - lq)                    (grad = q - p directly)
 //
-// (sign(0) = 0: TVD's subgradient at p = q is 0.) The gradient w.r.t. s is (1/T) dL/da, times
+// (sign(0) = 0: TVD's subgradient at p = q is 0. Hellinger's x is -inf at q = 0, where q x is 0:
+// zero_where_zero(q, ...) below takes it so.) The gradient w.r.t. s is (1/T) dL/da, times
 // T^2 with t2_scale: soft_grad_coef already holds (1 - hard_weight) (T or 1/T) (reduction scale).
 //
 // Logarithms are never taken of probabilities that may have underflowed:
@@ -46,8 +48,8 @@
 // statistics from e_s and P (x written over P); (4) as before.
 // Memory traffic: read (M+1)·N·V, write N·V (the gradient, non-temporal when it outgrows the
 // caches); the scratch rows stay in L2/L3. Transcendentals per entry: one teacher, 2 exp
-// (reverse_kl, tvd), 2 exp + 1 log (jsd, skew_kl, skew_reverse_kl); an ensemble adds M - 1 exp
-// and 1 log.
+// (reverse_kl, tvd), 2 exp + 1 log (jsd, skew_kl, skew_reverse_kl), 4 exp (hellinger); an
+// ensemble adds M - 1 exp and 1 log.
 #pragma once
 
 #include "cpu/softmax_rows.h"
@@ -132,6 +134,15 @@ static inline void div_entry(const DivConsts<typename V::scalar>& k, V q, V lq, 
       t1 = V::zero_where_zero(q, q * d);
       break;
     }
+    case Divergence::Hellinger: {
+      // sqrt p and sqrt q from the exact logs (finite where p or q underflow); the loss as a sum
+      // of squares, which does not cancel near p = q as 1 - sum sqrt(p q) would.
+      const V half = V::set1(C(0.5));
+      const V sp = V::exp(half * lp), sq = V::exp(half * lq), d = sp - sq;
+      x = V::set1(C(0)) - sp / sq;
+      t1 = d * d;
+      break;
+    }
   }
 }
 
@@ -142,7 +153,8 @@ static inline double divergence_loss(Divergence d, double beta, double acc1, dou
     case Divergence::KL: loss = acc1; break;
     case Divergence::ReverseKL: loss = accc; break;
     case Divergence::JSD: loss = beta * acc1 + (1 - beta) * accc; break;
-    case Divergence::TVD: loss = 0.5 * acc1; break;
+    case Divergence::TVD:
+    case Divergence::Hellinger: loss = 0.5 * acc1; break;
     case Divergence::SkewKL: loss = acc1; break;
     case Divergence::SkewReverseKL: loss = acc1; break;
   }

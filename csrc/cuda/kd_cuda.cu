@@ -147,6 +147,7 @@ __global__ void __launch_bounds__(kRowMaxThreads, kMinBlocks<acc_t>) kd_forward_
 //   tvd         L = 1/2 sum |p - q|                            x = sign(q - p)          k = 1/2
 //   skew_kl     L = sum p (lp - lm), m = b p + (1-b) q         x = -p/m                 k = 1-b
 //   skew_rkl    L = sum q (lq - lm), m = (1-b) p + b q         x = (lq - lm) - b q/m    k = 1
+//   hellinger   L = 1/2 sum (sqrt p - sqrt q)^2                x = -sqrt(p/q)           k = 1/2
 //   kl          (ensembles only here) L = sum p (lp - lq), gradient q - p
 //
 // Pass 1: online (max, sum) of the student (and of one teacher), merged across the block; for an
@@ -162,10 +163,12 @@ __global__ void __launch_bounds__(kRowMaxThreads, kMinBlocks<acc_t>) kd_forward_
 // there), write N V.
 // ---------------------------------------------------------------------------------------------
 
-enum : int { kDivKL = 0, kDivReverseKL = 1, kDivJSD = 2, kDivTVD = 3, kDivSkewKL = 4, kDivSkewReverseKL = 5 };
+enum : int {
+  kDivKL = 0, kDivReverseKL = 1, kDivJSD = 2, kDivTVD = 3, kDivSkewKL = 4, kDivSkewReverseKL = 5, kDivHellinger = 6
+};
 static_assert(kDivKL == int(Divergence::KL) && kDivReverseKL == int(Divergence::ReverseKL) && kDivJSD == int(Divergence::JSD) &&
                   kDivTVD == int(Divergence::TVD) && kDivSkewKL == int(Divergence::SkewKL) &&
-                  kDivSkewReverseKL == int(Divergence::SkewReverseKL),
+                  kDivSkewReverseKL == int(Divergence::SkewReverseKL) && kDivHellinger == int(Divergence::Hellinger),
               "kd_div_kernel's divergence codes are divergence.h's Divergence");
 
 template <typename acc_t>
@@ -212,6 +215,13 @@ __device__ __forceinline__ void div_terms(const DivParams<acc_t>& P, acc_t q, ac
       const acc_t d = q - pp;
       x = d > zero ? one : (d < zero ? -one : zero);
       t1 = d < zero ? -d : d;
+      break;
+    }
+    case kDivHellinger: {
+      // x = -sqrt(p/q) is -inf at q = 0, where the callers take q x = 0.
+      const acc_t sp = exp2_(acc_t(0.5) * lp2), sq = exp2_(acc_t(0.5) * lq2);
+      x = -sp / sq;
+      t1 = (sp - sq) * (sp - sq);
       break;
     }
     default: {
@@ -371,7 +381,8 @@ __global__ void __launch_bounds__(kRowMaxThreads) kd_div_kernel(const scalar_s* 
     switch (p.divergence) {
       case kDivReverseKL: soft = cstat; break;
       case kDivJSD: soft = p.beta * red.t1 + (acc_t(1) - p.beta) * cstat; break;
-      case kDivTVD: soft = acc_t(0.5) * red.t1; break;
+      case kDivTVD:
+      case kDivHellinger: soft = acc_t(0.5) * red.t1; break;
       default: soft = red.t1;
     }
     soft = soft < acc_t(0) ? acc_t(0) : soft;  // >= 0; rounding can leave -1e-9 at p == q (NaN kept)

@@ -44,6 +44,7 @@ DIVERGENCES: Dict[str, Divergence] = {
         Divergence("tvd", grad_factor=lambda beta: 0.5),
         Divergence("skew_kl", (0.1, 1.0, False), {0.0: "kl"}, lambda beta: 1.0 - beta),
         Divergence("skew_reverse_kl", (0.1, 1.0, False), {0.0: "reverse_kl"}),
+        Divergence("hellinger", grad_factor=lambda beta: 0.5),
     )
 }
 TAKE_BETA = tuple(name for name, d in DIVERGENCES.items() if d.beta is not None)

@@ -1,6 +1,6 @@
 """Temperature knowledge distillation (Hinton et al. 2015), fused: the ``kd`` op family, with the
-divergences of on-policy LLM distillation (reverse KL, generalized JSD, TVD, DistiLLM's skew KLs)
-and ensembles of teachers.
+divergences of on-policy LLM distillation (reverse KL, generalized JSD, TVD, DistiLLM's skew KLs,
+the squared Hellinger distance) and ensembles of teachers.
 
 Everything about the op lives here or is named here:
 
@@ -69,6 +69,10 @@ def divergence_rows(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, b
         return _plogr(p, log_p, torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta)))
     if divergence == "skew_reverse_kl":
         return _plogr(q, log_q, torch.logaddexp(log_p + math.log1p(-beta), log_q + math.log(beta)))
+    if divergence == "hellinger":
+        # A sum of non-negative terms (1 - sum sqrt(p q) cancels near p = q), with sqrt q taken as
+        # e^(log q / 2): its derivative in log q, sqrt(q) / 2, is finite at q = 0 where sqrt's is not.
+        return 0.5 * ((0.5 * log_p).exp() - (0.5 * log_q).exp()).square().sum(-1)
     raise ValueError(f"divergence must be one of {', '.join(map(repr, divergences.DIVERGENCES))}, got {divergence!r}")
 
 
@@ -226,7 +230,9 @@ def kd_loss(
     * ``"skew_kl"``: :math:`\mathrm{KL}(p \,\|\, \beta p + (1-\beta) q)`, DistiLLM's skew KL;
       ``beta`` in [0, 1), default 0.1 (0 is ``"kl"``);
     * ``"skew_reverse_kl"``: :math:`\mathrm{KL}(q \,\|\, (1-\beta) p + \beta q)`, DistiLLM's skew
-      reverse KL; ``beta`` in [0, 1), default 0.1 (0 is ``"reverse_kl"``).
+      reverse KL; ``beta`` in [0, 1), default 0.1 (0 is ``"reverse_kl"``);
+    * ``"hellinger"``: :math:`\tfrac12 \sum (\sqrt{p} - \sqrt{q})^2 = 1 - \sum \sqrt{p q}`, the
+      squared Hellinger distance (no ``beta``); finite where :math:`q = 0 < p`, unlike ``"kl"``.
 
     Its gradient w.r.t. the student follows from the softmax Jacobian: with
     :math:`g = \partial D / \partial q`, :math:`\partial D / \partial (s/T) = q \odot (g - \langle q, g \rangle)`,
@@ -269,8 +275,8 @@ def kd_loss(
         reduction: ``"batchmean"`` (sum over valid rows / number of valid rows; 0 when every row
             is ignored), ``"sum"``, or ``"none"`` (per-row losses, shaped like the leading dims).
         t2_scale: multiply the soft term by :math:`T^2`.
-        divergence: ``"kl"`` (default), ``"reverse_kl"``, ``"jsd"``, ``"tvd"``, ``"skew_kl"`` or
-            ``"skew_reverse_kl"`` (the table above).
+        divergence: ``"kl"`` (default), ``"reverse_kl"``, ``"jsd"``, ``"tvd"``, ``"skew_kl"``,
+            ``"skew_reverse_kl"`` or ``"hellinger"`` (the list above).
         beta: the divergence's :math:`\beta` (a real number); ``None`` means its default. Giving
             one to a divergence that has none, or outside its range, is a ``ValueError``.
         teacher_weights: for an ensemble, ``None`` (uniform, :math:`1/M` each) or a float tensor

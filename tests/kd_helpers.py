@@ -143,6 +143,8 @@ def assert_within_tolerance(name, got, exact, lowp, dtype, scale=None, lowp_comp
     got, exact, lowp = got.double().cpu(), exact.double().cpu(), lowp.double().cpu()
     assert got.shape == exact.shape, f"{name}: shape {tuple(got.shape)} != {tuple(exact.shape)}"
     assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    # A NaN reference would make every comparison below false, i.e. pass: refuse it.
+    assert torch.isfinite(exact).all(), f"{name}: the float64 reference has non-finite values"
     err = (got - exact).abs()
     bound = tolerance(exact, lowp, dtype, scale, lowp_compute)
     over = err > bound
